@@ -1,0 +1,223 @@
+"""The `ipbatch` command. Exit codes: 0 all good, 1 some items failed, 2 usage/config error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ipbatch.config import Settings, redact_url
+from ipbatch.errors import ConfigError, IpbatchError
+
+log = logging.getLogger("ipbatch")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "models", None):
+        overrides["models"] = args.models
+    return Settings(**overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workers.runner import run_local
+
+    settings = _settings(args)
+    summary = run_local(settings, manifest=args.manifest, output=args.output,
+                        progress=not args.quiet)
+    total = sum(summary.counts.values())
+    print(f"job {summary.job_id}: {summary.status}")
+    print("items: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
+          + f" (of {total})")
+    per_item = summary.seconds / total if total else 0.0
+    print(f"images this run: {summary.images} in {summary.seconds:.1f} s "
+          f"({per_item:.2f} s per item)")
+    for row_id, code, message in summary.failures:
+        print(f"  failed {row_id or '(no id)'}: {code}: {message}")
+    print(f"images:   {summary.output_uri}")
+    print(f"database: {redact_url(summary.database)}")
+    return 0 if summary.status == "succeeded" else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from workers import stages
+    from workers.tasks import context, ingest
+
+    ctx = context()
+    manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
+    job_id, created = stages.register_job(ctx, manifest_uri=manifest, output_uri=args.output,
+                                          name=args.name)
+    if created:
+        ingest.delay(job_id)
+    print(job_id)
+    return 0
+
+
+def cmd_producer(args: argparse.Namespace) -> int:
+    from workers.producer import watch
+    from workers.tasks import context, ingest
+
+    output = args.output
+    if output is None:
+        if not args.watch.startswith("s3://"):
+            raise ConfigError("--output is required when watching a local folder")
+        output = f"s3://{args.watch.removeprefix('s3://').split('/', 1)[0]}/outputs"
+    watch(context(), prefix_uri=args.watch, output_uri=output,
+          submit=lambda job_id: ingest.delay(job_id), interval=args.interval,
+          iterations=1 if args.once else None)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.celery_app import QUEUES, app
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = set(queues) - set(QUEUES)
+    if unknown:
+        raise ConfigError(f"unknown queue(s) {sorted(unknown)}; queues are {', '.join(QUEUES)}")
+    argv = ["worker", "-Q", ",".join(queues), "--concurrency", str(args.concurrency),
+            "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv += ["-n", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sqlalchemy import text
+
+    from storage.ledger import make_engine
+
+    engine = make_engine(Settings().ledger_url())
+    query = "SELECT * FROM job_progress"
+    params: dict[str, Any] = {}
+    if args.job:
+        query += " WHERE job_id = :job"
+        params["job"] = args.job
+    query += " ORDER BY started_at DESC" if not args.job else ""
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(text(query), params)]
+        failures = []
+        if args.job:
+            failures = [dict(r._mapping) for r in conn.execute(text(
+                "SELECT error_code, COUNT(*) AS n FROM items WHERE job_id = :job "
+                "AND status = 'failed' GROUP BY error_code ORDER BY n DESC"), params)]
+    engine.dispose()
+    if args.job and not rows:
+        print(f"no job {args.job}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"jobs": rows, "failures": failures}, default=str, indent=2))
+        return 0
+    print(f"{'job':32}  {'status':9}  {'done':>6}  {'total':>6}  {'ok':>6}  {'failed':>6}  name")
+    for r in rows:
+        print(f"{r['job_id']:32}  {r['status']:9}  {float(r['percent_done'] or 0):5.1f}%  "
+              f"{r['total']:>6}  {r['succeeded'] or 0:>6}  {r['failed'] or 0:>6}  {r['name']}")
+    for f in failures:
+        print(f"  failed: {f['n']} x {f['error_code']}")
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from storage.migrate import upgrade
+
+    url = Settings().ledger_url()
+    upgrade(url)
+    print(f"ledger at {redact_url(url)} is up to date")
+    return 0
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    from workers.context import quiet_model_libraries
+    from pipeline.tiny import write_tiny_models
+
+    quiet_model_libraries()
+    root = write_tiny_models(Path(args.dir))
+    print(f"tiny random-weight models written to {root}")
+    return 0
+
+
+def cmd_manifest_schema(args: argparse.Namespace) -> int:
+    from pipeline.manifest import manifest_json_schema
+
+    print(json.dumps(manifest_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipbatch", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a whole job on this machine (SQLite + local folder)")
+    p.add_argument("manifest", help="manifest path or s3:// URI (.jsonl or .csv)")
+    p.add_argument("--output", help="output folder or s3:// URI (default $IPBATCH_HOME/outputs)")
+    p.add_argument("--models", help="models folder, or `hub` (default $IPBATCH_MODELS)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="register a job and queue it for the Celery workers")
+    p.add_argument("manifest", help="s3://bucket/key of the manifest (or a shared path)")
+    p.add_argument("--output", required=True, help="s3://bucket/prefix for the images")
+    p.add_argument("--name", help="job name (default: the manifest's file name)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("producer", help="submit every new manifest under a prefix, once")
+    p.add_argument("--watch", required=True, help="s3://bucket/prefix/ to watch")
+    p.add_argument("--output", help="where jobs write images (default s3://<bucket>/outputs)")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between scans")
+    p.add_argument("--once", action="store_true", help="scan once and exit")
+    p.set_defaults(func=cmd_producer)
+
+    p = sub.add_parser("worker", help="a Celery worker")
+    p.add_argument("--queues", default="ingest,embed,generate")
+    p.add_argument("--concurrency", type=int, default=1, help="processes (one per GPU)")
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--hostname", help="Celery node name")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("status", help="progress of jobs (from the job_progress view)")
+    p.add_argument("job", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    db = sub.add_parser("db", help="ledger maintenance").add_subparsers(dest="db", required=True)
+    db.add_parser("upgrade", help="run the Alembic migrations").set_defaults(func=cmd_db_upgrade)
+
+    models = sub.add_parser("models", help="model folders").add_subparsers(dest="models_cmd",
+                                                                           required=True)
+    p = models.add_parser("tiny", help="write tiny random-weight models for offline runs")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_models_tiny)
+
+    manifest = sub.add_parser("manifest", help="manifest tools").add_subparsers(
+        dest="manifest_cmd", required=True)
+    manifest.add_parser("schema", help="print the manifest row JSON Schema").set_defaults(
+        func=cmd_manifest_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (ConfigError, IpbatchError) as exc:
+        print(f"ipbatch: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

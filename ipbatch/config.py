@@ -1,0 +1,90 @@
+"""Settings: one object, read from `IPBATCH_*` environment variables (pydantic-settings).
+
+Secrets (the database and broker URLs may carry passwords) are SecretStr so they never show
+in a repr or a log line; `redact_url` is what logs and the CLI print instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IPBATCH_", extra="ignore")
+
+    home: Path = Field(
+        Path(".ipbatch"),
+        description="One-machine mode keeps its SQLite ledger, outputs and cache here.",
+    )
+    database_url: SecretStr | None = Field(
+        None,
+        description="SQLAlchemy URL of the ledger, e.g. postgresql+psycopg://user@host/db. "
+        "Unset: SQLite at $IPBATCH_HOME/ipbatch.db.",
+    )
+    broker_url: SecretStr = Field(
+        SecretStr("amqp://guest:guest@127.0.0.1:5672//"),
+        description="Celery broker. RabbitMQ redelivers a dead worker's task at once; "
+        "redis://... also works.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, moto, any S3). Unset: AWS."
+    )
+    s3_region: str = Field("us-east-1", description="S3 region name.")
+    models: str = Field(
+        "",
+        description="A models folder laid out like the public repositories (see "
+        "`ipbatch models tiny`), or the preset `hub` to use the public repositories. "
+        "Unset: $IPBATCH_HOME/models (written by `ipbatch models tiny`).",
+    )
+    cache_uri: str | None = Field(
+        None,
+        description="Where embeddings are cached (s3://bucket/prefix or a folder). Unset: "
+        "$IPBATCH_HOME/cache locally, s3://<output bucket>/ipbatch-cache for S3 outputs.",
+    )
+    allowed_sources: list[str] = Field(
+        default_factory=list,
+        description="URI prefixes a manifest may read references from (s3://bucket/prefix, "
+        "/abs/folder). Empty: any S3 object the credentials reach; local paths only in "
+        "one-machine mode.",
+    )
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
+    dtype: str = Field("auto", description="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
+    max_image_pixels: int = Field(
+        40_000_000, description="References above this many pixels fail reference_too_large."
+    )
+    max_reference_bytes: int = Field(
+        50 * 1024 * 1024, description="References above this size fail reference_too_large."
+    )
+    ingest_chunk: int = Field(500, description="Rows per ledger insert and per embed message.")
+    generate_batch: int = Field(8, description="Items per generate message.")
+
+    @field_validator("allowed_sources", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    def ledger_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.resolved_home() / 'ipbatch.db'}"
+
+    def models_spec(self) -> str:
+        return self.models or str(self.resolved_home() / "models")
+
+
+def redact_url(url: str) -> str:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger (`ipbatch db upgrade`)."""

@@ -1,0 +1,90 @@
+"""Reference decoding and output encoding.
+
+References come from users: decode them defensively (size and pixel limits before decoding,
+EXIF orientation, first frame of animations, every mode to RGB on white) and turn every
+failure into an `ItemError` with a code from the contract.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from ipbatch.errors import ErrorCode, ItemError
+
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+def decode_reference(data: bytes, *, name: str, max_pixels: int, max_bytes: int) -> Image.Image:
+    """Bytes of a reference image -> an upright RGB image, or an ItemError."""
+    if not data:
+        raise ItemError(ErrorCode.REFERENCE_NOT_IMAGE, f"{name} is an empty file")
+    if len(data) > max_bytes:
+        raise ItemError(
+            ErrorCode.REFERENCE_TOO_LARGE,
+            f"{name} is {len(data)} bytes; the limit is {max_bytes} (IPBATCH_MAX_REFERENCE_BYTES)",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # header only: nothing decoded yet
+            if width * height > max_pixels:
+                raise ItemError(
+                    ErrorCode.REFERENCE_TOO_LARGE,
+                    f"{name} is {width}x{height} pixels; the limit is {max_pixels} pixels",
+                )
+            image.seek(0)  # first frame of an animation
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return _to_rgb(image)
+    except ItemError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ItemError(ErrorCode.REFERENCE_TOO_LARGE, f"{name}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ItemError(
+            ErrorCode.REFERENCE_NOT_IMAGE,
+            f"{name} is not an image PIL can read (PNG, JPEG, WebP, GIF, TIFF...)",
+        ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ItemError(
+            ErrorCode.REFERENCE_NOT_IMAGE, f"{name} is truncated or corrupt ({exc})"
+        ) from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey -> 8-bit
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray((values / peak * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def encode_output(image: Image.Image, fmt: str, metadata: dict[str, Any]) -> bytes:
+    """PNG keeps the generation parameters in an `ipbatch` text chunk."""
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("ipbatch", json.dumps(metadata, sort_keys=True))
+        image.save(buffer, format="PNG", pnginfo=info)
+    elif fmt == "webp":
+        image.save(buffer, format="WEBP", quality=95)
+    elif fmt == "jpeg":
+        image.save(buffer, format="JPEG", quality=95)
+    else:
+        raise ValueError(f"unknown output format {fmt!r}")
+    return buffer.getvalue()

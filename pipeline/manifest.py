@@ -1,0 +1,291 @@
+"""The job manifest: one catalog item per line (JSON Lines, or CSV with the same columns).
+
+`Row` is the validated form of one line. `read_manifest` streams a manifest and yields one
+`ParsedRow` per non-blank line, valid or not, so a bad row fails alone and memory stays
+constant however long the manifest is (only the set of ids seen is kept, to refuse duplicates).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.presets import ADAPTERS, adapter_error
+
+ROW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_SEED = 2**32 - 1
+MAX_LINE_BYTES = 1024 * 1024
+
+RowId = Annotated[str, StringConstraints(pattern=ROW_ID_PATTERN)]
+# An InstantStyle scale: {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": 1.0}}
+BlockScale = float | list[float]
+InstantStyle = dict[Literal["down", "mid", "up"], float | dict[str, BlockScale]]
+Scale = Annotated[float, Field(ge=0, le=2)] | InstantStyle
+Combine = Literal["average", "concat"]
+
+
+def _check_adapter_name(name: str) -> str:
+    if name not in ADAPTERS:
+        raise ValueError(adapter_error(name))
+    return name
+
+
+def _check_instant_style(scale: Scale) -> Scale:
+    if isinstance(scale, dict):
+        for part, value in scale.items():
+            blocks = value if isinstance(value, dict) else {}
+            for block, block_scale in blocks.items():
+                if not re.fullmatch(r"block_\d+", block):
+                    raise ValueError(f"scale.{part}: block names look like 'block_2', not {block!r}")
+                values = block_scale if isinstance(block_scale, list) else [block_scale]
+                if not values or any(not 0 <= v <= 2 for v in values):
+                    raise ValueError(f"scale.{part}.{block}: each scale must be within 0..2")
+    return scale
+
+
+def _as_reference_list(value: str | list[str]) -> list[str]:
+    refs = [value] if isinstance(value, str) else list(value)
+    if not refs or any(not r.strip() for r in refs):
+        raise ValueError("reference must be a non-empty URI or a non-empty list of URIs")
+    return refs
+
+
+class AdapterSpec(BaseModel):
+    """One IP-Adapter applied to a row: which weights, which reference image(s), how strong."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: str = "sd15"
+    reference: str | list[str]
+    scale: Scale = 0.5
+    combine: Combine = "average"
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_known(cls, value: str) -> str:
+        return _check_adapter_name(value)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_ok(cls, value: Scale) -> Scale:
+        return _check_instant_style(value)
+
+    @property
+    def references(self) -> list[str]:
+        return _as_reference_list(self.reference)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_ok(cls, value: str | list[str]) -> str | list[str]:
+        _as_reference_list(value)
+        return value
+
+
+class Row(BaseModel):
+    """One manifest line, validated. Field meanings are in README's manifest table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: RowId
+    prompt: str = ""
+    negative_prompt: str = ""
+    reference: str | list[str] | None = None
+    adapter: str = "sd15"
+    scale: Scale = 0.5
+    combine: Combine = "average"
+    adapters: list[AdapterSpec] | None = Field(None, min_length=1, max_length=4)
+    num_images: int = Field(1, ge=1, le=16)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int = Field(30, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=30)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_known(cls, value: str) -> str:
+        return _check_adapter_name(value)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_ok(cls, value: Scale) -> Scale:
+        return _check_instant_style(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("adapters") is not None:
+            both = [k for k in ("reference", "adapter", "scale", "combine") if k in data]
+            if both:
+                raise ValueError(
+                    f"give either 'adapters' or {', '.join(repr(k) for k in both)}, not both"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _has_reference(self) -> Row:
+        if self.adapters is None:
+            if self.reference is None:
+                raise ValueError("'reference' is required (or give 'adapters')")
+            _as_reference_list(self.reference)
+        families = {ADAPTERS[spec.adapter].family for spec in self.adapter_specs()}
+        if len(families) > 1:
+            raise ValueError(f"all adapters of a row must share one base model, got {families}")
+        return self
+
+    def adapter_specs(self) -> list[AdapterSpec]:
+        """The row's adapters in one form, whichever way the manifest wrote them."""
+        if self.adapters is not None:
+            return list(self.adapters)
+        assert self.reference is not None
+        return [
+            AdapterSpec(
+                adapter=self.adapter,
+                reference=self.reference,
+                scale=self.scale,
+                combine=self.combine,
+            )
+        ]
+
+    def effective_seed(self) -> int:
+        """The row's seed, or one derived from its id (stable across runs and machines)."""
+        if self.seed is not None:
+            return self.seed
+        digest = hashlib.sha256(self.id.encode()).digest()
+        return int.from_bytes(digest[:4], "big")
+
+
+@dataclass(frozen=True)
+class ParsedRow:
+    """One non-blank manifest line: `row` when valid, else `error` says what to fix."""
+
+    index: int  # 0-based among non-blank lines
+    line_number: int  # 1-based line in the file (CSV: record number + 1 for the header)
+    row: Row | None
+    error: str | None
+    row_id: str | None  # the id as written, when there is a usable one
+    raw: dict[str, Any] | None  # the parsed object, for the ledger's params
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    schema = Row.model_json_schema()
+    schema["title"] = "ipbatch manifest row"
+    schema["description"] = (
+        "One JSON object per line of a JSON Lines manifest (or one CSV record with the same "
+        "column names; list and object values as JSON text)."
+    )
+    return schema
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "row"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def detect_format(name: str) -> Literal["jsonl", "csv"]:
+    return "csv" if name.lower().rstrip("/").endswith(".csv") else "jsonl"
+
+
+def _iter_jsonl(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    for line_number, raw_line in enumerate(stream, start=1):
+        if len(raw_line) > MAX_LINE_BYTES:
+            yield line_number, None, f"line is longer than {MAX_LINE_BYTES} bytes"
+            continue
+        try:
+            text = decoder.decode(raw_line, final=True)
+        except UnicodeDecodeError:
+            decoder.reset()
+            yield line_number, None, "line is not valid UTF-8"
+            continue
+        if line_number == 1:
+            text = text.removeprefix("\ufeff")
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield line_number, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        if not isinstance(obj, dict):
+            yield line_number, None, "each line must be a JSON object"
+            continue
+        yield line_number, obj, None
+
+
+def _csv_value(text: str) -> Any:
+    stripped = text.strip()
+    if stripped.startswith(("[", "{")):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def _iter_csv(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
+    reader = csv.DictReader(text)
+    try:
+        for record in reader:
+            line_number = reader.line_num
+            if None in record:
+                yield line_number, None, "more values than header columns"
+                continue
+            obj = {k: _csv_value(v) for k, v in record.items() if v is not None and v != ""}
+            if not obj:
+                continue
+            yield line_number, obj, None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        yield reader.line_num + 1, None, f"unreadable CSV ({exc}); rows after this are skipped"
+    finally:
+        text.detach()
+
+
+def read_manifest(stream: IO[bytes], fmt: Literal["jsonl", "csv"] = "jsonl") -> Iterator[ParsedRow]:
+    """Yield every non-blank row of a manifest, valid or not, in order."""
+    seen_ids: set[str] = set()
+    lines = _iter_csv(stream) if fmt == "csv" else _iter_jsonl(stream)
+    for index, (line_number, obj, parse_error) in enumerate(lines):
+        raw_id = obj.get("id") if obj is not None else None
+        row_id = raw_id if isinstance(raw_id, str) and re.fullmatch(ROW_ID_PATTERN, raw_id) else None
+        if parse_error is not None or obj is None:
+            yield ParsedRow(index, line_number, None, f"line {line_number}: {parse_error}",
+                            None, None)
+            continue
+        try:
+            row = Row.model_validate(obj)
+        except ValidationError as exc:
+            message = f"line {line_number}: {describe_validation_error(exc)}"
+            yield ParsedRow(index, line_number, None, message, row_id, obj)
+            continue
+        if row.id in seen_ids:
+            message = f"line {line_number}: id: {row.id!r} is used by an earlier row"
+            yield ParsedRow(index, line_number, None, message, row.id, obj)
+            continue
+        seen_ids.add(row.id)
+        yield ParsedRow(index, line_number, row, None, row.id, obj)

@@ -1,0 +1,427 @@
+"""Repository functions over the ledger: the session comes first, arguments by keyword.
+
+`transition` is the one function that changes an item's status: it checks the move against
+`ALLOWED`, applies it only to items still in the expected status (so a duplicate message or a
+late worker changes nothing) and appends an `item_events` row for each item it moved.
+Callers own the transaction (`with sessions.begin() as session: ...`).
+"""
+
+from __future__ import annotations
+
+import socket
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import (
+    Embedding,
+    Item,
+    ItemEmbedding,
+    ItemEvent,
+    ItemStatus,
+    Job,
+    JobStatus,
+    Output,
+    utcnow,
+)
+
+ALLOWED: dict[ItemStatus, set[ItemStatus]] = {
+    ItemStatus.PENDING: {ItemStatus.EMBEDDING, ItemStatus.FAILED, ItemStatus.CANCELLED},
+    ItemStatus.EMBEDDING: {
+        ItemStatus.EMBEDDING,  # re-claim after an expired lease
+        ItemStatus.READY,
+        ItemStatus.PENDING,  # released by an interrupted run
+        ItemStatus.FAILED,
+        ItemStatus.CANCELLED,
+    },
+    ItemStatus.READY: {ItemStatus.RUNNING, ItemStatus.FAILED, ItemStatus.CANCELLED},
+    ItemStatus.RUNNING: {
+        ItemStatus.RUNNING,  # re-claim after an expired lease
+        ItemStatus.SUCCEEDED,
+        ItemStatus.READY,  # released by an interrupted run
+        ItemStatus.FAILED,
+        ItemStatus.CANCELLED,
+    },
+    ItemStatus.FAILED: {ItemStatus.PENDING},  # retry
+    ItemStatus.SUCCEEDED: set(),
+    ItemStatus.CANCELLED: set(),
+}
+TERMINAL = (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED)
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def make_sessions(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session,
+    *,
+    name: str,
+    manifest_uri: str,
+    manifest_sha256: str,
+    output_uri: str,
+) -> tuple[str, bool]:
+    """Register a job; the same manifest bytes and output again return the same job.
+
+    Returns (job_id, created).
+    """
+    existing = session.scalar(
+        select(Job.id).where(Job.manifest_sha256 == manifest_sha256, Job.output_uri == output_uri)
+    )
+    if existing is not None:
+        return existing, False
+    job_id = uuid.uuid4().hex
+    try:
+        with session.begin_nested():
+            session.add(
+                Job(
+                    id=job_id,
+                    name=name,
+                    manifest_uri=manifest_uri,
+                    manifest_sha256=manifest_sha256,
+                    output_uri=output_uri,
+                    status=JobStatus.PENDING,
+                )
+            )
+    except IntegrityError:  # a concurrent submit of the same manifest won
+        existing = session.scalar(
+            select(Job.id).where(
+                Job.manifest_sha256 == manifest_sha256, Job.output_uri == output_uri
+            )
+        )
+        assert existing is not None
+        return existing, False
+    return job_id, True
+
+
+def get_job(session: Session, *, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def start_job(session: Session, *, job_id: str) -> bool:
+    """pending -> running. True if this call started it, or it was already running."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.PENDING)
+        .values(status=JobStatus.RUNNING, started_at=utcnow())
+    )
+    if result.rowcount:
+        return True
+    return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.RUNNING
+
+
+def fail_job(session: Session, *, job_id: str, message: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]))
+        .values(status=JobStatus.FAILED, error_message=message, finished_at=utcnow())
+    )
+
+
+def mark_ingested(session: Session, *, job_id: str, total_rows: int) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(total_rows=total_rows))
+
+
+def finalize_job(session: Session, *, job_id: str) -> JobStatus | None:
+    """running -> succeeded/failed once the manifest is read and no item is in flight."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != JobStatus.RUNNING or job.total_rows is None:
+        return None
+    counts = item_counts(session, job_id=job_id)
+    if any(counts.get(s, 0) for s in ItemStatus if s not in TERMINAL):
+        return None
+    final = (
+        JobStatus.SUCCEEDED
+        if counts.get(ItemStatus.SUCCEEDED, 0) == sum(counts.values())
+        else JobStatus.FAILED
+    )
+    moved = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(status=final, finished_at=utcnow())
+    ).rowcount
+    return final if moved else None
+
+
+def item_counts(session: Session, *, job_id: str) -> dict[ItemStatus, int]:
+    rows = session.execute(
+        select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
+    )
+    return {ItemStatus(status): count for status, count in rows}
+
+
+# --- items --------------------------------------------------------------------------------
+
+
+def max_row_index(session: Session, *, job_id: str) -> int:
+    value = session.scalar(select(func.max(Item.row_index)).where(Item.job_id == job_id))
+    return -1 if value is None else int(value)
+
+
+def add_items(session: Session, *, job_id: str, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert items (dicts with row_id, row_index, status, params, error_code, error_message).
+
+    Returns the ids of the rows inserted as pending, in order. One event per item.
+    """
+    if not rows:
+        return []
+    now = utcnow()
+    values = [
+        {
+            "job_id": job_id,
+            "row_id": r["row_id"],
+            "row_index": r["row_index"],
+            "status": r["status"],
+            "params": r.get("params"),
+            "error_code": r.get("error_code"),
+            "error_message": r.get("error_message"),
+            "attempts": 0,
+            "updated_at": now,
+        }
+        for r in rows
+    ]
+    ids = list(session.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True),
+                               values))
+    session.execute(
+        insert(ItemEvent),
+        [
+            {
+                "item_id": item_id,
+                "from_status": None,
+                "to_status": str(v["status"]),
+                "worker": None,
+                "message": v["error_message"],
+                "created_at": now,
+            }
+            for item_id, v in zip(ids, values, strict=True)
+        ],
+    )
+    return [i for i, v in zip(ids, values, strict=True) if v["status"] == ItemStatus.PENDING]
+
+
+def item_ids_in_status(
+    session: Session, *, job_id: str, statuses: Iterable[ItemStatus], after_id: int = 0,
+    limit: int = 1000,
+) -> list[int]:
+    """Ids of a job's items in the given statuses, in id order, paged by `after_id`."""
+    return list(
+        session.scalars(
+            select(Item.id)
+            .where(Item.job_id == job_id, Item.status.in_(list(statuses)), Item.id > after_id)
+            .order_by(Item.id)
+            .limit(limit)
+        )
+    )
+
+
+def transition(
+    session: Session,
+    *,
+    item_ids: Sequence[int],
+    from_status: ItemStatus,
+    to_status: ItemStatus,
+    worker: str | None = None,
+    message: str | None = None,
+    error_code: str | None = None,
+    lease_seconds: float | None = None,
+    count_attempt: bool = False,
+) -> list[int]:
+    """Move the given items from `from_status` to `to_status`, if they are still there.
+
+    Returns the ids that moved; the others were moved by someone else and are left alone.
+    """
+    if to_status not in ALLOWED[from_status]:
+        raise IllegalTransition(f"item status {from_status} cannot become {to_status}")
+    if not item_ids:
+        return []
+    now = utcnow()
+    values: dict[str, Any] = {"status": to_status, "updated_at": now}
+    values["lease_until"] = now + timedelta(seconds=lease_seconds) if lease_seconds else None
+    if count_attempt:
+        values["attempts"] = Item.attempts + 1
+    if to_status == ItemStatus.FAILED:
+        values["error_code"] = error_code
+        values["error_message"] = message
+    elif to_status == ItemStatus.PENDING:  # retry clears the old error
+        values["error_code"] = None
+        values["error_message"] = None
+    condition = Item.status == from_status
+    if from_status == to_status:  # re-claim: only items whose lease has expired
+        condition = condition & or_(Item.lease_until.is_(None), Item.lease_until < now)
+    candidates = select(Item.id).where(Item.id.in_(list(item_ids)), condition).order_by(Item.id)
+    if session.get_bind().dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    locked = list(session.scalars(candidates))
+    if not locked:
+        return []
+    moved = list(
+        session.scalars(
+            update(Item).where(Item.id.in_(locked), condition).values(**values).returning(Item.id)
+        )
+    )
+    if moved:
+        session.execute(
+            insert(ItemEvent),
+            [
+                {
+                    "item_id": item_id,
+                    "from_status": str(from_status),
+                    "to_status": str(to_status),
+                    "worker": worker,
+                    "message": message,
+                    "created_at": now,
+                }
+                for item_id in moved
+            ],
+        )
+    return sorted(moved)
+
+
+def claim(
+    session: Session,
+    *,
+    item_ids: Sequence[int],
+    waiting: ItemStatus,
+    working: ItemStatus,
+    worker: str,
+    lease_seconds: float,
+) -> list[int]:
+    """Claim items for a stage: waiting -> working, or re-claim working items whose lease
+    expired (their worker died). Every claim counts as an attempt."""
+    claimed = transition(
+        session, item_ids=item_ids, from_status=waiting, to_status=working, worker=worker,
+        lease_seconds=lease_seconds, count_attempt=True,
+    )
+    rest = sorted(set(item_ids) - set(claimed))
+    reclaimed = transition(
+        session, item_ids=rest, from_status=working, to_status=working, worker=worker,
+        lease_seconds=lease_seconds, count_attempt=True, message="lease expired; re-claimed",
+    )
+    return sorted(claimed + reclaimed)
+
+
+def load_items(session: Session, *, item_ids: Sequence[int]) -> list[Item]:
+    return list(session.scalars(select(Item).where(Item.id.in_(list(item_ids))).order_by(Item.id)))
+
+
+# --- embeddings ---------------------------------------------------------------------------
+
+
+def find_embedding(
+    session: Session, *, content_sha256: str, encoder: str, kind: str
+) -> Embedding | None:
+    return session.scalar(
+        select(Embedding).where(
+            Embedding.content_sha256 == content_sha256,
+            Embedding.encoder == encoder,
+            Embedding.kind == kind,
+        )
+    )
+
+
+def record_embedding(
+    session: Session,
+    *,
+    content_sha256: str,
+    encoder: str,
+    kind: str,
+    uri: str,
+    shape: list[int],
+    dtype: str,
+) -> int:
+    """Insert the embedding row, or return the existing one's id (another worker won)."""
+    try:
+        with session.begin_nested():
+            row = Embedding(
+                content_sha256=content_sha256, encoder=encoder, kind=kind, uri=uri,
+                shape=shape, dtype=dtype,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+    except IntegrityError:
+        existing = find_embedding(session, content_sha256=content_sha256, encoder=encoder,
+                                  kind=kind)
+        assert existing is not None
+        return existing.id
+
+
+def link_embeddings(session: Session, *, item_id: int, links: Sequence[dict[str, Any]]) -> None:
+    """Replace an item's (adapter_index, reference_index) -> embedding links."""
+    session.query(ItemEmbedding).filter(ItemEmbedding.item_id == item_id).delete()
+    session.execute(insert(ItemEmbedding), [{"item_id": item_id, **link} for link in links])
+
+
+def item_embeddings(session: Session, *, item_id: int) -> list[tuple[ItemEmbedding, Embedding]]:
+    rows = session.execute(
+        select(ItemEmbedding, Embedding)
+        .join(Embedding, Embedding.id == ItemEmbedding.embedding_id)
+        .where(ItemEmbedding.item_id == item_id)
+        .order_by(ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
+    )
+    return [(link, emb) for link, emb in rows.tuples()]
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+
+def complete_item(
+    session: Session, *, item_id: int, outputs: Sequence[dict[str, Any]], worker: str
+) -> bool:
+    """Record an item's outputs and mark it succeeded, in the caller's one transaction.
+
+    Only an item still `running` completes; a late duplicate returns False and writes nothing.
+    """
+    moved = transition(
+        session, item_ids=[item_id], from_status=ItemStatus.RUNNING,
+        to_status=ItemStatus.SUCCEEDED, worker=worker,
+    )
+    if not moved:
+        return False
+    now = utcnow()
+    session.execute(
+        insert(Output), [{"item_id": item_id, "created_at": now, **out} for out in outputs]
+    )
+    return True
+
+
+def outputs_of_job(session: Session, *, job_id: str) -> list[Output]:
+    return list(
+        session.scalars(
+            select(Output).join(Item, Item.id == Output.item_id).where(Item.job_id == job_id)
+            .order_by(Output.item_id, Output.image_index)
+        )
+    )

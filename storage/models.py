@@ -1,0 +1,217 @@
+"""Ledger tables (SQLAlchemy 2, typed). One schema for PostgreSQL and SQLite, via Alembic.
+
+The ledger is the truth: queues carry only ids, and every stage claims work with a guarded
+status transition here (see `storage.ledger`).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# BIGINT ids on PostgreSQL; SQLite only autoincrements INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware timestamps on both dialects (SQLite returns naive ones otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStatus(enum.StrEnum):
+    PENDING = "pending"  # registered, manifest not read yet
+    RUNNING = "running"  # rows ingested, items in progress
+    SUCCEEDED = "succeeded"  # every item succeeded
+    FAILED = "failed"  # finished, some items failed (or the manifest could not be read)
+    CANCELLED = "cancelled"
+
+
+class ItemStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting for its embeddings
+    EMBEDDING = "embedding"  # an embed worker holds it
+    READY = "ready"  # embeddings cached, waiting for a generate worker
+    RUNNING = "running"  # a generate worker holds it
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(
+        cls,
+        name=name,
+        values_callable=lambda e: [m.value for m in e],
+        create_constraint=True,  # SQLite: a CHECK constraint rejects unknown values
+        native_enum=True,
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    manifest_uri: Mapped[str] = mapped_column(Text)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    output_uri: Mapped[str] = mapped_column(Text)
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    # set when the whole manifest has been read: the job can finish only after that
+    total_rows: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    __table_args__ = (UniqueConstraint("manifest_sha256", "output_uri"),)
+
+
+class Item(Base):
+    __tablename__ = "items"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    row_id: Mapped[str | None] = mapped_column(String(128))
+    row_index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[ItemStatus] = mapped_column(_enum(ItemStatus, "item_status"))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "row_index"),
+        Index("ix_items_job_id_status", "job_id", "status"),
+    )
+
+
+class ItemEvent(Base):
+    """Append-only history of every item transition (who, when, from, to, why)."""
+
+    __tablename__ = "item_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    worker: Mapped[str | None] = mapped_column(String(256))
+    message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Embedding(Base):
+    __tablename__ = "embeddings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    encoder: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(64))
+    uri: Mapped[str] = mapped_column(Text)
+    shape: Mapped[list[int]] = mapped_column(JSON)
+    dtype: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("content_sha256", "encoder", "kind"),)
+
+
+class ItemEmbedding(Base):
+    """Which cached embedding feeds which adapter/reference slot of an item."""
+
+    __tablename__ = "item_embeddings"
+
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+    )
+    adapter_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reference_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    embedding_id: Mapped[int] = mapped_column(ForeignKey("embeddings.id"), index=True)
+    reference_uri: Mapped[str] = mapped_column(Text)
+
+
+class Output(Base):
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    image_index: Mapped[int] = mapped_column(Integer)
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    clip_i: Mapped[float | None]
+    clip_t: Mapped[float | None]
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("item_id", "image_index"),)
+
+
+JOB_PROGRESS_VIEW = """
+CREATE VIEW job_progress AS
+SELECT
+    j.id AS job_id,
+    j.name AS name,
+    j.status AS status,
+    COUNT(i.id) AS total,
+    SUM(CASE WHEN i.status IN ('pending', 'ready') THEN 1 ELSE 0 END) AS pending,
+    SUM(CASE WHEN i.status IN ('embedding', 'running') THEN 1 ELSE 0 END) AS running,
+    SUM(CASE WHEN i.status = 'succeeded' THEN 1 ELSE 0 END) AS succeeded,
+    SUM(CASE WHEN i.status = 'failed' THEN 1 ELSE 0 END) AS failed,
+    SUM(CASE WHEN i.status = 'cancelled' THEN 1 ELSE 0 END) AS cancelled,
+    CASE WHEN COUNT(i.id) = 0 THEN 0.0
+         ELSE ROUND(100.0 * SUM(CASE WHEN i.status IN ('succeeded', 'failed', 'cancelled')
+                                     THEN 1 ELSE 0 END) / COUNT(i.id), 1)
+    END AS percent_done,
+    j.started_at AS started_at,
+    j.finished_at AS finished_at
+FROM jobs j
+LEFT JOIN items i ON i.job_id = j.id
+GROUP BY j.id, j.name, j.status, j.started_at, j.finished_at
+"""

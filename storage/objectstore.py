@@ -1,0 +1,218 @@
+"""Object stores behind one interface: S3 (boto3, any endpoint) and a local folder.
+
+URIs name objects: `s3://bucket/key`, or a local path / `file://` URI. `ObjectStores.for_uri`
+picks the backend. Writes are idempotent (same key, same bytes) and local writes are atomic.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from ipbatch.errors import ConfigError, ObjectNotFound, RetryableError
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def parse_s3(uri: str) -> S3Location:
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ConfigError(f"not an s3://bucket/key URI: {uri!r}")
+    return S3Location(bucket=parts.netloc, key=parts.path.lstrip("/"))
+
+
+def local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"file:// URIs name local files only: {uri!r}")
+        return Path(unquote(parts.path))
+    if "://" in uri:
+        raise ConfigError(f"unsupported URI scheme: {uri!r} (use s3://, file:// or a path)")
+    return Path(uri).expanduser()
+
+
+def join_uri(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+class ObjectStore(Protocol):
+    def get(self, uri: str) -> bytes: ...
+
+    @contextmanager
+    def open(self, uri: str) -> Iterator[IO[bytes]]: ...
+
+    def put(self, uri: str, data: bytes, *, content_type: str = ...) -> None: ...
+
+    def exists(self, uri: str) -> bool: ...
+
+    def list(self, prefix_uri: str) -> Iterator[str]: ...
+
+
+class LocalStore:
+    """Objects are files; a key is a path."""
+
+    def get(self, uri: str) -> bytes:
+        path = local_path(uri)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFound(f"no such file: {path}") from exc
+
+    @contextmanager
+    def open(self, uri: str) -> Iterator[IO[bytes]]:
+        path = local_path(uri)
+        try:
+            fh = path.open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFound(f"no such file: {path}") from exc
+        with fh:
+            yield fh
+
+    def put(self, uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, uri: str) -> bool:
+        return local_path(uri).is_file()
+
+    def list(self, prefix_uri: str) -> Iterator[str]:
+        root = local_path(prefix_uri)
+        if root.is_file():
+            yield str(root)
+            return
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                yield str(path)
+
+    def remove_tree(self, uri: str) -> None:
+        shutil.rmtree(local_path(uri), ignore_errors=True)
+
+
+class S3Store:
+    """S3 through boto3; the endpoint URL makes MinIO, moto or any S3-compatible store work."""
+
+    def __init__(self, *, endpoint_url: str | None, region: str) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self._client: Any = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+        )
+
+    def _call(self, uri: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+                raise ObjectNotFound(f"no such object: {uri}") from exc
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise ConfigError(f"access denied to {uri} ({code})") from exc
+            raise RetryableError(f"S3 error on {uri}: {code}") from exc
+        except BotoCoreError as exc:
+            raise RetryableError(f"S3 unreachable for {uri}: {type(exc).__name__}") from exc
+
+    def get(self, uri: str) -> bytes:
+        loc = parse_s3(uri)
+        body = self._call(uri, self._client.get_object, Bucket=loc.bucket, Key=loc.key)["Body"]
+        with body:
+            return bytes(body.read())
+
+    @contextmanager
+    def open(self, uri: str) -> Iterator[IO[bytes]]:
+        """A streaming body: reading a 100k-row manifest never holds it all in memory."""
+        loc = parse_s3(uri)
+        body = self._call(uri, self._client.get_object, Bucket=loc.bucket, Key=loc.key)["Body"]
+        try:
+            yield io.BufferedReader(_BodyReader(body), buffer_size=256 * 1024)
+        finally:
+            body.close()
+
+    def put(self, uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+        loc = parse_s3(uri)
+        self._call(
+            uri, self._client.put_object, Bucket=loc.bucket, Key=loc.key, Body=data,
+            ContentType=content_type,
+        )
+
+    def exists(self, uri: str) -> bool:
+        loc = parse_s3(uri)
+        try:
+            self._call(uri, self._client.head_object, Bucket=loc.bucket, Key=loc.key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix_uri: str) -> Iterator[str]:
+        loc = parse_s3(prefix_uri)
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = self._call(prefix_uri, lambda: list(paginator.paginate(Bucket=loc.bucket,
+                                                                       Prefix=loc.key)))
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield f"s3://{loc.bucket}/{obj['Key']}"
+
+
+class _BodyReader(io.RawIOBase):
+    """A botocore StreamingBody as a raw file, so io.BufferedReader can iterate its lines."""
+
+    def __init__(self, body: Any) -> None:
+        super().__init__()
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class ObjectStores:
+    """Picks the backend for a URI; the S3 client is made on first use (never at import)."""
+
+    def __init__(self, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1"):
+        self._s3_args = {"endpoint_url": s3_endpoint_url, "region": s3_region}
+        self._s3: S3Store | None = None
+        self.local = LocalStore()
+
+    def for_uri(self, uri: str) -> ObjectStore:
+        if is_s3(uri):
+            if self._s3 is None:
+                self._s3 = S3Store(**self._s3_args)
+            return self._s3
+        return self.local

@@ -1,0 +1,102 @@
+"""Everything a stage needs, built lazily inside the worker process (never at import).
+
+Engines, S3 clients and models are created on first use, so a prefork parent never holds
+them and each child builds its own after the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ipbatch.config import Settings
+from pipeline.embedder import ClipEmbedder
+from pipeline.generator import GeneratorPool
+from pipeline.models import ModelSource, resolve_device, resolve_dtype
+from storage import ledger
+from storage.embcache import EmbeddingCache
+from storage.objectstore import ObjectStores, is_s3, join_uri, parse_s3
+
+log = logging.getLogger(__name__)
+
+
+def quiet_model_libraries() -> None:
+    """diffusers / transformers print progress bars and notices per load: keep logs readable."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass
+class StageContext:
+    settings: Settings
+    mode: Literal["local", "distributed"]
+    engine: Engine
+    sessions: sessionmaker[Session]
+    stores: ObjectStores
+    cache: EmbeddingCache
+    models: ModelSource
+    worker: str = field(default_factory=ledger.worker_name)
+    _embedders: dict[str, ClipEmbedder] = field(default_factory=dict)
+    _pool: GeneratorPool | None = None
+
+    @classmethod
+    def create(cls, settings: Settings, *, mode: Literal["local", "distributed"]) -> StageContext:
+        engine = ledger.make_engine(settings.ledger_url())
+        stores = ObjectStores(s3_endpoint_url=settings.s3_endpoint_url,
+                              s3_region=settings.s3_region)
+        return cls(
+            settings=settings,
+            mode=mode,
+            engine=engine,
+            sessions=ledger.make_sessions(engine),
+            stores=stores,
+            cache=EmbeddingCache(stores),
+            models=ModelSource.parse(settings.models_spec()),
+        )
+
+    @property
+    def local_mode(self) -> bool:
+        return self.mode == "local"
+
+    def cache_root(self, output_uri: str) -> str:
+        if self.settings.cache_uri:
+            return self.settings.cache_uri
+        if is_s3(output_uri):
+            return f"s3://{parse_s3(output_uri).bucket}/ipbatch-cache"
+        return join_uri(str(self.settings.resolved_home()), "cache")
+
+    def embedder(self, adapter: str, family: str) -> ClipEmbedder:
+        encoder = self.models.image_encoder(adapter)
+        if encoder not in self._embedders:
+            quiet_model_libraries()
+            device = resolve_device(self.settings.device)
+            log.info("loading image encoder %s", encoder)
+            self._embedders[encoder] = ClipEmbedder(
+                encoder,
+                self.models.feature_extractor(family),
+                device=device,
+                dtype=resolve_dtype(self.settings.dtype, device),
+            )
+        return self._embedders[encoder]
+
+    @property
+    def generators(self) -> GeneratorPool:
+        if self._pool is None:
+            quiet_model_libraries()
+            device = resolve_device(self.settings.device)
+            self._pool = GeneratorPool(
+                self.models, device=device, dtype=resolve_dtype(self.settings.dtype, device)
+            )
+        return self._pool
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,427 @@
+"""The stages: register, ingest, embed, generate. Shared by Celery and `ipbatch run`.
+
+Each stage takes ids, claims its items with a guarded transition in the ledger, does its
+work and records the result; neither runner has logic of its own. A permanent `ItemError`
+fails its item alone; a `RetryableError` releases the claimed items and propagates, so the
+caller (Celery's retry, or the runner) can try again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+
+from ipbatch.errors import ErrorCode, ItemError, ObjectNotFound, RetryableError
+from pipeline.generator import AdapterInput, GenerationRequest
+from pipeline.images import CONTENT_TYPES, decode_reference, encode_output
+from pipeline.manifest import Row, detect_format, read_manifest
+from pipeline.presets import ADAPTERS
+from pipeline.sources import check_allowed, resolve_reference
+from storage import ledger
+from storage.embcache import CacheKey
+from storage.models import ItemStatus
+from storage.objectstore import join_uri
+from workers.context import StageContext
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 15 * 60
+Enqueue = Callable[[list[int]], None]
+
+
+def chunked(ids: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
+
+
+# --- register -----------------------------------------------------------------------------
+
+
+def manifest_sha256(ctx: StageContext, manifest_uri: str) -> str:
+    digest = hashlib.sha256()
+    with ctx.stores.for_uri(manifest_uri).open(manifest_uri) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def register_job(
+    ctx: StageContext, *, manifest_uri: str, output_uri: str, name: str | None = None
+) -> tuple[str, bool]:
+    """Record a job for a manifest; the same bytes and output give the same job."""
+    sha = manifest_sha256(ctx, manifest_uri)
+    with ctx.sessions.begin() as session:
+        return ledger.create_job(
+            session,
+            name=name or PurePosixPath(manifest_uri.rstrip("/")).name,
+            manifest_uri=manifest_uri,
+            manifest_sha256=sha,
+            output_uri=output_uri.rstrip("/"),
+        )
+
+
+# --- ingest -------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestSummary:
+    rows: int = 0
+    valid: int = 0
+    invalid: int = 0
+    skipped: int = 0  # already in the ledger (a resumed ingest)
+
+
+def _item_values(parsed: Any) -> dict[str, Any]:
+    if parsed.row is not None:
+        params = parsed.row.model_dump(mode="json")
+        params["seed"] = parsed.row.effective_seed()
+        return {
+            "row_id": parsed.row_id,
+            "row_index": parsed.index,
+            "status": ItemStatus.PENDING,
+            "params": params,
+        }
+    return {
+        "row_id": parsed.row_id,
+        "row_index": parsed.index,
+        "status": ItemStatus.FAILED,
+        "params": parsed.raw,
+        "error_code": ErrorCode.INVALID_ROW.value,
+        "error_message": parsed.error,
+    }
+
+
+def ingest(ctx: StageContext, *, job_id: str, enqueue: Enqueue) -> IngestSummary:
+    """Stream the manifest into items (a bad row fails alone) and enqueue the pending ones.
+
+    Idempotent: rows already in the ledger are skipped, so a redelivered or resumed ingest
+    continues where the last one stopped; pending items are enqueued again (claims are
+    guarded, so a duplicate message does nothing).
+    """
+    summary = IngestSummary()
+    with ctx.sessions.begin() as session:
+        job = ledger.get_job(session, job_id=job_id)
+        if job is None:
+            raise ItemError(ErrorCode.INTERNAL, f"no job {job_id}")
+        if not ledger.start_job(session, job_id=job_id):
+            log.info("job %s is %s: nothing to ingest", job_id, job.status)
+            return summary
+        manifest_uri, already = job.manifest_uri, ledger.max_row_index(session, job_id=job_id)
+        fully_ingested = job.total_rows is not None
+    chunk: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        with ctx.sessions.begin() as session:
+            pending = ledger.add_items(session, job_id=job_id, rows=chunk)
+        chunk.clear()
+        if pending:
+            enqueue(pending)
+
+    if not fully_ingested:
+        try:
+            with ctx.stores.for_uri(manifest_uri).open(manifest_uri) as stream:
+                for parsed in read_manifest(stream, detect_format(manifest_uri)):
+                    summary.rows += 1
+                    if parsed.index <= already:
+                        summary.skipped += 1
+                        continue
+                    if parsed.row is None:
+                        summary.invalid += 1
+                    else:
+                        summary.valid += 1
+                    chunk.append(_item_values(parsed))
+                    if len(chunk) >= ctx.settings.ingest_chunk:
+                        flush()
+        except ObjectNotFound as exc:
+            with ctx.sessions.begin() as session:
+                ledger.fail_job(session, job_id=job_id, message=f"manifest unreadable: {exc}")
+            return summary
+        if chunk:
+            flush()
+        with ctx.sessions.begin() as session:
+            ledger.mark_ingested(session, job_id=job_id, total_rows=summary.rows)
+    if already >= 0 or fully_ingested:  # resumed: re-enqueue what an earlier run left
+        requeue_job(ctx, job_id=job_id, enqueue=enqueue, statuses=(ItemStatus.PENDING,))
+    with ctx.sessions.begin() as session:
+        ledger.finalize_job(session, job_id=job_id)
+    return summary
+
+
+def requeue_job(
+    ctx: StageContext, *, job_id: str, enqueue: Enqueue, statuses: Sequence[ItemStatus]
+) -> int:
+    after, total = 0, 0
+    while True:
+        with ctx.sessions.begin() as session:
+            ids = ledger.item_ids_in_status(
+                session, job_id=job_id, statuses=statuses, after_id=after,
+                limit=ctx.settings.ingest_chunk,
+            )
+        if not ids:
+            return total
+        enqueue(ids)
+        total += len(ids)
+        after = ids[-1]
+
+
+# --- embed --------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedSummary:
+    ready: list[int] = field(default_factory=list)
+    failed: int = 0
+    computed: int = 0
+    cached: int = 0
+
+
+def _fail(ctx: StageContext, item_id: int, from_status: ItemStatus, error: ItemError) -> None:
+    with ctx.sessions.begin() as session:
+        ledger.transition(
+            session, item_ids=[item_id], from_status=from_status, to_status=ItemStatus.FAILED,
+            worker=ctx.worker, error_code=error.code.value, message=error.message,
+        )
+
+
+def _release(ctx: StageContext, item_ids: Sequence[int], working: ItemStatus,
+             waiting: ItemStatus, why: str) -> None:
+    with ctx.sessions.begin() as session:
+        ledger.transition(
+            session, item_ids=item_ids, from_status=working, to_status=waiting,
+            worker=ctx.worker, message=why,
+        )
+
+
+def _read_reference(ctx: StageContext, uri: str) -> bytes:
+    try:
+        return ctx.stores.for_uri(uri).get(uri)
+    except ObjectNotFound as exc:
+        raise ItemError(ErrorCode.REFERENCE_NOT_FOUND, f"{uri} does not exist") from exc
+
+
+def embed(ctx: StageContext, *, item_ids: Sequence[int]) -> EmbedSummary:
+    """Compute (or find cached) the embeddings every claimed item needs; mark them ready."""
+    summary = EmbedSummary()
+    with ctx.sessions.begin() as session:
+        claimed = ledger.claim(
+            session, item_ids=item_ids, waiting=ItemStatus.PENDING,
+            working=ItemStatus.EMBEDDING, worker=ctx.worker, lease_seconds=LEASE_SECONDS,
+        )
+        items = [(i.id, i.params, i.job_id) for i in ledger.load_items(session, item_ids=claimed)]
+        jobs = {job_id: ledger.get_job(session, job_id=job_id) for _, _, job_id in items}
+        job_info = {k: (j.manifest_uri, j.output_uri) for k, j in jobs.items() if j is not None}
+    remaining = [item_id for item_id, _, _ in items]
+    # this call's memo: a reference shared by many items is read and hashed once
+    seen: dict[str, str] = {}
+    try:
+        for item_id, params, job_id in items:
+            manifest_uri, output_uri = job_info[job_id]
+            try:
+                links = _embed_item(ctx, params, manifest_uri, output_uri, seen, summary)
+            except ItemError as error:
+                _fail(ctx, item_id, ItemStatus.EMBEDDING, error)
+                summary.failed += 1
+                remaining.remove(item_id)
+                continue
+            with ctx.sessions.begin() as session:
+                ledger.link_embeddings(session, item_id=item_id, links=links)
+                moved = ledger.transition(
+                    session, item_ids=[item_id], from_status=ItemStatus.EMBEDDING,
+                    to_status=ItemStatus.READY, worker=ctx.worker,
+                )
+            summary.ready.extend(moved)
+            remaining.remove(item_id)
+    except RetryableError as exc:
+        _release(ctx, remaining, ItemStatus.EMBEDDING, ItemStatus.PENDING, f"retrying: {exc}")
+        raise
+    for job_id in {job_id for _, _, job_id in items}:
+        with ctx.sessions.begin() as session:
+            ledger.finalize_job(session, job_id=job_id)
+    return summary
+
+
+def _embed_item(
+    ctx: StageContext,
+    params: dict[str, Any],
+    manifest_uri: str,
+    output_uri: str,
+    seen: dict[str, str],
+    summary: EmbedSummary,
+) -> list[dict[str, Any]]:
+    row = Row.model_validate(params)
+    links: list[dict[str, Any]] = []
+    for adapter_index, spec in enumerate(row.adapter_specs()):
+        preset = ADAPTERS[spec.adapter]
+        embedder = ctx.embedder(spec.adapter, preset.family)
+        for reference_index, reference in enumerate(spec.references):
+            uri = resolve_reference(reference, manifest_uri=manifest_uri)
+            check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
+            data: bytes | None = None
+            if uri not in seen:
+                data = _read_reference(ctx, uri)
+                seen[uri] = hashlib.sha256(data).hexdigest()
+            key = CacheKey(seen[uri], embedder.fingerprint, preset.embed_kind.value)
+
+            def compute(uri: str = uri, data: bytes | None = data) -> dict[str, torch.Tensor]:
+                raw = data if data is not None else _read_reference(ctx, uri)
+                image = decode_reference(
+                    raw, name=uri, max_pixels=ctx.settings.max_image_pixels,
+                    max_bytes=ctx.settings.max_reference_bytes,
+                )
+                result = embedder.embed(image, preset.embed_kind)
+                return {"pos": result.pos, "neg": result.neg}
+
+            with ctx.sessions.begin() as session:
+                embedding_id, cached = ctx.cache.get_or_compute(
+                    session, key=key, cache_root=ctx.cache_root(output_uri), compute=compute
+                )
+            if cached:
+                summary.cached += 1
+            else:
+                summary.computed += 1
+            links.append(
+                {
+                    "adapter_index": adapter_index,
+                    "reference_index": reference_index,
+                    "embedding_id": embedding_id,
+                    "reference_uri": uri,
+                }
+            )
+    return links
+
+
+# --- generate -----------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateSummary:
+    succeeded: int = 0
+    failed: int = 0
+    images: int = 0
+
+
+def output_uri_for(output_uri: str, job_id: str, row_id: str, k: int, fmt: str) -> str:
+    return join_uri(output_uri, job_id, row_id, f"{k}.{fmt}")
+
+
+def _combine(tensors: list[dict[str, torch.Tensor]], how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several references of one adapter: average them, or concatenate as extra tokens."""
+    pos = torch.cat([t["pos"] for t in tensors])
+    neg = torch.cat([t["neg"] for t in tensors])
+    if how == "average" and len(tensors) > 1:
+        return pos.mean(dim=0, keepdim=True), neg.mean(dim=0, keepdim=True)
+    return pos, neg
+
+
+def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
+    """Generate, upload and record the images of every claimed item."""
+    summary = GenerateSummary()
+    with ctx.sessions.begin() as session:
+        claimed = ledger.claim(
+            session, item_ids=item_ids, waiting=ItemStatus.READY, working=ItemStatus.RUNNING,
+            worker=ctx.worker, lease_seconds=LEASE_SECONDS,
+        )
+        work = []
+        for item in ledger.load_items(session, item_ids=claimed):
+            job = ledger.get_job(session, job_id=item.job_id)
+            assert job is not None
+            links = [
+                ((link.adapter_index, link.reference_index), emb.uri)
+                for link, emb in ledger.item_embeddings(session, item_id=item.id)
+            ]
+            work.append((item.id, item.row_id, item.params, job.id, job.output_uri, links))
+    remaining = [w[0] for w in work]
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        for item_id, row_id, params, job_id, output_uri, links in work:
+            try:
+                outputs = _generate_item(ctx, params, row_id, job_id, output_uri, links, loaded)
+            except ItemError as error:
+                _fail(ctx, item_id, ItemStatus.RUNNING, error)
+                summary.failed += 1
+                remaining.remove(item_id)
+                continue
+            except RetryableError:
+                raise
+            except Exception as exc:  # a bug or a model failure: fail the item, log the trace
+                log.exception("item %s failed while generating", item_id)
+                error = ItemError(
+                    ErrorCode.MODEL_ERROR,
+                    f"generation failed ({type(exc).__name__}: {exc}); see the worker log",
+                )
+                _fail(ctx, item_id, ItemStatus.RUNNING, error)
+                summary.failed += 1
+                remaining.remove(item_id)
+                continue
+            with ctx.sessions.begin() as session:
+                done = ledger.complete_item(
+                    session, item_id=item_id, outputs=outputs, worker=ctx.worker
+                )
+            if done:
+                summary.succeeded += 1
+                summary.images += len(outputs)
+            remaining.remove(item_id)
+    except RetryableError as exc:
+        _release(ctx, remaining, ItemStatus.RUNNING, ItemStatus.READY, f"retrying: {exc}")
+        raise
+    for job_id in {w[3] for w in work}:
+        with ctx.sessions.begin() as session:
+            ledger.finalize_job(session, job_id=job_id)
+    return summary
+
+
+def _generate_item(
+    ctx: StageContext,
+    params: dict[str, Any],
+    row_id: str,
+    job_id: str,
+    output_uri: str,
+    links: list[tuple[tuple[int, int], str]],
+    loaded: dict[str, dict[str, torch.Tensor]],
+) -> list[dict[str, Any]]:
+    row = Row.model_validate(params)
+    specs = row.adapter_specs()
+    inputs: list[AdapterInput] = []
+    for adapter_index, spec in enumerate(specs):
+        uris = [uri for (a, _), uri in links if a == adapter_index]
+        if len(uris) != len(spec.references):
+            raise ItemError(ErrorCode.INTERNAL, "embeddings missing for this item; retry it")
+        tensors = []
+        for uri in uris:
+            if uri not in loaded:
+                loaded[uri] = ctx.cache.load(uri)
+            tensors.append(loaded[uri])
+        pos, neg = _combine(tensors, spec.combine)
+        inputs.append(AdapterInput(adapter=spec.adapter, scale=spec.scale, pos=pos, neg=neg))
+    generator = ctx.generators.get(tuple(spec.adapter for spec in specs))
+    result = generator.generate(
+        GenerationRequest(
+            prompt=row.prompt,
+            negative_prompt=row.negative_prompt,
+            adapters=inputs,
+            num_images=row.num_images,
+            seed=row.effective_seed(),
+            steps=row.steps,
+            guidance_scale=row.guidance_scale,
+            width=row.width,
+            height=row.height,
+        )
+    )
+    outputs = []
+    for k, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        metadata = {"job_id": job_id, "row_id": row_id, "image_index": k, "seed": seed,
+                    "prompt": row.prompt, "negative_prompt": row.negative_prompt,
+                    "steps": row.steps, "guidance_scale": row.guidance_scale,
+                    "adapters": [s.model_dump(mode="json") for s in specs]}
+        data = encode_output(image, row.output_format, metadata)
+        uri = output_uri_for(output_uri, job_id, row_id, k, row.output_format)
+        ctx.stores.for_uri(uri).put(uri, data, content_type=CONTENT_TYPES[row.output_format])
+        outputs.append({"image_index": k, "uri": uri, "sha256": hashlib.sha256(data).hexdigest(),
+                        "seed": seed, "width": result.width, "height": result.height})
+    return outputs

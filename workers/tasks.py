@@ -1,0 +1,48 @@
+"""Thin Celery tasks: decode ids, call a stage, enqueue the next one. Nothing else.
+
+The stage context (database engine, S3 client, models) is built on the first task a worker
+process runs, never at import and never in the prefork parent.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from ipbatch.config import Settings
+from ipbatch.errors import RetryableError
+from workers import stages
+from workers.celery_app import app
+from workers.context import StageContext
+
+log = logging.getLogger(__name__)
+RETRY = {"autoretry_for": (RetryableError,), "retry_backoff": 2, "retry_backoff_max": 120,
+         "retry_jitter": True, "max_retries": 8}
+
+
+@functools.cache
+def context() -> StageContext:
+    return StageContext.create(Settings(), mode="distributed")
+
+
+@app.task(name="ipbatch.ingest", **RETRY)
+def ingest(job_id: str) -> None:
+    summary = stages.ingest(context(), job_id=job_id, enqueue=send_embed)
+    log.info("job %s ingested: %s", job_id, summary)
+
+
+@app.task(name="ipbatch.embed", **RETRY)
+def embed(item_ids: list[int]) -> None:
+    summary = stages.embed(context(), item_ids=item_ids)
+    for batch in stages.chunked(summary.ready, context().settings.generate_batch):
+        generate.delay(batch)
+
+
+@app.task(name="ipbatch.generate", **RETRY)
+def generate(item_ids: list[int]) -> None:
+    stages.generate(context(), item_ids=item_ids)
+
+
+def send_embed(item_ids: list[int]) -> None:
+    for batch in stages.chunked(item_ids, context().settings.generate_batch):
+        embed.delay(batch)
