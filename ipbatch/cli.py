@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
 from ipbatch.config import Settings, redact_url
 from ipbatch.errors import ConfigError, IpbatchError
 
@@ -27,15 +30,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workers.runner import run_local
 
     settings = _settings(args)
-    summary = run_local(settings, manifest=args.manifest, output=args.output,
-                        progress=not args.quiet)
+    summary = run_local(
+        settings, manifest=args.manifest, output=args.output, progress=not args.quiet
+    )
     total = sum(summary.counts.values())
     print(f"job {summary.job_id}: {summary.status}")
-    print("items: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
-          + f" (of {total})")
+    print(
+        "items: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
+        + f" (of {total})"
+    )
     per_item = summary.seconds / total if total else 0.0
-    print(f"images this run: {summary.images} in {summary.seconds:.1f} s "
-          f"({per_item:.2f} s per item)")
+    print(
+        f"images this run: {summary.images} in {summary.seconds:.1f} s ({per_item:.2f} s per item)"
+    )
     for row_id, code, message in summary.failures:
         print(f"  failed {row_id or '(no id)'}: {code}: {message}")
     print(f"images:   {summary.output_uri}")
@@ -49,8 +57,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     ctx = context()
     manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
-    job_id, created = stages.register_job(ctx, manifest_uri=manifest, output_uri=args.output,
-                                          name=args.name)
+    job_id, created = stages.register_job(
+        ctx, manifest_uri=manifest, output_uri=args.output, name=args.name
+    )
     if created:
         ingest.delay(job_id)
     print(job_id)
@@ -66,9 +75,14 @@ def cmd_producer(args: argparse.Namespace) -> int:
         if not args.watch.startswith("s3://"):
             raise ConfigError("--output is required when watching a local folder")
         output = f"s3://{args.watch.removeprefix('s3://').split('/', 1)[0]}/outputs"
-    watch(context(), prefix_uri=args.watch, output_uri=output,
-          submit=lambda job_id: ingest.delay(job_id), interval=args.interval,
-          iterations=1 if args.once else None)
+    watch(
+        context(),
+        prefix_uri=args.watch,
+        output_uri=output,
+        submit=lambda job_id: ingest.delay(job_id),
+        interval=args.interval,
+        iterations=1 if args.once else None,
+    )
     return 0
 
 
@@ -79,8 +93,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     unknown = set(queues) - set(QUEUES)
     if unknown:
         raise ConfigError(f"unknown queue(s) {sorted(unknown)}; queues are {', '.join(QUEUES)}")
-    argv = ["worker", "-Q", ",".join(queues), "--concurrency", str(args.concurrency),
-            "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "--concurrency",
+        str(args.concurrency),
+        "--loglevel",
+        args.loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if args.hostname:
         argv += ["-n", args.hostname]
     app.worker_main(argv)
@@ -103,9 +126,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = [dict(r._mapping) for r in conn.execute(text(query), params)]
         failures = []
         if args.job:
-            failures = [dict(r._mapping) for r in conn.execute(text(
-                "SELECT error_code, COUNT(*) AS n FROM items WHERE job_id = :job "
-                "AND status = 'failed' GROUP BY error_code ORDER BY n DESC"), params)]
+            failures = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    text(
+                        "SELECT error_code, COUNT(*) AS n FROM items WHERE job_id = :job "
+                        "AND status = 'failed' GROUP BY error_code ORDER BY n DESC"
+                    ),
+                    params,
+                )
+            ]
     engine.dispose()
     if args.job and not rows:
         print(f"no job {args.job}", file=sys.stderr)
@@ -115,8 +145,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"{'job':32}  {'status':9}  {'done':>6}  {'total':>6}  {'ok':>6}  {'failed':>6}  name")
     for r in rows:
-        print(f"{r['job_id']:32}  {r['status']:9}  {float(r['percent_done'] or 0):5.1f}%  "
-              f"{r['total']:>6}  {r['succeeded'] or 0:>6}  {r['failed'] or 0:>6}  {r['name']}")
+        print(
+            f"{r['job_id']:32}  {r['status']:9}  {float(r['percent_done'] or 0):5.1f}%  "
+            f"{r['total']:>6}  {r['succeeded'] or 0:>6}  {r['failed'] or 0:>6}  {r['name']}"
+        )
     for f in failures:
         print(f"  failed: {f['n']} x {f['error_code']}")
     return 0
@@ -132,8 +164,8 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_models_tiny(args: argparse.Namespace) -> int:
-    from workers.context import quiet_model_libraries
     from pipeline.tiny import write_tiny_models
+    from workers.context import quiet_model_libraries
 
     quiet_model_libraries()
     root = write_tiny_models(Path(args.dir))
@@ -188,16 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="ledger maintenance").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="run the Alembic migrations").set_defaults(func=cmd_db_upgrade)
 
-    models = sub.add_parser("models", help="model folders").add_subparsers(dest="models_cmd",
-                                                                           required=True)
+    models = sub.add_parser("models", help="model folders").add_subparsers(
+        dest="models_cmd", required=True
+    )
     p = models.add_parser("tiny", help="write tiny random-weight models for offline runs")
     p.add_argument("dir")
     p.set_defaults(func=cmd_models_tiny)
 
     manifest = sub.add_parser("manifest", help="manifest tools").add_subparsers(
-        dest="manifest_cmd", required=True)
+        dest="manifest_cmd", required=True
+    )
     manifest.add_parser("schema", help="print the manifest row JSON Schema").set_defaults(
-        func=cmd_manifest_schema)
+        func=cmd_manifest_schema
+    )
     return parser
 
 
@@ -212,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ConfigError, IpbatchError) as exc:
         print(f"ipbatch: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValidationError, SettingsError) as exc:
+        print(f"ipbatch: error: bad IPBATCH_* setting: {exc}", file=sys.stderr)
         return 2
     except SystemExit:
         raise

@@ -7,10 +7,11 @@ in a repr or a log line; `redact_url` is what logs and the CLI print instead.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -45,11 +46,11 @@ class Settings(BaseSettings):
         description="Where embeddings are cached (s3://bucket/prefix or a folder). Unset: "
         "$IPBATCH_HOME/cache locally, s3://<output bucket>/ipbatch-cache for S3 outputs.",
     )
-    allowed_sources: list[str] = Field(
+    allowed_sources: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="URI prefixes a manifest may read references from (s3://bucket/prefix, "
-        "/abs/folder). Empty: any S3 object the credentials reach; local paths only in "
-        "one-machine mode.",
+        "/abs/folder), comma-separated. Empty: any S3 object the credentials reach; "
+        "local paths only in one-machine mode.",
     )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = Field("auto", description="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")

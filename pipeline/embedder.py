@@ -45,10 +45,8 @@ class ClipEmbedder:
         self.dtype = dtype
         # the PIL processor is what transformers uses without torchvision (same numbers)
         self.processor = CLIPImageProcessorPil.from_pretrained(processor_folder)
-        self.model = CLIPVisionModelWithProjection.from_pretrained(
-            encoder_folder, dtype=dtype
-        ).to(device)
-        self.model.eval()
+        model = CLIPVisionModelWithProjection.from_pretrained(encoder_folder, dtype=dtype)
+        self.model = model.to(device).eval()  # type: ignore[arg-type]
         # The fingerprint names the exact weights, preprocessing and precision: a cached
         # embedding is reused only by an identical encoder.
         weights = folder_fingerprint(encoder_folder, ("*.json", "*.safetensors", "*.bin"))

@@ -141,7 +141,9 @@ class Generator:
         width = request.width or self.native_size[0]
         height = request.height or self.native_size[1]
         if width % self.pipe.vae_scale_factor or height % self.pipe.vae_scale_factor:
-            raise ItemError(ErrorCode.INVALID_ROW, f"width/height must divide by 8: {width}x{height}")
+            raise ItemError(
+                ErrorCode.INVALID_ROW, f"width/height must divide by 8: {width}x{height}"
+            )
 
     @torch.inference_mode()
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -185,8 +187,9 @@ class Generator:
 class GeneratorPool:
     """Warm pipelines of this process, keyed by adapter set; built lazily, evicted LRU."""
 
-    def __init__(self, models: ModelSource, *, device: torch.device, dtype: torch.dtype,
-                 capacity: int = 1) -> None:
+    def __init__(
+        self, models: ModelSource, *, device: torch.device, dtype: torch.dtype, capacity: int = 1
+    ) -> None:
         self.models = models
         self.device = device
         self.dtype = dtype

@@ -32,7 +32,7 @@ def decode_reference(data: bytes, *, name: str, max_pixels: int, max_bytes: int)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size  # header only: nothing decoded yet
             if width * height > max_pixels:
                 raise ItemError(

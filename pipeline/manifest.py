@@ -53,7 +53,9 @@ def _check_instant_style(scale: Scale) -> Scale:
             blocks = value if isinstance(value, dict) else {}
             for block, block_scale in blocks.items():
                 if not re.fullmatch(r"block_\d+", block):
-                    raise ValueError(f"scale.{part}: block names look like 'block_2', not {block!r}")
+                    raise ValueError(
+                        f"scale.{part}: block names look like 'block_2', not {block!r}"
+                    )
                 values = block_scale if isinstance(block_scale, list) else [block_scale]
                 if not values or any(not 0 <= v <= 2 for v in values):
                     raise ValueError(f"scale.{part}.{block}: each scale must be within 0..2")
@@ -272,10 +274,13 @@ def read_manifest(stream: IO[bytes], fmt: Literal["jsonl", "csv"] = "jsonl") -> 
     lines = _iter_csv(stream) if fmt == "csv" else _iter_jsonl(stream)
     for index, (line_number, obj, parse_error) in enumerate(lines):
         raw_id = obj.get("id") if obj is not None else None
-        row_id = raw_id if isinstance(raw_id, str) and re.fullmatch(ROW_ID_PATTERN, raw_id) else None
+        row_id = (
+            raw_id if isinstance(raw_id, str) and re.fullmatch(ROW_ID_PATTERN, raw_id) else None
+        )
         if parse_error is not None or obj is None:
-            yield ParsedRow(index, line_number, None, f"line {line_number}: {parse_error}",
-                            None, None)
+            yield ParsedRow(
+                index, line_number, None, f"line {line_number}: {parse_error}", None, None
+            )
             continue
         try:
             row = Row.model_validate(obj)

@@ -101,7 +101,8 @@ def _base_model(folder: Path) -> None:
             pad_token_id=vocab["<|endoftext|>"],
         )
     )
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # merges as tuples: strings "a b" raise `failed to extract enum PyMerges` in transformers 5
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -124,7 +125,7 @@ def _base_model(folder: Path) -> None:
         image_encoder=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder, safe_serialization=True)
+    pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
 
 
 def _image_encoder(folder: Path) -> None:

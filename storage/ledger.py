@@ -8,14 +8,14 @@ Callers own the transaction (`with sessions.begin() as session: ...`).
 
 from __future__ import annotations
 
-import socket
 import os
+import socket
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -133,12 +133,13 @@ def get_job(session: Session, *, job_id: str) -> Job | None:
 
 def start_job(session: Session, *, job_id: str) -> bool:
     """pending -> running. True if this call started it, or it was already running."""
-    result = session.execute(
+    started = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.PENDING)
         .values(status=JobStatus.RUNNING, started_at=utcnow())
+        .returning(Job.id)
     )
-    if result.rowcount:
+    if started is not None:
         return True
     return session.scalar(select(Job.status).where(Job.id == job_id)) == JobStatus.RUNNING
 
@@ -168,12 +169,13 @@ def finalize_job(session: Session, *, job_id: str) -> JobStatus | None:
         if counts.get(ItemStatus.SUCCEEDED, 0) == sum(counts.values())
         else JobStatus.FAILED
     )
-    moved = session.execute(
+    moved = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(status=final, finished_at=utcnow())
-    ).rowcount
-    return final if moved else None
+        .returning(Job.id)
+    )
+    return final if moved is not None else None
 
 
 def item_counts(session: Session, *, job_id: str) -> dict[ItemStatus, int]:
@@ -213,8 +215,9 @@ def add_items(session: Session, *, job_id: str, rows: Sequence[dict[str, Any]]) 
         }
         for r in rows
     ]
-    ids = list(session.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True),
-                               values))
+    ids = list(
+        session.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), values)
+    )
     session.execute(
         insert(ItemEvent),
         [
@@ -233,7 +236,11 @@ def add_items(session: Session, *, job_id: str, rows: Sequence[dict[str, Any]]) 
 
 
 def item_ids_in_status(
-    session: Session, *, job_id: str, statuses: Iterable[ItemStatus], after_id: int = 0,
+    session: Session,
+    *,
+    job_id: str,
+    statuses: Iterable[ItemStatus],
+    after_id: int = 0,
     limit: int = 1000,
 ) -> list[int]:
     """Ids of a job's items in the given statuses, in id order, paged by `after_id`."""
@@ -322,13 +329,24 @@ def claim(
     """Claim items for a stage: waiting -> working, or re-claim working items whose lease
     expired (their worker died). Every claim counts as an attempt."""
     claimed = transition(
-        session, item_ids=item_ids, from_status=waiting, to_status=working, worker=worker,
-        lease_seconds=lease_seconds, count_attempt=True,
+        session,
+        item_ids=item_ids,
+        from_status=waiting,
+        to_status=working,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        count_attempt=True,
     )
     rest = sorted(set(item_ids) - set(claimed))
     reclaimed = transition(
-        session, item_ids=rest, from_status=working, to_status=working, worker=worker,
-        lease_seconds=lease_seconds, count_attempt=True, message="lease expired; re-claimed",
+        session,
+        item_ids=rest,
+        from_status=working,
+        to_status=working,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        count_attempt=True,
+        message="lease expired; re-claimed",
     )
     return sorted(claimed + reclaimed)
 
@@ -366,22 +384,27 @@ def record_embedding(
     try:
         with session.begin_nested():
             row = Embedding(
-                content_sha256=content_sha256, encoder=encoder, kind=kind, uri=uri,
-                shape=shape, dtype=dtype,
+                content_sha256=content_sha256,
+                encoder=encoder,
+                kind=kind,
+                uri=uri,
+                shape=shape,
+                dtype=dtype,
             )
             session.add(row)
             session.flush()
             return row.id
     except IntegrityError:
-        existing = find_embedding(session, content_sha256=content_sha256, encoder=encoder,
-                                  kind=kind)
+        existing = find_embedding(
+            session, content_sha256=content_sha256, encoder=encoder, kind=kind
+        )
         assert existing is not None
         return existing.id
 
 
 def link_embeddings(session: Session, *, item_id: int, links: Sequence[dict[str, Any]]) -> None:
     """Replace an item's (adapter_index, reference_index) -> embedding links."""
-    session.query(ItemEmbedding).filter(ItemEmbedding.item_id == item_id).delete()
+    session.execute(delete(ItemEmbedding).where(ItemEmbedding.item_id == item_id))
     session.execute(insert(ItemEmbedding), [{"item_id": item_id, **link} for link in links])
 
 
@@ -392,7 +415,7 @@ def item_embeddings(session: Session, *, item_id: int) -> list[tuple[ItemEmbeddi
         .where(ItemEmbedding.item_id == item_id)
         .order_by(ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
     )
-    return [(link, emb) for link, emb in rows.tuples()]
+    return [(link, emb) for link, emb in rows]
 
 
 # --- outputs ------------------------------------------------------------------------------
@@ -406,8 +429,11 @@ def complete_item(
     Only an item still `running` completes; a late duplicate returns False and writes nothing.
     """
     moved = transition(
-        session, item_ids=[item_id], from_status=ItemStatus.RUNNING,
-        to_status=ItemStatus.SUCCEEDED, worker=worker,
+        session,
+        item_ids=[item_id],
+        from_status=ItemStatus.RUNNING,
+        to_status=ItemStatus.SUCCEEDED,
+        worker=worker,
     )
     if not moved:
         return False
@@ -421,7 +447,9 @@ def complete_item(
 def outputs_of_job(session: Session, *, job_id: str) -> list[Output]:
     return list(
         session.scalars(
-            select(Output).join(Item, Item.id == Output.item_id).where(Item.job_id == job_id)
+            select(Output)
+            .join(Item, Item.id == Output.item_id)
+            .where(Item.job_id == job_id)
             .order_by(Output.item_id, Output.image_index)
         )
     )

@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -186,8 +187,8 @@ class Output(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    clip_i: Mapped[float | None]
-    clip_t: Mapped[float | None]
+    clip_i: Mapped[float | None] = mapped_column(Float)
+    clip_t: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("item_id", "image_index"),)

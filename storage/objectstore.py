@@ -164,7 +164,11 @@ class S3Store:
     def put(self, uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
         loc = parse_s3(uri)
         self._call(
-            uri, self._client.put_object, Bucket=loc.bucket, Key=loc.key, Body=data,
+            uri,
+            self._client.put_object,
+            Bucket=loc.bucket,
+            Key=loc.key,
+            Body=data,
             ContentType=content_type,
         )
 
@@ -179,8 +183,9 @@ class S3Store:
     def list(self, prefix_uri: str) -> Iterator[str]:
         loc = parse_s3(prefix_uri)
         paginator = self._client.get_paginator("list_objects_v2")
-        pages = self._call(prefix_uri, lambda: list(paginator.paginate(Bucket=loc.bucket,
-                                                                       Prefix=loc.key)))
+        pages = self._call(
+            prefix_uri, lambda: list(paginator.paginate(Bucket=loc.bucket, Prefix=loc.key))
+        )
         for page in pages:
             for obj in page.get("Contents", []):
                 yield f"s3://{loc.bucket}/{obj['Key']}"
@@ -206,13 +211,14 @@ class ObjectStores:
     """Picks the backend for a URI; the S3 client is made on first use (never at import)."""
 
     def __init__(self, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1"):
-        self._s3_args = {"endpoint_url": s3_endpoint_url, "region": s3_region}
+        self._s3_endpoint_url = s3_endpoint_url
+        self._s3_region = s3_region
         self._s3: S3Store | None = None
         self.local = LocalStore()
 
     def for_uri(self, uri: str) -> ObjectStore:
         if is_s3(uri):
             if self._s3 is None:
-                self._s3 = S3Store(**self._s3_args)
+                self._s3 = S3Store(endpoint_url=self._s3_endpoint_url, region=self._s3_region)
             return self._s3
         return self.local

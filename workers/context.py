@@ -51,8 +51,9 @@ class StageContext:
     @classmethod
     def create(cls, settings: Settings, *, mode: Literal["local", "distributed"]) -> StageContext:
         engine = ledger.make_engine(settings.ledger_url())
-        stores = ObjectStores(s3_endpoint_url=settings.s3_endpoint_url,
-                              s3_region=settings.s3_region)
+        stores = ObjectStores(
+            s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
+        )
         return cls(
             settings=settings,
             mode=mode,

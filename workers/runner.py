@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from ipbatch.config import Settings
@@ -57,14 +58,20 @@ def run_local(
         upgrade(settings.ledger_url())
         ctx = StageContext.create(settings, mode="local")
         try:
-            return _run(ctx, manifest=manifest, output=output or str(home / "outputs"),
-                        progress=progress, started=started)
+            return _run(
+                ctx,
+                manifest=manifest,
+                output=output or str(home / "outputs"),
+                progress=progress,
+                started=started,
+            )
         finally:
             ctx.close()
 
 
-def _run(ctx: StageContext, *, manifest: str, output: str, progress: bool,
-         started: float) -> RunSummary:
+def _run(
+    ctx: StageContext, *, manifest: str, output: str, progress: bool, started: float
+) -> RunSummary:
     manifest_uri = manifest if "://" in manifest else str(Path(manifest).expanduser().resolve())
     output_uri = output if "://" in output else str(Path(output).expanduser().resolve())
     job_id, created = stages.register_job(ctx, manifest_uri=manifest_uri, output_uri=output_uri)
@@ -112,12 +119,15 @@ def _run(ctx: StageContext, *, manifest: str, output: str, progress: bool,
         )
 
 
-def _all_ids(session: object, job_id: str, status: ItemStatus) -> list[int]:
+def _all_ids(session: Session, job_id: str, status: ItemStatus) -> list[int]:
     ids: list[int] = []
     while True:
         page = ledger.item_ids_in_status(
-            session, job_id=job_id, statuses=[status],  # type: ignore[arg-type]
-            after_id=ids[-1] if ids else 0, limit=10_000,
+            session,
+            job_id=job_id,
+            statuses=[status],
+            after_id=ids[-1] if ids else 0,
+            limit=10_000,
         )
         if not page:
             return ids
@@ -136,6 +146,10 @@ def _release_in_flight(ctx: StageContext, job_id: str) -> None:
         ):
             ids = _all_ids(session, job_id, working)
             ledger.transition(
-                session, item_ids=ids, from_status=working, to_status=waiting,
-                worker=ctx.worker, message="released: the previous run was interrupted",
+                session,
+                item_ids=ids,
+                from_status=working,
+                to_status=waiting,
+                worker=ctx.worker,
+                message="released: the previous run was interrupted",
             )

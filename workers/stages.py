@@ -2,12 +2,14 @@
 
 Each stage takes ids, claims its items with a guarded transition in the ledger, does its
 work and records the result; neither runner has logic of its own. A permanent `ItemError`
-fails its item alone; a `RetryableError` releases the claimed items and propagates, so the
-caller (Celery's retry, or the runner) can try again.
+fails its item alone; a `RetryableError` (or a `ConfigError`: the models folder is wrong)
+releases the claimed items and propagates, so the caller (Celery's retry, or the runner)
+can try again or stop with a clear message.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -17,11 +19,12 @@ from typing import Any
 
 import torch
 
-from ipbatch.errors import ErrorCode, ItemError, ObjectNotFound, RetryableError
+from ipbatch.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound, RetryableError
+from pipeline.embedder import ClipEmbedder
 from pipeline.generator import AdapterInput, GenerationRequest
 from pipeline.images import CONTENT_TYPES, decode_reference, encode_output
 from pipeline.manifest import Row, detect_format, read_manifest
-from pipeline.presets import ADAPTERS
+from pipeline.presets import ADAPTERS, EmbedKind
 from pipeline.sources import check_allowed, resolve_reference
 from storage import ledger
 from storage.embcache import CacheKey
@@ -160,7 +163,10 @@ def requeue_job(
     while True:
         with ctx.sessions.begin() as session:
             ids = ledger.item_ids_in_status(
-                session, job_id=job_id, statuses=statuses, after_id=after,
+                session,
+                job_id=job_id,
+                statuses=statuses,
+                after_id=after,
                 limit=ctx.settings.ingest_chunk,
             )
         if not ids:
@@ -184,17 +190,27 @@ class EmbedSummary:
 def _fail(ctx: StageContext, item_id: int, from_status: ItemStatus, error: ItemError) -> None:
     with ctx.sessions.begin() as session:
         ledger.transition(
-            session, item_ids=[item_id], from_status=from_status, to_status=ItemStatus.FAILED,
-            worker=ctx.worker, error_code=error.code.value, message=error.message,
+            session,
+            item_ids=[item_id],
+            from_status=from_status,
+            to_status=ItemStatus.FAILED,
+            worker=ctx.worker,
+            error_code=error.code.value,
+            message=error.message,
         )
 
 
-def _release(ctx: StageContext, item_ids: Sequence[int], working: ItemStatus,
-             waiting: ItemStatus, why: str) -> None:
+def _release(
+    ctx: StageContext, item_ids: Sequence[int], working: ItemStatus, waiting: ItemStatus, why: str
+) -> None:
     with ctx.sessions.begin() as session:
         ledger.transition(
-            session, item_ids=item_ids, from_status=working, to_status=waiting,
-            worker=ctx.worker, message=why,
+            session,
+            item_ids=item_ids,
+            from_status=working,
+            to_status=waiting,
+            worker=ctx.worker,
+            message=why,
         )
 
 
@@ -210,8 +226,12 @@ def embed(ctx: StageContext, *, item_ids: Sequence[int]) -> EmbedSummary:
     summary = EmbedSummary()
     with ctx.sessions.begin() as session:
         claimed = ledger.claim(
-            session, item_ids=item_ids, waiting=ItemStatus.PENDING,
-            working=ItemStatus.EMBEDDING, worker=ctx.worker, lease_seconds=LEASE_SECONDS,
+            session,
+            item_ids=item_ids,
+            waiting=ItemStatus.PENDING,
+            working=ItemStatus.EMBEDDING,
+            worker=ctx.worker,
+            lease_seconds=LEASE_SECONDS,
         )
         items = [(i.id, i.params, i.job_id) for i in ledger.load_items(session, item_ids=claimed)]
         jobs = {job_id: ledger.get_job(session, job_id=job_id) for _, _, job_id in items}
@@ -223,21 +243,37 @@ def embed(ctx: StageContext, *, item_ids: Sequence[int]) -> EmbedSummary:
         for item_id, params, job_id in items:
             manifest_uri, output_uri = job_info[job_id]
             try:
+                assert params is not None, "pending items always carry their row"
                 links = _embed_item(ctx, params, manifest_uri, output_uri, seen, summary)
             except ItemError as error:
                 _fail(ctx, item_id, ItemStatus.EMBEDDING, error)
                 summary.failed += 1
                 remaining.remove(item_id)
                 continue
+            except (RetryableError, ConfigError):
+                raise
+            except Exception as exc:  # a bug: fail the item, keep the trace in the log
+                log.exception("item %s failed while embedding", item_id)
+                failure = ItemError(
+                    ErrorCode.INTERNAL,
+                    f"embedding failed ({type(exc).__name__}: {exc}); see the worker log",
+                )
+                _fail(ctx, item_id, ItemStatus.EMBEDDING, failure)
+                summary.failed += 1
+                remaining.remove(item_id)
+                continue
             with ctx.sessions.begin() as session:
                 ledger.link_embeddings(session, item_id=item_id, links=links)
                 moved = ledger.transition(
-                    session, item_ids=[item_id], from_status=ItemStatus.EMBEDDING,
-                    to_status=ItemStatus.READY, worker=ctx.worker,
+                    session,
+                    item_ids=[item_id],
+                    from_status=ItemStatus.EMBEDDING,
+                    to_status=ItemStatus.READY,
+                    worker=ctx.worker,
                 )
             summary.ready.extend(moved)
             remaining.remove(item_id)
-    except RetryableError as exc:
+    except (RetryableError, ConfigError) as exc:
         _release(ctx, remaining, ItemStatus.EMBEDDING, ItemStatus.PENDING, f"retrying: {exc}")
         raise
     for job_id in {job_id for _, _, job_id in items}:
@@ -268,15 +304,9 @@ def _embed_item(
                 seen[uri] = hashlib.sha256(data).hexdigest()
             key = CacheKey(seen[uri], embedder.fingerprint, preset.embed_kind.value)
 
-            def compute(uri: str = uri, data: bytes | None = data) -> dict[str, torch.Tensor]:
-                raw = data if data is not None else _read_reference(ctx, uri)
-                image = decode_reference(
-                    raw, name=uri, max_pixels=ctx.settings.max_image_pixels,
-                    max_bytes=ctx.settings.max_reference_bytes,
-                )
-                result = embedder.embed(image, preset.embed_kind)
-                return {"pos": result.pos, "neg": result.neg}
-
+            compute = functools.partial(
+                _compute_embedding, ctx, embedder, preset.embed_kind, uri, data
+            )
             with ctx.sessions.begin() as session:
                 embedding_id, cached = ctx.cache.get_or_compute(
                     session, key=key, cache_root=ctx.cache_root(output_uri), compute=compute
@@ -294,6 +324,20 @@ def _embed_item(
                 }
             )
     return links
+
+
+def _compute_embedding(
+    ctx: StageContext, embedder: ClipEmbedder, kind: EmbedKind, uri: str, data: bytes | None
+) -> dict[str, torch.Tensor]:
+    raw = data if data is not None else _read_reference(ctx, uri)
+    image = decode_reference(
+        raw,
+        name=uri,
+        max_pixels=ctx.settings.max_image_pixels,
+        max_bytes=ctx.settings.max_reference_bytes,
+    )
+    result = embedder.embed(image, kind)
+    return {"pos": result.pos, "neg": result.neg}
 
 
 # --- generate -----------------------------------------------------------------------------
@@ -324,8 +368,12 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
     summary = GenerateSummary()
     with ctx.sessions.begin() as session:
         claimed = ledger.claim(
-            session, item_ids=item_ids, waiting=ItemStatus.READY, working=ItemStatus.RUNNING,
-            worker=ctx.worker, lease_seconds=LEASE_SECONDS,
+            session,
+            item_ids=item_ids,
+            waiting=ItemStatus.READY,
+            working=ItemStatus.RUNNING,
+            worker=ctx.worker,
+            lease_seconds=LEASE_SECONDS,
         )
         work = []
         for item in ledger.load_items(session, item_ids=claimed):
@@ -341,21 +389,22 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
     try:
         for item_id, row_id, params, job_id, output_uri, links in work:
             try:
+                assert params is not None and row_id is not None, "valid rows have both"
                 outputs = _generate_item(ctx, params, row_id, job_id, output_uri, links, loaded)
             except ItemError as error:
                 _fail(ctx, item_id, ItemStatus.RUNNING, error)
                 summary.failed += 1
                 remaining.remove(item_id)
                 continue
-            except RetryableError:
+            except (RetryableError, ConfigError):
                 raise
             except Exception as exc:  # a bug or a model failure: fail the item, log the trace
                 log.exception("item %s failed while generating", item_id)
-                error = ItemError(
+                failure = ItemError(
                     ErrorCode.MODEL_ERROR,
                     f"generation failed ({type(exc).__name__}: {exc}); see the worker log",
                 )
-                _fail(ctx, item_id, ItemStatus.RUNNING, error)
+                _fail(ctx, item_id, ItemStatus.RUNNING, failure)
                 summary.failed += 1
                 remaining.remove(item_id)
                 continue
@@ -367,7 +416,7 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
                 summary.succeeded += 1
                 summary.images += len(outputs)
             remaining.remove(item_id)
-    except RetryableError as exc:
+    except (RetryableError, ConfigError) as exc:
         _release(ctx, remaining, ItemStatus.RUNNING, ItemStatus.READY, f"retrying: {exc}")
         raise
     for job_id in {w[3] for w in work}:
@@ -415,13 +464,28 @@ def _generate_item(
     )
     outputs = []
     for k, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-        metadata = {"job_id": job_id, "row_id": row_id, "image_index": k, "seed": seed,
-                    "prompt": row.prompt, "negative_prompt": row.negative_prompt,
-                    "steps": row.steps, "guidance_scale": row.guidance_scale,
-                    "adapters": [s.model_dump(mode="json") for s in specs]}
+        metadata = {
+            "job_id": job_id,
+            "row_id": row_id,
+            "image_index": k,
+            "seed": seed,
+            "prompt": row.prompt,
+            "negative_prompt": row.negative_prompt,
+            "steps": row.steps,
+            "guidance_scale": row.guidance_scale,
+            "adapters": [s.model_dump(mode="json") for s in specs],
+        }
         data = encode_output(image, row.output_format, metadata)
         uri = output_uri_for(output_uri, job_id, row_id, k, row.output_format)
         ctx.stores.for_uri(uri).put(uri, data, content_type=CONTENT_TYPES[row.output_format])
-        outputs.append({"image_index": k, "uri": uri, "sha256": hashlib.sha256(data).hexdigest(),
-                        "seed": seed, "width": result.width, "height": result.height})
+        outputs.append(
+            {
+                "image_index": k,
+                "uri": uri,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "seed": seed,
+                "width": result.width,
+                "height": result.height,
+            }
+        )
     return outputs

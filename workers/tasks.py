@@ -16,8 +16,13 @@ from workers.celery_app import app
 from workers.context import StageContext
 
 log = logging.getLogger(__name__)
-RETRY = {"autoretry_for": (RetryableError,), "retry_backoff": 2, "retry_backoff_max": 120,
-         "retry_jitter": True, "max_retries": 8}
+RETRY = {
+    "autoretry_for": (RetryableError,),
+    "retry_backoff": 2,
+    "retry_backoff_max": 120,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
 
 
 @functools.cache

@@ -41,9 +41,7 @@ def upgrade() -> None:
         sa.Column("started_at", UtcDateTime(), nullable=True),
         sa.Column("finished_at", UtcDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
-        sa.UniqueConstraint(
-            "manifest_sha256", "output_uri", name=op.f("uq_jobs_manifest_sha256")
-        ),
+        sa.UniqueConstraint("manifest_sha256", "output_uri", name=op.f("uq_jobs_manifest_sha256")),
     )
     op.create_table(
         "items",
@@ -75,7 +73,9 @@ def upgrade() -> None:
         sa.Column("message", sa.Text(), nullable=True),
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["item_id"], ["items.id"], name=op.f("fk_item_events_item_id_items"),
+            ["item_id"],
+            ["items.id"],
+            name=op.f("fk_item_events_item_id_items"),
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_item_events")),
@@ -104,20 +104,21 @@ def upgrade() -> None:
         sa.Column("embedding_id", BIG_ID, nullable=False),
         sa.Column("reference_uri", sa.Text(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["item_id"], ["items.id"], name=op.f("fk_item_embeddings_item_id_items"),
+            ["item_id"],
+            ["items.id"],
+            name=op.f("fk_item_embeddings_item_id_items"),
             ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
-            ["embedding_id"], ["embeddings.id"],
+            ["embedding_id"],
+            ["embeddings.id"],
             name=op.f("fk_item_embeddings_embedding_id_embeddings"),
         ),
         sa.PrimaryKeyConstraint(
             "item_id", "adapter_index", "reference_index", name=op.f("pk_item_embeddings")
         ),
     )
-    op.create_index(
-        op.f("ix_item_embeddings_embedding_id"), "item_embeddings", ["embedding_id"]
-    )
+    op.create_index(op.f("ix_item_embeddings_embedding_id"), "item_embeddings", ["embedding_id"])
     op.create_table(
         "outputs",
         sa.Column("id", BIG_ID, autoincrement=True, nullable=False),

@@ -1,0 +1,229 @@
+"""Distributed end to end: PostgreSQL + RabbitMQ + an S3 server over HTTP + real `ipbatch
+worker` processes, started and stopped here. Nothing is mocked and nothing runs eagerly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import sqlalchemy as sa
+
+pytestmark = pytest.mark.integration
+
+REFS = ("red", "blue", "green")
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 120) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "ipbatch.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"ipbatch {args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture()
+def cluster(
+    tmp_path: Path,
+    pg_url: str,
+    rabbit_vhost: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tiny_models: Path,
+) -> Iterator[dict]:
+    env = {
+        **os.environ,
+        "IPBATCH_DATABASE_URL": pg_url,
+        "IPBATCH_BROKER_URL": rabbit_vhost,
+        "IPBATCH_S3_ENDPOINT_URL": s3_endpoint,
+        "IPBATCH_MODELS": str(tiny_models),
+        "IPBATCH_HOME": str(tmp_path / "home"),
+        "IPBATCH_ALLOWED_SOURCES": f"s3://{s3_bucket}/refs/",
+        "IPBATCH_GENERATE_BATCH": "2",
+    }
+    cli("db", "upgrade", env=env)
+    workers, logs, handles = [], [], []
+    # two workers on different queues, as on two machines: CPU embedding, GPU generation
+    for name, queues in (("embedder", "ingest,embed"), ("generator", "generate")):
+        log = (tmp_path / f"{name}.log").open("w")
+        handles.append(log)
+        logs.append(tmp_path / f"{name}.log")
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ipbatch.cli",
+                    "worker",
+                    "--queues",
+                    queues,
+                    "--concurrency",
+                    "1",
+                    "--hostname",
+                    f"{name}@%h",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    engine = sa.create_engine(pg_url)
+    try:
+        yield {
+            "env": env,
+            "s3": s3,
+            "bucket": s3_bucket,
+            "engine": engine,
+            "logs": logs,
+            "workers": workers,
+        }
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for handle in handles:
+            handle.close()
+        engine.dispose()
+
+
+def wait_for_job(cluster: dict, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc, log in zip(cluster["workers"], cluster["logs"], strict=True):
+            assert proc.poll() is None, f"worker died:\n{log.read_text()[-3000:]}"
+        with cluster["engine"].connect() as conn:
+            row = (
+                conn.execute(sa.text("SELECT * FROM job_progress WHERE job_id = :j"), {"j": job_id})
+                .mappings()
+                .one_or_none()
+            )
+        if row is not None and row["status"] in ("succeeded", "failed", "cancelled"):
+            return dict(row)
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-3000:] for p in cluster["logs"])
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s; worker logs:\n{logs}")
+
+
+def put_manifest(cluster: dict, key: str, rows: list[dict]) -> str:
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    cluster["s3"].put_object(Bucket=cluster["bucket"], Key=key, Body=body)
+    return f"s3://{cluster['bucket']}/{key}"
+
+
+def test_submit_embed_generate_over_real_services(
+    cluster: dict, reference_images: dict[str, Path]
+) -> None:
+    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
+    for name in REFS:
+        s3.upload_file(str(reference_images[name]), bucket, f"refs/{name}.png")
+    rows = [
+        {
+            "id": f"{colour}-{i}",
+            "prompt": f"a {colour} product",
+            "steps": 2,
+            "reference": f"s3://{bucket}/refs/{colour}.png",
+            "num_images": 1 + i % 2,
+            "adapter": "sd15-plus" if i == 2 else "sd15",
+        }
+        for colour in REFS
+        for i in range(3)
+    ]
+    manifest = put_manifest(cluster, "jobs/catalog.jsonl", rows)
+    output = f"s3://{bucket}/results"
+
+    job_id = cli("submit", manifest, "--output", output, env=env).strip()
+    assert cli("submit", manifest, "--output", output, env=env).strip() == job_id  # same bytes
+
+    progress = wait_for_job(cluster, job_id)
+    assert progress["status"] == "succeeded", progress
+    assert (progress["total"], progress["succeeded"], float(progress["percent_done"])) == (
+        9,
+        9,
+        100.0,
+    )
+    with cluster["engine"].connect() as conn:
+        outputs = conn.execute(
+            sa.text(
+                "SELECT o.uri, o.sha256, i.row_id, o.image_index FROM outputs o "
+                "JOIN items i ON i.id = o.item_id WHERE i.job_id = :j"
+            ),
+            {"j": job_id},
+        ).all()
+        embeddings = conn.execute(sa.text("SELECT kind, uri FROM embeddings")).all()
+        attempts = conn.execute(
+            sa.text("SELECT MAX(attempts) FROM items WHERE job_id = :j"), {"j": job_id}
+        ).scalar()
+    assert len(outputs) == sum(r["num_images"] for r in rows)
+    for uri, sha, row_id, k in outputs:
+        assert uri == f"{output}/{job_id}/{row_id}/{k}.png"
+        key = uri.removeprefix(f"s3://{bucket}/")
+        data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(data).hexdigest() == sha
+    # 3 references x base kind, and 3 x plus kind: each encoded once
+    assert (
+        sorted(k for k, _ in embeddings) == ["clip_hidden_states"] * 3 + ["clip_image_embeds"] * 3
+    )
+    for _, uri in embeddings:
+        assert uri.startswith(f"s3://{bucket}/ipbatch-cache/embeddings/")
+        s3.head_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))
+    assert attempts == 2  # one embed claim + one generate claim each
+
+    # the producer: a manifest dropped under a watched prefix is submitted once
+    manifest2 = put_manifest(
+        cluster,
+        "incoming/night-2.jsonl",
+        rows[:4]
+        + [
+            {"id": "outside", "reference": f"s3://{bucket}/elsewhere/x.png", "steps": 2},
+            {"id": "missing", "reference": f"s3://{bucket}/refs/missing.png", "steps": 2},
+        ],
+    )
+    cli("producer", "--watch", f"s3://{bucket}/incoming/", "--output", output, "--once", env=env)
+    cli("producer", "--watch", f"s3://{bucket}/incoming/", "--output", output, "--once", env=env)
+    with cluster["engine"].connect() as conn:
+        jobs = (
+            conn.execute(sa.text("SELECT id FROM jobs WHERE manifest_uri = :m"), {"m": manifest2})
+            .scalars()
+            .all()
+        )
+    assert len(jobs) == 1
+    progress2 = wait_for_job(cluster, jobs[0])
+    assert (progress2["status"], progress2["succeeded"], progress2["failed"]) == ("failed", 4, 2)
+    with cluster["engine"].connect() as conn:
+        errors = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT row_id, error_code FROM items WHERE job_id = :j AND status = 'failed'"
+                ),
+                {"j": jobs[0]},
+            ).all()
+        )
+        n_embeddings = conn.execute(sa.text("SELECT COUNT(*) FROM embeddings")).scalar()
+    assert errors == {"outside": "reference_forbidden", "missing": "reference_not_found"}
+    assert n_embeddings == 6  # last job's embeddings were reused, none added
+    status = json.loads(cli("status", jobs[0], "--json", env=env))
+    assert status["jobs"][0]["failed"] == 2
+    assert {f["error_code"] for f in status["failures"]} == {
+        "reference_forbidden",
+        "reference_not_found",
+    }

@@ -1,0 +1,186 @@
+"""The manifest reader: good rows, each kind of bad row, CSV, streaming."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from pipeline.manifest import Row, manifest_json_schema, read_manifest
+
+
+def rows_of(text: str, fmt: str = "jsonl") -> list:
+    return list(read_manifest(io.BytesIO(text.encode()), fmt))  # type: ignore[arg-type]
+
+
+def jsonl(*objs: object) -> str:
+    return "\n".join(json.dumps(o) for o in objs) + "\n"
+
+
+def test_defaults_of_a_minimal_row() -> None:
+    [parsed] = rows_of(jsonl({"id": "a1", "reference": "s3://b/a.png"}))
+    row = parsed.row
+    assert parsed.error is None and row is not None
+    assert (row.prompt, row.adapter, row.scale, row.num_images, row.steps) == (
+        "",
+        "sd15",
+        0.5,
+        1,
+        30,
+    )
+    assert row.guidance_scale == 7.5 and row.output_format == "png"
+    assert row.width is None and row.height is None
+    assert row.adapter_specs()[0].references == ["s3://b/a.png"]
+
+
+def test_seed_is_derived_from_the_id_when_absent_and_stable() -> None:
+    a = Row(id="sku-1", reference="x.png")
+    b = Row(id="sku-2", reference="x.png")
+    assert a.effective_seed() == Row(id="sku-1", reference="y.png").effective_seed()
+    assert a.effective_seed() != b.effective_seed()
+    assert 0 <= a.effective_seed() < 2**32
+    assert Row(id="sku-1", reference="x.png", seed=7).effective_seed() == 7
+
+
+def test_adapters_list_and_instantstyle_scale() -> None:
+    [parsed] = rows_of(
+        jsonl(
+            {
+                "id": "multi",
+                "adapters": [
+                    {
+                        "adapter": "sd15-plus",
+                        "reference": ["a.png", "b.png"],
+                        "combine": "concat",
+                        "scale": {
+                            "down": {"block_2": [0.0, 1.0]},
+                            "up": {"block_0": [0.0, 1.0, 0.0]},
+                        },
+                    },
+                    {"adapter": "sd15", "reference": "c.png", "scale": 0.3},
+                ],
+            }
+        )
+    )
+    assert parsed.error is None, parsed.error
+    specs = parsed.row.adapter_specs()
+    assert [s.adapter for s in specs] == ["sd15-plus", "sd15"]
+    assert specs[0].references == ["a.png", "b.png"] and specs[0].combine == "concat"
+
+
+@pytest.mark.parametrize(
+    ("obj", "needle"),
+    [
+        ({"id": "a", "reference": "r.png", "colour": "red"}, "colour: unknown field"),
+        ({"id": "a"}, "'reference' is required"),
+        ({"id": "a/b", "reference": "r.png"}, "id:"),
+        ({"id": "../x", "reference": "r.png"}, "id:"),
+        ({"id": "a\u0007", "reference": "r.png"}, "id:"),
+        ({"id": "a", "reference": "r.png", "num_images": 17}, "num_images"),
+        ({"id": "a", "reference": "r.png", "steps": 0}, "steps"),
+        ({"id": "a", "reference": "r.png", "seed": 2**32}, "seed"),
+        ({"id": "a", "reference": "r.png", "width": 100}, "width"),
+        ({"id": "a", "reference": "r.png", "height": 4096}, "height"),
+        ({"id": "a", "reference": "r.png", "guidance_scale": 31}, "guidance_scale"),
+        ({"id": "a", "reference": "r.png", "scale": 2.5}, "scale"),
+        ({"id": "a", "reference": "r.png", "adapter": "nope"}, "unknown adapter 'nope'"),
+        ({"id": "a", "reference": "r.png", "output_format": "gif"}, "output_format"),
+        ({"id": "a", "reference": []}, "reference"),
+        ({"id": "a", "reference": "r.png", "steps": "many"}, "steps"),
+        ({"id": "a", "reference": "r.png", "scale": {"down": {"blockX": 1.0}}}, "block names"),
+        ({"id": "a", "reference": "r.png", "adapters": [{"reference": "b.png"}]}, "not both"),
+        ({"id": 12, "reference": "r.png"}, "id:"),
+    ],
+)
+def test_each_bad_row_fails_alone_with_the_field_named(obj: dict, needle: str) -> None:
+    good = {"id": "good", "reference": "r.png"}
+    parsed = rows_of(jsonl(good, obj, {"id": "good2", "reference": "r.png"}))
+    assert [p.row is not None for p in parsed] == [True, False, True]
+    assert parsed[1].error is not None and needle in parsed[1].error, parsed[1].error
+    assert parsed[1].error.startswith("line 2:")
+
+
+def test_malformed_lines_duplicates_and_blank_lines() -> None:
+    text = (
+        '{"id": "a", "reference": "r.png"}\n'
+        "\n"
+        "{not json\n"
+        "[1, 2]\n"
+        '{"id": "a", "reference": "other.png"}\n'
+        "   \n"
+        '{"id": "b", "reference": "r.png"}'  # no trailing newline
+    )
+    parsed = rows_of(text)
+    assert [p.index for p in parsed] == [0, 1, 2, 3, 4]
+    assert [p.line_number for p in parsed] == [1, 3, 4, 5, 7]
+    assert parsed[1].error and "not valid JSON" in parsed[1].error
+    assert parsed[2].error and "JSON object" in parsed[2].error
+    assert parsed[3].error and "used by an earlier row" in parsed[3].error
+    assert parsed[3].row_id == "a"
+    assert parsed[4].row is not None and parsed[4].row.id == "b"
+
+
+def test_invalid_utf8_line_fails_alone() -> None:
+    data = b'{"id": "a", "reference": "r.png"}\n{"id": "\xff"}\n{"id": "b", "reference": "r"}\n'
+    parsed = list(read_manifest(io.BytesIO(data)))
+    assert [p.row is not None for p in parsed] == [True, False, True]
+    assert "UTF-8" in (parsed[1].error or "")
+
+
+def test_csv_with_the_same_columns() -> None:
+    text = (
+        "id,prompt,reference,num_images,scale,adapter\n"
+        'a,"a shoe, red",s3://b/a.png,2,0.7,sd15-plus\n'
+        'b,,"[""s3://b/1.png"", ""s3://b/2.png""]",,"{""down"": {""block_2"": 1.0}}",\n'
+        "c,x,s3://b/c.png,many,,\n"
+    )
+    parsed = rows_of(text, "csv")
+    assert parsed[0].row is not None
+    assert parsed[0].row.num_images == 2 and parsed[0].row.adapter == "sd15-plus"
+    assert parsed[0].row.prompt == "a shoe, red"
+    assert parsed[1].row is not None, parsed[1].error
+    assert parsed[1].row.adapter_specs()[0].references == ["s3://b/1.png", "s3://b/2.png"]
+    assert parsed[1].row.scale == {"down": {"block_2": 1.0}}
+    assert parsed[2].row is None and "num_images" in (parsed[2].error or "")
+
+
+def test_reader_is_lazy() -> None:
+    """A generator over the stream: the first row comes before the rest is read."""
+
+    class Endless(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer):  # type: ignore[no-untyped-def]
+            line = b'{"id": "x%d", "reference": "r.png"}\n'
+            data = (line * (len(buffer) // len(line) + 1))[: len(buffer)]
+            buffer[: len(data)] = data
+            return len(data)
+
+    reader = read_manifest(io.BufferedReader(Endless()))
+    first = next(reader)
+    assert first.index == 0
+
+
+def test_json_schema_describes_every_field() -> None:
+    schema = manifest_json_schema()
+    assert set(schema["properties"]) >= {
+        "id",
+        "prompt",
+        "negative_prompt",
+        "reference",
+        "adapter",
+        "scale",
+        "adapters",
+        "num_images",
+        "seed",
+        "steps",
+        "guidance_scale",
+        "width",
+        "height",
+        "output_format",
+        "combine",
+    }
+    assert schema["additionalProperties"] is False
+    assert "id" in schema["required"]

@@ -1,0 +1,66 @@
+"""Both object store backends behind one interface: the local folder and S3 over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ipbatch.errors import ObjectNotFound
+from storage.objectstore import ObjectStores, join_uri
+from workers.stages import output_uri_for
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[ObjectStores, str]:
+    if request.param == "local":
+        return ObjectStores(), str(tmp_path / "store")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    return ObjectStores(s3_endpoint_url=endpoint), f"s3://{bucket}/some/prefix"
+
+
+def test_put_get_exists_list(root: tuple[ObjectStores, str]) -> None:
+    stores, base = root
+    store = stores.for_uri(base)
+    a, b = join_uri(base, "x", "a.bin"), join_uri(base, "y", "b.bin")
+    assert not store.exists(a)
+    store.put(a, b"alpha", content_type="application/octet-stream")
+    store.put(b, b"beta")
+    store.put(a, b"alpha")  # same key, same bytes: idempotent
+    assert store.exists(a) and store.get(a) == b"alpha" and store.get(b) == b"beta"
+    assert sorted(store.list(base)) == sorted([a, b])
+    with pytest.raises(ObjectNotFound):
+        store.get(join_uri(base, "missing"))
+
+
+def test_streaming_open_yields_lines(root: tuple[ObjectStores, str]) -> None:
+    stores, base = root
+    store = stores.for_uri(base)
+    uri = join_uri(base, "manifest.jsonl")
+    lines = [f'{{"id": "r{i}"}}\n'.encode() for i in range(20_000)]
+    store.put(uri, b"".join(lines))
+    with store.open(uri) as stream:
+        got = list(stream)
+    assert got == lines
+    with pytest.raises(ObjectNotFound), store.open(join_uri(base, "nope.jsonl")):
+        pass
+
+
+def test_output_keys_are_deterministic() -> None:
+    assert (
+        output_uri_for("s3://out/run/", "job1", "sku-1", 2, "png")
+        == "s3://out/run/job1/sku-1/2.png"
+    )
+    assert output_uri_for("/data/out", "j", "r", 0, "webp") == "/data/out/j/r/0.webp"
+
+
+def test_file_uris_and_unknown_schemes(tmp_path: Path) -> None:
+    stores = ObjectStores()
+    path = tmp_path / "f.txt"
+    stores.local.put(f"file://{path}", b"hi")
+    assert path.read_bytes() == b"hi"
+    from ipbatch.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        stores.local.get("http://example.com/x.png")

@@ -1,0 +1,179 @@
+"""One-machine mode end to end: the real `ipbatch` command, SQLite, a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+ROWS = [
+    {"id": "red-1", "prompt": "a red shoe", "reference": "refs/red.png", "steps": 2},
+    {
+        "id": "red-2",
+        "prompt": "red again",
+        "reference": "refs/red.png",
+        "steps": 2,
+        "num_images": 3,
+        "seed": 40,
+    },
+    {
+        "id": "blue-1",
+        "prompt": "a blue bag",
+        "reference": "refs/blue.png",
+        "steps": 2,
+        "output_format": "webp",
+    },
+    {"id": "blue-2", "reference": "refs/blue.png", "steps": 2, "guidance_scale": 1.0},
+    {
+        "id": "green-1",
+        "prompt": "a lamp",
+        "reference": "refs/green.png",
+        "steps": 2,
+        "output_format": "jpeg",
+        "num_images": 2,
+    },
+    {"id": "green-2", "prompt": "lamp", "reference": "refs/green.png", "steps": 2, "scale": 1.0},
+    {"id": "mixed", "prompt": "both", "reference": ["refs/red.png", "refs/green.png"], "steps": 2},
+    {"id": "broken", "reference": "refs/red.png", "steps": 2, "num_images": 99},
+]
+IMAGES_ASKED = 1 + 3 + 1 + 1 + 2 + 1 + 1
+
+
+def ipbatch(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ipbatch.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture()
+def job_dir(
+    tmp_path: Path, reference_images: dict[str, Path], tiny_models: Path
+) -> tuple[Path, dict[str, str]]:
+    manifest = tmp_path / "catalog.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    env = {**os.environ, "IPBATCH_HOME": str(tmp_path / "home"), "IPBATCH_MODELS": str(tiny_models)}
+    return tmp_path, env
+
+
+def query(db: Path, sql: str) -> list[tuple]:
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(sa.text(sql))]
+    engine.dispose()
+    return rows
+
+
+def test_run_end_to_end_then_rerun_redoes_nothing(job_dir: tuple[Path, dict[str, str]]) -> None:
+    tmp, env = job_dir
+    first = ipbatch("run", "-q", "catalog.jsonl", env=env, cwd=tmp)
+    assert first.returncode == 1, first.stderr  # one row failed
+    assert "failed broken: invalid_row: line 8: num_images" in first.stdout
+    db = tmp / "home" / "ipbatch.db"
+    assert query(db, "SELECT status, COUNT(*) FROM items GROUP BY status ORDER BY status") == [
+        ("failed", 1),
+        ("succeeded", 7),
+    ]
+    assert query(db, "SELECT row_id, error_code FROM items WHERE status = 'failed'") == [
+        ("broken", "invalid_row")
+    ]
+    assert query(db, "SELECT COUNT(*) FROM embeddings") == [(3,)]  # 3 distinct references
+    outputs = query(
+        db,
+        "SELECT o.uri, o.sha256, o.seed, i.row_id, o.image_index "
+        "FROM outputs o JOIN items i ON i.id = o.item_id",
+    )
+    assert len(outputs) == IMAGES_ASKED
+    for uri, sha, _seed, row_id, k in outputs:
+        path = Path(uri)
+        assert path.parent.name == row_id and path.stem == str(k)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+    files = sorted(p for p in (tmp / "home" / "outputs").rglob("*") if p.is_file())
+    assert len(files) == IMAGES_ASKED
+    assert {p.suffix for p in files} == {".png", ".webp", ".jpeg"}
+    assert sorted(s for _, _, s, r, _ in outputs if r == "red-2") == [40, 41, 42]
+    [(status, pct)] = query(db, "SELECT status, percent_done FROM job_progress")
+    assert (status, float(pct)) == ("failed", 100.0)
+
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    events = query(db, "SELECT COUNT(*) FROM item_events")
+    second = ipbatch("run", "-q", "catalog.jsonl", env=env, cwd=tmp)
+    assert second.returncode == 1
+    assert "images this run: 0" in second.stdout
+    assert query(db, "SELECT COUNT(*) FROM jobs") == [(1,)]
+    assert query(db, "SELECT COUNT(*) FROM item_events") == events
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+
+
+def test_interrupted_run_resumes_without_redoing(
+    job_dir: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed mid-generation (items left `running`) is finished by the next run."""
+    from ipbatch.config import Settings
+    from storage import ledger
+    from storage.migrate import upgrade
+    from storage.models import ItemStatus
+    from workers import stages
+    from workers.context import StageContext
+
+    tmp, env = job_dir
+    for key in ("IPBATCH_HOME", "IPBATCH_MODELS"):
+        monkeypatch.setenv(key, env[key])
+    settings = Settings()
+    upgrade(settings.ledger_url())
+    ctx = StageContext.create(settings, mode="local")
+    job_id, _ = stages.register_job(
+        ctx, manifest_uri=str(tmp / "catalog.jsonl"), output_uri=str(tmp / "home" / "outputs")
+    )
+    stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
+    with ctx.sessions.begin() as s:
+        pending = ledger.item_ids_in_status(s, job_id=job_id, statuses=[ItemStatus.PENDING])
+    stages.embed(ctx, item_ids=pending[:4])  # the rest stay pending
+    done = stages.generate(ctx, item_ids=pending[:2])
+    assert done.succeeded == 2
+    with ctx.sessions.begin() as s:  # a "killed" worker held this one
+        ledger.claim(
+            s,
+            item_ids=pending[2:3],
+            waiting=ItemStatus.READY,
+            working=ItemStatus.RUNNING,
+            worker="killed",
+            lease_seconds=3600,
+        )
+    ctx.close()
+    db = tmp / "home" / "ipbatch.db"
+    before = query(db, "SELECT item_id, uri, created_at FROM outputs ORDER BY id")
+
+    result = ipbatch("run", "-q", "catalog.jsonl", env=env, cwd=tmp)
+    assert result.returncode == 1, result.stderr
+    assert query(db, "SELECT status, COUNT(*) FROM items GROUP BY status ORDER BY status") == [
+        ("failed", 1),
+        ("succeeded", 7),
+    ]
+    after = query(db, "SELECT item_id, uri, created_at FROM outputs ORDER BY id")
+    assert after[: len(before)] == before  # finished items were not redone
+    assert len(after) == IMAGES_ASKED
+    released = query(db, "SELECT COUNT(*) FROM item_events WHERE message LIKE 'released:%'")
+    assert released == [(1,)]
+
+
+def test_run_with_missing_models_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "reference": "x.png"}\n')
+    env = {
+        **os.environ,
+        "IPBATCH_HOME": str(tmp_path / "home"),
+        "IPBATCH_MODELS": str(tmp_path / "nowhere"),
+    }
+    result = ipbatch("run", "-q", "m.jsonl", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "ipbatch models tiny" in result.stderr
