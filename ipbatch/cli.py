@@ -46,6 +46,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     for row_id, code, message in summary.failures:
         print(f"  failed {row_id or '(no id)'}: {code}: {message}")
+    failed = summary.counts.get("failed", 0)
+    if failed > len(summary.failures):
+        print(f"  ... and {failed - len(summary.failures)} more: `ipbatch status {summary.job_id}`")
     print(f"images:   {summary.output_uri}")
     print(f"database: {redact_url(summary.database)}")
     return 0 if summary.status == "succeeded" else 1

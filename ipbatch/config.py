@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_reference_bytes: int = Field(
         50 * 1024 * 1024, description="References above this size fail reference_too_large."
     )
+    warm_pipelines: int = Field(
+        2, ge=1, description="Pipelines (adapter sets) a generate worker keeps loaded."
+    )
     ingest_chunk: int = Field(500, description="Rows per ledger insert and per embed message.")
     generate_batch: int = Field(8, description="Items per generate message.")
 

@@ -254,6 +254,25 @@ def item_ids_in_status(
     )
 
 
+def items_in_status(
+    session: Session,
+    *,
+    job_id: str,
+    statuses: Iterable[ItemStatus],
+    after_id: int = 0,
+    limit: int = 1000,
+) -> list[Item]:
+    """A job's items in the given statuses, in id order, paged by `after_id`."""
+    return list(
+        session.scalars(
+            select(Item)
+            .where(Item.job_id == job_id, Item.status.in_(list(statuses)), Item.id > after_id)
+            .order_by(Item.id)
+            .limit(limit)
+        )
+    )
+
+
 def transition(
     session: Session,
     *,

@@ -34,11 +34,30 @@ def cli(*args: str, env: dict[str, str], timeout: float = 120) -> str:
     return result.stdout
 
 
+@pytest.fixture(scope="session")
+def redis_broker() -> Iterator[str]:
+    """A Redis database number of our own, flushed at the end."""
+    import random
+
+    import redis
+
+    db = random.randint(1, 15)
+    yield f"redis://127.0.0.1:6379/{db}"
+    redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+
+
+@pytest.fixture(params=["rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> str:
+    """RabbitMQ (the default) unless a test asks for another broker by indirect parameter."""
+    fixture = {"rabbitmq": "rabbit_vhost", "redis": "redis_broker"}[request.param]
+    return str(request.getfixturevalue(fixture))
+
+
 @pytest.fixture()
 def cluster(
     tmp_path: Path,
     pg_url: str,
-    rabbit_vhost: str,
+    broker: str,
     s3_endpoint: str,
     s3_bucket: str,
     tiny_models: Path,
@@ -46,7 +65,7 @@ def cluster(
     env = {
         **os.environ,
         "IPBATCH_DATABASE_URL": pg_url,
-        "IPBATCH_BROKER_URL": rabbit_vhost,
+        "IPBATCH_BROKER_URL": broker,
         "IPBATCH_S3_ENDPOINT_URL": s3_endpoint,
         "IPBATCH_MODELS": str(tiny_models),
         "IPBATCH_HOME": str(tmp_path / "home"),
@@ -227,3 +246,19 @@ def test_submit_embed_generate_over_real_services(
         "reference_forbidden",
         "reference_not_found",
     }
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_redis_broker_also_works(
+    broker: str, cluster: dict, reference_images: dict[str, Path]
+) -> None:
+    assert broker.startswith("redis://")
+    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
+    s3.upload_file(str(reference_images["red"]), bucket, "refs/red.png")
+    rows = [
+        {"id": f"r{i}", "reference": f"s3://{bucket}/refs/red.png", "steps": 2} for i in range(3)
+    ]
+    manifest = put_manifest(cluster, "jobs/redis.jsonl", rows)
+    job_id = cli("submit", manifest, "--output", f"s3://{bucket}/out", env=env).strip()
+    progress = wait_for_job(cluster, job_id)
+    assert (progress["status"], progress["succeeded"]) == ("succeeded", 3)

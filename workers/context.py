@@ -95,7 +95,10 @@ class StageContext:
             quiet_model_libraries()
             device = resolve_device(self.settings.device)
             self._pool = GeneratorPool(
-                self.models, device=device, dtype=resolve_dtype(self.settings.dtype, device)
+                self.models,
+                device=device,
+                dtype=resolve_dtype(self.settings.dtype, device),
+                capacity=self.settings.warm_pipelines,
             )
         return self._pool
 

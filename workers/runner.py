@@ -24,6 +24,8 @@ from storage.models import ItemStatus, JobStatus
 from workers import stages
 from workers.context import StageContext
 
+MAX_FAILURES_SHOWN = 20
+
 
 @dataclass
 class RunSummary:
@@ -88,7 +90,7 @@ def _run(
         bar.update(len(ids))
     bar.close()
     with ctx.sessions.begin() as session:
-        ready = _all_ids(session, job_id, ItemStatus.READY)
+        ready = _ready_grouped_by_adapters(session, job_id)
     bar = tqdm(total=len(ready), desc="generate", unit="item", disable=not progress)
     images = 0
     for ids in stages.chunked(ready, batch):
@@ -103,8 +105,8 @@ def _run(
         counts = {str(k): v for k, v in ledger.item_counts(session, job_id=job_id).items()}
         failures = [
             (i.row_id, i.error_code, i.error_message)
-            for i in ledger.load_items(
-                session, item_ids=_all_ids(session, job_id, ItemStatus.FAILED)
+            for i in ledger.items_in_status(
+                session, job_id=job_id, statuses=[ItemStatus.FAILED], limit=MAX_FAILURES_SHOWN
             )
         ]
         return RunSummary(
@@ -117,6 +119,21 @@ def _run(
             output_uri=f"{output_uri}/{job_id}",
             failures=failures,
         )
+
+
+def _ready_grouped_by_adapters(session: Session, job_id: str) -> list[int]:
+    """Ready items, grouped by adapter set so each warm pipeline is built once."""
+    keyed: list[tuple[tuple[str, ...], int]] = []
+    after = 0
+    while True:
+        page = ledger.items_in_status(
+            session, job_id=job_id, statuses=[ItemStatus.READY], after_id=after, limit=10_000
+        )
+        if not page:
+            break
+        keyed.extend((stages.adapter_set(item.params), item.id) for item in page)
+        after = page[-1].id
+    return [item_id for _, item_id in sorted(keyed)]
 
 
 def _all_ids(session: Session, job_id: str, status: ItemStatus) -> list[int]:

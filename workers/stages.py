@@ -354,6 +354,15 @@ def output_uri_for(output_uri: str, job_id: str, row_id: str, k: int, fmt: str) 
     return join_uri(output_uri, job_id, row_id, f"{k}.{fmt}")
 
 
+def adapter_set(params: dict[str, Any] | None) -> tuple[str, ...]:
+    """Which warm pipeline an item needs (items are grouped by it to avoid reloads)."""
+    if not params:
+        return ()
+    if params.get("adapters"):
+        return tuple(str(spec.get("adapter", "sd15")) for spec in params["adapters"])
+    return (str(params.get("adapter", "sd15")),)
+
+
 def _combine(tensors: list[dict[str, torch.Tensor]], how: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Several references of one adapter: average them, or concatenate as extra tokens."""
     pos = torch.cat([t["pos"] for t in tensors])
@@ -384,6 +393,7 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
                 for link, emb in ledger.item_embeddings(session, item_id=item.id)
             ]
             work.append((item.id, item.row_id, item.params, job.id, job.output_uri, links))
+    work.sort(key=lambda w: adapter_set(w[2]))  # one pipeline switch per adapter set at most
     remaining = [w[0] for w in work]
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     try:

@@ -1,0 +1,84 @@
+"""The command line: usage errors, the schema, settings, and secrets kept out of output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ipbatch.config import Settings, redact_url
+
+
+def ipbatch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "ipbatch.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert ipbatch().returncode == 2
+    assert ipbatch("worker", "--queues", "nope").returncode == 2
+    missing = ipbatch(
+        "run", str(tmp_path / "missing.jsonl"), env={"IPBATCH_HOME": str(tmp_path / "h")}
+    )
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    bad = ipbatch(
+        "db", "upgrade", env={"IPBATCH_GENERATE_BATCH": "lots", "IPBATCH_HOME": str(tmp_path / "h")}
+    )
+    assert bad.returncode == 2 and "IPBATCH_" in bad.stderr
+
+
+def test_manifest_schema_command() -> None:
+    result = ipbatch("manifest", "schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["properties"]["num_images"]["maximum"] == 16
+
+
+def test_secrets_never_printed(pg_url: str) -> None:
+    with_password = pg_url.replace("postgres@", "postgres:hunter2-secret@")
+    result = ipbatch("db", "upgrade", env={"IPBATCH_DATABASE_URL": with_password})
+    assert result.returncode == 0, result.stderr
+    assert "hunter2-secret" not in result.stdout + result.stderr
+    assert "postgres:***@" in result.stdout
+    settings = Settings(
+        database_url=with_password,  # type: ignore[arg-type]
+        broker_url="amqp://u:brokerpw@h//",
+    )  # type: ignore[arg-type]
+    assert "hunter2-secret" not in repr(settings) and "brokerpw" not in repr(settings)
+    assert redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_allowed_sources_from_a_comma_list(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("IPBATCH_ALLOWED_SOURCES", "s3://a/in/, /data/refs")
+    assert Settings().allowed_sources == ["s3://a/in/", "/data/refs"]
+
+
+def test_status_json_after_a_local_run(
+    tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path]
+) -> None:
+    rows = [
+        {"id": "ok", "reference": str(reference_images["red"]), "steps": 1},
+        {"id": "gone", "reference": str(tmp_path / "nope.png"), "steps": 1},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {"IPBATCH_HOME": str(tmp_path / "home"), "IPBATCH_MODELS": str(tiny_models)}
+    run = ipbatch("run", "-q", "m.jsonl", env=env, cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    assert "failed gone: reference_not_found" in run.stdout
+    job_id = run.stdout.split()[1].rstrip(":")
+    status = json.loads(ipbatch("status", job_id, "--json", env=env).stdout)
+    [job] = status["jobs"]
+    assert (job["job_id"], job["total"], job["succeeded"], job["failed"]) == (job_id, 2, 1, 1)
+    assert status["failures"] == [{"error_code": "reference_not_found", "n": 1}]
+    table = ipbatch("status", env=env)
+    assert table.returncode == 0 and job_id in table.stdout
+    assert ipbatch("status", "no-such-job", env=env).returncode == 2

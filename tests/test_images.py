@@ -1,0 +1,99 @@
+"""Reference decoding: every mode to upright RGB; bad bytes become item errors with codes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from ipbatch.errors import ErrorCode, ItemError
+from pipeline.images import decode_reference, encode_output
+
+LIMITS = {"max_pixels": 4_000_000, "max_bytes": 5_000_000}
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("CMYK", (40, 30), (0, 255, 255, 0)),
+        Image.new("L", (40, 30), 128),
+        Image.new("RGBA", (40, 30), (255, 0, 0, 0)),  # fully transparent -> white
+        Image.new("P", (40, 30), 3),
+        Image.new("LA", (40, 30), (10, 255)),
+        Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16)),  # 16-bit grey
+    ],
+    ids=["cmyk", "grey", "rgba", "palette", "grey-alpha", "16-bit"],
+)
+def test_modes_become_rgb(image: Image.Image) -> None:
+    fmt = "JPEG" if image.mode == "CMYK" else ("TIFF" if image.mode.startswith("I") else "PNG")
+    decoded = decode_reference(encode(image, fmt), name="r", **LIMITS)
+    assert decoded.mode == "RGB" and decoded.size == (40, 30)
+    if image.mode == "RGBA":
+        assert decoded.getpixel((0, 0)) == (255, 255, 255)
+    if image.mode.startswith("I"):
+        assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_rotation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    decoded = decode_reference(encode(image, "JPEG", exif=exif), name="r", **LIMITS)
+    assert decoded.size == (20, 40)
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_reference(buffer.getvalue(), name="r", **LIMITS)
+    r, g, b = decoded.getpixel((8, 8))
+    assert r > 200 and b < 50
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "needle"),
+    [
+        (b"", ErrorCode.REFERENCE_NOT_IMAGE, "empty"),
+        (b"this is not an image at all", ErrorCode.REFERENCE_NOT_IMAGE, "not an image"),
+        (encode(Image.new("RGB", (64, 64)), "PNG")[:60], ErrorCode.REFERENCE_NOT_IMAGE, "corrupt"),
+        (encode(Image.new("RGB", (3000, 2000)), "PNG"), ErrorCode.REFERENCE_TOO_LARGE, "pixels"),
+    ],
+    ids=["empty", "text", "truncated-png", "over-pixel-limit"],
+)
+def test_bad_references_fail_with_codes(data: bytes, code: ErrorCode, needle: str) -> None:
+    with pytest.raises(ItemError) as info:
+        decode_reference(data, name="s3://b/ref.png", **LIMITS)
+    assert info.value.code is code and needle in info.value.message
+
+
+def test_truncated_jpeg_fails_cleanly() -> None:
+    data = encode(Image.new("RGB", (200, 200), (10, 200, 30)), "JPEG")
+    with pytest.raises(ItemError) as info:
+        decode_reference(data[: len(data) // 2], name="r", **LIMITS)
+    assert info.value.code is ErrorCode.REFERENCE_NOT_IMAGE
+
+
+def test_byte_limit() -> None:
+    data = encode(Image.new("RGB", (64, 64)), "PNG")
+    with pytest.raises(ItemError) as info:
+        decode_reference(data, name="r", max_pixels=10**6, max_bytes=10)
+    assert info.value.code is ErrorCode.REFERENCE_TOO_LARGE
+
+
+def test_png_output_carries_parameters() -> None:
+    data = encode_output(Image.new("RGB", (8, 8)), "png", {"seed": 5, "prompt": "p"})
+    image = Image.open(io.BytesIO(data))
+    assert isinstance(image, PngImagePlugin.PngImageFile)
+    assert json.loads(image.text["ipbatch"]) == {"prompt": "p", "seed": 5}
+    for fmt, magic in (("webp", b"RIFF"), ("jpeg", b"\xff\xd8")):
+        assert encode_output(Image.new("RGB", (8, 8)), fmt, {}).startswith(magic)
