@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import IO, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -37,7 +38,6 @@ RowId = Annotated[str, StringConstraints(pattern=ROW_ID_PATTERN)]
 # An InstantStyle scale: {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": 1.0}}
 BlockScale = float | list[float]
 InstantStyle = dict[Literal["down", "mid", "up"], float | dict[str, BlockScale]]
-Scale = Annotated[float, Field(ge=0, le=2)] | InstantStyle
 Combine = Literal["average", "concat"]
 
 
@@ -47,7 +47,7 @@ def _check_adapter_name(name: str) -> str:
     return name
 
 
-def _check_instant_style(scale: Scale) -> Scale:
+def _check_instant_style(scale: float | InstantStyle) -> float | InstantStyle:
     if isinstance(scale, dict):
         for part, value in scale.items():
             blocks = value if isinstance(value, dict) else {}
@@ -62,6 +62,12 @@ def _check_instant_style(scale: Scale) -> Scale:
     return scale
 
 
+AdapterName = Annotated[str, AfterValidator(_check_adapter_name)]
+Scale = Annotated[
+    Annotated[float, Field(ge=0, le=2)] | InstantStyle, AfterValidator(_check_instant_style)
+]
+
+
 def _as_reference_list(value: str | list[str]) -> list[str]:
     refs = [value] if isinstance(value, str) else list(value)
     if not refs or any(not r.strip() for r in refs):
@@ -74,20 +80,10 @@ class AdapterSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    adapter: str = "sd15"
+    adapter: AdapterName = "sd15"
     reference: str | list[str]
     scale: Scale = 0.5
     combine: Combine = "average"
-
-    @field_validator("adapter")
-    @classmethod
-    def _adapter_known(cls, value: str) -> str:
-        return _check_adapter_name(value)
-
-    @field_validator("scale")
-    @classmethod
-    def _scale_ok(cls, value: Scale) -> Scale:
-        return _check_instant_style(value)
 
     @property
     def references(self) -> list[str]:
@@ -109,7 +105,7 @@ class Row(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     reference: str | list[str] | None = None
-    adapter: str = "sd15"
+    adapter: AdapterName = "sd15"
     scale: Scale = 0.5
     combine: Combine = "average"
     adapters: list[AdapterSpec] | None = Field(None, min_length=1, max_length=4)
@@ -120,16 +116,6 @@ class Row(BaseModel):
     width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     output_format: Literal["png", "webp", "jpeg"] = "png"
-
-    @field_validator("adapter")
-    @classmethod
-    def _adapter_known(cls, value: str) -> str:
-        return _check_adapter_name(value)
-
-    @field_validator("scale")
-    @classmethod
-    def _scale_ok(cls, value: Scale) -> Scale:
-        return _check_instant_style(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -235,39 +235,36 @@ def add_items(session: Session, *, job_id: str, rows: Sequence[dict[str, Any]]) 
     return [i for i, v in zip(ids, values, strict=True) if v["status"] == ItemStatus.PENDING]
 
 
-def item_ids_in_status(
-    session: Session,
-    *,
-    job_id: str,
-    statuses: Iterable[ItemStatus],
-    after_id: int = 0,
-    limit: int = 1000,
-) -> list[int]:
-    """Ids of a job's items in the given statuses, in id order, paged by `after_id`."""
-    return list(
-        session.scalars(
-            select(Item.id)
-            .where(Item.job_id == job_id, Item.status.in_(list(statuses)), Item.id > after_id)
-            .order_by(Item.id)
-            .limit(limit)
+def iter_id_pages(
+    session: Session, *, job_id: str, statuses: Iterable[ItemStatus], page_size: int = 1000
+) -> Iterator[list[int]]:
+    """Ids of a job's items in the given statuses, in id order, a page at a time (keyset
+    paging, so a job of a million items never sits in memory or in one IN list)."""
+    wanted, after = list(statuses), 0
+    while True:
+        ids = list(
+            session.scalars(
+                select(Item.id)
+                .where(Item.job_id == job_id, Item.status.in_(wanted), Item.id > after)
+                .order_by(Item.id)
+                .limit(page_size)
+            )
         )
-    )
+        if not ids:
+            return
+        yield ids
+        after = ids[-1]
 
 
 def items_in_status(
-    session: Session,
-    *,
-    job_id: str,
-    statuses: Iterable[ItemStatus],
-    after_id: int = 0,
-    limit: int = 1000,
+    session: Session, *, job_id: str, statuses: Iterable[ItemStatus], limit: int
 ) -> list[Item]:
-    """A job's items in the given statuses, in id order, paged by `after_id`."""
+    """The first `limit` items of a job in the given statuses, in manifest order."""
     return list(
         session.scalars(
             select(Item)
-            .where(Item.job_id == job_id, Item.status.in_(list(statuses)), Item.id > after_id)
-            .order_by(Item.id)
+            .where(Item.job_id == job_id, Item.status.in_(list(statuses)))
+            .order_by(Item.row_index)
             .limit(limit)
         )
     )

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_models(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
+@contextmanager
+def temporary_database() -> Iterator[str]:
+    """CREATE a uniquely named PostgreSQL database; DROP it (forcing connections off) after."""
     import sqlalchemy as sa
 
     _ensure_services()
@@ -53,21 +54,18 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture()
-def fresh_pg_url(pg_url: str) -> Iterator[str]:
-    """A database of its own for one test (migrations tests need an empty one)."""
-    import sqlalchemy as sa
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session."""
+    with temporary_database() as url:
+        yield url
 
-    name = f"ipbatch_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{PG_ADMIN_URL}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+@pytest.fixture()
+def fresh_pg_url() -> Iterator[str]:
+    """A database of its own for one test (migration tests need an empty one)."""
+    with temporary_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

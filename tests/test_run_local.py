@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_without_redoing(
     )
     stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
     with ctx.sessions.begin() as s:
-        pending = ledger.item_ids_in_status(s, job_id=job_id, statuses=[ItemStatus.PENDING])
+        [pending] = ledger.iter_id_pages(s, job_id=job_id, statuses=[ItemStatus.PENDING])
     stages.embed(ctx, item_ids=pending[:4])  # the rest stay pending
     done = stages.generate(ctx, item_ids=pending[:2])
     assert done.succeeded == 2

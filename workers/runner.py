@@ -124,31 +124,17 @@ def _run(
 def _ready_grouped_by_adapters(session: Session, job_id: str) -> list[int]:
     """Ready items, grouped by adapter set so each warm pipeline is built once."""
     keyed: list[tuple[tuple[str, ...], int]] = []
-    after = 0
-    while True:
-        page = ledger.items_in_status(
-            session, job_id=job_id, statuses=[ItemStatus.READY], after_id=after, limit=10_000
+    for ids in ledger.iter_id_pages(session, job_id=job_id, statuses=[ItemStatus.READY]):
+        keyed.extend(
+            (stages.adapter_set(item.params), item.id)
+            for item in ledger.load_items(session, item_ids=ids)
         )
-        if not page:
-            break
-        keyed.extend((stages.adapter_set(item.params), item.id) for item in page)
-        after = page[-1].id
     return [item_id for _, item_id in sorted(keyed)]
 
 
 def _all_ids(session: Session, job_id: str, status: ItemStatus) -> list[int]:
-    ids: list[int] = []
-    while True:
-        page = ledger.item_ids_in_status(
-            session,
-            job_id=job_id,
-            statuses=[status],
-            after_id=ids[-1] if ids else 0,
-            limit=10_000,
-        )
-        if not page:
-            return ids
-        ids.extend(page)
+    pages = ledger.iter_id_pages(session, job_id=job_id, statuses=[status])
+    return [item_id for page in pages for item_id in page]
 
 
 def _release_in_flight(ctx: StageContext, job_id: str) -> None:

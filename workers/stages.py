@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15 * 60
 Enqueue = Callable[[list[int]], None]
+T = TypeVar("T")
 
 
 def chunked(ids: Sequence[int], size: int) -> Iterator[list[int]]:
@@ -159,21 +160,16 @@ def ingest(ctx: StageContext, *, job_id: str, enqueue: Enqueue) -> IngestSummary
 def requeue_job(
     ctx: StageContext, *, job_id: str, enqueue: Enqueue, statuses: Sequence[ItemStatus]
 ) -> int:
-    after, total = 0, 0
-    while True:
-        with ctx.sessions.begin() as session:
-            ids = ledger.item_ids_in_status(
-                session,
-                job_id=job_id,
-                statuses=statuses,
-                after_id=after,
-                limit=ctx.settings.ingest_chunk,
-            )
-        if not ids:
-            return total
-        enqueue(ids)
-        total += len(ids)
-        after = ids[-1]
+    """Enqueue every item of a job in `statuses` again, a page at a time."""
+    total = 0
+    with ctx.sessions.begin() as session:
+        pages = ledger.iter_id_pages(
+            session, job_id=job_id, statuses=statuses, page_size=ctx.settings.ingest_chunk
+        )
+        for ids in pages:
+            enqueue(ids)
+            total += len(ids)
+    return total
 
 
 # --- embed --------------------------------------------------------------------------------
@@ -221,6 +217,56 @@ def _read_reference(ctx: StageContext, uri: str) -> bytes:
         raise ItemError(ErrorCode.REFERENCE_NOT_FOUND, f"{uri} does not exist") from exc
 
 
+def _each_claimed(
+    ctx: StageContext,
+    work: Sequence[T],
+    *,
+    item_id: Callable[[T], int],
+    working: ItemStatus,
+    waiting: ItemStatus,
+    unexpected: ErrorCode,
+    process: Callable[[T], None],
+) -> int:
+    """Run `process` on each claimed item; returns how many failed.
+
+    An `ItemError` fails that item alone. Any other exception fails it with `unexpected`
+    (the trace goes to the log). A `RetryableError` or `ConfigError` releases this item and
+    every item not reached yet back to `waiting`, then propagates.
+    """
+    failed = 0
+    for position, entry in enumerate(work):
+        try:
+            process(entry)
+        except ItemError as error:
+            _fail(ctx, item_id(entry), working, error)
+            failed += 1
+        except (RetryableError, ConfigError) as exc:
+            rest = [item_id(e) for e in work[position:]]
+            _release(ctx, rest, working, waiting, f"retrying: {exc}")
+            raise
+        except Exception as exc:  # a bug or a model failure: fail the item, log the trace
+            log.exception("item %s failed in state %s", item_id(entry), working)
+            message = f"{type(exc).__name__}: {exc} (the trace is in the worker log)"
+            _fail(ctx, item_id(entry), working, ItemError(unexpected, message))
+            failed += 1
+    return failed
+
+
+def _finalize_jobs(ctx: StageContext, job_ids: set[str]) -> None:
+    for job_id in sorted(job_ids):
+        with ctx.sessions.begin() as session:
+            ledger.finalize_job(session, job_id=job_id)
+
+
+@dataclass(frozen=True)
+class _EmbedWork:
+    item_id: int
+    params: dict[str, Any]
+    job_id: str
+    manifest_uri: str
+    output_uri: str
+
+
 def embed(ctx: StageContext, *, item_ids: Sequence[int]) -> EmbedSummary:
     """Compute (or find cached) the embeddings every claimed item needs; mark them ready."""
     summary = EmbedSummary()
@@ -233,52 +279,35 @@ def embed(ctx: StageContext, *, item_ids: Sequence[int]) -> EmbedSummary:
             worker=ctx.worker,
             lease_seconds=LEASE_SECONDS,
         )
-        items = [(i.id, i.params, i.job_id) for i in ledger.load_items(session, item_ids=claimed)]
-        jobs = {job_id: ledger.get_job(session, job_id=job_id) for _, _, job_id in items}
-        job_info = {k: (j.manifest_uri, j.output_uri) for k, j in jobs.items() if j is not None}
-    remaining = [item_id for item_id, _, _ in items]
-    # this call's memo: a reference shared by many items is read and hashed once
-    seen: dict[str, str] = {}
-    try:
-        for item_id, params, job_id in items:
-            manifest_uri, output_uri = job_info[job_id]
-            try:
-                assert params is not None, "pending items always carry their row"
-                links = _embed_item(ctx, params, manifest_uri, output_uri, seen, summary)
-            except ItemError as error:
-                _fail(ctx, item_id, ItemStatus.EMBEDDING, error)
-                summary.failed += 1
-                remaining.remove(item_id)
-                continue
-            except (RetryableError, ConfigError):
-                raise
-            except Exception as exc:  # a bug: fail the item, keep the trace in the log
-                log.exception("item %s failed while embedding", item_id)
-                failure = ItemError(
-                    ErrorCode.INTERNAL,
-                    f"embedding failed ({type(exc).__name__}: {exc}); see the worker log",
-                )
-                _fail(ctx, item_id, ItemStatus.EMBEDDING, failure)
-                summary.failed += 1
-                remaining.remove(item_id)
-                continue
-            with ctx.sessions.begin() as session:
-                ledger.link_embeddings(session, item_id=item_id, links=links)
-                moved = ledger.transition(
-                    session,
-                    item_ids=[item_id],
-                    from_status=ItemStatus.EMBEDDING,
-                    to_status=ItemStatus.READY,
-                    worker=ctx.worker,
-                )
-            summary.ready.extend(moved)
-            remaining.remove(item_id)
-    except (RetryableError, ConfigError) as exc:
-        _release(ctx, remaining, ItemStatus.EMBEDDING, ItemStatus.PENDING, f"retrying: {exc}")
-        raise
-    for job_id in {job_id for _, _, job_id in items}:
+        work = []
+        for item in ledger.load_items(session, item_ids=claimed):
+            job = ledger.get_job(session, job_id=item.job_id)
+            assert job is not None and item.params is not None, "pending items carry their row"
+            work.append(_EmbedWork(item.id, item.params, job.id, job.manifest_uri, job.output_uri))
+    seen: dict[str, str] = {}  # this call's memo: a shared reference is read and hashed once
+
+    def process(entry: _EmbedWork) -> None:
+        links = _embed_item(ctx, entry.params, entry.manifest_uri, entry.output_uri, seen, summary)
         with ctx.sessions.begin() as session:
-            ledger.finalize_job(session, job_id=job_id)
+            ledger.link_embeddings(session, item_id=entry.item_id, links=links)
+            summary.ready += ledger.transition(
+                session,
+                item_ids=[entry.item_id],
+                from_status=ItemStatus.EMBEDDING,
+                to_status=ItemStatus.READY,
+                worker=ctx.worker,
+            )
+
+    summary.failed = _each_claimed(
+        ctx,
+        work,
+        item_id=lambda entry: entry.item_id,
+        working=ItemStatus.EMBEDDING,
+        waiting=ItemStatus.PENDING,
+        unexpected=ErrorCode.INTERNAL,
+        process=process,
+    )
+    _finalize_jobs(ctx, {entry.job_id for entry in work})
     return summary
 
 
@@ -372,6 +401,16 @@ def _combine(tensors: list[dict[str, torch.Tensor]], how: str) -> tuple[torch.Te
     return pos, neg
 
 
+@dataclass(frozen=True)
+class _GenerateWork:
+    item_id: int
+    row_id: str
+    params: dict[str, Any]
+    job_id: str
+    output_uri: str
+    embeddings: list[tuple[int, str]]  # (adapter_index, cache uri), in reference order
+
+
 def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
     """Generate, upload and record the images of every claimed item."""
     summary = GenerateSummary()
@@ -387,68 +426,51 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
         work = []
         for item in ledger.load_items(session, item_ids=claimed):
             job = ledger.get_job(session, job_id=item.job_id)
-            assert job is not None
-            links = [
-                ((link.adapter_index, link.reference_index), emb.uri)
+            assert job is not None and item.params is not None and item.row_id is not None
+            embeddings = [
+                (link.adapter_index, emb.uri)
                 for link, emb in ledger.item_embeddings(session, item_id=item.id)
             ]
-            work.append((item.id, item.row_id, item.params, job.id, job.output_uri, links))
-    work.sort(key=lambda w: adapter_set(w[2]))  # one pipeline switch per adapter set at most
-    remaining = [w[0] for w in work]
+            work.append(
+                _GenerateWork(item.id, item.row_id, item.params, job.id, job.output_uri, embeddings)
+            )
+    work.sort(key=lambda entry: adapter_set(entry.params))  # one pipeline switch per set
     loaded: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        for item_id, row_id, params, job_id, output_uri, links in work:
-            try:
-                assert params is not None and row_id is not None, "valid rows have both"
-                outputs = _generate_item(ctx, params, row_id, job_id, output_uri, links, loaded)
-            except ItemError as error:
-                _fail(ctx, item_id, ItemStatus.RUNNING, error)
-                summary.failed += 1
-                remaining.remove(item_id)
-                continue
-            except (RetryableError, ConfigError):
-                raise
-            except Exception as exc:  # a bug or a model failure: fail the item, log the trace
-                log.exception("item %s failed while generating", item_id)
-                failure = ItemError(
-                    ErrorCode.MODEL_ERROR,
-                    f"generation failed ({type(exc).__name__}: {exc}); see the worker log",
-                )
-                _fail(ctx, item_id, ItemStatus.RUNNING, failure)
-                summary.failed += 1
-                remaining.remove(item_id)
-                continue
-            with ctx.sessions.begin() as session:
-                done = ledger.complete_item(
-                    session, item_id=item_id, outputs=outputs, worker=ctx.worker
-                )
-            if done:
-                summary.succeeded += 1
-                summary.images += len(outputs)
-            remaining.remove(item_id)
-    except (RetryableError, ConfigError) as exc:
-        _release(ctx, remaining, ItemStatus.RUNNING, ItemStatus.READY, f"retrying: {exc}")
-        raise
-    for job_id in {w[3] for w in work}:
+
+    def process(entry: _GenerateWork) -> None:
+        outputs = _generate_item(ctx, entry, loaded)
         with ctx.sessions.begin() as session:
-            ledger.finalize_job(session, job_id=job_id)
+            done = ledger.complete_item(
+                session, item_id=entry.item_id, outputs=outputs, worker=ctx.worker
+            )
+        if done:
+            summary.succeeded += 1
+            summary.images += len(outputs)
+
+    summary.failed = _each_claimed(
+        ctx,
+        work,
+        item_id=lambda entry: entry.item_id,
+        working=ItemStatus.RUNNING,
+        waiting=ItemStatus.READY,
+        unexpected=ErrorCode.MODEL_ERROR,
+        process=process,
+    )
+    _finalize_jobs(ctx, {entry.job_id for entry in work})
     return summary
 
 
 def _generate_item(
     ctx: StageContext,
-    params: dict[str, Any],
-    row_id: str,
-    job_id: str,
-    output_uri: str,
-    links: list[tuple[tuple[int, int], str]],
+    entry: _GenerateWork,
     loaded: dict[str, dict[str, torch.Tensor]],
 ) -> list[dict[str, Any]]:
-    row = Row.model_validate(params)
+    job_id, row_id = entry.job_id, entry.row_id
+    row = Row.model_validate(entry.params)
     specs = row.adapter_specs()
     inputs: list[AdapterInput] = []
     for adapter_index, spec in enumerate(specs):
-        uris = [uri for (a, _), uri in links if a == adapter_index]
+        uris = [uri for a, uri in entry.embeddings if a == adapter_index]
         if len(uris) != len(spec.references):
             raise ItemError(ErrorCode.INTERNAL, "embeddings missing for this item; retry it")
         tensors = []
@@ -486,7 +508,7 @@ def _generate_item(
             "adapters": [s.model_dump(mode="json") for s in specs],
         }
         data = encode_output(image, row.output_format, metadata)
-        uri = output_uri_for(output_uri, job_id, row_id, k, row.output_format)
+        uri = output_uri_for(entry.output_uri, job_id, row_id, k, row.output_format)
         ctx.stores.for_uri(uri).put(uri, data, content_type=CONTENT_TYPES[row.output_format])
         outputs.append(
             {
