@@ -64,3 +64,18 @@ def test_file_uris_and_unknown_schemes(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError):
         stores.local.get("http://example.com/x.png")
+
+
+def test_csv_manifest_streams_from_s3(s3_endpoint: str, s3_bucket: str) -> None:
+    from pipeline.manifest import read_manifest
+
+    stores = ObjectStores(s3_endpoint_url=s3_endpoint)
+    uri = f"s3://{s3_bucket}/jobs/catalog.csv"
+    body = "id,reference,num_images\n" + "".join(
+        f"row-{i},s3://{s3_bucket}/r.png,{1 + i % 3}\n" for i in range(5000)
+    )
+    stores.for_uri(uri).put(uri, body.encode())
+    with stores.for_uri(uri).open(uri) as stream:
+        parsed = list(read_manifest(stream, "csv"))
+    assert len(parsed) == 5000 and all(p.row is not None for p in parsed)
+    assert [p.row.num_images for p in parsed[:4] if p.row] == [1, 2, 3, 1]
