@@ -1,4 +1,4 @@
-"""CLIP image embeddings of references, exactly as diffusers computes them.
+"""Reference embeddings: CLIP (exactly as diffusers computes them) and faces (insightface).
 
 diffusers' `encode_image` resizes with the base model's CLIPImageProcessor, runs the adapter's
 CLIPVisionModelWithProjection and returns (positive, negative):
@@ -14,11 +14,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
+from pipeline.faces import FaceEmbedder
 from pipeline.models import folder_fingerprint
 from pipeline.presets import EmbedKind
 
@@ -36,17 +39,21 @@ class ClipEmbedder:
     def __init__(
         self,
         encoder_folder: str,
-        processor_folder: str,
+        processor_folder: str | None,
         *,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
         self.device = device
         self.dtype = dtype
-        # the PIL processor is what transformers uses without torchvision (same numbers)
-        self.processor = CLIPImageProcessorPil.from_pretrained(processor_folder)
         model = CLIPVisionModelWithProjection.from_pretrained(encoder_folder, dtype=dtype)
         self.model = model.to(device).eval()  # type: ignore[arg-type]
+        # the PIL processor is what transformers uses without torchvision (same numbers)
+        if processor_folder is not None:
+            self.processor = CLIPImageProcessorPil.from_pretrained(processor_folder)
+        else:  # what diffusers' load_ip_adapter builds when the base model has none (SDXL)
+            size = self.model.config.image_size
+            self.processor = CLIPImageProcessorPil(size=size, crop_size=size)
         # The fingerprint names the exact weights, preprocessing and precision: a cached
         # embedding is reused only by an identical encoder.
         weights = folder_fingerprint(encoder_folder, ("*.json", "*.safetensors", "*.bin"))
@@ -69,3 +76,48 @@ class ClipEmbedder:
         else:  # pragma: no cover - exhaustive over EmbedKind
             raise ValueError(f"ClipEmbedder cannot compute {kind}")
         return ReferenceEmbedding(kind=kind, pos=pos.float().cpu(), neg=neg.float().cpu())
+
+
+class ReferenceEncoder(Protocol):
+    """Turns one decoded reference into the tensors one adapter kind consumes.
+
+    `fingerprint` names everything that determines the output (weights, preprocessing,
+    precision, base model family): it is part of the cache key, so a cached tensor is only
+    ever fed to an adapter it fits. `encode` returns `pos`/`neg` ([1, ...] each), plus
+    `clip_pos`/`clip_neg` for FaceID-Plus.
+    """
+
+    kind: EmbedKind
+    fingerprint: str
+
+    def encode(self, image: Image.Image, *, name: str) -> dict[str, torch.Tensor]: ...
+
+
+class ClipReferenceEncoder:
+    def __init__(self, clip: ClipEmbedder, kind: EmbedKind, family: str) -> None:
+        self.clip, self.kind = clip, kind
+        self.fingerprint = f"{family}/{clip.fingerprint}"
+
+    def encode(self, image: Image.Image, *, name: str) -> dict[str, torch.Tensor]:
+        result = self.clip.embed(image, self.kind)
+        return {"pos": result.pos, "neg": result.neg}
+
+
+class FaceReferenceEncoder:
+    """FaceID: insightface's normed embedding of the largest face; negative = zeros. With
+    `clip` (FaceID-Plus), also the CLIP hidden states of the aligned face crop."""
+
+    def __init__(self, faces: FaceEmbedder, family: str, clip: ClipEmbedder | None = None):
+        self.faces, self.clip = faces, clip
+        self.kind = EmbedKind.FACE_ID if clip is None else EmbedKind.FACE_ID_PLUS
+        parts = [faces.fingerprint] + ([clip.fingerprint] if clip is not None else [])
+        self.fingerprint = f"{family}/{'+'.join(parts)}"
+
+    def encode(self, image: Image.Image, *, name: str) -> dict[str, torch.Tensor]:
+        face = self.faces.analyze(image, name=name)
+        pos = torch.from_numpy(np.asarray(face.embedding, dtype=np.float32)).reshape(1, -1)
+        tensors = {"pos": pos, "neg": torch.zeros_like(pos)}
+        if self.clip is not None:
+            crop = self.clip.embed(face.aligned, EmbedKind.CLIP_HIDDEN_STATES)
+            tensors |= {"clip_pos": crop.pos, "clip_neg": crop.neg}
+        return tensors

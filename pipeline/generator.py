@@ -13,21 +13,27 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from ipbatch.errors import ErrorCode, ItemError
+from ipbatch.errors import ConfigError, ErrorCode, ItemError
 from pipeline.models import ModelSource
-from pipeline.presets import ADAPTERS, BASE_MODELS, EmbedKind
+from pipeline.presets import ADAPTERS, BASE_MODELS
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class AdapterInput:
-    """One adapter's conditioning for one row: `pos`/`neg` shaped [n_refs_or_1, ...]."""
+    """One adapter's conditioning for one row: `pos`/`neg` shaped [n_refs_or_1, ...].
+
+    FaceID-Plus also takes `clip_pos`/`clip_neg`: CLIP hidden states of the aligned face crop,
+    [1, tokens, hidden], which diffusers reads from the projection layer's `clip_embeds`.
+    """
 
     adapter: str
     scale: float | dict
     pos: torch.Tensor
     neg: torch.Tensor
+    clip_pos: torch.Tensor | None = None
+    clip_neg: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -70,50 +76,45 @@ class Generator:
     ) -> None:
         import diffusers
 
-        families = {ADAPTERS[name].family for name in adapters}
+        presets = [ADAPTERS[name] for name in adapters]
+        families = {p.family for p in presets}
         if len(families) != 1:
             raise ItemError(ErrorCode.MODEL_ERROR, f"adapters {adapters} need different bases")
         self.family = families.pop()
         self.adapters = adapters
+        self.presets = presets
         self.device = device
         self.dtype = dtype
         base = BASE_MODELS[self.family]
+        if any(p.lora for p in presets) and not diffusers.utils.USE_PEFT_BACKEND:
+            # without peft diffusers only logs a warning and skips FaceID's LoRA
+            raise ConfigError("FaceID adapters need the `peft` package for their LoRA")
         pipeline_class = getattr(diffusers, base.pipeline_class)
+        extra = {"safety_checker": None, "requires_safety_checker": False}
         # 1. the frozen base model (no safety checker: catalog jobs review outputs themselves)
         self.pipe = pipeline_class.from_pretrained(
             models.base_model(self.family),
             dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
             local_files_only=models.local_files_only,
+            **(extra if self.family == "sd15" else {}),
         )
         # 2. the adapters, without their image encoders: embeddings arrive precomputed
-        presets = [ADAPTERS[name] for name in adapters]
-        repos = {models.adapter_repo(name) for name in adapters}
-        if len(repos) != 1:
-            raise ItemError(ErrorCode.MODEL_ERROR, "adapters of one row must share a repository")
+        weights = [models.adapter_weights(name) for name in adapters]
         self.pipe.load_ip_adapter(
-            repos.pop(),
-            subfolder=[p.subfolder for p in presets],
-            weight_name=[p.weight_name for p in presets],
+            [repo for repo, _, _ in weights],
+            subfolder=[sub for _, sub, _ in weights],
+            weight_name=[name for _, _, name in weights],
             image_encoder_folder=None,
             local_files_only=models.local_files_only,
         )
+        peft_adapters = getattr(self.pipe.unet, "peft_config", {})
+        for index, preset in enumerate(presets):
+            if preset.lora and f"faceid_{index}" not in peft_adapters:
+                raise ItemError(ErrorCode.MODEL_ERROR, f"{preset.name}: its LoRA did not load")
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self._projection_shapes = self._expected_embed_shapes()
-
-    def _expected_embed_shapes(self) -> list[tuple[int, ...]]:
-        """Per adapter, the trailing shape its image projection takes."""
-        shapes: list[tuple[int, ...]] = []
-        layers = self.pipe.unet.encoder_hid_proj.image_projection_layers
-        for name, layer in zip(self.adapters, layers, strict=True):
-            kind = ADAPTERS[name].embed_kind
-            if kind is EmbedKind.CLIP_IMAGE_EMBEDS:
-                shapes.append((layer.image_embeds.in_features,))
-            else:
-                shapes.append((-1, layer.proj_in.in_features))  # tokens vary by encoder
-        return shapes
+        self._layers = list(self.pipe.unet.encoder_hid_proj.image_projection_layers)
+        self._projection_shapes = [_embed_shape(layer) for layer in self._layers]
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -126,18 +127,18 @@ class Generator:
             raise ItemError(
                 ErrorCode.INTERNAL, f"request adapters {names} sent to pipeline {self.adapters}"
             )
-        for spec, expected in zip(request.adapters, self._projection_shapes, strict=True):
-            for half in (spec.pos, spec.neg):
-                trailing = tuple(half.shape[1:])
-                fits = len(trailing) == len(expected) and all(
-                    e in (-1, t) for e, t in zip(expected, trailing, strict=True)
-                )
-                if half.ndim < 2 or not fits or half.shape != spec.pos.shape:
+        for spec, preset, (expected, clip_expected) in zip(
+            request.adapters, self.presets, self._projection_shapes, strict=True
+        ):
+            _check_shape(spec.adapter, spec.pos, spec.neg, expected)
+            if clip_expected is not None:
+                if spec.clip_pos is None or spec.clip_neg is None:
                     raise ItemError(
-                        ErrorCode.MODEL_ERROR,
-                        f"embedding for adapter {spec.adapter!r} has shape {tuple(half.shape)}; "
-                        f"its projection takes [n, {', '.join(map(str, expected))}]",
+                        ErrorCode.MODEL_ERROR, f"{preset.name} needs the face crop's CLIP embeds"
                     )
+                _check_shape(spec.adapter, spec.clip_pos, spec.clip_neg, clip_expected)
+                if spec.clip_pos.shape[0] != 1:
+                    raise ItemError(ErrorCode.MODEL_ERROR, f"{preset.name} takes one face")
         width = request.width or self.native_size[0]
         height = request.height or self.native_size[1]
         if width % self.pipe.vae_scale_factor or height % self.pipe.vae_scale_factor:
@@ -152,36 +153,95 @@ class Generator:
         width = request.width or self.native_size[0]
         height = request.height or self.native_size[1]
         do_cfg = request.guidance_scale > 1.0  # diffusers' own rule
+        k = request.num_images
 
         # 2. embeddings: [neg, pos] stacked on a new batch axis only when CFG runs
-        embeds = []
-        for spec in request.adapters:
-            pos = spec.pos.unsqueeze(0)
-            tensor = torch.cat([spec.neg.unsqueeze(0), pos]) if do_cfg else pos
-            embeds.append(tensor.to(device=self.device, dtype=self.dtype))
+        embeds = [self._cfg_stack(spec.neg, spec.pos, 1, do_cfg) for spec in request.adapters]
 
         # 3. strengths (load_ip_adapter resets them, so set them on every call)
         scales = [spec.scale for spec in request.adapters]
         self.pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
 
         # 4. one seeded generator per image: image k matches a solo run with seed + k
-        seeds = image_seeds(request.seed, request.num_images)
+        seeds = image_seeds(request.seed, k)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
-        # 5. denoise and decode
-        output = self.pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            ip_adapter_image_embeds=embeds,
-            num_images_per_prompt=request.num_images,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            width=width,
-            height=height,
-            generator=generators,
-            output_type="pil",
-        )
+        # 5. FaceID-Plus reads the face crop's CLIP embeds from its projection layer: state on
+        #    the UNet, batched like the images ([neg x k, pos x k]) and cleared afterwards
+        stateful = []
+        for spec, preset, layer in zip(request.adapters, self.presets, self._layers, strict=True):
+            if spec.clip_pos is not None and spec.clip_neg is not None:
+                layer.clip_embeds = self._cfg_stack(spec.clip_neg, spec.clip_pos, k, do_cfg)
+                layer.shortcut = preset.shortcut
+                stateful.append(layer)
+        try:
+            # 6. denoise and decode
+            output = self.pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt or None,
+                ip_adapter_image_embeds=embeds,
+                num_images_per_prompt=k,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                width=width,
+                height=height,
+                generator=generators,
+                output_type="pil",
+            )
+        finally:
+            for layer in stateful:
+                layer.clip_embeds = None
+                layer.shortcut = False
         return GenerationResult(images=list(output.images), seeds=seeds, width=width, height=height)
+
+    def _cfg_stack(
+        self, neg: torch.Tensor, pos: torch.Tensor, repeat: int, do_cfg: bool
+    ) -> torch.Tensor:
+        """[n, ...] halves -> [(2 if CFG) * repeat, n, ...], negative first like diffusers."""
+        pos_b = pos.unsqueeze(0).repeat_interleave(repeat, dim=0)
+        tensor = (
+            torch.cat([neg.unsqueeze(0).repeat_interleave(repeat, dim=0), pos_b])
+            if (do_cfg)
+            else pos_b
+        )
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+
+def _embed_shape(layer: torch.nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Per projection layer type: the trailing shape of the embeds it takes (-1: any number of
+    tokens), and for FaceID-Plus the trailing shape of its face-crop CLIP embeds."""
+    from diffusers.models import embeddings as e
+
+    def width(linear: object) -> int:
+        assert isinstance(linear, torch.nn.Linear)
+        return int(linear.in_features)
+
+    if isinstance(layer, e.ImageProjection):
+        return (width(layer.image_embeds),), None
+    if isinstance(layer, e.IPAdapterFullImageProjection):
+        return (-1, width(layer.ff.net[0].proj)), None
+    if isinstance(layer, e.IPAdapterFaceIDImageProjection):
+        return (width(layer.ff.net[0].proj),), None
+    if isinstance(layer, e.IPAdapterFaceIDPlusImageProjection):
+        return (width(layer.proj.net[0].proj),), (-1, width(layer.proj_in))
+    if isinstance(layer, e.IPAdapterPlusImageProjection):
+        return (-1, width(layer.proj_in)), None
+    raise ConfigError(f"unsupported IP-Adapter projection {type(layer).__name__}")
+
+
+def _check_shape(
+    adapter: str, pos: torch.Tensor, neg: torch.Tensor, expected: tuple[int, ...]
+) -> None:
+    trailing = tuple(pos.shape[1:])
+    fits = len(trailing) == len(expected) and all(
+        e in (-1, t) for e, t in zip(expected, trailing, strict=True)
+    )
+    if pos.ndim < 2 or not fits or neg.shape != pos.shape:
+        raise ItemError(
+            ErrorCode.MODEL_ERROR,
+            f"embedding for adapter {adapter!r} has shape {tuple(pos.shape)}; "
+            f"its projection takes [n, {', '.join(map(str, expected))}]",
+        )
 
 
 class GeneratorPool:

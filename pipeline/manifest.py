@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.presets import ADAPTERS, adapter_error
+from pipeline.presets import ADAPTERS, BASE_MODELS, BaseModelPreset, EmbedKind, adapter_error
 
 ROW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_SEED = 2**32 - 1
@@ -66,6 +66,30 @@ AdapterName = Annotated[str, AfterValidator(_check_adapter_name)]
 Scale = Annotated[
     Annotated[float, Field(ge=0, le=2)] | InstantStyle, AfterValidator(_check_instant_style)
 ]
+
+
+def _check_blocks(scale: InstantStyle, base: BaseModelPreset, adapter: str) -> None:
+    """An InstantStyle dict must name blocks that have attention in this base model, with one
+    value per attention module (diffusers silently ignores unknown blocks)."""
+    for part, value in scale.items():
+        if part == "mid":
+            if isinstance(value, dict):
+                raise ValueError("scale.mid takes one number")
+            continue
+        if not isinstance(value, dict):
+            continue
+        known = base.attention_blocks[part]
+        for block, block_scale in value.items():
+            if block not in known:
+                raise ValueError(
+                    f"scale.{part}.{block}: {adapter} ({base.family}) has attention in "
+                    f"{part} blocks {', '.join(known)} only"
+                )
+            if isinstance(block_scale, list) and len(block_scale) != known[block]:
+                raise ValueError(
+                    f"scale.{part}.{block}: needs {known[block]} values (one per attention "
+                    f"module), got {len(block_scale)}"
+                )
 
 
 def _as_reference_list(value: str | list[str]) -> list[str]:
@@ -134,9 +158,21 @@ class Row(BaseModel):
             if self.reference is None:
                 raise ValueError("'reference' is required (or give 'adapters')")
             _as_reference_list(self.reference)
-        families = {ADAPTERS[spec.adapter].family for spec in self.adapter_specs()}
+        specs = self.adapter_specs()
+        families = sorted({ADAPTERS[spec.adapter].family for spec in specs})
         if len(families) > 1:
             raise ValueError(f"all adapters of a row must share one base model, got {families}")
+        for spec in specs:
+            preset = ADAPTERS[spec.adapter]
+            if isinstance(spec.scale, dict):
+                _check_blocks(spec.scale, BASE_MODELS[preset.family], spec.adapter)
+            if preset.embed_kind is EmbedKind.FACE_ID_PLUS and (
+                spec.combine == "concat" and len(spec.references) > 1
+            ):
+                raise ValueError(
+                    f"{spec.adapter} takes one face: combine several references with "
+                    "'average', not 'concat'"
+                )
         return self
 
     def adapter_specs(self) -> list[AdapterSpec]:

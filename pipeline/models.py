@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 
 from ipbatch.errors import ConfigError
-from pipeline.presets import ADAPTERS, BASE_MODELS, AdapterPreset, BaseModelPreset
+from pipeline.presets import (
+    ADAPTERS,
+    BASE_MODELS,
+    FACE_PACK_FOLDER,
+    AdapterPreset,
+    BaseModelPreset,
+    RepoPath,
+)
 
 HUB = "hub"
 
@@ -48,45 +55,61 @@ class ModelSource:
             )
         return str(path)
 
-    def adapter_repo(self, adapter: str) -> str:
-        preset: AdapterPreset = ADAPTERS[adapter]
+    def _repo_path(self, ref: RepoPath, *, allow_patterns: list[str]) -> Path:
         if self.root is None:
-            return preset.hub_repo
-        path = self.root / preset.repo_folder
-        weights = path / preset.subfolder / preset.weight_name
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(ref.hub_repo, allow_patterns=allow_patterns))
+        return self.root / ref.folder
+
+    def adapter_weights(self, adapter: str) -> tuple[str, str, str]:
+        """(repository folder or hub id, subfolder, weight file name) for load_ip_adapter."""
+        preset: AdapterPreset = ADAPTERS[adapter]
+        ref = preset.weights
+        if self.root is None:
+            return ref.hub_repo, ref.path, preset.weight_name
+        path = self.root / ref.folder
+        weights = path / ref.path / preset.weight_name
         if not weights.is_file():
             raise ConfigError(
                 f"adapter {adapter!r} needs {weights}. Download {preset.weight_name} from "
-                f"{preset.hub_repo} ({preset.subfolder}/) there, or run "
-                f"`ipbatch models tiny {self.root}`."
+                f"{ref.hub_repo} ({ref.path or 'top level'}) there, or run "
+                f"`ipbatch models tiny {self.root}` for tiny offline test models."
             )
-        return str(path)
+        return str(path), ref.path, preset.weight_name
 
     def image_encoder(self, adapter: str) -> str:
         """A local folder holding the adapter's CLIP image encoder (downloaded if hub)."""
-        preset = ADAPTERS[adapter]
-        if self.root is None:
-            from huggingface_hub import snapshot_download
-
-            repo = snapshot_download(
-                preset.hub_repo, allow_patterns=[f"{preset.image_encoder_subfolder}/*"]
-            )
-            return str(Path(repo) / preset.image_encoder_subfolder)
-        path = Path(self.adapter_repo(adapter)) / preset.image_encoder_subfolder
+        ref = ADAPTERS[adapter].image_encoder
+        if ref is None:
+            raise ConfigError(f"adapter {adapter!r} uses no CLIP image encoder")
+        path = self._repo_path(ref, allow_patterns=[f"{ref.path}/*"]) / ref.path
         if not (path / "config.json").is_file():
-            raise ConfigError(f"adapter {adapter!r} needs its image encoder at {path}")
+            raise ConfigError(
+                f"adapter {adapter!r} needs its image encoder at {path}. Download "
+                f"{ref.hub_repo} ({ref.path}/) there, or run `ipbatch models tiny {self.root}` "
+                "for tiny offline test models."
+            )
         return str(path)
 
-    def feature_extractor(self, family: str) -> str:
-        """The base model's CLIPImageProcessor folder (how references are resized)."""
+    def feature_extractor(self, family: str) -> str | None:
+        """The base model's CLIPImageProcessor folder, if it has one (SD1.5 does, SDXL does
+        not: diffusers then resizes to the encoder's image size, and so do we)."""
+        preset = BASE_MODELS[family]
         if self.root is None:
             from huggingface_hub import snapshot_download
 
-            repo = snapshot_download(
-                BASE_MODELS[family].hub_repo, allow_patterns=["feature_extractor/*"]
-            )
-            return str(Path(repo) / "feature_extractor")
-        return str(Path(self.base_model(family)) / "feature_extractor")
+            repo = Path(snapshot_download(preset.hub_repo, allow_patterns=["feature_extractor/*"]))
+        else:
+            repo = self.root / preset.folder
+        folder = repo / "feature_extractor"
+        return str(folder) if (folder / "preprocessor_config.json").is_file() else None
+
+    def face_root(self) -> Path:
+        """insightface's root: the face-analysis pack is at <root>/models/<name>/."""
+        if self.root is None:
+            return Path.home() / ".insightface"
+        return self.root / FACE_PACK_FOLDER
 
 
 def resolve_device(name: str) -> torch.device:

@@ -3,11 +3,13 @@
 A models folder mirrors the public repositories, so the same code loads real weights and the
 tiny ones `ipbatch models tiny` writes:
 
-    MODELS/stable-diffusion-v1-5/      <- stable-diffusion-v1-5/stable-diffusion-v1-5 (diffusers)
-    MODELS/IP-Adapter/models/          <- h94/IP-Adapter, models/ folder
-        ip-adapter_sd15.safetensors
-        ip-adapter-plus_sd15.safetensors
-        image_encoder/                 (OpenCLIP ViT-H/14 as CLIPVisionModelWithProjection)
+    MODELS/stable-diffusion-v1-5/          stable-diffusion-v1-5/stable-diffusion-v1-5
+    MODELS/stable-diffusion-xl-base-1.0/   stabilityai/stable-diffusion-xl-base-1.0
+    MODELS/IP-Adapter/                     h94/IP-Adapter
+        models/                            SD1.5 adapters + models/image_encoder (ViT-H/14)
+        sdxl_models/                       SDXL adapters + sdxl_models/image_encoder (ViT-bigG/14)
+    MODELS/IP-Adapter-FaceID/              h94/IP-Adapter-FaceID (FaceID .bin files)
+    MODELS/insightface/models/buffalo_l/   insightface's buffalo_l face-analysis pack
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ class EmbedKind(StrEnum):
     CLIP_IMAGE_EMBEDS = "clip_image_embeds"
     # hidden_states[-2] (penultimate layer); negative half = encoder output of an all-zero image
     CLIP_HIDDEN_STATES = "clip_hidden_states"
+    # insightface normed_embedding (512) of the largest face; negative half = zeros
+    FACE_ID = "face_id"
+    # FACE_ID plus the CLIP hidden states of the aligned face crop (set on the projection layer)
+    FACE_ID_PLUS = "face_id_plus"
 
 
 @dataclass(frozen=True)
@@ -31,20 +37,54 @@ class BaseModelPreset:
     folder: str  # folder name inside a models folder
     hub_repo: str  # public repository the `hub` preset downloads
     pipeline_class: str  # diffusers class name
+    native_size: int  # the real model's width = height
+    # InstantStyle: attention modules per block that has them (a list scale needs this length)
+    attention_blocks: dict[str, dict[str, int]]
+    memory: str  # README's rough fp16 inference memory
+
+
+@dataclass(frozen=True)
+class RepoPath:
+    """A folder or file inside a public repository (mirrored in a models folder)."""
+
+    hub_repo: str
+    folder: str  # the repository's folder name inside a models folder
+    path: str  # inside the repository ("" = its root)
+
+
+H94 = "h94/IP-Adapter"
+H94_FACEID = "h94/IP-Adapter-FaceID"
+VIT_H = RepoPath(H94, "IP-Adapter", "models/image_encoder")
+VIT_BIGG = RepoPath(H94, "IP-Adapter", "sdxl_models/image_encoder")
 
 
 @dataclass(frozen=True)
 class AdapterPreset:
     name: str
     family: str  # which base model it was trained for
-    repo_folder: str  # folder inside a models folder (mirrors hub_repo)
-    hub_repo: str
-    subfolder: str  # inside the repository
+    weights: RepoPath  # path = subfolder holding the weight file
     weight_name: str
-    image_encoder_subfolder: str  # inside the repository
+    image_encoder: RepoPath | None  # None: needs no CLIP encoder (FaceID)
     embed_kind: EmbedKind
     summary: str
+    lora: bool = False  # FaceID: the weight file also carries a LoRA for the UNet (needs peft)
+    shortcut: bool = False  # FaceID-Plus v2: the projection adds the ID tokens back
 
+    @property
+    def uses_faces(self) -> bool:
+        return self.embed_kind in (EmbedKind.FACE_ID, EmbedKind.FACE_ID_PLUS)
+
+
+SD15_BLOCKS = {
+    "down": {"block_0": 2, "block_1": 2, "block_2": 2},
+    "mid": {"block_0": 1},
+    "up": {"block_1": 3, "block_2": 3, "block_3": 3},
+}
+SDXL_BLOCKS = {
+    "down": {"block_1": 2, "block_2": 2},
+    "mid": {"block_0": 1},
+    "up": {"block_0": 3, "block_1": 3},
+}
 
 BASE_MODELS: dict[str, BaseModelPreset] = {
     "sd15": BaseModelPreset(
@@ -52,44 +92,111 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         folder="stable-diffusion-v1-5",
         hub_repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
         pipeline_class="StableDiffusionPipeline",
+        native_size=512,
+        attention_blocks=SD15_BLOCKS,
+        memory="~3.5 GB at batch 1 (fp16), +~1 GB per extra image in a batch at 512x512",
+    ),
+    "sdxl": BaseModelPreset(
+        family="sdxl",
+        folder="stable-diffusion-xl-base-1.0",
+        hub_repo="stabilityai/stable-diffusion-xl-base-1.0",
+        pipeline_class="StableDiffusionXLPipeline",
+        native_size=1024,
+        attention_blocks=SDXL_BLOCKS,
+        memory="~9 GB at batch 1 (fp16) at 1024x1024",
     ),
 }
+
+
+def _sd15(name: str, weight: str, kind: EmbedKind, summary: str) -> AdapterPreset:
+    return AdapterPreset(
+        name, "sd15", RepoPath(H94, "IP-Adapter", "models"), weight, VIT_H, kind, summary
+    )
+
+
+def _sdxl(
+    name: str, weight: str, encoder: RepoPath, kind: EmbedKind, summary: str
+) -> AdapterPreset:
+    return AdapterPreset(
+        name, "sdxl", RepoPath(H94, "IP-Adapter", "sdxl_models"), weight, encoder, kind, summary
+    )
+
 
 ADAPTERS: dict[str, AdapterPreset] = {
-    "sd15": AdapterPreset(
-        name="sd15",
-        family="sd15",
-        repo_folder="IP-Adapter",
-        hub_repo="h94/IP-Adapter",
-        subfolder="models",
-        weight_name="ip-adapter_sd15.safetensors",
-        image_encoder_subfolder="models/image_encoder",
-        embed_kind=EmbedKind.CLIP_IMAGE_EMBEDS,
-        summary="global image embedding -> 4 tokens; overall look and style of the reference",
-    ),
-    "sd15-plus": AdapterPreset(
-        name="sd15-plus",
-        family="sd15",
-        repo_folder="IP-Adapter",
-        hub_repo="h94/IP-Adapter",
-        subfolder="models",
-        weight_name="ip-adapter-plus_sd15.safetensors",
-        image_encoder_subfolder="models/image_encoder",
-        embed_kind=EmbedKind.CLIP_HIDDEN_STATES,
-        summary="patch features through a Resampler -> 16 tokens; closer to the reference's detail",
-    ),
+    p.name: p
+    for p in (
+        _sd15(
+            "sd15",
+            "ip-adapter_sd15.safetensors",
+            EmbedKind.CLIP_IMAGE_EMBEDS,
+            "global image embedding -> 4 tokens: overall look, colour and style",
+        ),
+        _sd15(
+            "sd15-plus",
+            "ip-adapter-plus_sd15.safetensors",
+            EmbedKind.CLIP_HIDDEN_STATES,
+            "patch features -> 16 tokens (Resampler): closer to the reference's details",
+        ),
+        _sd15(
+            "sd15-plus-face",
+            "ip-adapter-plus-face_sd15.safetensors",
+            EmbedKind.CLIP_HIDDEN_STATES,
+            "plus, trained on cropped faces: a face reference drives the generated face",
+        ),
+        _sd15(
+            "sd15-full-face",
+            "ip-adapter-full-face_sd15.safetensors",
+            EmbedKind.CLIP_HIDDEN_STATES,
+            "all 257 patch tokens of a face crop: stronger face likeness than plus-face",
+        ),
+        AdapterPreset(
+            "sd15-faceid",
+            "sd15",
+            RepoPath(H94_FACEID, "IP-Adapter-FaceID", ""),
+            "ip-adapter-faceid_sd15.bin",
+            None,
+            EmbedKind.FACE_ID,
+            "insightface identity embedding -> 4 tokens, with a LoRA on the UNet: the same "
+            "person in new scenes",
+            lora=True,
+        ),
+        AdapterPreset(
+            "sd15-faceid-plusv2",
+            "sd15",
+            RepoPath(H94_FACEID, "IP-Adapter-FaceID", ""),
+            "ip-adapter-faceid-plusv2_sd15.bin",
+            VIT_H,
+            EmbedKind.FACE_ID_PLUS,
+            "FaceID + CLIP features of the aligned face (v2 shortcut): identity and face structure",
+            lora=True,
+            shortcut=True,
+        ),
+        _sdxl(
+            "sdxl",
+            "ip-adapter_sdxl.safetensors",
+            VIT_BIGG,
+            EmbedKind.CLIP_IMAGE_EMBEDS,
+            "SDXL, global ViT-bigG embedding -> 4 tokens",
+        ),
+        _sdxl(
+            "sdxl-plus",
+            "ip-adapter-plus_sdxl_vit-h.safetensors",
+            VIT_H,
+            EmbedKind.CLIP_HIDDEN_STATES,
+            "SDXL plus (ViT-H patch features, 16 tokens)",
+        ),
+        _sdxl(
+            "sdxl-plus-face",
+            "ip-adapter-plus-face_sdxl_vit-h.safetensors",
+            VIT_H,
+            EmbedKind.CLIP_HIDDEN_STATES,
+            "SDXL plus-face (ViT-H, cropped faces)",
+        ),
+    )
 }
 
-# Named by the contract, not built yet (see the open issue on adapter variants).
-PLANNED_ADAPTERS = (
-    "sd15-plus-face",
-    "sd15-full-face",
-    "sd15-faceid",
-    "sd15-faceid-plusv2",
-    "sdxl",
-    "sdxl-plus",
-    "sdxl-plus-face",
-)
+FACE_PACK = "buffalo_l"
+FACE_PACK_FOLDER = "insightface"  # MODELS/insightface/models/buffalo_l
 
 
 def available_adapter_names() -> list[str]:
@@ -97,9 +204,4 @@ def available_adapter_names() -> list[str]:
 
 
 def adapter_error(name: str) -> str:
-    if name in PLANNED_ADAPTERS:
-        return (
-            f"adapter {name!r} is not available in this version of ipbatch; "
-            f"available: {', '.join(ADAPTERS)}"
-        )
     return f"unknown adapter {name!r}; choose one of: {', '.join(ADAPTERS)}"

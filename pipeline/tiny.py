@@ -1,29 +1,50 @@
 """`ipbatch models tiny DIR`: tiny random-weight models in the real folder layout.
 
-Everything the real presets load, at a size that runs on two CPU cores in a second: a
-diffusers SD1.5-shaped base model (16 cross-attention layers like the real UNet), the
-IP-Adapter image encoder, and the adapter weights as .safetensors in h94's key layout
-(`image_proj.*`, `ip_adapter.{i}.to_{k,v}_ip.weight` for odd i). Nothing is downloaded:
-the real diffusers / transformers loading code then reads these folders.
+Everything the real presets load, at a size that runs on two CPU cores in a second:
+- SD1.5- and SDXL-shaped diffusers base models (SD1.5's 16 cross-attention layers; SDXL's
+  block layout, two text encoders and text_time embeddings);
+- stand-ins for the two CLIP image encoders (ViT-H in models/, ViT-bigG in sdxl_models/);
+- every adapter preset in h94's key layout: `image_proj.*` for each projection type diffusers
+  recognises, `ip_adapter.{i}.to_{k,v}_ip.weight` per cross-attention processor, and for
+  FaceID the LoRA keys `ip_adapter.{i}.to_{q,k,v,out}_lora.{down,up}.weight` on every
+  processor; .safetensors where h94 ships them, .bin (plain tensors) for FaceID like h94;
+- an insightface face-analysis pack (tiny ONNX detector and recogniser).
+Nothing is downloaded: the real diffusers / transformers / insightface loading code then
+reads these folders.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from pipeline.presets import ADAPTERS, BASE_MODELS
+from pipeline.presets import (
+    ADAPTERS,
+    BASE_MODELS,
+    FACE_PACK,
+    FACE_PACK_FOLDER,
+    VIT_BIGG,
+    VIT_H,
+    AdapterPreset,
+    RepoPath,
+)
 
-CROSS_DIM = 32  # text hidden size = UNet cross_attention_dim (768 in SD1.5)
-VISION_HIDDEN = 48  # CLIP vision hidden size (1280 for ViT-H)
-VISION_PROJ = 40  # CLIP image_embeds size (1024 for ViT-H)
-IMAGE_SIZE = 32  # encoder input (224 for ViT-H)
+SD15_CROSS_DIM = 32  # text hidden size = UNet cross_attention_dim (768 in SD1.5)
+SDXL_TEXT_DIM = 32  # each of SDXL's two text encoders; cross_attention_dim = 2 x this (2048)
+SDXL_CROSS_DIM = 2 * SDXL_TEXT_DIM
+# CLIP vision stand-ins: (hidden size, projection size); real ViT-H (1280, 1024), bigG (1664, 1280)
+ENCODER_DIMS = {VIT_H: (48, 40), VIT_BIGG: (56, 44)}
+IMAGE_SIZE = 32  # encoder input (224 for the real ones)
 RESAMPLER_DIM = 64  # plus Resampler width (768 in ip-adapter-plus_sd15); heads = dim / 64
 RESAMPLER_QUERIES = 16
+FACE_ID_DIM = 512  # insightface embedding size (the real one: the tiny face pack keeps it)
+LORA_RANK = 4  # 128 in the real FaceID files
 SAMPLE_SIZE = 8  # latent size -> 64x64 images
+CROSS_DIM = {"sd15": SD15_CROSS_DIM, "sdxl": SDXL_CROSS_DIM}
 
 
 def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -45,39 +66,36 @@ def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def _base_model(folder: Path) -> None:
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tokenizer() -> Any:
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        sample_size=SAMPLE_SIZE,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=(
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        up_block_types=(
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ),
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=8,
-        norm_num_groups=32,
+    vocab, merges = _byte_vocab()
+    # merges as tuples: strings "a b" raise `failed to extract enum PyMerges` in transformers 5
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
+
+
+def _text_config(hidden: int, **extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    vocab, _ = _byte_vocab()
+    return CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        **extra,
     )
-    vae = AutoencoderKL(
+
+
+def _vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(32, 32, 64, 64),
         in_channels=3,
         out_channels=3,
@@ -87,22 +105,26 @@ def _base_model(folder: Path) -> None:
         norm_num_groups=32,
         sample_size=SAMPLE_SIZE * 8,
     )
-    vocab, merges = _byte_vocab()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=CROSS_DIM,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(vocab),
-            max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
+
+
+def _sd15_base(folder: Path) -> None:
+    """SD1.5's shape: 3 cross-attention down blocks x 2 layers -> 16 cross-attention layers."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        sample_size=SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=SD15_CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
-    # merges as tuples: strings "a b" raise `failed to extract enum PyMerges` in transformers 5
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -116,9 +138,9 @@ def _base_model(folder: Path) -> None:
     )
     pipe = StableDiffusionPipeline(
         unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(SD15_CROSS_DIM)),
+        tokenizer=_tokenizer(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=feature_extractor,
@@ -128,71 +150,110 @@ def _base_model(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
 
 
-def _image_encoder(folder: Path) -> None:
+def _sdxl_base(folder: Path) -> None:
+    """SDXL's shape: no attention in down block 0, two text encoders, text_time embeddings."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(2)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        sample_size=SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=SDXL_CROSS_DIM,
+        attention_head_dim=(2, 4, 4),
+        transformer_layers_per_block=(1, 2, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=SDXL_TEXT_DIM + 6 * time_dim,
+        norm_num_groups=32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config(SDXL_TEXT_DIM)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _text_config(SDXL_TEXT_DIM, projection_dim=SDXL_TEXT_DIM)
+        ),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
+
+
+def _image_encoder(folder: Path, hidden: int, projection: int, seed: int) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
-            hidden_size=VISION_HIDDEN,
-            intermediate_size=96,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
             num_attention_heads=4,
             num_hidden_layers=3,
             image_size=IMAGE_SIZE,
             patch_size=4,
-            projection_dim=VISION_PROJ,
+            projection_dim=projection,
         )
     )
     model.save_pretrained(folder, safe_serialization=True)
-
-
-def _ip_layers(unet_config_folder: Path, seed: int) -> dict[str, torch.Tensor]:
-    """`ip_adapter.{i}.to_{k,v}_ip.weight` for every cross-attention processor index i."""
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(unet_config_folder)
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(unet.attn_processors):
-        if not name.endswith("attn2.processor"):
-            continue
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        hidden = attn.to_q.out_features
-        for part in ("to_k_ip", "to_v_ip"):
-            weight = torch.randn(hidden, CROSS_DIM, generator=generator) * 0.2
-            tensors[f"ip_adapter.{i}.{part}.weight"] = weight
-    return tensors
 
 
 def _randn(generator: torch.Generator, *shape: int, std: float = 0.1) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) * std
 
 
-def _base_projection(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "image_proj.proj.weight": _randn(g, 4 * CROSS_DIM, VISION_PROJ),
-        "image_proj.proj.bias": _randn(g, 4 * CROSS_DIM),
-        "image_proj.norm.weight": torch.ones(CROSS_DIM),
-        "image_proj.norm.bias": torch.zeros(CROSS_DIM),
-    }
+def _ip_layers(
+    unet_folder: Path, cross_dim: int, g: torch.Generator, *, lora: bool
+) -> dict[str, torch.Tensor]:
+    """`{i}.to_{k,v}_ip.weight` for every cross-attention processor index i (odd i on SD1.5);
+    FaceID also has `{i}.to_{q,k,v,out}_lora.{down,up}.weight` on EVERY processor."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(unet.attn_processors):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        hidden = attn.to_q.out_features
+        is_cross = name.endswith("attn2.processor")
+        if is_cross:
+            for part in ("to_k_ip", "to_v_ip"):
+                tensors[f"{i}.{part}.weight"] = _randn(g, hidden, cross_dim, std=0.2)
+        if lora:
+            kv_in = cross_dim if is_cross else hidden
+            for part, fan_in in (
+                ("to_q", hidden),
+                ("to_k", kv_in),
+                ("to_v", kv_in),
+                ("to_out", hidden),
+            ):
+                tensors[f"{i}.{part}_lora.down.weight"] = _randn(g, LORA_RANK, fan_in)
+                tensors[f"{i}.{part}_lora.up.weight"] = _randn(g, hidden, LORA_RANK)
+    return tensors
 
 
-def _plus_projection(seed: int) -> dict[str, torch.Tensor]:
-    """The Resampler of ip-adapter-plus, in h94's names (depth 4, head size 64)."""
-    g = torch.Generator().manual_seed(seed)
-    dim, inner = RESAMPLER_DIM, 64 * (RESAMPLER_DIM // 64)
-    tensors = {
-        "image_proj.latents": _randn(g, 1, RESAMPLER_QUERIES, dim, std=dim**-0.5),
-        "image_proj.proj_in.weight": _randn(g, dim, VISION_HIDDEN),
-        "image_proj.proj_in.bias": _randn(g, dim),
-        "image_proj.proj_out.weight": _randn(g, CROSS_DIM, dim),
-        "image_proj.proj_out.bias": _randn(g, CROSS_DIM),
-        "image_proj.norm_out.weight": torch.ones(CROSS_DIM),
-        "image_proj.norm_out.bias": torch.zeros(CROSS_DIM),
-    }
+def _resampler_layers(g: torch.Generator, dim: int, prefix: str) -> dict[str, torch.Tensor]:
+    """The 4 perceiver layers of h94's Resampler (head size 64, as diffusers assumes)."""
+    inner = 64 * max(1, dim // 64)
+    tensors: dict[str, torch.Tensor] = {}
     for layer in range(4):
-        p = f"image_proj.layers.{layer}"
+        p = f"{prefix}layers.{layer}"
         tensors |= {
             f"{p}.0.norm1.weight": torch.ones(dim),
             f"{p}.0.norm1.bias": torch.zeros(dim),
@@ -209,20 +270,102 @@ def _plus_projection(seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _image_proj(
+    preset: AdapterPreset, cross_dim: int, encoder: tuple[int, int], g: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The `image_proj` part in h94's names, for each projection type diffusers recognises."""
+    hidden, projection = encoder
+    dim = RESAMPLER_DIM
+    name = preset.name
+    if name in ("sd15", "sdxl"):  # ImageProjection: Linear -> 4 tokens, LayerNorm
+        return {
+            "proj.weight": _randn(g, 4 * cross_dim, projection),
+            "proj.bias": _randn(g, 4 * cross_dim),
+            "norm.weight": torch.ones(cross_dim),
+            "norm.bias": torch.zeros(cross_dim),
+        }
+    if name == "sd15-full-face":  # MLP over all patch tokens
+        return {
+            "proj.0.weight": _randn(g, hidden, hidden),
+            "proj.0.bias": _randn(g, hidden),
+            "proj.2.weight": _randn(g, cross_dim, hidden),
+            "proj.2.bias": _randn(g, cross_dim),
+            "proj.3.weight": torch.ones(cross_dim),
+            "proj.3.bias": torch.zeros(cross_dim),
+        }
+    if name == "sd15-faceid":  # MLP: 512 -> 1024 -> 4 tokens, LayerNorm
+        return {
+            "proj.0.weight": _randn(g, 2 * FACE_ID_DIM, FACE_ID_DIM),
+            "proj.0.bias": _randn(g, 2 * FACE_ID_DIM),
+            "proj.2.weight": _randn(g, 4 * cross_dim, 2 * FACE_ID_DIM),
+            "proj.2.bias": _randn(g, 4 * cross_dim),
+            "norm.weight": torch.ones(cross_dim),
+            "norm.bias": torch.zeros(cross_dim),
+        }
+    if name == "sd15-faceid-plusv2":  # ID MLP -> 4 tokens, refined by a perceiver over CLIP
+        dim = cross_dim  # the v2 shortcut adds the ID tokens to the output: same width
+        return {
+            "proj.0.weight": _randn(g, 2 * FACE_ID_DIM, FACE_ID_DIM),
+            "proj.0.bias": _randn(g, 2 * FACE_ID_DIM),
+            "proj.2.weight": _randn(g, 4 * dim, 2 * FACE_ID_DIM),
+            "proj.2.bias": _randn(g, 4 * dim),
+            "norm.weight": torch.ones(dim),
+            "norm.bias": torch.zeros(dim),
+            "perceiver_resampler.proj_in.weight": _randn(g, dim, hidden),
+            "perceiver_resampler.proj_in.bias": _randn(g, dim),
+            "perceiver_resampler.proj_out.weight": _randn(g, cross_dim, dim),
+            "perceiver_resampler.proj_out.bias": _randn(g, cross_dim),
+            "perceiver_resampler.norm_out.weight": torch.ones(cross_dim),
+            "perceiver_resampler.norm_out.bias": torch.zeros(cross_dim),
+        } | _resampler_layers(g, dim, "perceiver_resampler.")
+    # plus / plus-face (SD1.5 and SDXL): the Resampler with 16 learned queries
+    return {
+        "latents": _randn(g, 1, RESAMPLER_QUERIES, dim, std=dim**-0.5),
+        "proj_in.weight": _randn(g, dim, hidden),
+        "proj_in.bias": _randn(g, dim),
+        "proj_out.weight": _randn(g, cross_dim, dim),
+        "proj_out.bias": _randn(g, cross_dim),
+        "norm_out.weight": torch.ones(cross_dim),
+        "norm_out.bias": torch.zeros(cross_dim),
+    } | _resampler_layers(g, dim, "")
+
+
+def _write_adapter(
+    path: Path, image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, torch.Tensor]
+) -> None:
+    """.safetensors flattened (`image_proj.<k>`, `ip_adapter.<k>`), or .bin nested like h94's
+    FaceID files (plain tensors: loadable with torch.load(weights_only=True))."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".bin":
+        torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, path)
+        return
+    flat = {f"image_proj.{k}": v for k, v in image_proj.items()}
+    flat |= {f"ip_adapter.{k}": v for k, v in ip_adapter.items()}
+    save_file({k: v.contiguous() for k, v in flat.items()}, str(path))
+
+
 def write_tiny_models(root: Path) -> Path:
-    """Write every tiny model under `root`; returns `root`. Idempotent (overwrites)."""
+    """Write every tiny model under `root`; returns `root`. Overwrites what is there."""
+    from pipeline.tiny_faces import write_tiny_face_pack
+
     root = root.expanduser().resolve()
-    base = root / BASE_MODELS["sd15"].folder
-    _base_model(base)
-    adapter_repo = root / ADAPTERS["sd15"].repo_folder
-    _image_encoder(adapter_repo / ADAPTERS["sd15"].image_encoder_subfolder)
-    projections = {"sd15": _base_projection(10), "sd15-plus": _plus_projection(11)}
-    for seed, (name, projection) in enumerate(projections.items(), start=20):
-        preset = ADAPTERS[name]
-        weights = projection | _ip_layers(base / "unet", seed)
-        path = adapter_repo / preset.subfolder / preset.weight_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    _sd15_base(root / BASE_MODELS["sd15"].folder)
+    _sdxl_base(root / BASE_MODELS["sdxl"].folder)
+    encoders: dict[RepoPath, tuple[int, int]] = {}
+    for seed, (ref, dims) in enumerate(ENCODER_DIMS.items(), start=1):
+        _image_encoder(root / ref.folder / ref.path, *dims, seed=seed)
+        encoders[ref] = dims
+    for seed, preset in enumerate(ADAPTERS.values(), start=10):
+        g = torch.Generator().manual_seed(seed)
+        cross_dim = CROSS_DIM[preset.family]
+        encoder = encoders[preset.image_encoder] if preset.image_encoder else (0, 0)
+        unet = root / BASE_MODELS[preset.family].folder / "unet"
+        _write_adapter(
+            root / preset.weights.folder / preset.weights.path / preset.weight_name,
+            _image_proj(preset, cross_dim, encoder, g),
+            _ip_layers(unet, cross_dim, g, lora=preset.lora),
+        )
+    write_tiny_face_pack(root / FACE_PACK_FOLDER, FACE_PACK)
     (root / "TINY_MODELS.json").write_text(
         json.dumps({"note": "random weights for offline tests; not for real images"}, indent=2)
     )

@@ -55,7 +55,7 @@ def test_adapters_list_and_instantstyle_scale() -> None:
                         "combine": "concat",
                         "scale": {
                             "down": {"block_2": [0.0, 1.0]},
-                            "up": {"block_0": [0.0, 1.0, 0.0]},
+                            "up": {"block_1": [0.0, 1.0, 0.0]},
                         },
                     },
                     {"adapter": "sd15", "reference": "c.png", "scale": 0.3},
@@ -184,3 +184,64 @@ def test_json_schema_describes_every_field() -> None:
     }
     assert schema["additionalProperties"] is False
     assert "id" in schema["required"]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "scale", "needle"),
+    [
+        ("sd15", {"up": {"block_0": [0.0, 1.0, 0.0]}}, "up blocks block_1, block_2, block_3 only"),
+        ("sd15-plus", {"down": {"block_3": 1.0}}, "down blocks block_0, block_1, block_2 only"),
+        ("sd15", {"down": {"block_2": [1.0]}}, "needs 2 values"),
+        ("sdxl", {"down": {"block_0": 1.0}}, "down blocks block_1, block_2 only"),
+        ("sdxl", {"mid": {"block_0": 1.0}}, "scale.mid takes one number"),
+    ],
+)
+def test_instantstyle_blocks_are_checked_against_the_base_model(
+    adapter: str, scale: dict, needle: str
+) -> None:
+    [parsed] = rows_of(jsonl({"id": "a", "reference": "r.png", "adapter": adapter, "scale": scale}))
+    assert parsed.row is None and needle in (parsed.error or ""), parsed.error
+
+
+def test_instantstyle_blocks_that_exist_are_accepted() -> None:
+    ok = [
+        ("sd15", {"down": {"block_2": [0.0, 1.0]}, "mid": 0.5, "up": {"block_1": 1.0}}),
+        ("sdxl", {"up": {"block_0": [0.0, 1.0, 0.0]}, "down": 0.0}),
+    ]
+    for adapter, scale in ok:
+        [parsed] = rows_of(jsonl({"id": "a", "reference": "r", "adapter": adapter, "scale": scale}))
+        assert parsed.error is None, parsed.error
+
+
+def test_adapters_of_one_row_share_a_base_and_faceid_plus_takes_one_face() -> None:
+    mixed = {
+        "id": "m",
+        "adapters": [{"adapter": "sd15", "reference": "a"}, {"adapter": "sdxl", "reference": "b"}],
+    }
+    faces = {
+        "id": "f",
+        "adapter": "sd15-faceid-plusv2",
+        "reference": ["a", "b"],
+        "combine": "concat",
+    }
+    averaged = {**faces, "id": "g", "combine": "average"}
+    parsed = rows_of(jsonl(mixed, faces, averaged))
+    assert "share one base model" in (parsed[0].error or "")
+    assert "takes one face" in (parsed[1].error or "")
+    assert parsed[2].row is not None
+
+
+def test_every_contract_preset_is_accepted() -> None:
+    names = [
+        "sd15",
+        "sd15-plus",
+        "sd15-plus-face",
+        "sd15-full-face",
+        "sd15-faceid",
+        "sd15-faceid-plusv2",
+        "sdxl",
+        "sdxl-plus",
+        "sdxl-plus-face",
+    ]
+    parsed = rows_of(jsonl(*({"id": n, "adapter": n, "reference": "r"} for n in names)))
+    assert [p.error for p in parsed] == [None] * len(names)

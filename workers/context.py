@@ -14,9 +14,16 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ipbatch.config import Settings
-from pipeline.embedder import ClipEmbedder
+from pipeline.embedder import (
+    ClipEmbedder,
+    ClipReferenceEncoder,
+    FaceReferenceEncoder,
+    ReferenceEncoder,
+)
+from pipeline.faces import FaceEmbedder
 from pipeline.generator import GeneratorPool
 from pipeline.models import ModelSource, resolve_device, resolve_dtype
+from pipeline.presets import ADAPTERS, FACE_PACK
 from storage import ledger
 from storage.embcache import EmbeddingCache
 from storage.objectstore import ObjectStores, is_s3, join_uri, parse_s3
@@ -45,7 +52,9 @@ class StageContext:
     cache: EmbeddingCache
     models: ModelSource
     worker: str = field(default_factory=ledger.worker_name)
-    _embedders: dict[str, ClipEmbedder] = field(default_factory=dict)
+    _clips: dict[str, ClipEmbedder] = field(default_factory=dict)
+    _face: FaceEmbedder | None = None
+    _encoders: dict[str, ReferenceEncoder] = field(default_factory=dict)
     _pool: GeneratorPool | None = None
 
     @classmethod
@@ -75,19 +84,40 @@ class StageContext:
             return f"s3://{parse_s3(output_uri).bucket}/ipbatch-cache"
         return join_uri(str(self.settings.resolved_home()), "cache")
 
-    def embedder(self, adapter: str, family: str) -> ClipEmbedder:
-        encoder = self.models.image_encoder(adapter)
-        if encoder not in self._embedders:
+    def _clip(self, encoder: str, processor: str | None) -> ClipEmbedder:
+        key = f"{encoder}|{processor}"
+        if key not in self._clips:
             quiet_model_libraries()
             device = resolve_device(self.settings.device)
             log.info("loading image encoder %s", encoder)
-            self._embedders[encoder] = ClipEmbedder(
-                encoder,
-                self.models.feature_extractor(family),
-                device=device,
-                dtype=resolve_dtype(self.settings.dtype, device),
+            self._clips[key] = ClipEmbedder(
+                encoder, processor, device=device, dtype=resolve_dtype(self.settings.dtype, device)
             )
-        return self._embedders[encoder]
+        return self._clips[key]
+
+    def _faces(self) -> FaceEmbedder:
+        if self._face is None:
+            self._face = FaceEmbedder(self.models.face_root(), name=FACE_PACK)
+        return self._face
+
+    def encoder(self, adapter: str) -> ReferenceEncoder:
+        """The reference encoder an adapter needs (models load on first use, then stay)."""
+        preset = ADAPTERS[adapter]
+        if adapter not in self._encoders:
+            clip = None
+            if preset.image_encoder is not None:
+                clip = self._clip(
+                    self.models.image_encoder(adapter),
+                    self.models.feature_extractor(preset.family),
+                )
+            if preset.uses_faces:
+                self._encoders[adapter] = FaceReferenceEncoder(self._faces(), preset.family, clip)
+            else:
+                assert clip is not None, f"{adapter} has a CLIP encoder"
+                self._encoders[adapter] = ClipReferenceEncoder(
+                    clip, preset.embed_kind, preset.family
+                )
+        return self._encoders[adapter]
 
     @property
     def generators(self) -> GeneratorPool:

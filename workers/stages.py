@@ -20,11 +20,10 @@ from typing import Any, TypeVar
 import torch
 
 from ipbatch.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound, RetryableError
-from pipeline.embedder import ClipEmbedder
+from pipeline.embedder import ReferenceEncoder
 from pipeline.generator import AdapterInput, GenerationRequest
 from pipeline.images import CONTENT_TYPES, decode_reference, encode_output
 from pipeline.manifest import Row, detect_format, read_manifest
-from pipeline.presets import ADAPTERS, EmbedKind
 from pipeline.sources import check_allowed, resolve_reference
 from storage import ledger
 from storage.embcache import CacheKey
@@ -322,8 +321,7 @@ def _embed_item(
     row = Row.model_validate(params)
     links: list[dict[str, Any]] = []
     for adapter_index, spec in enumerate(row.adapter_specs()):
-        preset = ADAPTERS[spec.adapter]
-        embedder = ctx.embedder(spec.adapter, preset.family)
+        encoder = ctx.encoder(spec.adapter)
         for reference_index, reference in enumerate(spec.references):
             uri = resolve_reference(reference, manifest_uri=manifest_uri)
             check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
@@ -331,11 +329,8 @@ def _embed_item(
             if uri not in seen:
                 data = _read_reference(ctx, uri)
                 seen[uri] = hashlib.sha256(data).hexdigest()
-            key = CacheKey(seen[uri], embedder.fingerprint, preset.embed_kind.value)
-
-            compute = functools.partial(
-                _compute_embedding, ctx, embedder, preset.embed_kind, uri, data
-            )
+            key = CacheKey(seen[uri], encoder.fingerprint, encoder.kind.value)
+            compute = functools.partial(_compute_embedding, ctx, encoder, uri, data)
             with ctx.sessions.begin() as session:
                 embedding_id, cached = ctx.cache.get_or_compute(
                     session, key=key, cache_root=ctx.cache_root(output_uri), compute=compute
@@ -356,7 +351,7 @@ def _embed_item(
 
 
 def _compute_embedding(
-    ctx: StageContext, embedder: ClipEmbedder, kind: EmbedKind, uri: str, data: bytes | None
+    ctx: StageContext, encoder: ReferenceEncoder, uri: str, data: bytes | None
 ) -> dict[str, torch.Tensor]:
     raw = data if data is not None else _read_reference(ctx, uri)
     image = decode_reference(
@@ -365,8 +360,7 @@ def _compute_embedding(
         max_pixels=ctx.settings.max_image_pixels,
         max_bytes=ctx.settings.max_reference_bytes,
     )
-    result = embedder.embed(image, kind)
-    return {"pos": result.pos, "neg": result.neg}
+    return encoder.encode(image, name=uri)
 
 
 # --- generate -----------------------------------------------------------------------------
@@ -392,13 +386,12 @@ def adapter_set(params: dict[str, Any] | None) -> tuple[str, ...]:
     return (str(params.get("adapter", "sd15")),)
 
 
-def _combine(tensors: list[dict[str, torch.Tensor]], how: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine(tensors: list[dict[str, torch.Tensor]], how: str) -> dict[str, torch.Tensor]:
     """Several references of one adapter: average them, or concatenate as extra tokens."""
-    pos = torch.cat([t["pos"] for t in tensors])
-    neg = torch.cat([t["neg"] for t in tensors])
+    combined = {name: torch.cat([t[name] for t in tensors]) for name in tensors[0]}
     if how == "average" and len(tensors) > 1:
-        return pos.mean(dim=0, keepdim=True), neg.mean(dim=0, keepdim=True)
-    return pos, neg
+        return {name: value.mean(dim=0, keepdim=True) for name, value in combined.items()}
+    return combined
 
 
 @dataclass(frozen=True)
@@ -478,8 +471,17 @@ def _generate_item(
             if uri not in loaded:
                 loaded[uri] = ctx.cache.load(uri)
             tensors.append(loaded[uri])
-        pos, neg = _combine(tensors, spec.combine)
-        inputs.append(AdapterInput(adapter=spec.adapter, scale=spec.scale, pos=pos, neg=neg))
+        parts = _combine(tensors, spec.combine)
+        inputs.append(
+            AdapterInput(
+                adapter=spec.adapter,
+                scale=spec.scale,
+                pos=parts["pos"],
+                neg=parts["neg"],
+                clip_pos=parts.get("clip_pos"),
+                clip_neg=parts.get("clip_neg"),
+            )
+        )
     generator = ctx.generators.get(tuple(spec.adapter for spec in specs))
     result = generator.generate(
         GenerationRequest(
