@@ -189,6 +189,17 @@ class Row(BaseModel):
             )
         ]
 
+    def to_params(self) -> dict[str, Any]:
+        """The row as the ledger stores it (items.params): every field with its effective
+        value (defaults and the derived seed filled in), in the one form it was written in, so
+        `Row.model_validate(params)` gives the same row back."""
+        params = self.model_dump(mode="json", exclude_none=True)
+        if self.adapters is not None:
+            for key in ("adapter", "scale", "combine"):
+                params.pop(key, None)
+        params["seed"] = self.effective_seed()
+        return params
+
     def effective_seed(self) -> int:
         """The row's seed, or one derived from its id (stable across runs and machines)."""
         if self.seed is not None:

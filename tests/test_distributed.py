@@ -262,3 +262,80 @@ def test_redis_broker_also_works(
     job_id = cli("submit", manifest, "--output", f"s3://{bucket}/out", env=env).strip()
     progress = wait_for_job(cluster, job_id)
     assert (progress["status"], progress["succeeded"]) == ("succeeded", 3)
+
+
+def test_mixed_presets_over_real_services(cluster: dict, tmp_path: Path) -> None:
+    """sd15-plus, sd15-faceid (insightface in the embed worker) and sdxl rows in one job."""
+    from PIL import Image, ImageDraw
+
+    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
+    face = Image.new("RGB", (320, 320), (20, 20, 30))
+    ImageDraw.Draw(face).ellipse((80, 70, 240, 250), fill=(230, 190, 160))
+    images = {
+        "face": face,
+        "wall": Image.new("RGB", (320, 320), (25, 25, 25)),
+        "bag": Image.new("RGB", (96, 96), (30, 60, 170)),
+    }
+    for name, image in images.items():
+        image.save(tmp_path / f"{name}.png")
+        s3.upload_file(str(tmp_path / f"{name}.png"), bucket, f"refs/{name}.png")
+    ref = f"s3://{bucket}/refs"
+    rows = [
+        {"id": "plus-1", "adapter": "sd15-plus", "reference": f"{ref}/bag.png", "steps": 2},
+        {
+            "id": "plus-2",
+            "adapter": "sd15-plus",
+            "reference": f"{ref}/bag.png",
+            "steps": 2,
+            "num_images": 2,
+        },
+        {"id": "faceid-1", "adapter": "sd15-faceid", "reference": f"{ref}/face.png", "steps": 2},
+        {
+            "id": "faceid-2",
+            "adapter": "sd15-faceid",
+            "reference": f"{ref}/face.png",
+            "steps": 2,
+            "prompt": "on a beach",
+        },
+        {"id": "sdxl-1", "adapter": "sdxl", "reference": f"{ref}/bag.png", "steps": 2},
+        {
+            "id": "sdxl-2",
+            "adapter": "sdxl",
+            "reference": f"{ref}/bag.png",
+            "steps": 2,
+            "guidance_scale": 1.0,
+        },
+        {"id": "no-face", "adapter": "sd15-faceid", "reference": f"{ref}/wall.png", "steps": 2},
+    ]
+    manifest = put_manifest(cluster, "jobs/mixed.jsonl", rows)
+    job_id = cli("submit", manifest, "--output", f"s3://{bucket}/mixed", env=env).strip()
+    progress = wait_for_job(cluster, job_id)
+    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("failed", 6, 1)
+    with cluster["engine"].connect() as conn:
+        failed = conn.execute(
+            sa.text("SELECT row_id, error_code FROM items WHERE job_id = :j AND status = 'failed'"),
+            {"j": job_id},
+        ).all()
+        n_outputs = conn.execute(
+            sa.text(
+                "SELECT COUNT(*) FROM outputs o JOIN items i ON i.id = o.item_id "
+                "WHERE i.job_id = :j"
+            ),
+            {"j": job_id},
+        ).scalar()
+        encoders = (
+            conn.execute(
+                sa.text(
+                    "SELECT DISTINCT e.encoder FROM embeddings e "
+                    "JOIN item_embeddings ie ON ie.embedding_id = e.id "
+                    "JOIN items i ON i.id = ie.item_id WHERE i.job_id = :j"
+                ),
+                {"j": job_id},
+            )
+            .scalars()
+            .all()
+        )
+    assert [tuple(r) for r in failed] == [("no-face", "no_face")]
+    assert n_outputs == 7
+    # the family is part of every cache key: SD1.5 and SDXL never share an embedding
+    assert {e.split("/")[0] for e in encoders} == {"sd15", "sdxl"}

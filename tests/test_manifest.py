@@ -245,3 +245,14 @@ def test_every_contract_preset_is_accepted() -> None:
     ]
     parsed = rows_of(jsonl(*({"id": n, "adapter": n, "reference": "r"} for n in names)))
     assert [p.error for p in parsed] == [None] * len(names)
+
+
+def test_params_round_trip_to_the_same_row() -> None:
+    rows = [
+        Row(id="a", reference="r.png", num_images=2),
+        Row.model_validate({"id": "b", "adapters": [{"adapter": "sd15", "reference": "x"}]}),
+    ]
+    for row in rows:
+        params = row.to_params()
+        assert Row.model_validate(params) == row.model_copy(update={"seed": row.effective_seed()})
+        assert params["seed"] == row.effective_seed() and params["steps"] == 30

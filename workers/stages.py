@@ -82,8 +82,7 @@ class IngestSummary:
 
 def _item_values(parsed: Any) -> dict[str, Any]:
     if parsed.row is not None:
-        params = parsed.row.model_dump(mode="json")
-        params["seed"] = parsed.row.effective_seed()
+        params = parsed.row.to_params()
         return {
             "row_id": parsed.row_id,
             "row_index": parsed.index,

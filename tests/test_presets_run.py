@@ -1,0 +1,123 @@
+"""Every adapter preset through `ipbatch run` on the tiny models, in one job: product shots,
+FaceID rows, SDXL rows, two adapters on a row, averaged and concatenated references, an
+InstantStyle scale, and a faceless FaceID reference that fails alone with `no_face`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from PIL import Image, ImageDraw
+
+from pipeline.presets import ADAPTERS
+
+
+def picture(path: Path, *, face: tuple[int, int, int] | None = None, seed: int = 0) -> str:
+    if face is not None:  # what the tiny face detector takes for a face: a bright disc
+        image = Image.new("RGB", (320, 320), (20, 20, 30))
+        ImageDraw.Draw(image).ellipse((80, 70, 240, 250), fill=face)
+    elif seed < 0:  # faceless
+        image = Image.new("RGB", (320, 320), (25, 25, 25))
+    else:
+        rng = np.random.default_rng(seed)
+        image = Image.fromarray((rng.random((96, 128, 3)) * 255).astype(np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return str(path)
+
+
+def load(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_every_preset_in_one_job(tmp_path: Path, tiny_models: Path) -> None:
+    product = picture(tmp_path / "refs" / "product.png", seed=1)
+    product2 = picture(tmp_path / "refs" / "product2.png", seed=2)
+    face = picture(tmp_path / "refs" / "face.png", face=(230, 190, 160))
+    faceless = picture(tmp_path / "refs" / "wall.png", seed=-1)
+    rows: list[dict] = []
+    for name, preset in ADAPTERS.items():
+        rows.append(
+            {
+                "id": f"preset-{name}",
+                "adapter": name,
+                "prompt": "a catalog photo",
+                "reference": face if preset.uses_faces else product,
+                "steps": 2,
+            }
+        )
+    rows += [
+        {"id": "no-face", "adapter": "sd15-faceid", "reference": faceless, "steps": 2},
+        {
+            "id": "product-and-model",
+            "steps": 2,
+            "adapters": [
+                {"adapter": "sd15-plus", "reference": product, "scale": 0.6},
+                {"adapter": "sd15-faceid", "reference": face, "scale": 0.8},
+            ],
+        },
+        {
+            "id": "refs-average",
+            "reference": [product, product2],
+            "combine": "average",
+            "steps": 2,
+            "seed": 5,
+        },
+        {
+            "id": "refs-concat",
+            "reference": [product, product2],
+            "combine": "concat",
+            "steps": 2,
+            "seed": 5,
+        },
+        {
+            "id": "instantstyle",
+            "reference": product,
+            "steps": 2,
+            "scale": {"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}},
+        },
+    ]
+    (tmp_path / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "IPBATCH_HOME": str(tmp_path / "home"), "IPBATCH_MODELS": str(tiny_models)}
+    result = subprocess.run(
+        [sys.executable, "-m", "ipbatch.cli", "run", "-q", "job.jsonl"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'ipbatch.db'}")
+    with engine.connect() as conn:
+        items = {
+            r.row_id: r
+            for r in conn.execute(
+                sa.text("SELECT row_id, status, error_code, error_message FROM items")
+            )
+        }
+        outputs = {
+            r.row_id: r.uri
+            for r in conn.execute(
+                sa.text("SELECT i.row_id, o.uri FROM outputs o JOIN items i ON i.id = o.item_id")
+            )
+        }
+        kinds = sorted(k for (k,) in conn.execute(sa.text("SELECT kind FROM embeddings")))
+    engine.dispose()
+
+    failed = {r: i.error_code for r, i in items.items() if i.status != "succeeded"}
+    assert failed == {"no-face": "no_face"}, items
+    assert "no face found" in items["no-face"].error_message
+    assert set(outputs) == set(items) - {"no-face"}
+    pixels = {row: load(uri) for row, uri in outputs.items()}
+    assert {p.shape for p in pixels.values()} == {(64, 64, 3)}  # the tiny models' native size
+    assert not np.array_equal(pixels["refs-average"], pixels["refs-concat"])
+    # one embedding per (reference, encoder, kind): the face is embedded once for FaceID (used
+    # by two rows) and once for FaceID-Plus; the faceless wall never gets a row
+    assert kinds.count("face_id") == 1 and kinds.count("face_id_plus") == 1
