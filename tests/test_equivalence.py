@@ -224,3 +224,16 @@ def test_wrong_embedding_shape_is_refused_before_generation(tiny_models: Path) -
                 guidance_scale=7.5,
             )
         )
+
+
+def test_faceid_refuses_to_run_without_peft(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without peft diffusers only logs a warning and skips FaceID's LoRA: we refuse."""
+    from ipbatch.errors import ConfigError
+
+    monkeypatch.setattr(diffusers.utils, "USE_PEFT_BACKEND", False)
+    models = ModelSource.parse(str(tiny_models))
+    with pytest.raises(ConfigError, match="peft"):
+        Generator(models, ("sd15-faceid",), device=CPU, dtype=torch.float32)
+    Generator(models, ("sd15-plus",), device=CPU, dtype=torch.float32)  # others don't need it
