@@ -64,7 +64,12 @@ class Settings(BaseSettings):
         2, ge=1, description="Pipelines (adapter sets) a generate worker keeps loaded."
     )
     ingest_chunk: int = Field(500, description="Rows per ledger insert and per embed message.")
-    generate_batch: int = Field(8, description="Items per generate message.")
+    generate_batch: int = Field(
+        16, ge=1, description="Items per generate message (one stage call batches within it)."
+    )
+    batch_images: int = Field(
+        0, ge=0, description="Images per diffusers call; 0: by device (8 on CPU, 8-16 on CUDA)."
+    )
 
     @field_validator("allowed_sources", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from pipeline.embedder import (
     ReferenceEncoder,
 )
 from pipeline.faces import FaceEmbedder
-from pipeline.generator import GeneratorPool
+from pipeline.generator import GeneratorPool, default_batch_images
 from pipeline.models import ModelSource, resolve_device, resolve_dtype
 from pipeline.presets import ADAPTERS, FACE_PACK
 from storage import ledger
@@ -131,6 +131,13 @@ class StageContext:
                 capacity=self.settings.warm_pipelines,
             )
         return self._pool
+
+    @property
+    def batch_images(self) -> int:
+        """Images per diffusers call: the setting, or a default by device and memory."""
+        if self.settings.batch_images:
+            return self.settings.batch_images
+        return default_batch_images(resolve_device(self.settings.device))
 
     def close(self) -> None:
         self.engine.dispose()

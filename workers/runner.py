@@ -93,7 +93,8 @@ def _run(
         ready = _ready_grouped_by_adapters(session, job_id)
     bar = tqdm(total=len(ready), desc="generate", unit="item", disable=not progress)
     images = 0
-    for ids in stages.chunked(ready, batch):
+    # bigger calls than the queue's messages: more rows to batch, more overlap
+    for ids in stages.chunked(ready, max(batch, 8 * ctx.batch_images)):
         images += stages.generate(ctx, item_ids=ids).images
         bar.update(len(ids))
     bar.close()

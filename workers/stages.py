@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ import torch
 
 from ipbatch.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound, RetryableError
 from pipeline.embedder import ReferenceEncoder
-from pipeline.generator import AdapterInput, GenerationRequest
+from pipeline.generator import AdapterInput, GenerationRequest, GenerationResult, batch_key
 from pipeline.images import CONTENT_TYPES, decode_reference, encode_output
 from pipeline.manifest import Row, detect_format, read_manifest
 from pipeline.sources import check_allowed, resolve_reference
@@ -403,8 +404,21 @@ class _GenerateWork:
     embeddings: list[tuple[int, str]]  # (adapter_index, cache uri), in reference order
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A claimed item with its embeddings loaded: ready for a diffusers call."""
+
+    entry: _GenerateWork
+    row: Row
+    request: GenerationRequest
+
+
 def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
-    """Generate, upload and record the images of every claimed item."""
+    """Generate, upload and record the images of every claimed item.
+
+    Items that can share a diffusers call are batched (up to `batch_images` images a call);
+    encoding, uploading and recording one batch overlaps generating the next.
+    """
     summary = GenerateSummary()
     with ctx.sessions.begin() as session:
         claimed = ledger.claim(
@@ -426,42 +440,132 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
             work.append(
                 _GenerateWork(item.id, item.row_id, item.params, job.id, job.output_uri, embeddings)
             )
-    work.sort(key=lambda entry: adapter_set(entry.params))  # one pipeline switch per set
+
+    # 1. requests, with the cached embeddings loaded (a bad item fails alone)
     loaded: dict[str, dict[str, torch.Tensor]] = {}
-
-    def process(entry: _GenerateWork) -> None:
-        outputs = _generate_item(ctx, entry, loaded)
-        with ctx.sessions.begin() as session:
-            done = ledger.complete_item(
-                session, item_id=entry.item_id, outputs=outputs, worker=ctx.worker
-            )
-        if done:
-            summary.succeeded += 1
-            summary.images += len(outputs)
-
-    summary.failed = _each_claimed(
+    prepared: list[_Prepared] = []
+    summary.failed += _each_claimed(
         ctx,
         work,
         item_id=lambda entry: entry.item_id,
         working=ItemStatus.RUNNING,
         waiting=ItemStatus.READY,
-        unexpected=ErrorCode.MODEL_ERROR,
-        process=process,
+        unexpected=ErrorCode.INTERNAL,
+        process=lambda entry: prepared.append(_prepare(ctx, entry, loaded)),
     )
+    # 2. batches of rows that can share a call; 3. generate each while the previous one is
+    #    encoded, uploaded and recorded on the finisher thread
+    batches = plan_batches(prepared, max_images=ctx.batch_images)
+    finishing: list[Future[None]] = []
+    started = 0
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:
+            for batch in batches:
+                if any(f.done() and f.exception() for f in finishing):
+                    break
+                started += 1
+                results = _run_batch(ctx, batch)
+                finishing.append(finisher.submit(_finish_batch, ctx, batch, results, summary))
+    except (RetryableError, ConfigError) as exc:  # from _run_batch: not one item's fault
+        _release(
+            ctx,
+            [p.entry.item_id for b in batches[started - 1 :] for p in b],
+            ItemStatus.RUNNING,
+            ItemStatus.READY,
+            f"retrying: {exc}",
+        )
+        raise
+    errors = [f.exception() for f in finishing if f.exception() is not None]
+    if errors:
+        unrun = [p.entry.item_id for b in batches[started:] for p in b]
+        _release(ctx, unrun, ItemStatus.RUNNING, ItemStatus.READY, f"retrying: {errors[0]}")
+        raise errors[0]  # type: ignore[misc]
     _finalize_jobs(ctx, {entry.job_id for entry in work})
     return summary
 
 
-def _generate_item(
+def plan_batches(prepared: Sequence[_Prepared], *, max_images: int) -> list[list[_Prepared]]:
+    """Group rows that can share a diffusers call (same pipeline and `batch_key`), in manifest
+    order within a group, into batches of at most `max_images` images (a bigger row: alone)."""
+    groups: dict[tuple[object, ...], list[_Prepared]] = {}
+    for p in prepared:
+        key = (adapter_set(p.entry.params), batch_key(p.request))
+        groups.setdefault(key, []).append(p)
+    batches: list[list[_Prepared]] = []
+    for group in sorted(groups.values(), key=lambda g: adapter_set(g[0].entry.params)):
+        batch: list[_Prepared] = []
+        for p in group:
+            if batch and sum(b.row.num_images for b in batch) + p.row.num_images > max_images:
+                batches.append(batch)
+                batch = []
+            batch.append(p)
+        if batch:
+            batches.append(batch)
+    return batches
+
+
+def _run_batch(ctx: StageContext, batch: list[_Prepared]) -> list[GenerationResult | BaseException]:
+    """One diffusers call for the batch; if it fails, each row alone, so that one bad row
+    fails by itself. Retryable and configuration errors propagate."""
+    generator = ctx.generators.get(adapter_set(batch[0].entry.params))
+    try:
+        return list(generator.generate_batch([p.request for p in batch]))
+    except (RetryableError, ConfigError):
+        raise
+    except Exception as exc:
+        if len(batch) == 1:
+            return [exc]
+        log.warning("a batch of %d rows failed (%s); running them one by one", len(batch), exc)
+    results: list[GenerationResult | BaseException] = []
+    for p in batch:
+        try:
+            results.append(generator.generate(p.request))
+        except (RetryableError, ConfigError):
+            raise
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+def _finish_batch(
     ctx: StageContext,
-    entry: _GenerateWork,
-    loaded: dict[str, dict[str, torch.Tensor]],
-) -> list[dict[str, Any]]:
-    job_id, row_id = entry.job_id, entry.row_id
+    batch: list[_Prepared],
+    results: list[GenerationResult | BaseException],
+    summary: GenerateSummary,
+) -> None:
+    """Encode and upload every image of the batch, then record all its items in one
+    transaction (outputs rows + succeeded). Runs on the finisher thread."""
+    done: list[tuple[int, list[dict[str, Any]]]] = []
+    by_item = {p.entry.item_id: r for p, r in zip(batch, results, strict=True)}
+
+    def upload(p: _Prepared) -> None:
+        result = by_item[p.entry.item_id]
+        if isinstance(result, BaseException):
+            raise result
+        done.append((p.entry.item_id, _store_images(ctx, p, result)))
+
+    summary.failed += _each_claimed(
+        ctx,
+        batch,
+        item_id=lambda p: p.entry.item_id,
+        working=ItemStatus.RUNNING,
+        waiting=ItemStatus.READY,
+        unexpected=ErrorCode.MODEL_ERROR,
+        process=upload,
+    )
+    with ctx.sessions.begin() as session:
+        for item_id, outputs in done:
+            if ledger.complete_item(session, item_id=item_id, outputs=outputs, worker=ctx.worker):
+                summary.succeeded += 1
+                summary.images += len(outputs)
+
+
+def _prepare(
+    ctx: StageContext, entry: _GenerateWork, loaded: dict[str, dict[str, torch.Tensor]]
+) -> _Prepared:
     row = Row.model_validate(entry.params)
-    specs = row.adapter_specs()
     inputs: list[AdapterInput] = []
-    for adapter_index, spec in enumerate(specs):
+    for adapter_index, spec in enumerate(row.adapter_specs()):
         uris = [uri for a, uri in entry.embeddings if a == adapter_index]
         if len(uris) != len(spec.references):
             raise ItemError(ErrorCode.INTERNAL, "embeddings missing for this item; retry it")
@@ -481,35 +585,39 @@ def _generate_item(
                 clip_neg=parts.get("clip_neg"),
             )
         )
-    generator = ctx.generators.get(tuple(spec.adapter for spec in specs))
-    result = generator.generate(
-        GenerationRequest(
-            prompt=row.prompt,
-            negative_prompt=row.negative_prompt,
-            adapters=inputs,
-            num_images=row.num_images,
-            seed=row.effective_seed(),
-            steps=row.steps,
-            guidance_scale=row.guidance_scale,
-            width=row.width,
-            height=row.height,
-        )
+    request = GenerationRequest(
+        prompt=row.prompt,
+        negative_prompt=row.negative_prompt,
+        adapters=inputs,
+        num_images=row.num_images,
+        seed=row.effective_seed(),
+        steps=row.steps,
+        guidance_scale=row.guidance_scale,
+        width=row.width,
+        height=row.height,
     )
+    return _Prepared(entry, row, request)
+
+
+def _store_images(
+    ctx: StageContext, prepared: _Prepared, result: GenerationResult
+) -> list[dict[str, Any]]:
+    entry, row = prepared.entry, prepared.row
     outputs = []
     for k, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
         metadata = {
-            "job_id": job_id,
-            "row_id": row_id,
+            "job_id": entry.job_id,
+            "row_id": entry.row_id,
             "image_index": k,
             "seed": seed,
             "prompt": row.prompt,
             "negative_prompt": row.negative_prompt,
             "steps": row.steps,
             "guidance_scale": row.guidance_scale,
-            "adapters": [s.model_dump(mode="json") for s in specs],
+            "adapters": [s.model_dump(mode="json") for s in row.adapter_specs()],
         }
         data = encode_output(image, row.output_format, metadata)
-        uri = output_uri_for(entry.output_uri, job_id, row_id, k, row.output_format)
+        uri = output_uri_for(entry.output_uri, entry.job_id, entry.row_id, k, row.output_format)
         ctx.stores.for_uri(uri).put(uri, data, content_type=CONTENT_TYPES[row.output_format])
         outputs.append(
             {
