@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         16, ge=1, description="Items per generate message (one stage call batches within it)."
     )
     batch_images: int = Field(
-        0, ge=0, description="Images per diffusers call; 0: by device (8 on CPU, 8-16 on CUDA)."
+        0, ge=0, description="Images per diffusers call; 0: by device (16 on CPU, 8-16 on CUDA)."
     )
 
     @field_validator("allowed_sources", mode="before")

@@ -60,7 +60,7 @@ def run_local(
         upgrade(settings.ledger_url())
         ctx = StageContext.create(settings, mode="local")
         try:
-            return _run(
+            return run_job(
                 ctx,
                 manifest=manifest,
                 output=output or str(home / "outputs"),
@@ -71,9 +71,11 @@ def run_local(
             ctx.close()
 
 
-def _run(
+def run_job(
     ctx: StageContext, *, manifest: str, output: str, progress: bool, started: float
 ) -> RunSummary:
+    """Register (or resume), ingest, embed and generate one job with `ctx`, in-process.
+    `run_local` wraps it; benchmarks call it with a context whose models are already warm."""
     manifest_uri = manifest if "://" in manifest else str(Path(manifest).expanduser().resolve())
     output_uri = output if "://" in output else str(Path(output).expanduser().resolve())
     job_id, created = stages.register_job(ctx, manifest_uri=manifest_uri, output_uri=output_uri)
