@@ -39,8 +39,14 @@ def make_manifest(folder: Path, rows: int, steps: int, repeat: float, adapter: s
     with manifest.open("w") as fh:
         for i in range(rows):
             ref = refs[i] if i < distinct else refs[int(rng.integers(distinct))]
-            row = {"id": f"row-{i}", "prompt": f"a catalog photo of product {i}",
-                   "reference": str(ref), "adapter": adapter, "steps": steps, "seed": i}
+            row = {
+                "id": f"row-{i}",
+                "prompt": f"a catalog photo of product {i}",
+                "reference": str(ref),
+                "adapter": adapter,
+                "steps": steps,
+                "seed": i,
+            }
             fh.write(json.dumps(row) + "\n")
     return manifest
 
@@ -56,12 +62,17 @@ def plain_loop(models: str, manifest: Path, out: Path, adapter: str) -> tuple[fl
     dtype = resolve_dtype("auto", device)
     cls = getattr(diffusers, BASE_MODELS[preset.family].pipeline_class)
     extra = {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(source.base_model(preset.family), dtype=dtype,
-                               **(extra if preset.family == "sd15" else {}))
+    pipe = cls.from_pretrained(
+        source.base_model(preset.family), dtype=dtype, **(extra if preset.family == "sd15" else {})
+    )
     repo, subfolder, weight_name = source.adapter_weights(adapter)
     assert preset.image_encoder is not None
-    pipe.load_ip_adapter(repo, subfolder=subfolder, weight_name=weight_name,
-                         image_encoder_folder=preset.image_encoder.path)
+    pipe.load_ip_adapter(
+        repo,
+        subfolder=subfolder,
+        weight_name=weight_name,
+        image_encoder_folder=preset.image_encoder.path,
+    )
     pipe.set_ip_adapter_scale(0.5)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -70,9 +81,12 @@ def plain_loop(models: str, manifest: Path, out: Path, adapter: str) -> tuple[fl
     def run(selected: list[dict]) -> int:
         images = 0
         for row in selected:
-            result = pipe(prompt=row["prompt"], ip_adapter_image=Image.open(row["reference"]),
-                          num_inference_steps=row["steps"],
-                          generator=torch.Generator().manual_seed(row["seed"]))
+            result = pipe(
+                prompt=row["prompt"],
+                ip_adapter_image=Image.open(row["reference"]),
+                num_inference_steps=row["steps"],
+                generator=torch.Generator().manual_seed(row["seed"]),
+            )
             for k, image in enumerate(result.images):
                 image.save(out / f"{row['id']}-{k}.png")
                 images += 1
@@ -97,8 +111,9 @@ def ipbatch_run(models: str, manifest: Path, home: Path, batch_images: int) -> t
     warm.write_text(manifest.read_text().splitlines()[0].replace("row-0", "warm") + "\n")
     run_job(ctx, manifest=str(warm), output=str(home / "out"), progress=False, started=0)
     started = time.perf_counter()
-    summary = run_job(ctx, manifest=str(manifest), output=str(home / "out"), progress=False,
-                      started=started)
+    summary = run_job(
+        ctx, manifest=str(manifest), output=str(home / "out"), progress=False, started=started
+    )
     seconds = time.perf_counter() - started
     ctx.close()
     assert summary.status == "succeeded", summary
@@ -131,8 +146,10 @@ def main() -> None:
         plain_s, plain_n = plain_loop(models, manifest, root / "plain", args.adapter)
         ours_s, ours_n = ipbatch_run(models, manifest, root / "home", args.batch_images)
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"{args.rows} rows ({args.repeat:.0%} repeated references), {args.steps} steps, "
-          f"adapter {args.adapter}, models {args.models}, {device}")
+    print(
+        f"{args.rows} rows ({args.repeat:.0%} repeated references), {args.steps} steps, "
+        f"adapter {args.adapter}, models {args.models}, {device}"
+    )
     print(f"{'':24} {'images':>7} {'seconds':>8} {'images/s':>9}")
     print(f"{'plain diffusers loop':24} {plain_n:7d} {plain_s:8.2f} {plain_n / plain_s:9.2f}")
     print(f"{'ipbatch':24} {ours_n:7d} {ours_s:8.2f} {ours_n / ours_s:9.2f}")

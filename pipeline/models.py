@@ -9,8 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ipbatch.errors import ConfigError
 from pipeline.presets import (
@@ -21,6 +20,9 @@ from pipeline.presets import (
     BaseModelPreset,
     RepoPath,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 HUB = "hub"
 
@@ -113,12 +115,16 @@ class ModelSource:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32

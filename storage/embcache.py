@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from sqlalchemy.orm import Session
 
 from storage import ledger
 from storage.objectstore import ObjectStores, join_uri
+
+if TYPE_CHECKING:  # torch is imported on first use: an ingest-only worker never loads it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,15 @@ class CacheKey:
 
 
 def serialize(tensors: dict[str, torch.Tensor], key: CacheKey) -> bytes:
+    from safetensors.torch import save as save_safetensors
+
     metadata = {"content_sha256": key.content_sha256, "encoder": key.encoder, "kind": key.kind}
     return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
 def deserialize(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_safetensors
+
     return load_safetensors(data)
 
 

@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from ipbatch.config import Settings
-from pipeline.embedder import (
-    ClipEmbedder,
-    ClipReferenceEncoder,
-    FaceReferenceEncoder,
-    ReferenceEncoder,
-)
-from pipeline.faces import FaceEmbedder
-from pipeline.generator import GeneratorPool, default_batch_images
 from pipeline.models import ModelSource, resolve_device, resolve_dtype
 from pipeline.presets import ADAPTERS, FACE_PACK
 from storage import ledger
 from storage.embcache import EmbeddingCache
 from storage.objectstore import ObjectStores, is_s3, join_uri, parse_s3
+
+if TYPE_CHECKING:  # the model stack (torch, diffusers, transformers) loads on first use
+    from pipeline.embedder import ClipEmbedder, ReferenceEncoder
+    from pipeline.faces import FaceEmbedder
+    from pipeline.generator import GeneratorPool
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +82,8 @@ class StageContext:
         return join_uri(str(self.settings.resolved_home()), "cache")
 
     def _clip(self, encoder: str, processor: str | None) -> ClipEmbedder:
+        from pipeline.embedder import ClipEmbedder
+
         key = f"{encoder}|{processor}"
         if key not in self._clips:
             quiet_model_libraries()
@@ -96,12 +95,16 @@ class StageContext:
         return self._clips[key]
 
     def _faces(self) -> FaceEmbedder:
+        from pipeline.faces import FaceEmbedder
+
         if self._face is None:
             self._face = FaceEmbedder(self.models.face_root(), name=FACE_PACK)
         return self._face
 
     def encoder(self, adapter: str) -> ReferenceEncoder:
         """The reference encoder an adapter needs (models load on first use, then stay)."""
+        from pipeline.embedder import ClipReferenceEncoder, FaceReferenceEncoder
+
         preset = ADAPTERS[adapter]
         if adapter not in self._encoders:
             clip = None
@@ -121,6 +124,8 @@ class StageContext:
 
     @property
     def generators(self) -> GeneratorPool:
+        from pipeline.generator import GeneratorPool
+
         if self._pool is None:
             quiet_model_libraries()
             device = resolve_device(self.settings.device)
@@ -135,6 +140,8 @@ class StageContext:
     @property
     def batch_images(self) -> int:
         """Images per diffusers call: the setting, or a default by device and memory."""
+        from pipeline.generator import default_batch_images
+
         if self.settings.batch_images:
             return self.settings.batch_images
         return default_batch_images(resolve_device(self.settings.device))

@@ -16,21 +16,22 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ipbatch.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound, RetryableError
-from pipeline.embedder import ReferenceEncoder
-from pipeline.generator import AdapterInput, GenerationRequest, GenerationResult, batch_key
 from pipeline.images import CONTENT_TYPES, decode_reference, encode_output
 from pipeline.manifest import Row, detect_format, read_manifest
 from pipeline.sources import check_allowed, resolve_reference
 from storage import ledger
-from storage.embcache import CacheKey
 from storage.models import ItemStatus
 from storage.objectstore import join_uri
 from workers.context import StageContext
+
+if TYPE_CHECKING:  # the model stack loads in the embed/generate stages, not for ingest
+    import torch
+
+    from pipeline.embedder import ReferenceEncoder
+    from pipeline.generator import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,8 @@ def _embed_item(
     seen: dict[str, str],
     summary: EmbedSummary,
 ) -> list[dict[str, Any]]:
+    from storage.embcache import CacheKey
+
     row = Row.model_validate(params)
     links: list[dict[str, Any]] = []
     for adapter_index, spec in enumerate(row.adapter_specs()):
@@ -388,6 +391,8 @@ def adapter_set(params: dict[str, Any] | None) -> tuple[str, ...]:
 
 def _combine(tensors: list[dict[str, torch.Tensor]], how: str) -> dict[str, torch.Tensor]:
     """Several references of one adapter: average them, or concatenate as extra tokens."""
+    import torch
+
     combined = {name: torch.cat([t[name] for t in tensors]) for name in tensors[0]}
     if how == "average" and len(tensors) > 1:
         return {name: value.mean(dim=0, keepdim=True) for name, value in combined.items()}
@@ -487,6 +492,8 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
 def plan_batches(prepared: Sequence[_Prepared], *, max_images: int) -> list[list[_Prepared]]:
     """Group rows that can share a diffusers call (same pipeline and `batch_key`), in manifest
     order within a group, into batches of at most `max_images` images (a bigger row: alone)."""
+    from pipeline.generator import batch_key
+
     groups: dict[tuple[object, ...], list[_Prepared]] = {}
     for p in prepared:
         key = (adapter_set(p.entry.params), batch_key(p.request))
@@ -563,6 +570,8 @@ def _finish_batch(
 def _prepare(
     ctx: StageContext, entry: _GenerateWork, loaded: dict[str, dict[str, torch.Tensor]]
 ) -> _Prepared:
+    from pipeline.generator import AdapterInput, GenerationRequest
+
     row = Row.model_validate(entry.params)
     inputs: list[AdapterInput] = []
     for adapter_index, spec in enumerate(row.adapter_specs()):
