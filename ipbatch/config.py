@@ -70,6 +70,22 @@ class Settings(BaseSettings):
     batch_images: int = Field(
         0, ge=0, description="Images per diffusers call; 0: by device (16 on CPU, 8-16 on CUDA)."
     )
+    channels_last: bool = Field(
+        True, description="CUDA: keep the UNet in channels_last memory format (faster convs)."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet. The first call of each batch size compiles "
+        "(minutes); batches are padded to fixed sizes (1, 2, 4, ... batch_images) so that "
+        "a job compiles a handful of times, once per size and resolution.",
+    )
+    vae_slicing_above: int | None = Field(
+        None,
+        ge=0,
+        description="Decode one image at a time when a call makes more images than this "
+        "(bounds the VAE's memory peak on big batches); 0: never; unset: 8 on CUDA, "
+        "never on CPU.",
+    )
 
     @field_validator("allowed_sources", mode="before")
     @classmethod

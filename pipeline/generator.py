@@ -63,6 +63,29 @@ class GenerationResult:
     arrays: list[np.ndarray] = field(default_factory=list)  # float HxWx3 in [0, 1]
 
 
+@dataclass(frozen=True)
+class Acceleration:
+    """How the pipeline runs on its device (IPBATCH_CHANNELS_LAST, _COMPILE, _VAE_SLICING_ABOVE).
+
+    fp16 (CUDA) / fp32 (CPU) comes from the dtype; attention is PyTorch SDPA, diffusers'
+    default with torch 2 (IP-Adapter's processors are its `*2_0` variants).
+    """
+
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    vae_slicing_above: int | None = None  # 0: never; None: 8 on CUDA, never on CPU
+    max_images: int = 16  # the largest call; compile buckets go up to it
+
+
+def compile_buckets(max_images: int) -> list[int]:
+    """Batch sizes a compiled UNet sees: powers of two up to `max_images`, and itself."""
+    sizes, size = [], 1
+    while size < max_images:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_images]
+
+
 def image_seeds(seed: int, num_images: int) -> list[int]:
     """Image k of a row uses seed + k (wrapping at 2**32, the manifest's seed range)."""
     return [(seed + k) % 2**32 for k in range(num_images)]
@@ -78,6 +101,7 @@ class Generator:
         *,
         device: torch.device,
         dtype: torch.dtype,
+        acceleration: Acceleration | None = None,
     ) -> None:
         import diffusers
 
@@ -118,6 +142,18 @@ class Generator:
                 raise ItemError(ErrorCode.MODEL_ERROR, f"{preset.name}: its LoRA did not load")
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        # 3. device settings: channels_last and the VAE's slicing on CUDA, optional compile
+        self.acceleration = acceleration or Acceleration()
+        if device.type == "cuda" and self.acceleration.channels_last:
+            self.pipe.unet.to(memory_format=torch.channels_last)
+        self.buckets: list[int] = []
+        if self.acceleration.compile:
+            from torch import _dynamo
+
+            self.buckets = compile_buckets(self.acceleration.max_images)
+            # one graph per (bucket, CFG or not, resolution): allow a few dozen
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            self.pipe.unet.compile(dynamic=False)
         self._layers = list(self.pipe.unet.encoder_hid_proj.image_projection_layers)
         self._projection_shapes = [_embed_shape(layer) for layer in self._layers]
 
@@ -179,6 +215,7 @@ class Generator:
                 layer.clip_embeds = self._cfg_stack(spec.clip_neg, spec.clip_pos, k, do_cfg)
                 layer.shortcut = preset.shortcut
                 stateful.append(layer)
+        self._set_vae_slicing(k)
         try:
             # 6. denoise and decode
             output = self.pipe(
@@ -210,7 +247,7 @@ class Generator:
         conversion). A single request takes diffusers' stock path (bitwise as diffusers).
         On CUDA out-of-memory the batch is split in halves and retried.
         """
-        if len(requests) == 1:
+        if len(requests) == 1 and not self.buckets:
             return [self.generate(requests[0])]
         keys = {batch_key(r) for r in requests}
         if len(keys) != 1:
@@ -240,6 +277,11 @@ class Generator:
         # 1. one slot per output image: row i's image j is a prompt of its own (diffusers'
         #    num_images_per_prompt would repeat ONE set of IP embeds over the whole batch)
         slots = [(r, seed) for r in requests for seed in image_seeds(r.seed, r.num_images)]
+        real = len(slots)
+        if self.buckets:  # compiled: pad to a fixed batch size (copies of the last slot)
+            size = next((b for b in self.buckets if b >= real), real)
+            slots += [slots[-1]] * (size - real)
+        self._set_vae_slicing(len(slots))
         prompts = [r.prompt for r, _ in slots]
         negatives = [r.negative_prompt for r, _ in slots] if first.negative_prompt else None
         generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in slots]
@@ -283,8 +325,8 @@ class Generator:
             for layer in stateful:
                 layer.clip_embeds = None
                 layer.shortcut = False
-        # 4. hand each row its images back
-        results, arrays = [], list(output.images)
+        # 4. hand each row its images back (padding slots dropped)
+        results, arrays = [], list(output.images)[:real]
         for r in requests:
             mine, arrays = arrays[: r.num_images], arrays[r.num_images :]
             results.append(
@@ -297,6 +339,16 @@ class Generator:
                 )
             )
         return results
+
+    def _set_vae_slicing(self, images: int) -> None:
+        """Decode one image at a time on big batches (same images, lower memory peak)."""
+        limit = self.acceleration.vae_slicing_above
+        if limit is None:
+            limit = 8 if self.device.type == "cuda" else 0
+        if limit and images > limit:
+            self.pipe.vae.enable_slicing()
+        else:
+            self.pipe.vae.disable_slicing()
 
     def _to_pil(self, arrays: list[np.ndarray]) -> list[Image.Image]:
         """diffusers' own float -> uint8 conversion (what output_type="pil" does)."""
@@ -403,12 +455,19 @@ class GeneratorPool:
     """Warm pipelines of this process, keyed by adapter set; built lazily, evicted LRU."""
 
     def __init__(
-        self, models: ModelSource, *, device: torch.device, dtype: torch.dtype, capacity: int = 1
+        self,
+        models: ModelSource,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int = 1,
+        acceleration: Acceleration | None = None,
     ) -> None:
         self.models = models
         self.device = device
         self.dtype = dtype
         self.capacity = capacity
+        self.acceleration = acceleration
         self._pipelines: dict[tuple[str, ...], Generator] = {}
 
     def get(self, adapters: tuple[str, ...]) -> Generator:
@@ -422,6 +481,10 @@ class GeneratorPool:
                 torch.cuda.empty_cache()
         log.info("loading pipeline for adapters %s from %s", adapters, self.models.describe())
         self._pipelines[adapters] = Generator(
-            self.models, adapters, device=self.device, dtype=self.dtype
+            self.models,
+            adapters,
+            device=self.device,
+            dtype=self.dtype,
+            acceleration=self.acceleration,
         )
         return self._pipelines[adapters]

@@ -124,7 +124,7 @@ class StageContext:
 
     @property
     def generators(self) -> GeneratorPool:
-        from pipeline.generator import GeneratorPool
+        from pipeline.generator import Acceleration, GeneratorPool
 
         if self._pool is None:
             quiet_model_libraries()
@@ -134,6 +134,12 @@ class StageContext:
                 device=device,
                 dtype=resolve_dtype(self.settings.dtype, device),
                 capacity=self.settings.warm_pipelines,
+                acceleration=Acceleration(
+                    channels_last=self.settings.channels_last,
+                    compile=self.settings.compile,
+                    vae_slicing_above=self.settings.vae_slicing_above,
+                    max_images=self.batch_images,
+                ),
             )
         return self._pool
 
