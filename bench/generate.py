@@ -1,57 +1,125 @@
-"""ipbatch vs the plain diffusers loop, same model, same machine, one process run.
+"""ipbatch vs the plain diffusers loop (and a bare batched call), same model, one process run.
 
-    .venv/bin/python bench/generate.py                      # tiny models on CPU (default)
-    .venv/bin/python bench/generate.py --rows 64 --steps 4 --batch-images 8
+    .venv/bin/python bench/generate.py                       # tiny models on CPU (default)
+    .venv/bin/python bench/generate.py --batch-images 8,16,32
+    .venv/bin/python bench/generate.py --models fullsize --steps 30 --batch-images 1,4,8 \
+        --bare --compile                                     # GPU: full-size SD1.5, 512x512
 
 (a) the plain loop a user writes from the diffusers docs: for each row,
     `pipe(prompt=..., ip_adapter_image=picture, generator=...)` then save a PNG; the image
     encoder runs again for every row and each call makes one row's images.
-(b) ipbatch's stages on the same manifest (ingest -> embed -> generate, SQLite + a local
+(b) `--bare`: the same pipeline called with B prompts at once and one precomputed embedding
+    (what the GPU can do at that batch size with no pipeline around it: no ledger, no files).
+(c) ipbatch's stages on the same manifest (ingest -> embed -> generate, SQLite + a local
     folder): each distinct reference encoded once, rows batched into shared calls, PNG
-    encoding and recording overlapped with the next batch.
-Both run with models already loaded (a warm-up job first). Prints images/s and the ratio.
+    encoding and recording overlapped with the next batch; with `--compile` also with
+    IPBATCH_COMPILE (warmed up on other rows first, so compile time is not counted).
+All run with models loaded (warm-up calls first). Prints images/s, ratios and, on CUDA, the
+GPU's busy fraction (nvidia-smi, sampled every 200 ms) during each run. No assertions.
+`--models fullsize` writes full-size random-weight SD1.5 (bench/fullsize.py) first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-def make_manifest(folder: Path, rows: int, steps: int, repeat: float, adapter: str) -> Path:
-    """`rows` rows; a fraction `repeat` of them reuse a reference of an earlier row."""
-    distinct = max(1, round(rows * (1 - repeat)))
-    rng = np.random.default_rng(0)
+
+@dataclass
+class Figure:
+    label: str
+    images: int
+    seconds: float
+    busy: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+class GpuBusy:
+    """Share of nvidia-smi samples with the GPU busy (utilization.gpu, every 200 ms)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> GpuBusy:
+        if torch.cuda.is_available() and shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+                + ["-i", "0", "-lms", "200"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.strip().isdigit():
+                self.samples.append(float(line) / 100)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+
+    @property
+    def fraction(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def make_manifest(
+    folder: Path, name: str, rows: int, args: argparse.Namespace, *, seed: int
+) -> Path:
+    """`rows` rows; a fraction `args.repeat` of them reuse a reference of an earlier row.
+    References are random pictures from `seed`: another seed gives references never seen."""
+    distinct = max(1, round(rows * (1 - args.repeat)))
+    rng = np.random.default_rng(seed)
     refs = []
     for i in range(distinct):
-        path = folder / "refs" / f"ref-{i}.png"
+        path = folder / f"refs-{name}" / f"ref-{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8)).save(path)
         refs.append(path)
-    manifest = folder / "bench.jsonl"
+    manifest = folder / f"{name}.jsonl"
     with manifest.open("w") as fh:
         for i in range(rows):
             ref = refs[i] if i < distinct else refs[int(rng.integers(distinct))]
             row = {
-                "id": f"row-{i}",
+                "id": f"{name}-{i}",
                 "prompt": f"a catalog photo of product {i}",
                 "reference": str(ref),
-                "adapter": adapter,
-                "steps": steps,
+                "adapter": args.adapter,
+                "steps": args.steps,
                 "seed": i,
             }
+            if args.size:
+                row |= {"width": args.size, "height": args.size}
             fh.write(json.dumps(row) + "\n")
     return manifest
 
 
-def plain_loop(models: str, manifest: Path, out: Path, adapter: str) -> tuple[float, int]:
+def load_plain_pipeline(models: str, adapter: str):  # type: ignore[no-untyped-def]
     import diffusers
 
     from pipeline.models import ModelSource, resolve_device, resolve_dtype
@@ -76,7 +144,12 @@ def plain_loop(models: str, manifest: Path, out: Path, adapter: str) -> tuple[fl
     pipe.set_ip_adapter_scale(0.5)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain_loop(pipe, manifest: Path, out: Path) -> Figure:  # type: ignore[no-untyped-def]
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    out.mkdir(exist_ok=True)
 
     def run(selected: list[dict]) -> int:
         images = 0
@@ -85,6 +158,8 @@ def plain_loop(models: str, manifest: Path, out: Path, adapter: str) -> tuple[fl
                 prompt=row["prompt"],
                 ip_adapter_image=Image.open(row["reference"]),
                 num_inference_steps=row["steps"],
+                width=row.get("width"),
+                height=row.get("height"),
                 generator=torch.Generator().manual_seed(row["seed"]),
             )
             for k, image in enumerate(result.images):
@@ -95,45 +170,88 @@ def plain_loop(models: str, manifest: Path, out: Path, adapter: str) -> tuple[fl
     run(rows[:1])  # warm-up
     started = time.perf_counter()
     images = run(rows)
-    return time.perf_counter() - started, images
+    return Figure("plain diffusers loop", images, time.perf_counter() - started)
 
 
-def ipbatch_run(models: str, manifest: Path, home: Path, batch_images: int) -> tuple[float, int]:
+def bare_batched(pipe, manifest: Path, batch: int) -> Figure:  # type: ignore[no-untyped-def]
+    """B prompts per call with one precomputed embedding: the pipeline-free ceiling."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    device = pipe._execution_device
+    embeds = pipe.prepare_ip_adapter_image_embeds(
+        Image.open(rows[0]["reference"]), None, device, 1, True
+    )
+
+    def call(chunk: list[dict]) -> int:
+        result = pipe(
+            prompt=[r["prompt"] for r in chunk],
+            ip_adapter_image_embeds=embeds,
+            num_inference_steps=chunk[0]["steps"],
+            width=chunk[0].get("width"),
+            height=chunk[0].get("height"),
+            generator=[torch.Generator().manual_seed(r["seed"]) for r in chunk],
+        )
+        return len(result.images)
+
+    call(rows[:batch])  # warm-up
+    with GpuBusy() as busy:
+        started = time.perf_counter()
+        images = sum(call(rows[i : i + batch]) for i in range(0, len(rows), batch))
+        seconds = time.perf_counter() - started
+    return Figure(f"bare batched call, B={batch}", images, seconds, busy.fraction)
+
+
+def ipbatch_run(
+    models: str, root: Path, manifest: Path, warm: Path, batch: int, compile_: bool
+) -> Figure:
     from ipbatch.config import Settings
     from storage.migrate import upgrade
     from workers.context import StageContext
     from workers.runner import run_job
 
-    settings = Settings(home=home, models=models, batch_images=batch_images)
+    home = root / f"home-{batch}-{int(compile_)}"
+    settings = Settings(home=home, models=models, batch_images=batch, compile=compile_)
     upgrade(settings.ledger_url())
     ctx = StageContext.create(settings, mode="local")
-    warm = manifest.with_name("warm.jsonl")  # a one-row job loads the models
-    warm.write_text(manifest.read_text().splitlines()[0].replace("row-0", "warm") + "\n")
+    # warm-up on other rows with other references: loads (and compiles) the models, primes
+    # nothing the measured job uses
     run_job(ctx, manifest=str(warm), output=str(home / "out"), progress=False, started=0)
-    started = time.perf_counter()
-    summary = run_job(
-        ctx, manifest=str(manifest), output=str(home / "out"), progress=False, started=started
-    )
-    seconds = time.perf_counter() - started
+    with GpuBusy() as busy:
+        started = time.perf_counter()
+        summary = run_job(
+            ctx, manifest=str(manifest), output=str(home / "out"), progress=False, started=started
+        )
+        seconds = time.perf_counter() - started
     ctx.close()
     assert summary.status == "succeeded", summary
-    return seconds, summary.images
+    label = f"ipbatch{' compiled' if compile_ else ''}, B={batch}"
+    return Figure(label, summary.images, seconds, busy.fraction)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny", help="'tiny' (built here) or a folder")
+    parser.add_argument("--models", default="tiny", help="'tiny', 'fullsize' or a folder")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=0, help="width = height; 0: native")
     parser.add_argument("--repeat", type=float, default=0.3, help="share of repeated refs")
     parser.add_argument("--adapter", default="sd15")
-    parser.add_argument("--batch-images", type=int, default=0, help="0: ipbatch's default")
+    parser.add_argument(
+        "--batch-images", default="0", help="comma-separated images per call; 0: ipbatch's default"
+    )
+    parser.add_argument("--bare", action="store_true", help="also a bare batched call per B")
+    parser.add_argument("--compile", action="store_true", help="also ipbatch with compile")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
     args = parser.parse_args()
 
+    from pipeline.generator import default_batch_images
+    from pipeline.models import resolve_device
     from workers.context import quiet_model_libraries
 
     quiet_model_libraries()
     torch.manual_seed(0)
+    device = resolve_device("auto")
+    sizes = [int(b) or default_batch_images(device) for b in args.batch_images.split(",")]
+    figures: list[Figure] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = args.models
@@ -141,19 +259,44 @@ def main() -> None:
             from pipeline.tiny import write_tiny_models
 
             models = str(write_tiny_models(root / "models"))
-        manifest = make_manifest(root, args.rows, args.steps, args.repeat, args.adapter)
-        (root / "plain").mkdir()
-        plain_s, plain_n = plain_loop(models, manifest, root / "plain", args.adapter)
-        ours_s, ours_n = ipbatch_run(models, manifest, root / "home", args.batch_images)
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+        elif models == "fullsize":
+            from bench.fullsize import write_fullsize_sd15
+
+            models = str(write_fullsize_sd15(root / "models"))
+        manifest = make_manifest(root, "bench", args.rows, args, seed=0)
+        if not args.no_plain or args.bare:
+            pipe = load_plain_pipeline(models, args.adapter)
+            if not args.no_plain:
+                figures.append(plain_loop(pipe, manifest, root / "plain"))
+            if args.bare:
+                figures += [bare_batched(pipe, manifest, b) for b in sizes]
+            del pipe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for b in sizes:
+            warm = make_manifest(root, f"warm-{b}", b, args, seed=1000 + b)
+            figures.append(ipbatch_run(models, root, manifest, warm, b, False))
+            if args.compile:
+                figures.append(ipbatch_run(models, root, manifest, warm, b, True))
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    threads = torch.get_num_threads()
     print(
         f"{args.rows} rows ({args.repeat:.0%} repeated references), {args.steps} steps, "
-        f"adapter {args.adapter}, models {args.models}, {device}"
+        f"size {args.size or 'native'}, adapter {args.adapter}, models {args.models}, "
+        f"{where} ({threads} threads)"
     )
-    print(f"{'':24} {'images':>7} {'seconds':>8} {'images/s':>9}")
-    print(f"{'plain diffusers loop':24} {plain_n:7d} {plain_s:8.2f} {plain_n / plain_s:9.2f}")
-    print(f"{'ipbatch':24} {ours_n:7d} {ours_s:8.2f} {ours_n / ours_s:9.2f}")
-    print(f"ratio (ipbatch / plain): {(ours_n / ours_s) / (plain_n / plain_s):.2f}x")
+    plain = next((f for f in figures if f.label.startswith("plain")), None)
+    print(f"{'':30} {'images':>7} {'seconds':>8} {'images/s':>9} {'vs plain':>9} {'GPU busy':>9}")
+    for f in figures:
+        ratio = f"{f.rate / plain.rate:8.2f}x" if plain else "       -"
+        busy = f"{f.busy:9.0%}" if f.busy is not None else "      n/a"
+        print(f"{f.label:30} {f.images:7d} {f.seconds:8.2f} {f.rate:9.2f} {ratio:>9} {busy}")
+    for b in sizes:
+        bare = next((f for f in figures if f.label == f"bare batched call, B={b}"), None)
+        ours = next((f for f in figures if f.label == f"ipbatch, B={b}"), None)
+        if bare and ours:
+            print(f"B={b}: ipbatch at {ours.rate / bare.rate:.0%} of the bare batched call")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="a Celery worker")
     p.add_argument("--queues", default="ingest,embed,generate")
-    p.add_argument("--concurrency", type=int, default=1, help="processes (one per GPU)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="worker processes; each uses IPBATCH_DEVICE, so on a GPU machine run one "
+        "generate worker per GPU with CUDA_VISIBLE_DEVICES",
+    )
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname", help="Celery node name")
     p.set_defaults(func=cmd_worker)

@@ -78,18 +78,18 @@ def _text_config(hidden: int, **extra: Any) -> Any:
     from transformers import CLIPTextConfig
 
     vocab, _ = _byte_vocab()
-    return CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        **extra,
-    )
+    config: dict[str, Any] = {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": len(vocab),
+        "max_position_embeddings": 77,
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+    return CLIPTextConfig(**(config | extra))
 
 
 def _vae() -> Any:
@@ -271,11 +271,15 @@ def _resampler_layers(g: torch.Generator, dim: int, prefix: str) -> dict[str, to
 
 
 def _image_proj(
-    preset: AdapterPreset, cross_dim: int, encoder: tuple[int, int], g: torch.Generator
+    preset: AdapterPreset,
+    cross_dim: int,
+    encoder: tuple[int, int],
+    g: torch.Generator,
+    resampler_dim: int = RESAMPLER_DIM,
 ) -> dict[str, torch.Tensor]:
     """The `image_proj` part in h94's names, for each projection type diffusers recognises."""
     hidden, projection = encoder
-    dim = RESAMPLER_DIM
+    dim = resampler_dim
     name = preset.name
     if name in ("sd15", "sdxl"):  # ImageProjection: Linear -> 4 tokens, LayerNorm
         return {

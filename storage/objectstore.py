@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -208,17 +209,20 @@ class _BodyReader(io.RawIOBase):
 
 
 class ObjectStores:
-    """Picks the backend for a URI; the S3 client is made on first use (never at import)."""
+    """Picks the backend for a URI; the S3 client is made on first use (never at import) and
+    shared by the threads of the process (boto3 clients are thread-safe)."""
 
     def __init__(self, *, s3_endpoint_url: str | None = None, s3_region: str = "us-east-1"):
         self._s3_endpoint_url = s3_endpoint_url
         self._s3_region = s3_region
         self._s3: S3Store | None = None
+        self._lock = threading.Lock()
         self.local = LocalStore()
 
     def for_uri(self, uri: str) -> ObjectStore:
         if is_s3(uri):
-            if self._s3 is None:
-                self._s3 = S3Store(endpoint_url=self._s3_endpoint_url, region=self._s3_region)
+            with self._lock:
+                if self._s3 is None:
+                    self._s3 = S3Store(endpoint_url=self._s3_endpoint_url, region=self._s3_region)
             return self._s3
         return self.local

@@ -446,8 +446,9 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
                 _GenerateWork(item.id, item.row_id, item.params, job.id, job.output_uri, embeddings)
             )
 
-    # 1. requests, with the cached embeddings loaded (a bad item fails alone)
-    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    # 1. requests, with the cached embeddings loaded (fetched in parallel first; a bad item
+    #    fails alone)
+    loaded = _prefetch(ctx, {uri for entry in work for _, uri in entry.embeddings})
     prepared: list[_Prepared] = []
     summary.failed += _each_claimed(
         ctx,
@@ -487,6 +488,22 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
         raise errors[0]  # type: ignore[misc]
     _finalize_jobs(ctx, {entry.job_id for entry in work})
     return summary
+
+
+def _prefetch(ctx: StageContext, uris: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Load cached embeddings on a few threads, so that S3 round trips overlap. A fetch that
+    fails is left out: the row's own `_prepare` fetches it again and fails or retries it."""
+
+    def fetch(uri: str) -> tuple[str, dict[str, torch.Tensor] | None]:
+        try:
+            return uri, ctx.cache.load(uri)
+        except Exception:
+            return uri, None
+
+    if len(uris) <= 1:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(uris)), thread_name_prefix="fetch") as pool:
+        return {uri: t for uri, t in pool.map(fetch, sorted(uris)) if t is not None}
 
 
 def plan_batches(prepared: Sequence[_Prepared], *, max_images: int) -> list[list[_Prepared]]:
