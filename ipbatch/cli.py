@@ -157,6 +157,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_recount(args: argparse.Namespace) -> int:
+    """Rebuild the status counters behind job_progress from the items (after hand edits)."""
+    from sqlalchemy import select
+
+    from storage import ledger
+    from storage.models import Job
+
+    engine = ledger.make_engine(Settings().ledger_url())
+    try:
+        with ledger.make_sessions(engine).begin() as session:
+            jobs = [args.job] if args.job else list(session.scalars(select(Job.id)))
+            for job_id in jobs:
+                if ledger.get_job(session, job_id=job_id) is None:
+                    print(f"no job {job_id}", file=sys.stderr)
+                    return 2
+                counts = ledger.recount(session, job_id=job_id)
+                summary = ", ".join(f"{k.value} {v}" for k, v in sorted(counts.items()))
+                print(f"{job_id}: {summary or 'no items'}")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from storage.migrate import upgrade
 
@@ -228,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="ledger maintenance").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="run the Alembic migrations").set_defaults(func=cmd_db_upgrade)
+    p = db.add_parser("recount", help="rebuild job_progress's counters from the items")
+    p.add_argument("job", nargs="?", help="one job id (default: every job)")
+    p.set_defaults(func=cmd_db_recount)
 
     models = sub.add_parser("models", help="model folders").add_subparsers(
         dest="models_cmd", required=True

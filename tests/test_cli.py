@@ -82,3 +82,15 @@ def test_status_json_after_a_local_run(
     table = ipbatch("status", env=env)
     assert table.returncode == 0 and job_id in table.stdout
     assert ipbatch("status", "no-such-job", env=env).returncode == 2
+    # a hand-made UPDATE leaves job_progress behind until `ipbatch db recount`
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "home" / "ipbatch.db") as db:
+        db.execute("UPDATE items SET status = 'cancelled' WHERE status = 'failed'")
+    stale = json.loads(ipbatch("status", job_id, "--json", env=env).stdout)["jobs"][0]
+    assert (stale["failed"], stale["cancelled"]) == (1, 0)
+    recount = ipbatch("db", "recount", env=env)
+    assert recount.returncode == 0 and f"{job_id}: cancelled 1, succeeded 1" in recount.stdout
+    fresh = json.loads(ipbatch("status", job_id, "--json", env=env).stdout)["jobs"][0]
+    assert (fresh["failed"], fresh["cancelled"], fresh["total"]) == (0, 1, 2)
+    assert ipbatch("db", "recount", "no-such-job", env=env).returncode == 2
