@@ -33,6 +33,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_local(
         settings, manifest=args.manifest, output=args.output, progress=not args.quiet
     )
+    return _print_summary(summary)
+
+
+def _print_summary(summary: Any) -> int:
     total = sum(summary.counts.values())
     print(f"job {summary.job_id}: {summary.status}")
     print(
@@ -52,6 +56,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"images:   {summary.output_uri}")
     print(f"database: {redact_url(summary.database)}")
     return 0 if summary.status == "succeeded" else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from workers import stages
+    from workers.context import StageContext
+
+    settings = Settings()
+    local = settings.database_url is None
+    ctx = StageContext.create(settings, mode="local" if local else "distributed")
+    try:
+        cancelled = stages.cancel_job(ctx, job_id=args.job)
+    finally:
+        ctx.close()
+    print(f"job {args.job}: {cancelled} items cancelled; running ones stop after their batch")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Failed items again: in one-machine mode (no IPBATCH_DATABASE_URL) run them here and
+    now; otherwise queue them for the workers."""
+    settings = _settings(args)
+    if settings.database_url is None:
+        from workers.runner import retry_local
+
+        return _print_summary(retry_local(settings, job_id=args.job, progress=not args.quiet))
+    from workers import stages
+    from workers.tasks import context, send_embed
+
+    queued = stages.retry_job(context(), job_id=args.job, enqueue=send_embed)
+    print(f"job {args.job}: {queued} failed items queued again")
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -248,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "cancel", help="cancel a job: queued items now, running ones after their batch"
+    )
+    p.add_argument("job")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("retry", help="run a job's failed items again (not invalid rows)")
+    p.add_argument("job")
+    p.add_argument("--models", help="models folder (one-machine mode)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_retry)
 
     db = sub.add_parser("db", help="ledger maintenance").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="run the Alembic migrations").set_defaults(func=cmd_db_upgrade)

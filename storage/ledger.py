@@ -182,6 +182,77 @@ def finalize_job(session: Session, *, job_id: str) -> JobStatus | None:
     return final if moved is not None else None
 
 
+def lock_job_status(session: Session, *, job_id: str) -> JobStatus | None:
+    """The job's status, with its row locked until the transaction ends (PostgreSQL), so that
+    a cancel and an ingest chunk of the same job happen one after the other."""
+    return session.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
+
+
+def cancel_job(session: Session, *, job_id: str, worker: str | None = None) -> int:
+    """Cancel a job: the job row, and every item not started yet (pending, embedding, ready).
+
+    Items `running` are left to finish their batch: the generate stage cancels the rest of
+    its batches when it sees the job cancelled. Returns how many items were cancelled;
+    a job already finished is left alone (0).
+    """
+    status = lock_job_status(session, job_id=job_id)
+    if status not in (JobStatus.PENDING, JobStatus.RUNNING):
+        return 0
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+    )
+    cancelled = 0
+    for waiting in (ItemStatus.PENDING, ItemStatus.EMBEDDING, ItemStatus.READY):
+        for ids in iter_id_pages(session, job_id=job_id, statuses=[waiting]):
+            cancelled += len(
+                transition(
+                    session,
+                    item_ids=ids,
+                    from_status=waiting,
+                    to_status=ItemStatus.CANCELLED,
+                    worker=worker,
+                    message="job cancelled",
+                )
+            )
+    return cancelled
+
+
+def retry_failed(session: Session, *, job_id: str, worker: str | None = None) -> list[int]:
+    """Failed items of a job go back to pending (attempts reset, error cleared) and the job
+    runs again. Rows that failed validation (`invalid_row`) stay failed: the manifest must
+    change for them. Returns the ids to enqueue."""
+    ids = list(
+        session.scalars(
+            select(Item.id)
+            .where(
+                Item.job_id == job_id,
+                Item.status == ItemStatus.FAILED,
+                or_(Item.error_code.is_(None), Item.error_code != "invalid_row"),
+            )
+            .order_by(Item.id)
+        )
+    )
+    moved: list[int] = []
+    for lo in range(0, len(ids), 1000):
+        moved += transition(
+            session,
+            item_ids=ids[lo : lo + 1000],
+            from_status=ItemStatus.FAILED,
+            to_status=ItemStatus.PENDING,
+            worker=worker,
+            message="retry requested",
+        )
+    if moved:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status != JobStatus.PENDING)
+            .values(status=JobStatus.RUNNING, finished_at=None)
+        )
+    return moved
+
+
 def item_counts(session: Session, *, job_id: str) -> dict[ItemStatus, int]:
     """Items of a job per status, from the maintained counters (see `job_item_counts`)."""
     _apply_counts(session)
@@ -417,6 +488,8 @@ def transition(
     elif to_status == ItemStatus.PENDING:  # retry clears the old error
         values["error_code"] = None
         values["error_message"] = None
+        if from_status == ItemStatus.FAILED:  # a retry starts counting deliveries afresh
+            values["attempts"] = 0
     condition = Item.status == from_status
     if from_status == to_status:  # re-claim: only items whose lease has expired
         condition = condition & or_(Item.lease_until.is_(None), Item.lease_until < now)
@@ -578,10 +651,11 @@ def complete_item(
     )
     if not moved:
         return False
-    now = utcnow()
-    session.execute(
-        insert(Output), [{"item_id": item_id, "created_at": now, **out} for out in outputs]
-    )
+    if outputs:
+        now = utcnow()
+        session.execute(
+            insert(Output), [{"item_id": item_id, "created_at": now, **out} for out in outputs]
+        )
     return True
 
 

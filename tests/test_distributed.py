@@ -247,6 +247,48 @@ def test_submit_embed_generate_over_real_services(
         "reference_not_found",
     }
 
+    # retry: the user uploads the missing reference; `outside` is still forbidden
+    s3.upload_file(str(reference_images["blue"]), bucket, "refs/missing.png")
+    assert "2 failed items queued again" in cli("retry", jobs[0], env=env)
+    progress3 = wait_for_job(cluster, jobs[0])
+    assert (progress3["status"], progress3["succeeded"], progress3["failed"]) == ("failed", 5, 1)
+
+    # cancel right after submitting: every item ends cancelled or succeeded, nothing in
+    # flight, and the outputs rows are exactly the stored images
+    rows3 = [
+        {"id": f"c{i}", "prompt": f"p{i}", "reference": f"s3://{bucket}/refs/red.png", "steps": 2}
+        for i in range(12)
+    ]
+    job3 = cli(
+        "submit", put_manifest(cluster, "jobs/cancel.jsonl", rows3), "--output", output, env=env
+    )
+    cli("cancel", job3.strip(), env=env)
+    deadline = time.monotonic() + 120
+    while True:
+        with cluster["engine"].connect() as conn:
+            p = (
+                conn.execute(
+                    sa.text("SELECT * FROM job_progress WHERE job_id = :j"), {"j": job3.strip()}
+                )
+                .mappings()
+                .one()
+            )
+        if p["pending"] == p["running"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert p["status"] == "cancelled" and p["pending"] == p["running"] == 0, p
+    assert p["succeeded"] + p["cancelled"] == p["total"]
+    with cluster["engine"].connect() as conn:
+        n_outputs = conn.execute(
+            sa.text(
+                "SELECT COUNT(*) FROM outputs o JOIN items i ON i.id = o.item_id "
+                "WHERE i.job_id = :j"
+            ),
+            {"j": job3.strip()},
+        ).scalar()
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"results/{job3.strip()}/")
+    assert n_outputs == listed.get("KeyCount", 0)
+
 
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_redis_broker_also_works(

@@ -83,6 +83,27 @@ def run_job(
         _release_in_flight(ctx, job_id)
 
     stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
+    images = _embed_and_generate(ctx, job_id, progress)
+    return _summary(ctx, job_id, images=images, started=started)
+
+
+def retry_local(settings: Settings, *, job_id: str, progress: bool = True) -> RunSummary:
+    """`ipbatch retry JOB` in one-machine mode: failed items back to pending, then run them."""
+    started = time.monotonic()
+    with single_runner(settings.resolved_home()):
+        upgrade(settings.ledger_url())
+        ctx = StageContext.create(settings, mode="local")
+        try:
+            _release_in_flight(ctx, job_id)
+            stages.retry_job(ctx, job_id=job_id, enqueue=lambda ids: None)
+            images = _embed_and_generate(ctx, job_id, progress)
+            return _summary(ctx, job_id, images=images, started=started)
+        finally:
+            ctx.close()
+
+
+def _embed_and_generate(ctx: StageContext, job_id: str, progress: bool) -> int:
+    """Embed every pending item of the job, then generate every ready one; returns images."""
     batch = ctx.settings.generate_batch
     with ctx.sessions.begin() as session:
         pending = _all_ids(session, job_id, ItemStatus.PENDING)
@@ -100,7 +121,10 @@ def run_job(
         images += stages.generate(ctx, item_ids=ids).images
         bar.update(len(ids))
     bar.close()
+    return images
 
+
+def _summary(ctx: StageContext, job_id: str, *, images: int, started: float) -> RunSummary:
     with ctx.sessions.begin() as session:
         ledger.finalize_job(session, job_id=job_id)
         job = ledger.get_job(session, job_id=job_id)
@@ -119,7 +143,7 @@ def run_job(
             images=images,
             seconds=time.monotonic() - started,
             database=ctx.settings.ledger_url(),
-            output_uri=f"{output_uri}/{job_id}",
+            output_uri=f"{job.output_uri}/{job_id}",
             failures=failures,
         )
 

@@ -23,7 +23,7 @@ from pipeline.images import CONTENT_TYPES, decode_reference, encode_output
 from pipeline.manifest import Row, detect_format, read_manifest
 from pipeline.sources import check_allowed, resolve_reference
 from storage import ledger
-from storage.models import ItemStatus
+from storage.models import ItemStatus, JobStatus
 from storage.objectstore import join_uri
 from workers.context import StageContext
 
@@ -122,6 +122,10 @@ def ingest(ctx: StageContext, *, job_id: str, enqueue: Enqueue) -> IngestSummary
 
     def flush() -> None:
         with ctx.sessions.begin() as session:
+            if ledger.lock_job_status(session, job_id=job_id) == JobStatus.CANCELLED:
+                for values in chunk:  # every row still gets its item, cancelled
+                    if values["status"] == ItemStatus.PENDING:
+                        values |= {"status": ItemStatus.CANCELLED, "error_message": "cancelled"}
             pending = ledger.add_items(session, job_id=job_id, rows=chunk)
         chunk.clear()
         if pending:
@@ -170,6 +174,26 @@ def requeue_job(
             enqueue(ids)
             total += len(ids)
     return total
+
+
+def cancel_job(ctx: StageContext, *, job_id: str) -> int:
+    """Cancel a job at once: items not started are cancelled now, running ones at the end
+    of their batch. Returns how many items were cancelled now."""
+    with ctx.sessions.begin() as session:
+        if ledger.get_job(session, job_id=job_id) is None:
+            raise ConfigError(f"no job {job_id}")
+        return ledger.cancel_job(session, job_id=job_id, worker=ctx.worker)
+
+
+def retry_job(ctx: StageContext, *, job_id: str, enqueue: Enqueue) -> int:
+    """Failed items (not invalid rows) back to pending, enqueued again. Returns how many."""
+    with ctx.sessions.begin() as session:
+        if ledger.get_job(session, job_id=job_id) is None:
+            raise ConfigError(f"no job {job_id}")
+        ids = ledger.retry_failed(session, job_id=job_id, worker=ctx.worker)
+    for chunk in chunked(ids, ctx.settings.generate_batch):
+        enqueue(chunk)
+    return len(ids)
 
 
 # --- embed --------------------------------------------------------------------------------
@@ -470,6 +494,9 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
                 if any(f.done() and f.exception() for f in finishing):
                     break
                 started += 1
+                batch = _drop_cancelled(ctx, batch)
+                if not batch:
+                    continue
                 results = _run_batch(ctx, batch)
                 finishing.append(finisher.submit(_finish_batch, ctx, batch, results, summary))
     except (RetryableError, ConfigError) as exc:  # from _run_batch: not one item's fault
@@ -488,6 +515,30 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
         raise errors[0]  # type: ignore[misc]
     _finalize_jobs(ctx, {entry.job_id for entry in work})
     return summary
+
+
+def _drop_cancelled(ctx: StageContext, batch: list[_Prepared]) -> list[_Prepared]:
+    """At a batch boundary: items whose job was cancelled are cancelled instead of generated
+    (`ipbatch cancel` stops running items here). Returns the rest of the batch."""
+    job_ids = {p.entry.job_id for p in batch}
+    with ctx.sessions.begin() as session:
+        cancelled = {
+            job_id
+            for job_id in job_ids
+            if (job := ledger.get_job(session, job_id=job_id)) is not None
+            and job.status == JobStatus.CANCELLED
+        }
+        if not cancelled:
+            return batch
+        ledger.transition(
+            session,
+            item_ids=[p.entry.item_id for p in batch if p.entry.job_id in cancelled],
+            from_status=ItemStatus.RUNNING,
+            to_status=ItemStatus.CANCELLED,
+            worker=ctx.worker,
+            message="job cancelled",
+        )
+    return [p for p in batch if p.entry.job_id not in cancelled]
 
 
 def _prefetch(ctx: StageContext, uris: set[str]) -> dict[str, dict[str, torch.Tensor]]:
