@@ -73,6 +73,23 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reaper(args: argparse.Namespace) -> int:
+    """Queue again the items of workers whose lease ran out, every --every seconds."""
+    import time
+
+    from workers import stages
+    from workers.tasks import context, send_embed, send_generate
+
+    while True:
+        released = stages.reap(context(), enqueue_embed=send_embed, enqueue_generate=send_generate)
+        if released:
+            log.warning("reaper: %d items whose lease ran out queued again", released)
+        if args.once:
+            print(f"{released} items released and queued again")
+            return 0
+        time.sleep(args.every)
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Failed items again: in one-machine mode (no IPBATCH_DATABASE_URL) run them here and
     now; otherwise queue them for the workers."""
@@ -289,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("reaper", help="queue again the items of workers that died")
+    p.add_argument("--every", type=float, default=60.0, help="seconds between passes")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.set_defaults(func=cmd_reaper)
 
     p = sub.add_parser("retry", help="run a job's failed items again (not invalid rows)")
     p.add_argument("job")

@@ -70,6 +70,19 @@ class Settings(BaseSettings):
     batch_images: int = Field(
         0, ge=0, description="Images per diffusers call; 0: by device (16 on CPU, 8-16 on CUDA)."
     )
+    lease_seconds: int = Field(
+        300,
+        ge=5,
+        description="How long a worker's claim on its items lasts without a heartbeat; the "
+        "heartbeat renews it every third of that. A killed worker's items are taken over "
+        "once it runs out.",
+    )
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        description="An item claimed more than this many times in one stage (its worker died "
+        "each time) fails as `internal` instead of being delivered again.",
+    )
     channels_last: bool = Field(
         True, description="CUDA: keep the UNet in channels_last memory format (faster convs)."
     )

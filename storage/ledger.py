@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, delete, event, func, insert, or_, select, update
@@ -199,9 +199,7 @@ def cancel_job(session: Session, *, job_id: str, worker: str | None = None) -> i
     if status not in (JobStatus.PENDING, JobStatus.RUNNING):
         return 0
     session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+        update(Job).where(Job.id == job_id).values(status=JobStatus.CANCELLED, finished_at=utcnow())
     )
     cancelled = 0
     for waiting in (ItemStatus.PENDING, ItemStatus.EMBEDDING, ItemStatus.READY):
@@ -490,6 +488,8 @@ def transition(
         values["error_message"] = None
         if from_status == ItemStatus.FAILED:  # a retry starts counting deliveries afresh
             values["attempts"] = 0
+    if (from_status, to_status) == (ItemStatus.EMBEDDING, ItemStatus.READY):
+        values["attempts"] = 0  # attempts count the claims of the current stage
     condition = Item.status == from_status
     if from_status == to_status:  # re-claim: only items whose lease has expired
         condition = condition & or_(Item.lease_until.is_(None), Item.lease_until < now)
@@ -539,9 +539,13 @@ def claim(
     working: ItemStatus,
     worker: str,
     lease_seconds: float,
+    max_attempts: int | None = None,
 ) -> list[int]:
     """Claim items for a stage: waiting -> working, or re-claim working items whose lease
-    expired (their worker died). Every claim counts as an attempt."""
+    expired (their worker died). Every claim counts as an attempt (`attempts` counts the
+    claims of the item's current stage). An item claimed more than `max_attempts` times fails
+    as `internal` instead (a poison item that kills its worker must not loop forever; its
+    item_events hold every delivery). Returns the ids this call may work on."""
     claimed = transition(
         session,
         item_ids=item_ids,
@@ -562,7 +566,69 @@ def claim(
         count_attempt=True,
         message="lease expired; re-claimed",
     )
-    return sorted(claimed + reclaimed)
+    mine = sorted(claimed + reclaimed)
+    if max_attempts is None or not mine:
+        return mine
+    over = list(
+        session.scalars(select(Item.id).where(Item.id.in_(mine), Item.attempts > max_attempts))
+    )
+    if over:
+        transition(
+            session,
+            item_ids=over,
+            from_status=working,
+            to_status=ItemStatus.FAILED,
+            worker=worker,
+            error_code="internal",
+            message=f"delivered more than {max_attempts} times in stage {working.value} without "
+            "finishing (its worker died or hung each time); item_events holds every delivery",
+        )
+    return [i for i in mine if i not in set(over)]
+
+
+def held_elsewhere(
+    session: Session, *, item_ids: Sequence[int], working: ItemStatus
+) -> tuple[list[int], float]:
+    """Of `item_ids`, those another worker holds in `working` under a live lease, and the
+    seconds until the first of those leases runs out (0 if none)."""
+    now = utcnow()
+    held: dict[int, datetime] = {}
+    for item_id, lease in session.execute(
+        select(Item.id, Item.lease_until).where(
+            Item.id.in_(list(item_ids)), Item.status == working, Item.lease_until >= now
+        )
+    ):
+        if lease is not None:
+            held[item_id] = lease
+    if not held:
+        return [], 0.0
+    return sorted(held), max(0.0, (min(held.values()) - now).total_seconds())
+
+
+def extend_leases(
+    session: Session, *, item_ids: Sequence[int], working: ItemStatus, lease_seconds: float
+) -> int:
+    """The heartbeat: items still in `working` keep their claim for `lease_seconds` more."""
+    if not item_ids:
+        return 0
+    result = session.execute(
+        update(Item)
+        .where(Item.id.in_(list(item_ids)), Item.status == working)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def expired_leases(session: Session, *, working: ItemStatus, limit: int = 1000) -> list[int]:
+    """Items in `working` whose lease ran out: their worker died or lost its connection."""
+    return list(
+        session.scalars(
+            select(Item.id)
+            .where(Item.status == working, Item.lease_until < utcnow())
+            .order_by(Item.id)
+            .limit(limit)
+        )
+    )
 
 
 def load_items(session: Session, *, item_ids: Sequence[int]) -> list[Item]:

@@ -130,6 +130,7 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "row_index"),
         Index("ix_items_job_id_status", "job_id", "status"),
+        Index("ix_items_status_lease_until", "status", "lease_until"),  # the reaper's query
     )
 
 

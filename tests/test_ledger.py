@@ -159,7 +159,7 @@ def test_guarded_transitions(sessions: sessionmaker[Session]) -> None:
     assert moved == ids
     with sessions.begin() as s:
         attempts = [i.attempts for i in ledger.load_items(s, item_ids=ids)]
-    assert attempts == [1, 1, 1]
+    assert attempts == [0, 0, 0]  # claims are counted per stage: ready starts afresh
 
 
 def test_expired_lease_is_reclaimed(sessions: sessionmaker[Session]) -> None:
@@ -412,3 +412,66 @@ def test_postgres_counters_under_concurrent_workers(request: pytest.FixtureReque
             }
     finally:
         engine.dispose()
+
+
+def test_an_item_delivered_too_often_fails_with_its_history(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A poison item whose worker dies every time: after `max_attempts` claims of one stage
+    it fails as internal instead of looping; item_events shows every delivery."""
+    _, ids = new_job(sessions, n_valid=2, n_invalid=0)
+    claim = {"waiting": ItemStatus.PENDING, "working": ItemStatus.EMBEDDING, "max_attempts": 3}
+    got = []
+    for n in range(4):
+        with sessions.begin() as s:
+            got.append(
+                ledger.claim(s, item_ids=ids[:1], worker=f"w{n}", lease_seconds=0.01, **claim)
+            )
+        time.sleep(0.05)  # ... and the worker dies: the lease runs out
+    assert got == [ids[:1], ids[:1], ids[:1], []]
+    with sessions.begin() as s:
+        [item, other] = ledger.load_items(s, item_ids=ids)
+        events = s.execute(
+            sa.select(ItemEvent.to_status, ItemEvent.worker)
+            .where(ItemEvent.item_id == ids[0])
+            .order_by(ItemEvent.id)
+        ).all()
+    assert (item.status, item.error_code, item.attempts) == (ItemStatus.FAILED, "internal", 4)
+    assert item.error_message is not None and "more than 3 times" in item.error_message
+    assert [e.to_status for e in events] == ["pending"] + ["embedding"] * 4 + ["failed"]
+    assert [e.worker for e in events[1:5]] == ["w0", "w1", "w2", "w3"]
+    assert other.status == ItemStatus.PENDING  # untouched
+
+
+def test_heartbeat_held_items_and_expired_leases(sessions: sessionmaker[Session]) -> None:
+    _, ids = new_job(sessions, n_valid=3, n_invalid=0)
+    with sessions.begin() as s:
+        ledger.claim(
+            s,
+            item_ids=ids[:2],
+            waiting=ItemStatus.PENDING,
+            working=ItemStatus.EMBEDDING,
+            worker="w1",
+            lease_seconds=0.5,
+        )
+    with sessions.begin() as s:
+        held, wait = ledger.held_elsewhere(s, item_ids=ids, working=ItemStatus.EMBEDDING)
+        assert held == ids[:2] and 0 < wait <= 0.5
+        # the heartbeat keeps the first one; the second one's worker died
+        assert (
+            ledger.extend_leases(
+                s, item_ids=ids[:1], working=ItemStatus.EMBEDDING, lease_seconds=60
+            )
+            == 1
+        )
+        assert (
+            ledger.extend_leases(
+                s, item_ids=ids[2:], working=ItemStatus.EMBEDDING, lease_seconds=60
+            )
+            == 0
+        )  # not claimed: nothing to renew
+    time.sleep(0.6)
+    with sessions.begin() as s:
+        assert ledger.expired_leases(s, working=ItemStatus.EMBEDDING) == ids[1:2]
+        held, wait = ledger.held_elsewhere(s, item_ids=ids, working=ItemStatus.EMBEDDING)
+        assert held == ids[:1] and 50 < wait <= 60

@@ -12,8 +12,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,7 +37,6 @@ if TYPE_CHECKING:  # the model stack loads in the embed/generate stages, not for
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 15 * 60
 Enqueue = Callable[[list[int]], None]
 T = TypeVar("T")
 
@@ -196,12 +197,42 @@ def retry_job(ctx: StageContext, *, job_id: str, enqueue: Enqueue) -> int:
     return len(ids)
 
 
+def reap(ctx: StageContext, *, enqueue_embed: Enqueue, enqueue_generate: Enqueue) -> int:
+    """Items whose worker's lease ran out (killed, machine lost, hung past its heartbeat) go
+    back to waiting and are queued again. Safe to run anywhere, any number of times: the
+    release is a guarded transition, and a live worker's items are never touched."""
+    total = 0
+    for working, waiting, enqueue in (
+        (ItemStatus.EMBEDDING, ItemStatus.PENDING, enqueue_embed),
+        (ItemStatus.RUNNING, ItemStatus.READY, enqueue_generate),
+    ):
+        while True:
+            with ctx.sessions.begin() as session:
+                expired = ledger.expired_leases(session, working=working)
+                moved = ledger.transition(
+                    session,
+                    item_ids=expired,
+                    from_status=working,
+                    to_status=waiting,
+                    worker=ctx.worker,
+                    message="lease expired: released by the reaper",
+                )
+            for chunk in chunked(moved, ctx.settings.generate_batch):
+                enqueue(chunk)
+            total += len(moved)
+            if not moved or len(expired) < 1000:
+                break
+    return total
+
+
 # --- embed --------------------------------------------------------------------------------
 
 
 @dataclass
 class EmbedSummary:
     ready: list[int] = field(default_factory=list)
+    held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
+    retry_in: float = 0.0  # seconds until the first of those leases runs out
     failed: int = 0
     computed: int = 0
     cached: int = 0
@@ -276,6 +307,32 @@ def _each_claimed(
     return failed
 
 
+@contextmanager
+def _heartbeat(ctx: StageContext, item_ids: Sequence[int], working: ItemStatus) -> Iterator[None]:
+    """While the block runs, renew this worker's claim on `item_ids` every third of the lease
+    (a thread), so only a dead or hung worker's items are ever taken over."""
+    stop = threading.Event()
+    lease = ctx.settings.lease_seconds
+
+    def beat() -> None:
+        while not stop.wait(lease / 3):
+            try:
+                with ctx.sessions.begin() as session:
+                    ledger.extend_leases(
+                        session, item_ids=item_ids, working=working, lease_seconds=lease
+                    )
+            except Exception:  # the database is away: the claim may lapse, never a crash
+                log.warning("heartbeat for %d items failed", len(item_ids), exc_info=True)
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _finalize_jobs(ctx: StageContext, job_ids: set[str]) -> None:
     for job_id in sorted(job_ids):
         with ctx.sessions.begin() as session:
@@ -301,8 +358,19 @@ def embed(ctx: StageContext, *, item_ids: Sequence[int]) -> EmbedSummary:
             waiting=ItemStatus.PENDING,
             working=ItemStatus.EMBEDDING,
             worker=ctx.worker,
-            lease_seconds=LEASE_SECONDS,
+            lease_seconds=ctx.settings.lease_seconds,
+            max_attempts=ctx.settings.max_deliveries,
         )
+        others = sorted(set(item_ids) - set(claimed))
+        summary.held, summary.retry_in = ledger.held_elsewhere(
+            session, item_ids=others, working=ItemStatus.EMBEDDING
+        )
+        # embedded by an earlier delivery whose worker may have died before queueing them
+        summary.ready += [
+            i.id
+            for i in ledger.load_items(session, item_ids=others)
+            if i.status == ItemStatus.READY
+        ]
         work = []
         for item in ledger.load_items(session, item_ids=claimed):
             job = ledger.get_job(session, job_id=item.job_id)
@@ -322,15 +390,16 @@ def embed(ctx: StageContext, *, item_ids: Sequence[int]) -> EmbedSummary:
                 worker=ctx.worker,
             )
 
-    summary.failed = _each_claimed(
-        ctx,
-        work,
-        item_id=lambda entry: entry.item_id,
-        working=ItemStatus.EMBEDDING,
-        waiting=ItemStatus.PENDING,
-        unexpected=ErrorCode.INTERNAL,
-        process=process,
-    )
+    with _heartbeat(ctx, claimed, ItemStatus.EMBEDDING):
+        summary.failed = _each_claimed(
+            ctx,
+            work,
+            item_id=lambda entry: entry.item_id,
+            working=ItemStatus.EMBEDDING,
+            waiting=ItemStatus.PENDING,
+            unexpected=ErrorCode.INTERNAL,
+            process=process,
+        )
     _finalize_jobs(ctx, {entry.job_id for entry in work})
     return summary
 
@@ -398,6 +467,8 @@ class GenerateSummary:
     succeeded: int = 0
     failed: int = 0
     images: int = 0
+    held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
+    retry_in: float = 0.0
 
 
 def output_uri_for(output_uri: str, job_id: str, row_id: str, k: int, fmt: str) -> str:
@@ -456,7 +527,11 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
             waiting=ItemStatus.READY,
             working=ItemStatus.RUNNING,
             worker=ctx.worker,
-            lease_seconds=LEASE_SECONDS,
+            lease_seconds=ctx.settings.lease_seconds,
+            max_attempts=ctx.settings.max_deliveries,
+        )
+        summary.held, summary.retry_in = ledger.held_elsewhere(
+            session, item_ids=sorted(set(item_ids) - set(claimed)), working=ItemStatus.RUNNING
         )
         work = []
         for item in ledger.load_items(session, item_ids=claimed):
@@ -470,6 +545,16 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
                 _GenerateWork(item.id, item.row_id, item.params, job.id, job.output_uri, embeddings)
             )
 
+    claimed_ids = [entry.item_id for entry in work]
+    with _heartbeat(ctx, claimed_ids, ItemStatus.RUNNING):
+        _generate_claimed(ctx, work, summary)
+    _finalize_jobs(ctx, {entry.job_id for entry in work})
+    return summary
+
+
+def _generate_claimed(
+    ctx: StageContext, work: list[_GenerateWork], summary: GenerateSummary
+) -> None:
     # 1. requests, with the cached embeddings loaded (fetched in parallel first; a bad item
     #    fails alone)
     loaded = _prefetch(ctx, {uri for entry in work for _, uri in entry.embeddings})
@@ -513,8 +598,6 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
         unrun = [p.entry.item_id for b in batches[started:] for p in b]
         _release(ctx, unrun, ItemStatus.RUNNING, ItemStatus.READY, f"retrying: {errors[0]}")
         raise errors[0]  # type: ignore[misc]
-    _finalize_jobs(ctx, {entry.job_id for entry in work})
-    return summary
 
 
 def _drop_cancelled(ctx: StageContext, batch: list[_Prepared]) -> list[_Prepared]:

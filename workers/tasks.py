@@ -41,13 +41,22 @@ def embed(item_ids: list[int]) -> None:
     summary = stages.embed(context(), item_ids=item_ids)
     for batch in stages.chunked(summary.ready, context().settings.generate_batch):
         generate.delay(batch)
+    if summary.held:  # another worker's claim: if that worker died, take over when it lapses
+        embed.apply_async((summary.held,), countdown=summary.retry_in + 1)
 
 
 @app.task(name="ipbatch.generate", **RETRY)
 def generate(item_ids: list[int]) -> None:
-    stages.generate(context(), item_ids=item_ids)
+    summary = stages.generate(context(), item_ids=item_ids)
+    if summary.held:
+        generate.apply_async((summary.held,), countdown=summary.retry_in + 1)
 
 
 def send_embed(item_ids: list[int]) -> None:
     for batch in stages.chunked(item_ids, context().settings.generate_batch):
         embed.delay(batch)
+
+
+def send_generate(item_ids: list[int]) -> None:
+    for batch in stages.chunked(item_ids, context().settings.generate_batch):
+        generate.delay(batch)

@@ -1,0 +1,118 @@
+"""Claims are leases: the heartbeat renews a live worker's, the reaper takes back a dead
+worker's and queues its items again."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from ipbatch.config import Settings
+from storage import ledger
+from storage.migrate import upgrade
+from storage.models import Item, ItemEvent, ItemStatus
+from workers import stages
+from workers.context import StageContext
+
+
+@pytest.fixture()
+def ctx(tmp_path: Path, tiny_models: Path) -> StageContext:
+    settings = Settings(home=tmp_path / "home", models=str(tiny_models), lease_seconds=5)
+    upgrade(settings.ledger_url())
+    context = StageContext.create(settings, mode="local")
+    yield context  # type: ignore[misc]
+    context.close()
+
+
+def _job(ctx: StageContext, tmp_path: Path, reference: Path, rows: int) -> list[int]:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "reference": str(reference), "steps": 1}) + "\n"
+            for i in range(rows)
+        )
+    )
+    job_id, _ = stages.register_job(ctx, manifest_uri=str(manifest), output_uri=str(tmp_path / "o"))
+    queued: list[int] = []
+    stages.ingest(ctx, job_id=job_id, enqueue=queued.extend)
+    return queued
+
+
+def test_reaper_requeues_only_what_dead_workers_held(
+    ctx: StageContext, tmp_path: Path, reference_images: dict[str, Path]
+) -> None:
+    ids = _job(ctx, tmp_path, reference_images["red"], rows=5)
+    claim = {"worker": "w", "max_attempts": 5}
+    assert stages.embed(ctx, item_ids=ids[:2]).ready == ids[:2]
+    with ctx.sessions.begin() as s:
+        # r0, r1: generating; r2: embedding; r3: embedding under a live lease; r4: pending
+        for item_ids, waiting, working, lease in (
+            (ids[:2], ItemStatus.READY, ItemStatus.RUNNING, 0.01),
+            (ids[2:3], ItemStatus.PENDING, ItemStatus.EMBEDDING, 0.01),
+            (ids[3:4], ItemStatus.PENDING, ItemStatus.EMBEDDING, 60),
+        ):
+            ledger.claim(
+                s, item_ids=item_ids, waiting=waiting, working=working, lease_seconds=lease, **claim
+            )
+    time.sleep(0.05)
+    embeds: list[list[int]] = []
+    generates: list[list[int]] = []
+    assert stages.reap(ctx, enqueue_embed=embeds.append, enqueue_generate=generates.append) == 3
+    assert embeds == [ids[2:3]] and generates == [ids[:2]]
+    with ctx.sessions.begin() as s:
+        statuses = [i.status for i in ledger.load_items(s, item_ids=ids)]
+        reaped = s.scalar(
+            sa.select(sa.func.count()).where(
+                ItemEvent.message == "lease expired: released by the reaper"
+            )
+        )
+    assert statuses == [
+        ItemStatus.READY,
+        ItemStatus.READY,
+        ItemStatus.PENDING,
+        ItemStatus.EMBEDDING,  # its worker is alive
+        ItemStatus.PENDING,
+    ]
+    assert reaped == 3
+    assert stages.reap(ctx, enqueue_embed=embeds.append, enqueue_generate=generates.append) == 0
+    # the requeued items run to the end like any other
+    ready = stages.embed(ctx, item_ids=ids[2:3] + ids[4:]).ready
+    assert stages.generate(ctx, item_ids=ids[:2] + ready).succeeded == 4
+
+
+def test_heartbeat_keeps_a_long_batch_claimed(
+    ctx: StageContext,
+    tmp_path: Path,
+    reference_images: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch that runs longer than the lease (5 s here) keeps its items: the heartbeat
+    renews the lease, so no other worker may take them over meanwhile."""
+    ids = _job(ctx, tmp_path, reference_images["red"], rows=2)
+    ready = stages.embed(ctx, item_ids=ids).ready
+    real_run_batch = stages._run_batch
+    seen: list[tuple[float, list[int]]] = []
+
+    def slow(ctx_, batch):  # type: ignore[no-untyped-def]
+        for _ in range(3):  # 6 s in all, longer than the lease
+            time.sleep(2)
+            with ctx.sessions.begin() as s:
+                lease = s.scalar(sa.select(sa.func.min(Item.lease_until)).where(Item.id.in_(ready)))
+                stolen = ledger.claim(
+                    s,
+                    item_ids=ready,
+                    waiting=ItemStatus.READY,
+                    working=ItemStatus.RUNNING,
+                    worker="thief",
+                    lease_seconds=60,
+                )
+            assert lease is not None
+            seen.append((lease.timestamp() - time.time(), stolen))
+        return real_run_batch(ctx_, batch)
+
+    monkeypatch.setattr(stages, "_run_batch", slow)
+    assert stages.generate(ctx, item_ids=ready).succeeded == 2
+    assert all(left > 0 and stolen == [] for left, stolen in seen), seen
