@@ -54,6 +54,12 @@ def broker(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture()
+def cluster_settings() -> dict[str, str]:
+    """Extra IPBATCH_* settings for the workers (a test may parametrize this)."""
+    return {}
+
+
+@pytest.fixture()
 def cluster(
     tmp_path: Path,
     pg_url: str,
@@ -61,6 +67,7 @@ def cluster(
     s3_endpoint: str,
     s3_bucket: str,
     tiny_models: Path,
+    cluster_settings: dict[str, str],
 ) -> Iterator[dict]:
     env = {
         **os.environ,
@@ -71,6 +78,7 @@ def cluster(
         "IPBATCH_HOME": str(tmp_path / "home"),
         "IPBATCH_ALLOWED_SOURCES": f"s3://{s3_bucket}/refs/",
         "IPBATCH_GENERATE_BATCH": "2",
+        **cluster_settings,
     }
     cli("db", "upgrade", env=env)
     workers, logs, handles = [], [], []
@@ -381,3 +389,107 @@ def test_mixed_presets_over_real_services(cluster: dict, tmp_path: Path) -> None
     assert n_outputs == 7
     # the family is part of every cache key: SD1.5 and SDXL never share an embedding
     assert {e.split("/")[0] for e in encoders} == {"sd15", "sdxl"}
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the prefork pool of a Celery worker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _progress(cluster: dict, job_id: str) -> dict:
+    with cluster["engine"].connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT * FROM job_progress WHERE job_id = :j"), {"j": job_id}
+        ).mappings()
+        return dict(row.one_or_none() or {})
+
+
+@pytest.mark.parametrize(
+    "cluster_settings",
+    [
+        {
+            "IPBATCH_LEASE_SECONDS": "6",
+            "IPBATCH_GENERATE_BATCH": "4",
+            "IPBATCH_BATCH_IMAGES": "4",
+        }
+    ],
+)
+def test_kill_9_the_generate_worker_three_times(
+    cluster: dict, reference_images: dict[str, Path]
+) -> None:
+    """kill -9 the process generating a batch, three times in one job of 40 items: the job
+    completes, every item succeeds once, outputs rows = S3 objects = images asked, and the
+    history shows the redeliveries."""
+    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
+    for name in REFS:
+        s3.upload_file(str(reference_images[name]), bucket, f"refs/{name}.png")
+    rows = [
+        {
+            "id": f"k{i}",
+            "prompt": f"product {i}",
+            "reference": f"s3://{bucket}/refs/{REFS[i % 3]}.png",
+            "steps": 3,
+            "num_images": 1 + i % 2,
+        }
+        for i in range(40)
+    ]
+    asked = sum(r["num_images"] for r in rows)
+    output = f"s3://{bucket}/killed"
+    job_id = cli(
+        "submit", put_manifest(cluster, "jobs/kill.jsonl", rows), "--output", output, env=env
+    )
+    job_id = job_id.strip()
+    generator = cluster["workers"][1]
+    kills, deadline = [], time.monotonic() + 240
+    for threshold in (6, 16, 26):
+        while time.monotonic() < deadline:  # a batch is generating, past the threshold
+            p = _progress(cluster, job_id)
+            if p and p["succeeded"] >= threshold and p["running"] > 0:
+                break
+            time.sleep(0.2)
+        pool = _children(generator.pid)
+        assert pool, "the generate worker has no pool process"
+        for pid in pool:
+            os.kill(pid, signal.SIGKILL)
+        kills.append((p["succeeded"], p["running"]))
+    assert len(kills) == 3
+    progress = wait_for_job(cluster, job_id, timeout=max(30.0, deadline - time.monotonic()))
+    assert (progress["status"], progress["succeeded"], progress["total"]) == ("succeeded", 40, 40)
+    with cluster["engine"].connect() as conn:
+        outputs = conn.execute(
+            sa.text(
+                "SELECT o.uri, o.sha256 FROM outputs o JOIN items i ON i.id = o.item_id "
+                "WHERE i.job_id = :j"
+            ),
+            {"j": job_id},
+        ).all()
+        reclaims = conn.execute(
+            sa.text(
+                "SELECT COUNT(*) FROM item_events e JOIN items i ON i.id = e.item_id "
+                "WHERE i.job_id = :j AND e.to_status = 'running' AND e.from_status = 'running'"
+            ),
+            {"j": job_id},
+        ).scalar()
+        redelivered = conn.execute(
+            sa.text("SELECT COUNT(*) FROM items WHERE job_id = :j AND attempts > 1"),
+            {"j": job_id},
+        ).scalar()
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"killed/{job_id}/", MaxKeys=1000)
+    keys = {o["Key"] for o in listed.get("Contents", [])}
+    assert len(outputs) == asked == len(keys)
+    assert {uri.removeprefix(f"s3://{bucket}/") for uri, _ in outputs} == keys
+    for uri, sha in outputs:
+        body = s3.get_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))["Body"]
+        assert hashlib.sha256(body.read()).hexdigest() == sha
+    assert reclaims >= 3 and redelivered >= 3, (kills, reclaims, redelivered)
+    print(
+        f"kills at (succeeded, running): {kills}; re-claims {reclaims}; items redelivered {redelivered}"
+    )
