@@ -490,6 +490,5 @@ def test_kill_9_the_generate_worker_three_times(
         body = s3.get_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))["Body"]
         assert hashlib.sha256(body.read()).hexdigest() == sha
     assert reclaims >= 3 and redelivered >= 3, (kills, reclaims, redelivered)
-    print(
-        f"kills at (succeeded, running): {kills}; re-claims {reclaims}; items redelivered {redelivered}"
-    )
+    print(f"kills at (succeeded, running): {kills}; re-claims {reclaims}; ", end="")
+    print(f"items redelivered {redelivered}")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from ipbatch.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound, RetryableError
 from pipeline.images import CONTENT_TYPES, decode_reference, encode_output
 from pipeline.manifest import Row, detect_format, read_manifest
@@ -251,18 +253,33 @@ def _fail(ctx: StageContext, item_id: int, from_status: ItemStatus, error: ItemE
         )
 
 
+# Not the item's fault: S3 or the network (RetryableError), the database going away, or a
+# configuration problem. The items go back to waiting and the task is retried with backoff.
+NOT_THE_ITEMS_FAULT = (RetryableError, ConfigError, OperationalError, InterfaceError)
+
+
 def _release(
     ctx: StageContext, item_ids: Sequence[int], working: ItemStatus, waiting: ItemStatus, why: str
 ) -> None:
-    with ctx.sessions.begin() as session:
-        ledger.transition(
-            session,
-            item_ids=item_ids,
-            from_status=working,
-            to_status=waiting,
-            worker=ctx.worker,
-            message=why,
-        )
+    """Give claimed items back (best effort: with the database away, their lease runs out
+    instead and the redelivered message or the reaper takes them)."""
+    try:
+        with ctx.sessions.begin() as session:
+            ledger.transition(
+                session,
+                item_ids=item_ids,
+                from_status=working,
+                to_status=waiting,
+                worker=ctx.worker,
+                message=why,
+            )
+    except (OperationalError, InterfaceError):
+        log.warning("could not release %d items; their lease will lapse", len(item_ids))
+
+
+def _short(exc: BaseException) -> str:
+    """One line for the item history (SQLAlchemy errors carry the statement)."""
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
 def _read_reference(ctx: StageContext, uri: str) -> bytes:
@@ -295,9 +312,9 @@ def _each_claimed(
         except ItemError as error:
             _fail(ctx, item_id(entry), working, error)
             failed += 1
-        except (RetryableError, ConfigError) as exc:
+        except NOT_THE_ITEMS_FAULT as exc:
             rest = [item_id(e) for e in work[position:]]
-            _release(ctx, rest, working, waiting, f"retrying: {exc}")
+            _release(ctx, rest, working, waiting, f"retrying: {_short(exc)}")
             raise
         except Exception as exc:  # a bug or a model failure: fail the item, log the trace
             log.exception("item %s failed in state %s", item_id(entry), working)
@@ -584,20 +601,20 @@ def _generate_claimed(
                     continue
                 results = _run_batch(ctx, batch)
                 finishing.append(finisher.submit(_finish_batch, ctx, batch, results, summary))
-    except (RetryableError, ConfigError) as exc:  # from _run_batch: not one item's fault
+    except NOT_THE_ITEMS_FAULT as exc:  # from _run_batch: not one item's fault
         _release(
             ctx,
             [p.entry.item_id for b in batches[started - 1 :] for p in b],
             ItemStatus.RUNNING,
             ItemStatus.READY,
-            f"retrying: {exc}",
+            f"retrying: {_short(exc)}",
         )
         raise
-    errors = [f.exception() for f in finishing if f.exception() is not None]
+    errors = [e for f in finishing if (e := f.exception()) is not None]
     if errors:
         unrun = [p.entry.item_id for b in batches[started:] for p in b]
-        _release(ctx, unrun, ItemStatus.RUNNING, ItemStatus.READY, f"retrying: {errors[0]}")
-        raise errors[0]  # type: ignore[misc]
+        _release(ctx, unrun, ItemStatus.RUNNING, ItemStatus.READY, f"retrying: {_short(errors[0])}")
+        raise errors[0]
 
 
 def _drop_cancelled(ctx: StageContext, batch: list[_Prepared]) -> list[_Prepared]:
@@ -668,7 +685,7 @@ def _run_batch(ctx: StageContext, batch: list[_Prepared]) -> list[GenerationResu
     generator = ctx.generators.get(adapter_set(batch[0].entry.params))
     try:
         return list(generator.generate_batch([p.request for p in batch]))
-    except (RetryableError, ConfigError):
+    except NOT_THE_ITEMS_FAULT:
         raise
     except Exception as exc:
         if len(batch) == 1:
@@ -678,7 +695,7 @@ def _run_batch(ctx: StageContext, batch: list[_Prepared]) -> list[GenerationResu
     for p in batch:
         try:
             results.append(generator.generate(p.request))
-        except (RetryableError, ConfigError):
+        except NOT_THE_ITEMS_FAULT:
             raise
         except Exception as exc:
             results.append(exc)
@@ -702,20 +719,25 @@ def _finish_batch(
             raise result
         done.append((p.entry.item_id, _store_images(ctx, p, result)))
 
-    summary.failed += _each_claimed(
-        ctx,
-        batch,
-        item_id=lambda p: p.entry.item_id,
-        working=ItemStatus.RUNNING,
-        waiting=ItemStatus.READY,
-        unexpected=ErrorCode.MODEL_ERROR,
-        process=upload,
-    )
-    with ctx.sessions.begin() as session:
-        for item_id, outputs in done:
-            if ledger.complete_item(session, item_id=item_id, outputs=outputs, worker=ctx.worker):
-                summary.succeeded += 1
-                summary.images += len(outputs)
+    try:
+        summary.failed += _each_claimed(
+            ctx,
+            batch,
+            item_id=lambda p: p.entry.item_id,
+            working=ItemStatus.RUNNING,
+            waiting=ItemStatus.READY,
+            unexpected=ErrorCode.MODEL_ERROR,
+            process=upload,
+        )
+    finally:  # items whose images are all stored are recorded, even if a later one failed
+        if done:
+            with ctx.sessions.begin() as session:
+                for item_id, outputs in done:
+                    if ledger.complete_item(
+                        session, item_id=item_id, outputs=outputs, worker=ctx.worker
+                    ):
+                        summary.succeeded += 1
+                        summary.images += len(outputs)
 
 
 def _prepare(

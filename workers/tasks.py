@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from ipbatch.config import Settings
 from ipbatch.errors import RetryableError
 from workers import stages
@@ -17,7 +19,8 @@ from workers.context import StageContext
 
 log = logging.getLogger(__name__)
 RETRY = {
-    "autoretry_for": (RetryableError,),
+    # S3 / network (RetryableError) and the database going away; input errors never get here
+    "autoretry_for": (RetryableError, OperationalError, InterfaceError),
     "retry_backoff": 2,
     "retry_backoff_max": 120,
     "retry_jitter": True,
