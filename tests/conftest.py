@@ -43,7 +43,10 @@ def temporary_database() -> Iterator[str]:
 
     _ensure_services()
     name = f"ipbatch_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
+    # pre-ping: a test may restart PostgreSQL before this engine drops the database
+    admin = sa.create_engine(
+        f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT", pool_pre_ping=True
+    )
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:

@@ -54,9 +54,53 @@ def broker(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture()
-def cluster_settings() -> dict[str, str]:
-    """Extra IPBATCH_* settings for the workers (a test may parametrize this)."""
-    return {}
+def cluster_settings(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Extra IPBATCH_* settings for the workers: a test parametrizes this (indirectly) with
+    a dict, or with the name of a fixture that returns one."""
+    param = getattr(request, "param", {})
+    if isinstance(param, str):
+        return dict(request.getfixturevalue(param))
+    return dict(param)
+
+
+class FlakyS3:
+    """A second moto server over the same in-process S3 state, which a test can stop."""
+
+    def __init__(self) -> None:
+        from conftest import free_port
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = self._start()
+
+    def _start(self):  # type: ignore[no-untyped-def]
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        server.start()
+        return server
+
+    def outage(self, seconds: float) -> None:
+        self.server.stop()
+        time.sleep(seconds)
+        self.server = self._start()
+
+
+@pytest.fixture()
+def flaky_s3(s3_endpoint: str) -> Iterator[FlakyS3]:
+    flaky = FlakyS3()
+    yield flaky
+    flaky.server.stop()
+
+
+@pytest.fixture()
+def outage_settings(flaky_s3: FlakyS3) -> dict[str, str]:
+    return {
+        "IPBATCH_S3_ENDPOINT_URL": flaky_s3.endpoint,
+        "IPBATCH_LEASE_SECONDS": "6",
+        "IPBATCH_GENERATE_BATCH": "4",
+        "IPBATCH_BATCH_IMAGES": "4",
+    }
 
 
 @pytest.fixture()
@@ -108,7 +152,7 @@ def cluster(
             )
         )
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    engine = sa.create_engine(pg_url)
+    engine = sa.create_engine(pg_url, pool_pre_ping=True)  # survives a PostgreSQL restart
     try:
         yield {
             "env": env,
@@ -421,6 +465,7 @@ def _progress(cluster: dict, job_id: str) -> dict:
             "IPBATCH_BATCH_IMAGES": "4",
         }
     ],
+    indirect=True,
 )
 def test_kill_9_the_generate_worker_three_times(
     cluster: dict, reference_images: dict[str, Path]
@@ -436,7 +481,7 @@ def test_kill_9_the_generate_worker_three_times(
             "id": f"k{i}",
             "prompt": f"product {i}",
             "reference": f"s3://{bucket}/refs/{REFS[i % 3]}.png",
-            "steps": 3,
+            "steps": 6,  # batches long enough for a kill to land inside one
             "num_images": 1 + i % 2,
         }
         for i in range(40)
@@ -463,14 +508,8 @@ def test_kill_9_the_generate_worker_three_times(
     assert len(kills) == 3
     progress = wait_for_job(cluster, job_id, timeout=max(30.0, deadline - time.monotonic()))
     assert (progress["status"], progress["succeeded"], progress["total"]) == ("succeeded", 40, 40)
+    assert_one_set_of_outputs(cluster, job_id, prefix="killed", asked=asked)
     with cluster["engine"].connect() as conn:
-        outputs = conn.execute(
-            sa.text(
-                "SELECT o.uri, o.sha256 FROM outputs o JOIN items i ON i.id = o.item_id "
-                "WHERE i.job_id = :j"
-            ),
-            {"j": job_id},
-        ).all()
         reclaims = conn.execute(
             sa.text(
                 "SELECT COUNT(*) FROM item_events e JOIN items i ON i.id = e.item_id "
@@ -482,13 +521,89 @@ def test_kill_9_the_generate_worker_three_times(
             sa.text("SELECT COUNT(*) FROM items WHERE job_id = :j AND attempts > 1"),
             {"j": job_id},
         ).scalar()
-    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"killed/{job_id}/", MaxKeys=1000)
+    # each kill that hit a batch leaves its items to be re-claimed once the lease lapsed
+    assert reclaims >= 1 and redelivered >= 1, (kills, reclaims, redelivered)
+    print(f"kills at (succeeded, running): {kills}; re-claims {reclaims}; ", end="")
+    print(f"items redelivered {redelivered}")
+
+
+def assert_one_set_of_outputs(cluster: dict, job_id: str, *, prefix: str, asked: int) -> None:
+    """outputs rows = stored objects = images asked, and every object is the one recorded."""
+    s3, bucket = cluster["s3"], cluster["bucket"]
+    with cluster["engine"].connect() as conn:
+        outputs = conn.execute(
+            sa.text(
+                "SELECT o.uri, o.sha256 FROM outputs o JOIN items i ON i.id = o.item_id "
+                "WHERE i.job_id = :j"
+            ),
+            {"j": job_id},
+        ).all()
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{job_id}/", MaxKeys=1000)
     keys = {o["Key"] for o in listed.get("Contents", [])}
     assert len(outputs) == asked == len(keys)
     assert {uri.removeprefix(f"s3://{bucket}/") for uri, _ in outputs} == keys
     for uri, sha in outputs:
         body = s3.get_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))["Body"]
         assert hashlib.sha256(body.read()).hexdigest() == sha
-    assert reclaims >= 3 and redelivered >= 3, (kills, reclaims, redelivered)
-    print(f"kills at (succeeded, running): {kills}; re-claims {reclaims}; ", end="")
-    print(f"items redelivered {redelivered}")
+
+
+def _restart_postgres() -> None:
+    version = sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(x) for x in v.split(".")])
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version[-1], "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("cluster_settings", ["outage_settings"], indirect=True)
+def test_postgres_restart_and_s3_outage_mid_job(
+    cluster: dict, flaky_s3: FlakyS3, reference_images: dict[str, Path]
+) -> None:
+    """PostgreSQL restarted while items generate, then the S3 server gone for 10 s: the job
+    completes with every item succeeded once and one set of outputs."""
+    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
+    for name in REFS:
+        s3.upload_file(str(reference_images[name]), bucket, f"refs/{name}.png")
+    rows = [
+        {
+            "id": f"o{i}",
+            "prompt": f"product {i}",
+            "reference": f"s3://{bucket}/refs/{REFS[i % 3]}.png",
+            "steps": 3,
+        }
+        for i in range(30)
+    ]
+    job_id = cli(
+        "submit",
+        put_manifest(cluster, "jobs/outage.jsonl", rows),
+        "--output",
+        f"s3://{bucket}/outage",
+        env=env,
+    ).strip()
+    deadline = time.monotonic() + 240
+    events = []
+    for threshold, disrupt in ((4, _restart_postgres), (14, lambda: flaky_s3.outage(10))):
+        while time.monotonic() < deadline:
+            p = _progress(cluster, job_id)
+            if p and p["succeeded"] >= threshold and p["running"] > 0:
+                break
+            time.sleep(0.2)
+        events.append((p["succeeded"], p["running"]))
+        disrupt()
+    progress = wait_for_job(cluster, job_id, timeout=max(30.0, deadline - time.monotonic()))
+    assert (progress["status"], progress["succeeded"], progress["total"]) == ("succeeded", 30, 30)
+    assert_one_set_of_outputs(cluster, job_id, prefix="outage", asked=30)
+    with cluster["engine"].connect() as conn:
+        retried = conn.execute(
+            sa.text(
+                "SELECT COUNT(*) FROM item_events e JOIN items i ON i.id = e.item_id "
+                "WHERE i.job_id = :j "
+                "AND (e.message LIKE 'retrying:%' OR e.from_status = e.to_status)"
+            ),
+            {"j": job_id},
+        ).scalar()
+    logs = "".join(log.read_text() for log in cluster["logs"])
+    print(f"disruptions at (succeeded, running): {events}; items retried or re-claimed: {retried}")
+    assert "Retry in" in logs or retried, "the outages went unnoticed: nothing was retried"
