@@ -64,6 +64,8 @@ class ObjectStore(Protocol):
 
     def put(self, uri: str, data: bytes, *, content_type: str = ...) -> None: ...
 
+    def put_new(self, uri: str, data: bytes, *, content_type: str = ...) -> bytes: ...
+
     def exists(self, uri: str) -> bool: ...
 
     def list(self, prefix_uri: str) -> Iterator[str]: ...
@@ -100,6 +102,24 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def put_new(
+        self, uri: str, data: bytes, *, content_type: str = "application/octet-stream"
+    ) -> bytes:
+        """Write only if nothing is there yet (first writer wins, atomically); returns the
+        bytes stored under `uri` afterwards: `data`, or what an earlier writer left."""
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, path)  # fails if the name exists: never overwrites
+            return data
+        except FileExistsError:
+            return path.read_bytes()
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def exists(self, uri: str) -> bool:
         return local_path(uri).is_file()
@@ -172,6 +192,34 @@ class S3Store:
             Body=data,
             ContentType=content_type,
         )
+
+    def put_new(
+        self, uri: str, data: bytes, *, content_type: str = "application/octet-stream"
+    ) -> bytes:
+        """A conditional PUT (If-None-Match: *): the first writer wins; returns the bytes
+        stored under `uri` afterwards: `data`, or what an earlier writer left."""
+        from botocore.exceptions import ClientError
+
+        loc = parse_s3(uri)
+        try:
+            self._call(
+                uri,
+                self._client.put_object,
+                Bucket=loc.bucket,
+                Key=loc.key,
+                Body=data,
+                ContentType=content_type,
+                IfNoneMatch="*",
+            )
+            return data
+        except RetryableError as exc:
+            cause = exc.__cause__
+            if not (
+                isinstance(cause, ClientError)
+                and cause.response.get("Error", {}).get("Code") == "PreconditionFailed"
+            ):
+                raise
+        return self.get(uri)
 
     def exists(self, uri: str) -> bool:
         loc = parse_s3(uri)

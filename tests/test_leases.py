@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from ipbatch.config import Settings
 from storage import ledger
 from storage.migrate import upgrade
-from storage.models import Item, ItemEvent, ItemStatus
+from storage.models import Item, ItemEvent, ItemStatus, Output
 from workers import stages
 from workers.context import StageContext
 
@@ -116,3 +116,31 @@ def test_heartbeat_keeps_a_long_batch_claimed(
     monkeypatch.setattr(stages, "_run_batch", slow)
     assert stages.generate(ctx, item_ids=ready).succeeded == 2
     assert all(left > 0 and stolen == [] for left, stolen in seen), seen
+
+
+def test_an_image_stored_by_an_earlier_attempt_is_kept_and_recorded(
+    ctx: StageContext, tmp_path: Path, reference_images: dict[str, Path]
+) -> None:
+    """A worker died after uploading an image but before recording it: the next attempt finds
+    the key taken, keeps that image and records its checksum; one version per key, always."""
+    import hashlib
+
+    ids = _job(ctx, tmp_path, reference_images["red"], rows=2)
+    ready = stages.embed(ctx, item_ids=ids).ready
+    with ctx.sessions.begin() as s:
+        [item] = ledger.load_items(s, item_ids=ready[:1])
+        job_id = item.job_id
+    earlier = tmp_path / "o" / job_id / "r0" / "0.png"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"the image an earlier attempt stored")
+    assert stages.generate(ctx, item_ids=ready).succeeded == 2
+    with ctx.sessions.begin() as s:
+        shas = dict(
+            s.execute(
+                sa.select(Item.row_id, Output.sha256).join(Output, Output.item_id == Item.id)
+            ).all()
+        )
+    assert earlier.read_bytes() == b"the image an earlier attempt stored"
+    assert shas["r0"] == hashlib.sha256(earlier.read_bytes()).hexdigest()
+    other = (tmp_path / "o" / job_id / "r1" / "0.png").read_bytes()
+    assert shas["r1"] == hashlib.sha256(other).hexdigest()

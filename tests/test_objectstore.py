@@ -34,6 +34,17 @@ def test_put_get_exists_list(root: tuple[ObjectStores, str]) -> None:
         store.get(join_uri(base, "missing"))
 
 
+def test_put_new_never_overwrites(root: tuple[ObjectStores, str]) -> None:
+    """The first writer of a key wins; a later writer is told what is stored there."""
+    stores, base = root
+    store = stores.for_uri(base)
+    key = join_uri(base, "job", "row", "0.png")
+    assert store.put_new(key, b"first", content_type="image/png") == b"first"
+    assert store.put_new(key, b"second", content_type="image/png") == b"first"
+    assert store.get(key) == b"first"
+    assert sorted(store.list(base)) == [key]  # no temporary files left behind
+
+
 def test_streaming_open_yields_lines(root: tuple[ObjectStores, str]) -> None:
     stores, base = root
     store = stores.for_uri(base)

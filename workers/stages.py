@@ -800,7 +800,11 @@ def _store_images(
         }
         data = encode_output(image, row.output_format, metadata)
         uri = output_uri_for(entry.output_uri, entry.job_id, entry.row_id, k, row.output_format)
-        ctx.stores.for_uri(uri).put(uri, data, content_type=CONTENT_TYPES[row.output_format])
+        # first writer wins: after a crash between upload and commit, or a late duplicate,
+        # the stored image is kept and recorded as it is (never two versions of one key)
+        data = ctx.stores.for_uri(uri).put_new(
+            uri, data, content_type=CONTENT_TYPES[row.output_format]
+        )
         outputs.append(
             {
                 "image_index": k,
