@@ -107,3 +107,28 @@ def test_counters_are_backfilled_from_existing_items(empty_db: str) -> None:
     with engine.begin() as conn:
         assert conn.execute(sa.text(query)).one()[:5] == (5, 2, 1, 1, 1)
     engine.dispose()
+
+
+def test_reader_role_reads_and_cannot_write(fresh_pg_url: str) -> None:
+    """`ipbatch_reader` (revision 0004) can read every table and the view, and write none."""
+    import uuid
+
+    upgrade(fresh_pg_url)
+    login = f"reader_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(fresh_pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {login} LOGIN IN ROLE ipbatch_reader"))
+    url = sa.make_url(fresh_pg_url).set(username=login)
+    reader = sa.create_engine(url)
+    try:
+        with reader.connect() as conn:
+            for table in ("jobs", "items", "item_events", "outputs", "embeddings", "job_progress"):
+                conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar()
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            with reader.begin() as conn:
+                conn.execute(sa.text("DELETE FROM items"))
+    finally:
+        reader.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP ROLE {login}"))
+        admin.dispose()
