@@ -61,6 +61,7 @@ class GenerationResult:
     width: int
     height: int
     arrays: list[np.ndarray] = field(default_factory=list)  # float HxWx3 in [0, 1]
+    warning: str | None = None  # e.g. a prompt longer than the text encoder reads
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,12 @@ class Generator:
                 layer.shortcut = False
         arrays = list(output.images)
         return GenerationResult(
-            images=self._to_pil(arrays), seeds=seeds, width=width, height=height, arrays=arrays
+            images=self._to_pil(arrays),
+            seeds=seeds,
+            width=width,
+            height=height,
+            arrays=arrays,
+            warning=self.prompt_warning(request),
         )
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -336,9 +342,29 @@ class Generator:
                     width=width,
                     height=height,
                     arrays=mine,
+                    warning=self.prompt_warning(r),
                 )
             )
         return results
+
+    def prompt_warning(self, request: GenerationRequest) -> str | None:
+        """The text encoder reads a fixed number of tokens (77 for CLIP); diffusers drops the
+        rest with only a log line. Say so in the item instead."""
+        tokenizer = self.pipe.tokenizer
+        limit = int(tokenizer.model_max_length)
+        notes = []
+        for name, text in (
+            ("prompt", request.prompt),
+            ("negative_prompt", request.negative_prompt),
+        ):
+            if text:
+                count = len(tokenizer(text, truncation=False).input_ids)
+                if count > limit:
+                    notes.append(
+                        f"{name} is {count} tokens; the text encoder reads the first {limit}, "
+                        "the rest was ignored"
+                    )
+        return "; ".join(notes) or None
 
     def _set_vae_slicing(self, images: int) -> None:
         """Decode one image at a time on big batches (same images, lower memory peak)."""

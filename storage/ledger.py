@@ -702,7 +702,12 @@ def item_embeddings(session: Session, *, item_id: int) -> list[tuple[ItemEmbeddi
 
 
 def complete_item(
-    session: Session, *, item_id: int, outputs: Sequence[dict[str, Any]], worker: str
+    session: Session,
+    *,
+    item_id: int,
+    outputs: Sequence[dict[str, Any]],
+    worker: str,
+    warning: str | None = None,
 ) -> bool:
     """Record an item's outputs and mark it succeeded, in the caller's one transaction.
 
@@ -714,9 +719,12 @@ def complete_item(
         from_status=ItemStatus.RUNNING,
         to_status=ItemStatus.SUCCEEDED,
         worker=worker,
+        message=warning,
     )
     if not moved:
         return False
+    if warning:
+        session.execute(update(Item).where(Item.id == item_id).values(warning=warning))
     if outputs:
         now = utcnow()
         session.execute(

@@ -122,6 +122,7 @@ class Item(Base):
     status: Mapped[ItemStatus] = mapped_column(_enum(ItemStatus, "item_status"))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    warning: Mapped[str | None] = mapped_column(Text)  # succeeded, but read this
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())

@@ -710,14 +710,14 @@ def _finish_batch(
 ) -> None:
     """Encode and upload every image of the batch, then record all its items in one
     transaction (outputs rows + succeeded). Runs on the finisher thread."""
-    done: list[tuple[int, list[dict[str, Any]]]] = []
+    done: list[tuple[int, list[dict[str, Any]], str | None]] = []
     by_item = {p.entry.item_id: r for p, r in zip(batch, results, strict=True)}
 
     def upload(p: _Prepared) -> None:
         result = by_item[p.entry.item_id]
         if isinstance(result, BaseException):
             raise result
-        done.append((p.entry.item_id, _store_images(ctx, p, result)))
+        done.append((p.entry.item_id, _store_images(ctx, p, result), result.warning))
 
     try:
         summary.failed += _each_claimed(
@@ -732,9 +732,13 @@ def _finish_batch(
     finally:  # items whose images are all stored are recorded, even if a later one failed
         if done:
             with ctx.sessions.begin() as session:
-                for item_id, outputs in done:
+                for item_id, outputs, warning in done:
                     if ledger.complete_item(
-                        session, item_id=item_id, outputs=outputs, worker=ctx.worker
+                        session,
+                        item_id=item_id,
+                        outputs=outputs,
+                        worker=ctx.worker,
+                        warning=warning,
                     ):
                         summary.succeeded += 1
                         summary.images += len(outputs)
