@@ -66,5 +66,6 @@ def check_allowed(reference: str, *, allowed: list[str], local_mode: bool) -> No
 
 
 def _under_prefix(uri: str, prefix: str) -> bool:
-    prefix = prefix if prefix.endswith("/") or prefix.count("/") > 2 else prefix + "/"
-    return uri.startswith(prefix)
+    """`s3://b/refs` allows `s3://b/refs/x.png`, not `s3://b/refs-private/x.png`."""
+    root = prefix.rstrip("/")
+    return uri == root or uri.startswith(root + "/")
