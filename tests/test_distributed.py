@@ -557,12 +557,20 @@ def _restart_postgres() -> None:
     )
 
 
+def _restart_rabbitmq_app(seconds: float) -> None:
+    """Stop RabbitMQ's application (every connection drops), wait, start it again."""
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=60)
+    time.sleep(seconds)
+    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=60)
+
+
 @pytest.mark.parametrize("cluster_settings", ["outage_settings"], indirect=True)
 def test_postgres_restart_and_s3_outage_mid_job(
     cluster: dict, flaky_s3: FlakyS3, reference_images: dict[str, Path]
 ) -> None:
-    """PostgreSQL restarted while items generate, then the S3 server gone for 10 s: the job
-    completes with every item succeeded once and one set of outputs."""
+    """PostgreSQL restarted while items generate, then the S3 server gone for 10 s, then
+    RabbitMQ stopped for 5 s: the job completes with every item succeeded once and one set of
+    outputs; the workers carry on by themselves."""
     s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
     for name in REFS:
         s3.upload_file(str(reference_images[name]), bucket, f"refs/{name}.png")
@@ -584,7 +592,12 @@ def test_postgres_restart_and_s3_outage_mid_job(
     ).strip()
     deadline = time.monotonic() + 240
     events = []
-    for threshold, disrupt in ((4, _restart_postgres), (14, lambda: flaky_s3.outage(10))):
+    disruptions = (
+        (4, _restart_postgres),
+        (12, lambda: flaky_s3.outage(10)),
+        (20, lambda: _restart_rabbitmq_app(5)),
+    )
+    for threshold, disrupt in disruptions:
         while time.monotonic() < deadline:
             p = _progress(cluster, job_id)
             if p and p["succeeded"] >= threshold and p["running"] > 0:
