@@ -22,3 +22,15 @@ def test_redis_broker_gets_fast_redelivery_options() -> None:
     options = app.conf.broker_transport_options
     assert options["unacked_restore_interval"] == 2
     assert make_app(Settings()).conf.broker_transport_options == {}
+
+
+def test_infrastructure_errors_are_retried_with_backoff_and_jitter() -> None:
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import OperationalError
+
+    from ipbatch.errors import RetryableError
+    from workers import tasks
+
+    for task in (tasks.ingest, tasks.embed, tasks.generate):
+        assert {RetryableError, OperationalError, BrokerError} <= set(task.autoretry_for)
+        assert task.retry_backoff and task.retry_jitter and task.max_retries >= 5

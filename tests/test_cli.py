@@ -94,3 +94,10 @@ def test_status_json_after_a_local_run(
     fresh = json.loads(ipbatch("status", job_id, "--json", env=env).stdout)["jobs"][0]
     assert (fresh["failed"], fresh["cancelled"], fresh["total"]) == (0, 1, 2)
     assert ipbatch("db", "recount", "no-such-job", env=env).returncode == 2
+
+
+def test_reaper_once(tmp_path: Path) -> None:
+    env = {"IPBATCH_HOME": str(tmp_path / "home")}
+    assert ipbatch("db", "upgrade", env=env).returncode == 0
+    result = ipbatch("reaper", "--once", env=env)
+    assert result.returncode == 0 and "0 items released" in result.stdout, result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ipbatch.config import Settings
@@ -19,8 +20,9 @@ from workers.context import StageContext
 
 log = logging.getLogger(__name__)
 RETRY = {
-    # S3 / network (RetryableError) and the database going away; input errors never get here
-    "autoretry_for": (RetryableError, OperationalError, InterfaceError),
+    # S3 / network (RetryableError), the database or the broker going away (a message that
+    # could not be sent); input errors never get here
+    "autoretry_for": (RetryableError, OperationalError, InterfaceError, BrokerError),
     "retry_backoff": 2,
     "retry_backoff_max": 120,
     "retry_jitter": True,
