@@ -99,10 +99,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
         return _print_summary(retry_local(settings, job_id=args.job, progress=not args.quiet))
     from workers import stages
-    from workers.tasks import context, send_embed
+    from workers.tasks import context, send_embed, send_generate
 
-    queued = stages.retry_job(context(), job_id=args.job, enqueue=send_embed)
-    print(f"job {args.job}: {queued} failed items queued again")
+    retried, waiting = stages.retry_job(
+        context(), job_id=args.job, enqueue_embed=send_embed, enqueue_generate=send_generate
+    )
+    print(f"job {args.job}: {retried} failed items queued again", end="")
+    print(f"; {waiting} items left waiting queued again too" if waiting else "")
     return 0
 
 

@@ -186,3 +186,35 @@ def test_cancel_between_batches_stops_the_rest(
     assert job == ("cancelled", 3)
     files = [p for p in (tmp / "out" / job_id).rglob("*") if p.is_file()]
     assert n_outputs == len(files) == 1
+
+
+def test_retry_also_queues_items_left_waiting(
+    local_job: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items released back to waiting with no message left for them (a worker hit a
+    configuration error) are queued again by `ipbatch retry`, with the failed ones."""
+    from ipbatch.config import Settings
+    from workers import stages
+    from workers.context import StageContext
+
+    tmp, env = local_job
+    for key in ("IPBATCH_HOME", "IPBATCH_MODELS"):
+        monkeypatch.setenv(key, env[key])
+    settings = Settings()
+    upgrade(settings.ledger_url())
+    ctx = StageContext.create(settings, mode="local")
+    job_id, _ = stages.register_job(
+        ctx, manifest_uri=str(tmp / "m.jsonl"), output_uri=str(tmp / "out")
+    )
+    stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
+    with ctx.sessions.begin() as s:
+        [pending] = ledger.iter_id_pages(s, job_id=job_id, statuses=[ItemStatus.PENDING])
+    ready = stages.embed(ctx, item_ids=pending).ready  # `late` fails: its file is missing
+    embeds: list[int] = []
+    generates: list[int] = []
+    retried, waiting = stages.retry_job(
+        ctx, job_id=job_id, enqueue_embed=embeds.extend, enqueue_generate=generates.extend
+    )
+    ctx.close()
+    assert (retried, waiting) == (1, 4)
+    assert embeds == [pending[4]] and sorted(generates) == sorted(ready)

@@ -95,7 +95,12 @@ def retry_local(settings: Settings, *, job_id: str, progress: bool = True) -> Ru
         ctx = StageContext.create(settings, mode="local")
         try:
             _release_in_flight(ctx, job_id)
-            stages.retry_job(ctx, job_id=job_id, enqueue=lambda ids: None)
+            stages.retry_job(
+                ctx,
+                job_id=job_id,
+                enqueue_embed=lambda ids: None,
+                enqueue_generate=lambda ids: None,
+            )
             images = _embed_and_generate(ctx, job_id, progress)
             return _summary(ctx, job_id, images=images, started=started)
         finally:

@@ -188,15 +188,20 @@ def cancel_job(ctx: StageContext, *, job_id: str) -> int:
         return ledger.cancel_job(session, job_id=job_id, worker=ctx.worker)
 
 
-def retry_job(ctx: StageContext, *, job_id: str, enqueue: Enqueue) -> int:
-    """Failed items (not invalid rows) back to pending, enqueued again. Returns how many."""
+def retry_job(
+    ctx: StageContext, *, job_id: str, enqueue_embed: Enqueue, enqueue_generate: Enqueue
+) -> tuple[int, int]:
+    """Failed items (not invalid rows) back to pending, and every waiting item of the job
+    queued again: the retried ones, and any left waiting without a message (e.g. released
+    when a worker hit a configuration error). A duplicate message finds nothing to claim.
+    Returns (items retried, other waiting items queued again)."""
     with ctx.sessions.begin() as session:
         if ledger.get_job(session, job_id=job_id) is None:
             raise ConfigError(f"no job {job_id}")
-        ids = ledger.retry_failed(session, job_id=job_id, worker=ctx.worker)
-    for chunk in chunked(ids, ctx.settings.generate_batch):
-        enqueue(chunk)
-    return len(ids)
+        retried = ledger.retry_failed(session, job_id=job_id, worker=ctx.worker)
+    pending = requeue_job(ctx, job_id=job_id, enqueue=enqueue_embed, statuses=[ItemStatus.PENDING])
+    ready = requeue_job(ctx, job_id=job_id, enqueue=enqueue_generate, statuses=[ItemStatus.READY])
+    return len(retried), pending + ready - len(retried)
 
 
 def reap(ctx: StageContext, *, enqueue_embed: Enqueue, enqueue_generate: Enqueue) -> int:
