@@ -169,46 +169,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sqlalchemy import text
-
+    from ipbatch import status
     from storage.ledger import make_engine
 
     engine = make_engine(Settings().ledger_url())
-    query = "SELECT * FROM job_progress"
-    params: dict[str, Any] = {}
-    if args.job:
-        query += " WHERE job_id = :job"
-        params["job"] = args.job
-    query += " ORDER BY started_at DESC" if not args.job else ""
-    with engine.connect() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(text(query), params)]
-        failures = []
-        if args.job:
-            failures = [
-                dict(r._mapping)
-                for r in conn.execute(
-                    text(
-                        "SELECT error_code, COUNT(*) AS n FROM items WHERE job_id = :job "
-                        "AND status = 'failed' GROUP BY error_code ORDER BY n DESC"
-                    ),
-                    params,
-                )
-            ]
-    engine.dispose()
-    if args.job and not rows:
+    try:
+        if args.watch:
+            if not args.job:
+                raise ConfigError("--watch needs a job id")
+            return status.watch(engine, job_id=args.job, interval=args.interval)
+        jobs = status.collect(engine, job_id=args.job, limit=args.limit)
+    finally:
+        engine.dispose()
+    if args.job and not jobs:
         print(f"no job {args.job}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"jobs": rows, "failures": failures}, default=str, indent=2))
-        return 0
-    print(f"{'job':32}  {'status':9}  {'done':>6}  {'total':>6}  {'ok':>6}  {'failed':>6}  name")
-    for r in rows:
-        print(
-            f"{r['job_id']:32}  {r['status']:9}  {float(r['percent_done'] or 0):5.1f}%  "
-            f"{r['total']:>6}  {r['succeeded'] or 0:>6}  {r['failed'] or 0:>6}  {r['name']}"
+        failures = (
+            [{"error_code": code, "n": n} for code, n in jobs[0]["failures"].items()]
+            if args.job
+            else []
         )
-    for f in failures:
-        print(f"  failed: {f['n']} x {f['error_code']}")
+        print(json.dumps({"jobs": jobs, "failures": failures}, default=str, indent=2))
+        return 0
+    print(status.bars(jobs[0]) if args.job else status.table(jobs))
     return 0
 
 
@@ -299,9 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", help="Celery node name")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("status", help="progress of jobs (from the job_progress view)")
-    p.add_argument("job", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", help="progress, rate, ETA and failures of jobs")
+    p.add_argument("job", nargs="?", help="one job (default: the most recent ones)")
+    p.add_argument("--json", action="store_true", help="for scripts")
+    p.add_argument("--watch", action="store_true", help="live bars per stage until the job ends")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between --watch redraws")
+    p.add_argument("--limit", type=int, default=20, help="jobs listed without a job id")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(

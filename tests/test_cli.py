@@ -79,8 +79,25 @@ def test_status_json_after_a_local_run(
     [job] = status["jobs"]
     assert (job["job_id"], job["total"], job["succeeded"], job["failed"]) == (job_id, 2, 1, 1)
     assert status["failures"] == [{"error_code": "reference_not_found", "n": 1}]
+    assert job["failures"] == {"reference_not_found": 1}
+    assert job["stages"] == {
+        "pending": 0,
+        "embedding": 0,
+        "ready": 0,
+        "running": 0,
+        "succeeded": 1,
+        "failed": 1,
+        "cancelled": 0,
+    }
+    assert job["elapsed_seconds"] > 0 and job["items_per_second"] > 0
+    assert job["eta_seconds"] is None  # finished
     table = ipbatch("status", env=env)
     assert table.returncode == 0 and job_id in table.stdout
+    assert "1 x reference_not_found" in table.stdout
+    watched = ipbatch("status", job_id, "--watch", "--interval", "0.1", env=env)
+    assert watched.returncode == 0  # the job is over: one drawing, then exit
+    assert f"job {job_id}" in watched.stdout and "succeeded  ####" in watched.stdout
+    assert ipbatch("status", "--watch", env=env).returncode == 2
     assert ipbatch("status", "no-such-job", env=env).returncode == 2
     # a hand-made UPDATE leaves job_progress behind until `ipbatch db recount`
     import sqlite3
