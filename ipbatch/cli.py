@@ -145,12 +145,32 @@ def cmd_producer(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    settings = Settings()
+    port = args.metrics_port or settings.metrics_port
+    if port:  # before anything imports prometheus_client: the pool children count into files
+        os.environ.setdefault(
+            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="ipbatch-metrics-")
+        )
+    _configure_logging(settings.log_format, args.loglevel)
+
     from workers.celery_app import QUEUES, app
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = set(queues) - set(QUEUES)
     if unknown:
         raise ConfigError(f"unknown queue(s) {sorted(unknown)}; queues are {', '.join(QUEUES)}")
+    if port:
+        from workers.metrics import serve
+
+        serve(
+            port,
+            database_url=settings.ledger_url(),
+            broker_url=settings.broker_url.get_secret_value(),
+            queues=QUEUES,
+        )
     argv = [
         "worker",
         "-Q",
@@ -166,6 +186,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv += ["-n", args.hostname]
     app.worker_main(argv)
     return 0
+
+
+def _configure_logging(fmt: str, level: str) -> None:
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    if fmt == "json":
+        from workers.metrics import JsonFormatter
+
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -278,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes; each uses IPBATCH_DEVICE, so on a GPU machine run one "
         "generate worker per GPU with CUDA_VISIBLE_DEVICES",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics here (IPBATCH_METRICS_PORT)"
     )
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname", help="Celery node name")

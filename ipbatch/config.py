@@ -7,7 +7,7 @@ in a repr or a log line; `redact_url` is what logs and the CLI print instead.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         ge=1,
         description="An item claimed more than this many times in one stage (its worker died "
         "each time) fails as `internal` instead of being delivered again.",
+    )
+    metrics_port: int | None = Field(
+        None, description="`ipbatch worker`: serve Prometheus metrics on this port."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Worker logs: text, or one JSON object per line (job and item ids)."
     )
     channels_last: bool = Field(
         True, description="CUDA: keep the UNet in channels_last memory format (faster convs)."

@@ -122,10 +122,14 @@ def cluster(
         "IPBATCH_HOME": str(tmp_path / "home"),
         "IPBATCH_ALLOWED_SOURCES": f"s3://{s3_bucket}/refs/",
         "IPBATCH_GENERATE_BATCH": "2",
+        "IPBATCH_LOG_FORMAT": "json",
         **cluster_settings,
     }
     cli("db", "upgrade", env=env)
+    from conftest import free_port
+
     workers, logs, handles = [], [], []
+    metrics = {"embedder": free_port(), "generator": free_port()}
     # two workers on different queues, as on two machines: CPU embedding, GPU generation
     for name, queues in (("embedder", "ingest,embed"), ("generator", "generate")):
         log = (tmp_path / f"{name}.log").open("w")
@@ -144,6 +148,8 @@ def cluster(
                     "1",
                     "--hostname",
                     f"{name}@%h",
+                    "--metrics-port",
+                    str(metrics[name]),
                 ],
                 env=env,
                 stdout=log,
@@ -161,6 +167,7 @@ def cluster(
             "engine": engine,
             "logs": logs,
             "workers": workers,
+            "metrics": metrics,
         }
     finally:
         for proc in workers:
@@ -258,6 +265,7 @@ def test_submit_embed_generate_over_real_services(
         assert uri.startswith(f"s3://{bucket}/ipbatch-cache/embeddings/")
         s3.head_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))
     assert attempts == 1  # claims in the last stage: one generate claim each, no redelivery
+    check_metrics_and_logs(cluster, job_id, images=len(outputs))
 
     # the producer: a manifest dropped under a watched prefix is submitted once
     manifest2 = put_manifest(
@@ -620,3 +628,41 @@ def test_postgres_restart_and_s3_outage_mid_job(
     logs = "".join(log.read_text() for log in cluster["logs"])
     print(f"disruptions at (succeeded, running): {events}; items retried or re-claimed: {retried}")
     assert "Retry in" in logs or retried, "the outages went unnoticed: nothing was retried"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample a worker's /metrics serves, keyed by (name, sorted labels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+def check_metrics_and_logs(cluster: dict, job_id: str, *, images: int) -> None:
+    """The workers' Prometheus metrics count what the ledger says happened; their logs are
+    JSON lines carrying job and item ids."""
+    embedder = scrape(cluster["metrics"]["embedder"])
+    generator = scrape(cluster["metrics"]["generator"])
+    assert embedder[("ipbatch_items_total", (("outcome", "done"), ("stage", "embed")))] == 9
+    assert embedder[("ipbatch_embedding_cache_total", (("result", "miss"),))] == 6
+    assert embedder[("ipbatch_embedding_cache_total", (("result", "hit"),))] == 3
+    assert generator[("ipbatch_items_total", (("outcome", "done"), ("stage", "generate")))] == 9
+    assert generator[("ipbatch_images_total", ())] == images
+    assert generator[("ipbatch_batch_seconds_count", ())] >= 1
+    for queue in ("ingest", "embed", "generate"):
+        assert generator[("ipbatch_queue_depth", (("queue", queue),))] >= 0
+    entries = []
+    for line in cluster["logs"][1].read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue  # Celery's start-up banner is plain text
+    stored = [e for e in entries if e.get("message", "").startswith("stored ")]
+    assert stored and all(job_id in e["job_ids"] and e["item_ids"] for e in stored)
+    assert sum(len(e["item_ids"]) for e in stored) == 9

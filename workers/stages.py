@@ -29,6 +29,7 @@ from pipeline.sources import check_allowed, resolve_reference
 from storage import ledger
 from storage.models import ItemStatus, JobStatus
 from storage.objectstore import join_uri
+from workers import metrics
 from workers.context import StageContext
 
 if TYPE_CHECKING:  # the model stack loads in the embed/generate stages, not for ingest
@@ -247,7 +248,7 @@ class EmbedSummary:
 
 def _fail(ctx: StageContext, item_id: int, from_status: ItemStatus, error: ItemError) -> None:
     with ctx.sessions.begin() as session:
-        ledger.transition(
+        moved = ledger.transition(
             session,
             item_ids=[item_id],
             from_status=from_status,
@@ -256,6 +257,7 @@ def _fail(ctx: StageContext, item_id: int, from_status: ItemStatus, error: ItemE
             error_code=error.code.value,
             message=error.message,
         )
+    metrics.ITEMS.labels(metrics.STAGE_OF[from_status.value], "failed").inc(len(moved))
 
 
 # Not the item's fault: S3 or the network (RetryableError), the database going away, or a
@@ -270,7 +272,7 @@ def _release(
     instead and the redelivered message or the reaper takes them)."""
     try:
         with ctx.sessions.begin() as session:
-            ledger.transition(
+            moved = ledger.transition(
                 session,
                 item_ids=item_ids,
                 from_status=working,
@@ -278,6 +280,7 @@ def _release(
                 worker=ctx.worker,
                 message=why,
             )
+        metrics.ITEMS.labels(metrics.STAGE_OF[working.value], "released").inc(len(moved))
     except (OperationalError, InterfaceError):
         log.warning("could not release %d items; their lease will lapse", len(item_ids))
 
@@ -404,13 +407,15 @@ def embed(ctx: StageContext, *, item_ids: Sequence[int]) -> EmbedSummary:
         links = _embed_item(ctx, entry.params, entry.manifest_uri, entry.output_uri, seen, summary)
         with ctx.sessions.begin() as session:
             ledger.link_embeddings(session, item_id=entry.item_id, links=links)
-            summary.ready += ledger.transition(
+            moved = ledger.transition(
                 session,
                 item_ids=[entry.item_id],
                 from_status=ItemStatus.EMBEDDING,
                 to_status=ItemStatus.READY,
                 worker=ctx.worker,
             )
+        summary.ready += moved
+        metrics.ITEMS.labels("embed", "done").inc(len(moved))
 
     with _heartbeat(ctx, claimed, ItemStatus.EMBEDDING):
         summary.failed = _each_claimed(
@@ -457,6 +462,7 @@ def _embed_item(
                 summary.cached += 1
             else:
                 summary.computed += 1
+            metrics.CACHE.labels("hit" if cached else "miss").inc()
             links.append(
                 {
                     "adapter_index": adapter_index,
@@ -689,7 +695,8 @@ def _run_batch(ctx: StageContext, batch: list[_Prepared]) -> list[GenerationResu
     fails by itself. Retryable and configuration errors propagate."""
     generator = ctx.generators.get(adapter_set(batch[0].entry.params))
     try:
-        return list(generator.generate_batch([p.request for p in batch]))
+        with metrics.BATCH_SECONDS.time():
+            return list(generator.generate_batch([p.request for p in batch]))
     except NOT_THE_ITEMS_FAULT:
         raise
     except Exception as exc:
@@ -737,16 +744,32 @@ def _finish_batch(
     finally:  # items whose images are all stored are recorded, even if a later one failed
         if done:
             with ctx.sessions.begin() as session:
-                for item_id, outputs, warning in done:
+                recorded = [
+                    (item_id, len(outputs))
+                    for item_id, outputs, warning in done
                     if ledger.complete_item(
                         session,
                         item_id=item_id,
                         outputs=outputs,
                         worker=ctx.worker,
                         warning=warning,
-                    ):
-                        summary.succeeded += 1
-                        summary.images += len(outputs)
+                    )
+                ]
+            images = sum(n for _, n in recorded)
+            summary.succeeded += len(recorded)
+            summary.images += images
+            metrics.ITEMS.labels("generate", "done").inc(len(recorded))
+            metrics.IMAGES.inc(images)
+            log.info(
+                "stored %d images of %d items",
+                images,
+                len(recorded),
+                extra={
+                    "job_ids": sorted({p.entry.job_id for p in batch}),
+                    "item_ids": [item_id for item_id, _ in recorded],
+                    "worker": ctx.worker,
+                },
+            )
 
 
 def _prepare(

@@ -1,0 +1,119 @@
+"""Prometheus metrics of a worker, and JSON logs.
+
+`ipbatch worker --metrics-port 9100` (or IPBATCH_METRICS_PORT) serves /metrics from the
+Celery parent process. The stage code runs in the prefork children, so the counters use
+prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `ipbatch worker`
+before anything imports prometheus_client). Two gauges are read at scrape time instead of
+counted: items by status over running jobs (the ledger's counters) and queue depths (the
+broker), each through a connection opened and closed for that scrape, so nothing the parent
+holds is inherited by a forked child.
+
+In `ipbatch run` and in tests the same counters simply count in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+ITEMS = Counter(
+    "ipbatch_items_total",
+    "Items a stage finished, by stage (embed, generate) and outcome (done, failed, released)",
+    ["stage", "outcome"],
+)
+IMAGES = Counter("ipbatch_images_total", "Images generated, stored and recorded")
+BATCH_SECONDS = Histogram(
+    "ipbatch_batch_seconds",
+    "Seconds per generation call (one batch of rows)",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
+)
+CACHE = Counter(
+    "ipbatch_embedding_cache_total",
+    "Reference embeddings needed, by result: hit (found in the cache) or miss (computed)",
+    ["result"],
+)
+STAGE_OF = {"embedding": "embed", "running": "generate"}
+
+
+class LedgerAndQueues(Collector):
+    """Gauges read when Prometheus scrapes: items by status, messages waiting per queue."""
+
+    def __init__(self, database_url: str, broker_url: str, queues: tuple[str, ...]) -> None:
+        self.database_url = database_url
+        self.broker_url = broker_url
+        self.queues = queues
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        items = GaugeMetricFamily(
+            "ipbatch_items", "Items of running jobs, by status (from the ledger)", labels=["status"]
+        )
+        engine = create_engine(self.database_url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text(
+                        "SELECT c.status, SUM(c.n) FROM job_item_counts c JOIN jobs j "
+                        "ON j.id = c.job_id WHERE j.status = 'running' GROUP BY c.status"
+                    )
+                )
+                for status, n in rows:
+                    items.add_metric([str(status)], float(n))
+        finally:
+            engine.dispose()
+        yield items
+
+        from kombu import Connection
+
+        depth = GaugeMetricFamily(
+            "ipbatch_queue_depth", "Messages waiting in each queue (the broker)", labels=["queue"]
+        )
+        with Connection(self.broker_url, connect_timeout=5) as connection:
+            channel = connection.channel()
+            for queue in self.queues:
+                try:
+                    _, waiting, _ = channel.queue_declare(queue=queue, passive=True)
+                except Exception:  # not declared yet: nothing waits in it
+                    waiting = 0
+                    channel = connection.channel()
+                depth.add_metric([queue], float(waiting))
+        yield depth
+
+
+def serve(port: int, *, database_url: str, broker_url: str, queues: tuple[str, ...]) -> None:
+    """Serve /metrics on `port` from this (the Celery parent) process."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(LedgerAndQueues(database_url, broker_url, queues))
+    start_http_server(port, registry=registry)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and job_id / item_ids when the
+    log call passed them in `extra`."""
+
+    FIELDS = ("job_id", "job_ids", "item_ids", "worker")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            if name in record.__dict__:
+                entry[name] = record.__dict__[name]
+        if record.exc_info:
+            entry["trace"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
