@@ -83,6 +83,21 @@ class Settings(BaseSettings):
         description="An item claimed more than this many times in one stage (its worker died "
         "each time) fails as `internal` instead of being delivered again.",
     )
+    score: bool = Field(
+        True, description="Score every output: CLIP-I and CLIP-T in outputs.clip_i / clip_t."
+    )
+    score_model: str | None = Field(
+        None,
+        description="Folder of the CLIP model (both towers) that scores; default: "
+        "clip-vit-large-patch14 in the models folder, as the IP-Adapter paper used.",
+    )
+    score_threshold: float | None = Field(
+        None,
+        description="If set, an image whose CLIP-I is below it is generated again with the "
+        "next seed, up to score_tries attempts in all; the best one is kept, every attempt "
+        "recorded in output_attempts.",
+    )
+    score_tries: int = Field(3, ge=1, le=10, description="Attempts per image with a threshold.")
     metrics_port: int | None = Field(
         None, description="`ipbatch worker`: serve Prometheus metrics on this port."
     )

@@ -16,6 +16,7 @@ from pipeline.presets import (
     ADAPTERS,
     BASE_MODELS,
     FACE_PACK_FOLDER,
+    SCORE_MODEL,
     AdapterPreset,
     BaseModelPreset,
     RepoPath,
@@ -106,6 +107,17 @@ class ModelSource:
             repo = self.root / preset.folder
         folder = repo / "feature_extractor"
         return str(folder) if (folder / "preprocessor_config.json").is_file() else None
+
+    def score_model(self) -> str:
+        """The CLIP model (both towers) that scores outputs: CLIP-I and CLIP-T."""
+        path = self._repo_path(SCORE_MODEL, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"scoring needs CLIP ViT-L/14 at {path}. Download {SCORE_MODEL.hub_repo} there, "
+                f"run `ipbatch models tiny {self.root}` for tiny offline test models, or turn "
+                "scoring off (IPBATCH_SCORE=false, `ipbatch run --no-score`)."
+            )
+        return str(path)
 
     def face_root(self) -> Path:
         """insightface's root: the face-analysis pack is at <root>/models/<name>/."""

@@ -10,6 +10,7 @@ tiny ones `ipbatch models tiny` writes:
         sdxl_models/                       SDXL adapters + sdxl_models/image_encoder (ViT-bigG/14)
     MODELS/IP-Adapter-FaceID/              h94/IP-Adapter-FaceID (FaceID .bin files)
     MODELS/insightface/models/buffalo_l/   insightface's buffalo_l face-analysis pack
+    MODELS/clip-vit-large-patch14/         openai/clip-vit-large-patch14 (CLIP-I / CLIP-T scores)
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ H94 = "h94/IP-Adapter"
 H94_FACEID = "h94/IP-Adapter-FaceID"
 VIT_H = RepoPath(H94, "IP-Adapter", "models/image_encoder")
 VIT_BIGG = RepoPath(H94, "IP-Adapter", "sdxl_models/image_encoder")
+# the model the IP-Adapter paper scores with: CLIP ViT-L/14, both towers
+SCORE_MODEL = RepoPath("openai/clip-vit-large-patch14", "clip-vit-large-patch14", "")
 
 
 @dataclass(frozen=True)

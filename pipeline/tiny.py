@@ -8,7 +8,8 @@ Everything the real presets load, at a size that runs on two CPU cores in a seco
   recognises, `ip_adapter.{i}.to_{k,v}_ip.weight` per cross-attention processor, and for
   FaceID the LoRA keys `ip_adapter.{i}.to_{q,k,v,out}_lora.{down,up}.weight` on every
   processor; .safetensors where h94 ships them, .bin (plain tensors) for FaceID like h94;
-- an insightface face-analysis pack (tiny ONNX detector and recogniser).
+- an insightface face-analysis pack (tiny ONNX detector and recogniser);
+- a CLIP model with both towers in ViT-L/14's folder layout, for CLIP-I / CLIP-T scores.
 Nothing is downloaded: the real diffusers / transformers / insightface loading code then
 reads these folders.
 """
@@ -27,6 +28,7 @@ from pipeline.presets import (
     BASE_MODELS,
     FACE_PACK,
     FACE_PACK_FOLDER,
+    SCORE_MODEL,
     VIT_BIGG,
     VIT_H,
     AdapterPreset,
@@ -215,6 +217,29 @@ def _image_encoder(folder: Path, hidden: int, projection: int, seed: int) -> Non
     model.save_pretrained(folder, safe_serialization=True)
 
 
+def _score_model(folder: Path) -> None:
+    """CLIP with both towers (ViT-L/14's layout, tiny): the model outputs are scored with."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    torch.manual_seed(3)
+    vision = CLIPVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=IMAGE_SIZE,
+        patch_size=4,
+    )
+    config = CLIPConfig(
+        text_config=_text_config(32).to_dict(), vision_config=vision.to_dict(), projection_dim=24
+    )
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    _tokenizer().save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ).save_pretrained(folder)
+
+
 def _randn(generator: torch.Generator, *shape: int, std: float = 0.1) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) * std
 
@@ -370,6 +395,7 @@ def write_tiny_models(root: Path) -> Path:
             _ip_layers(unet, cross_dim, g, lora=preset.lora),
         )
     write_tiny_face_pack(root / FACE_PACK_FOLDER, FACE_PACK)
+    _score_model(root / SCORE_MODEL.folder)
     (root / "TINY_MODELS.json").write_text(
         json.dumps({"note": "random weights for offline tests; not for real images"}, indent=2)
     )

@@ -32,6 +32,7 @@ from storage.models import (
     JobItemCount,
     JobStatus,
     Output,
+    OutputAttempt,
     utcnow,
 )
 
@@ -682,6 +683,12 @@ def record_embedding(
         return existing.id
 
 
+def embedding_uri(session: Session, *, embedding_id: int) -> str:
+    uri = session.scalar(select(Embedding.uri).where(Embedding.id == embedding_id))
+    assert uri is not None, f"no embedding {embedding_id}"
+    return uri
+
+
 def link_embeddings(session: Session, *, item_id: int, links: Sequence[dict[str, Any]]) -> None:
     """Replace an item's (adapter_index, reference_index) -> embedding links."""
     session.execute(delete(ItemEmbedding).where(ItemEmbedding.item_id == item_id))
@@ -708,6 +715,7 @@ def complete_item(
     outputs: Sequence[dict[str, Any]],
     worker: str,
     warning: str | None = None,
+    attempts: Sequence[dict[str, Any]] = (),
 ) -> bool:
     """Record an item's outputs and mark it succeeded, in the caller's one transaction.
 
@@ -725,10 +733,15 @@ def complete_item(
         return False
     if warning:
         session.execute(update(Item).where(Item.id == item_id).values(warning=warning))
+    now = utcnow()
     if outputs:
-        now = utcnow()
         session.execute(
             insert(Output), [{"item_id": item_id, "created_at": now, **out} for out in outputs]
+        )
+    if attempts:  # every image generated for a slot, when a score threshold asked for more
+        session.execute(
+            insert(OutputAttempt),
+            [{"item_id": item_id, "created_at": now, **row} for row in attempts],
         )
     return True
 

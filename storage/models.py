@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -194,6 +195,25 @@ class Output(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("item_id", "image_index"),)
+
+
+class OutputAttempt(Base):
+    """Every image generated for an output slot (IPBATCH_SCORE_THRESHOLD regenerates those
+    below it with the next seed); `kept` marks the one in `outputs`."""
+
+    __tablename__ = "output_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    image_index: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    clip_i: Mapped[float | None] = mapped_column(Float)
+    clip_t: Mapped[float | None] = mapped_column(Float)
+    kept: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("item_id", "image_index", "attempt"),)
 
 
 class JobItemCount(Base):

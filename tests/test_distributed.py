@@ -257,9 +257,10 @@ def test_submit_embed_generate_over_real_services(
         key = uri.removeprefix(f"s3://{bucket}/")
         data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert hashlib.sha256(data).hexdigest() == sha
-    # 3 references x base kind, and 3 x plus kind: each encoded once
+    # 3 references x base kind, x plus kind and x score model: each encoded once
     assert (
-        sorted(k for k, _ in embeddings) == ["clip_hidden_states"] * 3 + ["clip_image_embeds"] * 3
+        sorted(k for k, _ in embeddings)
+        == ["clip_hidden_states"] * 3 + ["clip_image_embeds"] * 3 + ["clip_score"] * 3
     )
     for _, uri in embeddings:
         assert uri.startswith(f"s3://{bucket}/ipbatch-cache/embeddings/")
@@ -299,7 +300,7 @@ def test_submit_embed_generate_over_real_services(
         )
         n_embeddings = conn.execute(sa.text("SELECT COUNT(*) FROM embeddings")).scalar()
     assert errors == {"outside": "reference_forbidden", "missing": "reference_not_found"}
-    assert n_embeddings == 6  # last job's embeddings were reused, none added
+    assert n_embeddings == 9  # last job's embeddings (and reference scores) reused, none added
     status = json.loads(cli("status", jobs[0], "--json", env=env))
     assert status["jobs"][0]["failed"] == 2
     assert {f["error_code"] for f in status["failures"]} == {

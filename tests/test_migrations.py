@@ -46,6 +46,7 @@ def test_upgrade_downgrade_upgrade(empty_db: str) -> None:
         "item_embeddings",
         "outputs",
         "job_item_counts",
+        "output_attempts",
         "job_progress",
         "alembic_version",
     }

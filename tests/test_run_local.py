@@ -87,7 +87,11 @@ def test_run_end_to_end_then_rerun_redoes_nothing(job_dir: tuple[Path, dict[str,
     assert query(db, "SELECT row_id, error_code FROM items WHERE status = 'failed'") == [
         ("broken", "invalid_row")
     ]
-    assert query(db, "SELECT COUNT(*) FROM embeddings") == [(3,)]  # 3 distinct references
+    # 3 distinct references: each embedded once for the adapter, once for the scores
+    assert query(db, "SELECT kind, COUNT(*) FROM embeddings GROUP BY kind ORDER BY kind") == [
+        ("clip_image_embeds", 3),
+        ("clip_score", 3),
+    ]
     outputs = query(
         db,
         "SELECT o.uri, o.sha256, o.seed, i.row_id, o.image_index "

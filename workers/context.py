@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the model stack (torch, diffusers, transformers) loads on f
     from pipeline.embedder import ClipEmbedder, ReferenceEncoder
     from pipeline.faces import FaceEmbedder
     from pipeline.generator import GeneratorPool
+    from pipeline.scores import ClipScorer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class StageContext:
     _face: FaceEmbedder | None = None
     _encoders: dict[str, ReferenceEncoder] = field(default_factory=dict)
     _pool: GeneratorPool | None = None
+    _scorer: ClipScorer | None = None
 
     @classmethod
     def create(cls, settings: Settings, *, mode: Literal["local", "distributed"]) -> StageContext:
@@ -151,6 +153,23 @@ class StageContext:
         if self.settings.batch_images:
             return self.settings.batch_images
         return default_batch_images(resolve_device(self.settings.device))
+
+    @property
+    def scorer(self) -> ClipScorer | None:
+        """The CLIP model that scores outputs (CLIP-I, CLIP-T); None with IPBATCH_SCORE=false."""
+        if not self.settings.score:
+            return None
+        if self._scorer is None:
+            from pipeline.scores import ClipScorer
+
+            quiet_model_libraries()
+            device = resolve_device(self.settings.device)
+            self._scorer = ClipScorer(
+                self.settings.score_model or self.models.score_model(),
+                device=device,
+                dtype=resolve_dtype(self.settings.dtype, device),
+            )
+        return self._scorer
 
     def close(self) -> None:
         self.engine.dispose()

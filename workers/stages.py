@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the model stack loads in the embed/generate stages, not for
 
     from pipeline.embedder import ReferenceEncoder
     from pipeline.generator import GenerationRequest, GenerationResult
+    from pipeline.scores import ClipScorer
 
 log = logging.getLogger(__name__)
 
@@ -530,6 +531,7 @@ class _GenerateWork:
     job_id: str
     output_uri: str
     embeddings: list[tuple[int, str]]  # (adapter_index, cache uri), in reference order
+    references: list[tuple[str, str]]  # (content sha256, uri) of each distinct reference
 
 
 @dataclass(frozen=True)
@@ -565,12 +567,21 @@ def generate(ctx: StageContext, *, item_ids: Sequence[int]) -> GenerateSummary:
         for item in ledger.load_items(session, item_ids=claimed):
             job = ledger.get_job(session, job_id=item.job_id)
             assert job is not None and item.params is not None and item.row_id is not None
-            embeddings = [
-                (link.adapter_index, emb.uri)
-                for link, emb in ledger.item_embeddings(session, item_id=item.id)
-            ]
+            links = ledger.item_embeddings(session, item_id=item.id)
+            embeddings = [(link.adapter_index, emb.uri) for link, emb in links]
+            references = list(
+                dict.fromkeys((emb.content_sha256, link.reference_uri) for link, emb in links)
+            )
             work.append(
-                _GenerateWork(item.id, item.row_id, item.params, job.id, job.output_uri, embeddings)
+                _GenerateWork(
+                    item.id,
+                    item.row_id,
+                    item.params,
+                    job.id,
+                    job.output_uri,
+                    embeddings,
+                    references,
+                )
             )
 
     claimed_ids = [entry.item_id for entry in work]
@@ -610,8 +621,10 @@ def _generate_claimed(
                 batch = _drop_cancelled(ctx, batch)
                 if not batch:
                     continue
-                results = _run_batch(ctx, batch)
-                finishing.append(finisher.submit(_finish_batch, ctx, batch, results, summary))
+                results, scored = _score_batch(ctx, batch, _run_batch(ctx, batch))
+                finishing.append(
+                    finisher.submit(_finish_batch, ctx, batch, results, scored, summary)
+                )
     except NOT_THE_ITEMS_FAULT as exc:  # from _run_batch: not one item's fault
         _release(
             ctx,
@@ -718,10 +731,12 @@ def _finish_batch(
     ctx: StageContext,
     batch: list[_Prepared],
     results: list[GenerationResult | BaseException],
+    scored: dict[int, _Scored],
     summary: GenerateSummary,
 ) -> None:
     """Encode and upload every image of the batch, then record all its items in one
-    transaction (outputs rows + succeeded). Runs on the finisher thread."""
+    transaction (outputs rows with their scores, attempts, succeeded). Runs on the finisher
+    thread."""
     done: list[tuple[int, list[dict[str, Any]], str | None]] = []
     by_item = {p.entry.item_id: r for p, r in zip(batch, results, strict=True)}
 
@@ -729,7 +744,12 @@ def _finish_batch(
         result = by_item[p.entry.item_id]
         if isinstance(result, BaseException):
             raise result
-        done.append((p.entry.item_id, _store_images(ctx, p, result), result.warning))
+        scores = scored.get(p.entry.item_id)
+        outputs = _store_images(ctx, p, result)
+        if scores is not None:
+            for out, (ci, ct) in zip(outputs, scores.scores, strict=True):
+                out |= {"clip_i": ci, "clip_t": ct}
+        done.append((p.entry.item_id, outputs, result.warning))
 
     try:
         summary.failed += _each_claimed(
@@ -753,6 +773,7 @@ def _finish_batch(
                         outputs=outputs,
                         worker=ctx.worker,
                         warning=warning,
+                        attempts=scored[item_id].attempts if item_id in scored else (),
                     )
                 ]
             images = sum(n for _, n in recorded)
@@ -770,6 +791,125 @@ def _finish_batch(
                     "worker": ctx.worker,
                 },
             )
+
+
+@dataclass
+class _Scored:
+    scores: list[tuple[float, float | None]]  # per image: (clip_i, clip_t)
+    attempts: list[dict[str, Any]]  # output_attempts rows
+
+
+def _score_batch(
+    ctx: StageContext, batch: list[_Prepared], results: list[GenerationResult | BaseException]
+) -> tuple[list[GenerationResult | BaseException], dict[int, _Scored]]:
+    """CLIP-I and CLIP-T of every image; with IPBATCH_SCORE_THRESHOLD, images below it are
+    generated again with the next seed (up to IPBATCH_SCORE_TRIES attempts) and the best kept.
+    Runs on the generation thread (regenerating needs the GPU)."""
+    scorer = ctx.scorer
+    if scorer is None:
+        return results, {}
+    import torch
+
+    scored: dict[int, _Scored] = {}
+    refs: dict[str, torch.Tensor] = {}
+    out: list[GenerationResult | BaseException] = []
+    for p, result in zip(batch, results, strict=True):
+        if isinstance(result, BaseException):
+            out.append(result)
+            continue
+        try:
+            references = torch.cat(
+                [
+                    _reference_score(ctx, scorer, sha, uri, p, refs)
+                    for sha, uri in p.entry.references
+                ]
+            )
+            text = scorer.text_embeds([p.row.prompt])[0] if p.row.prompt else None
+            result, scored[p.entry.item_id] = _score_item(ctx, p, result, references, text)
+        except NOT_THE_ITEMS_FAULT:
+            raise
+        except Exception as exc:  # this item alone: it fails with its error
+            out.append(exc)
+            continue
+        out.append(result)
+    return out, scored
+
+
+def _score_item(
+    ctx: StageContext,
+    p: _Prepared,
+    result: GenerationResult,
+    references: torch.Tensor,
+    text: torch.Tensor | None,
+) -> tuple[GenerationResult, _Scored]:
+    from pipeline.scores import clip_i, clip_t
+
+    scorer = ctx.scorer
+    assert scorer is not None
+    embeds = scorer.image_embeds(result.images)
+    scores = [(clip_i(e, references), clip_t(e, text)) for e in embeds]
+    images, seeds = list(result.images), list(result.seeds)
+    attempts = [
+        {"image_index": k, "attempt": 0, "seed": seed, "clip_i": ci, "clip_t": ct, "kept": True}
+        for k, (seed, (ci, ct)) in enumerate(zip(seeds, scores, strict=True))
+    ]
+    threshold = ctx.settings.score_threshold
+    if threshold is not None:
+        generator = ctx.generators.get(adapter_set(p.entry.params))
+        for k in range(len(images)):
+            kept = attempts[k]
+            for attempt in range(1, ctx.settings.score_tries):
+                if scores[k][0] >= threshold:
+                    break
+                seed = (p.request.seed + k + attempt * p.request.num_images) % 2**32
+                again = generator.generate(replace(p.request, seed=seed, num_images=1))
+                [embed] = scorer.image_embeds(again.images)
+                ci, ct = clip_i(embed, references), clip_t(embed, text)
+                row = {"image_index": k, "attempt": attempt, "seed": seed}
+                attempts.append(row | {"clip_i": ci, "clip_t": ct, "kept": False})
+                if ci > scores[k][0]:  # better: this one is kept
+                    kept["kept"], attempts[-1]["kept"], kept = False, True, attempts[-1]
+                    images[k], seeds[k], scores[k] = again.images[0], seed, (ci, ct)
+    kept_result = replace(result, images=images, seeds=seeds)
+    return kept_result, _Scored(scores, attempts)
+
+
+def _reference_score(
+    ctx: StageContext,
+    scorer: ClipScorer,
+    sha: str,
+    uri: str,
+    p: _Prepared,
+    memo: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """The scoring model's embedding of a reference, [1, d]: content-addressed in the cache
+    like the adapters' embeddings, so each reference is scored once, ever."""
+    from storage.embcache import CacheKey
+
+    if sha not in memo:
+        key = CacheKey(sha, scorer.fingerprint, "clip_score")
+        computed: dict[str, torch.Tensor] = {}
+
+        def compute() -> dict[str, torch.Tensor]:
+            image = decode_reference(
+                _read_reference(ctx, uri),
+                name=uri,
+                max_pixels=ctx.settings.max_image_pixels,
+                max_bytes=ctx.settings.max_reference_bytes,
+            )
+            computed["pos"] = scorer.image_embeds([image])
+            return computed
+
+        with ctx.sessions.begin() as session:
+            embedding_id, cached = ctx.cache.get_or_compute(
+                session, key=key, cache_root=ctx.cache_root(p.entry.output_uri), compute=compute
+            )
+            uri_of_cached = ledger.embedding_uri(session, embedding_id=embedding_id)
+        metrics.CACHE.labels("hit" if cached else "miss").inc()
+        if cached:
+            computed = ctx.cache.load(uri_of_cached)
+        memo[sha] = computed["pos"]
+    return memo[sha]
 
 
 def _prepare(
