@@ -21,12 +21,13 @@ install: $(STAMP)
 services:
 	bash scripts/services.sh
 
-$(HOME_DIR)/models/TINY_MODELS.json: | $(STAMP)
+$(HOME_DIR)/models/TINY_MODELS.json: pipeline/tiny.py pipeline/tiny_faces.py | $(STAMP)
 	$(BIN)/ipbatch models tiny $(HOME_DIR)/models
 
 demo: install $(HOME_DIR)/models/TINY_MODELS.json
 	IPBATCH_HOME=$(HOME_DIR) IPBATCH_MODELS=$(HOME_DIR)/models \
 		$(BIN)/ipbatch run examples/catalog.jsonl
+	IPBATCH_HOME=$(HOME_DIR) $(BIN)/ipbatch report -o $(HOME_DIR)/report.html
 
 lint: install
 	$(BIN)/ruff check .

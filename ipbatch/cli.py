@@ -23,6 +23,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "models", None):
         overrides["models"] = args.models
+    if getattr(args, "no_score", False):
+        overrides["score"] = False
     return Settings(**overrides)
 
 
@@ -226,6 +228,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the job's HTML report (self-contained: thumbnails embedded)."""
+    from ipbatch.report import render
+    from storage.ledger import make_engine
+    from storage.objectstore import ObjectStores
+
+    settings = Settings()
+    engine = make_engine(settings.ledger_url())
+    stores = ObjectStores(s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region)
+    try:
+        if args.job is None:  # the most recently started job
+            from ipbatch import status
+
+            latest = status.collect(engine, limit=1)
+            if not latest:
+                raise LookupError("no jobs yet")
+            args.job = latest[0]["job_id"]
+        page = render(engine, stores, job_id=args.job, limit=args.limit)
+    except LookupError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    Path(args.output).write_text(page, encoding="utf-8")
+    print(f"{args.output}: {len(page) / 1024:.0f} KiB")
+    return 0
+
+
 def cmd_db_recount(args: argparse.Namespace) -> int:
     """Rebuild the status counters behind job_progress from the items (after hand edits)."""
     from sqlalchemy import select
@@ -285,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder or s3:// URI (default $IPBATCH_HOME/outputs)")
     p.add_argument("--models", help="models folder, or `hub` (default $IPBATCH_MODELS)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-score", action="store_true", help="skip CLIP-I / CLIP-T scores (IPBATCH_SCORE)"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="register a job and queue it for the Celery workers")
@@ -340,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="models folder (one-machine mode)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("report", help="a self-contained HTML page of a job's results")
+    p.add_argument("job", nargs="?", help="job id (default: the most recently started job)")
+    p.add_argument("-o", "--output", default="report.html", help="the HTML file to write")
+    p.add_argument("--limit", type=int, default=500, help="rows shown, in manifest order")
+    p.set_defaults(func=cmd_report)
 
     db = sub.add_parser("db", help="ledger maintenance").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="run the Alembic migrations").set_defaults(func=cmd_db_upgrade)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL, Redis and RabbitMQ answer on localhost; start (or install) them if not.
+# Also installs Debian's chromium if missing (tests/test_report.py renders the report in it).
 # The tests create their own database / vhost and clean up; nothing here is destructive.
 set -euo pipefail
 
@@ -7,6 +8,7 @@ need_apt=()
 command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v rabbitmq-server >/dev/null || need_apt+=(rabbitmq-server)
+command -v chromium >/dev/null || need_apt+=(chromium)  # the report test renders in it
 if ((${#need_apt[@]})); then
   echo "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

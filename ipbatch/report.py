@@ -1,0 +1,252 @@
+"""`ipbatch report JOB -o report.html`: one self-contained page to look at a job's results.
+
+At the top: counts by status, time, images/s and the distribution of CLIP-I and CLIP-T as
+small bar charts. Then one row per manifest row (up to --limit, in manifest order): its
+references, its outputs with seed and scores, the prompt, and for a failed row the error code
+and message. Thumbnails are embedded (JPEG data URIs), so the file can be mailed or archived;
+nothing is fetched when it is opened. Every text from the manifest is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import Engine, text
+
+from ipbatch import status
+from storage.objectstore import ObjectStores
+
+THUMB = 160
+
+
+@dataclass
+class _Row:
+    row_index: int
+    row_id: str | None
+    status: str
+    error_code: str | None
+    error_message: str | None
+    warning: str | None
+    params: dict[str, Any]
+    references: list[str]
+    outputs: list[dict[str, Any]]
+
+
+def _thumbnail(stores: ObjectStores, uri: str) -> str | None:
+    """A JPEG data URI of the image at `uri`, or None if it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(stores.for_uri(uri).get(uri))) as image:
+            image.seek(0)
+            thumb = image.convert("RGB")
+            thumb.thumbnail((THUMB, THUMB))
+    except Exception:  # a missing or broken reference: the row says why it failed
+        return None
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _named_references(params: dict[str, Any], manifest_uri: str) -> list[str]:
+    """The references a row names, resolved like the embed stage does (for rows that failed
+    before their references were recorded)."""
+    from pipeline.sources import resolve_reference
+
+    refs: list[str] = []
+    for spec in params.get("adapters") or [params]:
+        value = spec.get("reference") if isinstance(spec, dict) else None
+        for ref in [value] if isinstance(value, str) else list(value or []):
+            try:
+                refs.append(resolve_reference(str(ref), manifest_uri=manifest_uri))
+            except Exception:
+                refs.append(str(ref))
+    return list(dict.fromkeys(refs))
+
+
+def _load(engine: Engine, job_id: str, limit: int) -> tuple[list[_Row], int, int]:
+    page = "SELECT id FROM items WHERE job_id = :j ORDER BY row_index LIMIT :n"
+    with engine.connect() as conn:
+        manifest_uri = conn.execute(
+            text("SELECT manifest_uri FROM jobs WHERE id = :j"), {"j": job_id}
+        ).scalar_one()
+        total = conn.execute(
+            text("SELECT COUNT(*) FROM items WHERE job_id = :j"), {"j": job_id}
+        ).scalar_one()
+        items = conn.execute(
+            text(
+                "SELECT id, row_index, row_id, status, error_code, error_message, warning, params "
+                "FROM items WHERE job_id = :j ORDER BY row_index LIMIT :n"
+            ),
+            {"j": job_id, "n": limit},
+        ).all()
+        outputs: dict[int, list[dict[str, Any]]] = {}
+        for o in conn.execute(
+            text(
+                "SELECT item_id, image_index, uri, seed, clip_i, clip_t FROM outputs "
+                f"WHERE item_id IN ({page}) ORDER BY item_id, image_index"
+            ),
+            {"j": job_id, "n": limit},
+        ).mappings():
+            outputs.setdefault(o["item_id"], []).append(dict(o))
+        embedded: dict[int, list[str]] = {}
+        for item_id, uri in conn.execute(
+            text(
+                "SELECT item_id, reference_uri FROM item_embeddings "
+                f"WHERE item_id IN ({page}) ORDER BY item_id, adapter_index, reference_index"
+            ),
+            {"j": job_id, "n": limit},
+        ):
+            if uri not in embedded.setdefault(item_id, []):
+                embedded[item_id].append(uri)
+        images = conn.execute(
+            text(
+                "SELECT COUNT(*) FROM outputs o JOIN items i ON i.id = o.item_id "
+                "WHERE i.job_id = :j"
+            ),
+            {"j": job_id},
+        ).scalar_one()
+    rows = []
+    for i in items:
+        params = json.loads(i.params) if isinstance(i.params, str) else (i.params or {})
+        valid = i.error_code != "invalid_row"
+        references = embedded.get(i.id) or (
+            _named_references(params, manifest_uri) if valid else []
+        )
+        rows.append(
+            _Row(
+                i.row_index,
+                i.row_id,
+                str(i.status),
+                i.error_code,
+                i.error_message,
+                i.warning,
+                params if valid else {},
+                references,
+                outputs.get(i.id, []),
+            )
+        )
+    return rows, int(total), int(images)
+
+
+def _histogram(values: list[float], lo: float, hi: float, title: str, bins: int = 10) -> str:
+    """A small SVG bar chart of `values` in [lo, hi]."""
+    counts = [0] * bins
+    for v in values:
+        k = min(bins - 1, max(0, int((v - lo) / (hi - lo) * bins)))
+        counts[k] += 1
+    peak = max(counts) or 1
+    width, height, bar = 240, 90, 240 // bins
+    rects = "".join(
+        f'<rect x="{k * bar + 1}" y="{height - 20 - round(c / peak * 60)}" width="{bar - 2}" '
+        f'height="{round(c / peak * 60)}"><title>{c}</title></rect>'
+        for k, c in enumerate(counts)
+    )
+    return (
+        f'<figure class="chart"><svg width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(title)}">{rects}'
+        f'<text x="0" y="{height - 4}">{lo:g}</text>'
+        f'<text x="{width - 24}" y="{height - 4}">{hi:g}</text></svg>'
+        f"<figcaption>{html.escape(title)} (n={len(values)})</figcaption></figure>"
+    )
+
+
+CSS = """
+body{font:14px system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:20px;margin:0 0 4px} .muted{color:#666}
+.summary{display:flex;gap:32px;align-items:flex-start;margin:16px 0 24px;flex-wrap:wrap}
+.counts td{padding:2px 12px 2px 0} .chart rect{fill:#4a7bd0} .chart text{font-size:10px}
+figure{margin:0} figcaption{font-size:12px;color:#444}
+table.rows{border-collapse:collapse;width:100%}
+table.rows td,table.rows th{border-top:1px solid #ddd;padding:8px;vertical-align:top}
+table.rows th{text-align:left}
+.thumbs{display:flex;gap:8px;flex-wrap:wrap} .thumbs figure{width:SIZEpx}
+.thumbs img{max-width:SIZEpx;max-height:SIZEpx;display:block;border:1px solid #ccc}
+.status-failed{color:#b00020;font-weight:600} .status-succeeded{color:#0a7a2f}
+.error{color:#b00020} .warning{color:#8a5a00} .missing{color:#999;font-style:italic}
+""".replace("SIZE", str(THUMB))
+
+
+def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 500) -> str:
+    jobs = status.collect(engine, job_id=job_id)
+    if not jobs:
+        raise LookupError(f"no job {job_id}")
+    job = jobs[0]
+    rows, total, images = _load(engine, job_id, limit)
+    elapsed = job["elapsed_seconds"]
+    scores_i = [o["clip_i"] for r in rows for o in r.outputs if o["clip_i"] is not None]
+    scores_t = [o["clip_t"] for r in rows for o in r.outputs if o["clip_t"] is not None]
+    e = html.escape
+    counts = "".join(
+        f"<tr><td>{e(name)}</td><td>{n}</td></tr>" for name, n in job["stages"].items() if n
+    )
+    rate = images / elapsed if elapsed else 0.0
+    head = (
+        f"<h1>{e(str(job['name']))}</h1><div class='muted'>job {e(job_id)}: {e(job['status'])}, "
+        f"{job['percent_done']:.1f}% done</div>"
+        f"<div class='summary'><table class='counts'>{counts}"
+        f"<tr><td>images</td><td>{images}</td></tr>"
+        f"<tr><td>time</td><td>{elapsed:.1f} s</td></tr>"
+        f"<tr><td>images/s</td><td>{rate:.2f}</td></tr></table>"
+        f"{_histogram(scores_i, -1.0, 1.0, 'CLIP-I') if scores_i else ''}"
+        f"{_histogram(scores_t, 0.0, 2.5, 'CLIP-T') if scores_t else ''}</div>"
+    )
+    if total > len(rows):
+        head += f"<p class='muted'>showing the first {len(rows)} of {total} rows</p>"
+    body = []
+    for r in rows:
+        refs = []
+        for uri in r.references:
+            data = _thumbnail(stores, uri)
+            refs.append(
+                f"<figure><img src='{data}' alt='reference'><figcaption>{e(uri)}</figcaption>"
+                "</figure>"
+                if data
+                else f"<figure class='missing'>unreadable: {e(uri)}</figure>"
+            )
+        outs = []
+        for o in r.outputs:
+            data = _thumbnail(stores, o["uri"])
+            scores = " ".join(
+                f"{name} {o[key]:.3f}"
+                for name, key in (("CLIP-I", "clip_i"), ("CLIP-T", "clip_t"))
+                if o[key] is not None
+            )
+            caption = f"#{o['image_index']} seed {o['seed']} {scores}"
+            outs.append(
+                f"<figure><img src='{data}' alt='output {o['image_index']}' class='output'>"
+                f"<figcaption>{e(caption)}</figcaption></figure>"
+                if data
+                else f"<figure class='missing'>missing: {e(o['uri'])}</figure>"
+            )
+        notes = ""
+        if r.error_code:
+            notes += f"<div class='error'>{e(r.error_code)}: {e(r.error_message or '')}</div>"
+        if r.warning:
+            notes += f"<div class='warning'>{e(r.warning)}</div>"
+        prompt = r.params.get("prompt")
+        body.append(
+            f"<tr class='row' data-status='{e(r.status)}'><td>{r.row_index + 1}</td>"
+            f"<td>{e(r.row_id or '(no id)')}</td>"
+            f"<td class='status-{e(r.status)}'>{e(r.status)}</td>"
+            f"<td>{e(str(prompt or ''))}{notes}</td>"
+            f"<td><div class='thumbs'>{''.join(refs)}</div></td>"
+            f"<td><div class='thumbs'>{''.join(outs)}</div></td></tr>"
+        )
+    script = (
+        "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+        "document.body.dataset.imagesLoaded=i.filter(x=>x.complete&&x.naturalWidth>0).length;"
+        "document.body.dataset.imagesBroken=i.filter(x=>!(x.complete&&x.naturalWidth>0)).length;"
+        "});</script>"
+    )
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>ipbatch report: {e(str(job['name']))}</title><style>{CSS}</style></head><body>"
+        f"{head}<table class='rows'><thead><tr><th>#</th><th>row</th><th>status</th>"
+        "<th>prompt</th><th>references</th><th>outputs</th></tr></thead><tbody>"
+        f"{''.join(body)}</tbody></table>{script}</body></html>"
+    )

@@ -1,0 +1,87 @@
+"""`ipbatch report`: one self-contained HTML page, rendered in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    from conftest import _ensure_services
+
+    if shutil.which("chromium") is None:
+        _ensure_services()  # scripts/services.sh installs Debian's chromium when missing
+    path = shutil.which("chromium")
+    assert path, "chromium is not installed and scripts/services.sh could not install it"
+    return path
+
+
+def headless(chromium: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_report_renders_rows_images_scores_and_errors(
+    tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path], chromium: str
+) -> None:
+    rows = [
+        {
+            "id": "shoe",
+            "prompt": "a red <b>shoe</b> & co",
+            "reference": "refs/red.png",
+            "steps": 1,
+            "num_images": 2,
+        },
+        {"id": "bag", "reference": "refs/blue.png", "steps": 1},
+        {"id": "gone", "reference": "refs/nope.png", "steps": 1},
+        {"id": "bad", "reference": "refs/red.png", "steps": 0},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "IPBATCH_HOME": str(tmp_path / "home"), "IPBATCH_MODELS": str(tiny_models)}
+
+    def ipbatch(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ipbatch.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    run = ipbatch("run", "-q", "m.jsonl")
+    assert run.returncode == 1, run.stderr
+    job_id = run.stdout.split()[1].rstrip(":")
+    report = tmp_path / "report.html"
+    made = ipbatch("report", job_id, "-o", str(report))
+    assert made.returncode == 0, made.stderr
+    page = report.read_text()
+    # self-contained: every image is embedded, nothing is fetched
+    assert "http://" not in page and "https://" not in page and "file://" not in page
+    assert len(re.findall(r"<img src='data:image/jpeg;base64,", page)) == 2 + 3  # refs + outputs
+    assert page.count("<tr class='row'") == 4
+    assert "a red &lt;b&gt;shoe&lt;/b&gt; &amp; co" in page  # manifest text is escaped
+    assert "reference_not_found" in page and "invalid_row" in page and "CLIP-I" in page
+    assert re.search(r"#1 seed \d+ CLIP-I -?\d\.\d{3} CLIP-T \d\.\d{3}", page)
+    # a real browser loads it: every image decodes, and it looks like something
+    dom = headless(chromium, "--dump-dom", report.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-images-loaded="5"' in dom.stdout and 'data-images-broken="0"' in dom.stdout
+    shot = tmp_path / "report.png"
+    taken = headless(chromium, "--window-size=1280,900", f"--screenshot={shot}", report.as_uri())
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 20_000
+    assert ipbatch("report", "no-such-job", "-o", str(tmp_path / "x.html")).returncode == 2
