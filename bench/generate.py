@@ -209,7 +209,8 @@ def ipbatch_run(
     from workers.runner import run_job
 
     home = root / f"home-{batch}-{int(compile_)}"
-    settings = Settings(home=home, models=models, batch_images=batch, compile=compile_)
+    # scoring off: the plain loop does not score either (scores cost one CLIP pass per image)
+    settings = Settings(home=home, models=models, batch_images=batch, compile=compile_, score=False)
     upgrade(settings.ledger_url())
     ctx = StageContext.create(settings, mode="local")
     # warm-up on other rows with other references: loads (and compiles) the models, primes
