@@ -32,7 +32,6 @@ RESAMPLER_DIM = 768
 def write_fullsize_sd15(root: Path) -> Path:
     from diffusers import (
         AutoencoderKL,
-        PNDMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -64,14 +63,7 @@ def write_fullsize_sd15(root: Path) -> Path:
         vae=vae,
         text_encoder=text,
         tokenizer=tiny._tokenizer(),
-        scheduler=PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            skip_prk_steps=True,
-            steps_offset=1,
-            set_alpha_to_one=False,
-        ),
+        scheduler=tiny.sd15_scheduler(),
         safety_checker=None,
         feature_extractor=CLIPImageProcessor(),  # 224x224, CLIP's mean and std
         image_encoder=None,

@@ -109,9 +109,23 @@ def _vae() -> Any:
     )
 
 
+def sd15_scheduler() -> Any:
+    """SD1.5's scheduler, as its repository configures it."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
 def _sd15_base(folder: Path) -> None:
     """SD1.5's shape: 3 cross-attention down blocks x 2 layers -> 16 cross-attention layers."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPImageProcessor, CLIPTextModel
 
     torch.manual_seed(0)
@@ -127,14 +141,6 @@ def _sd15_base(folder: Path) -> None:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
     feature_extractor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -143,7 +149,7 @@ def _sd15_base(folder: Path) -> None:
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(SD15_CROSS_DIM)),
         tokenizer=_tokenizer(),
-        scheduler=scheduler,
+        scheduler=sd15_scheduler(),
         safety_checker=None,
         feature_extractor=feature_extractor,
         image_encoder=None,

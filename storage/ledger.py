@@ -584,7 +584,8 @@ def claim(
             message=f"delivered more than {max_attempts} times in stage {working.value} without "
             "finishing (its worker died or hung each time); item_events holds every delivery",
         )
-    return [i for i in mine if i not in set(over)]
+    failed = set(over)
+    return [i for i in mine if i not in failed]
 
 
 def held_elsewhere(

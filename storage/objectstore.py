@@ -183,6 +183,9 @@ class S3Store:
             body.close()
 
     def put(self, uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+        self._put(uri, data, content_type)
+
+    def _put(self, uri: str, data: bytes, content_type: str, **conditions: str) -> None:
         loc = parse_s3(uri)
         self._call(
             uri,
@@ -191,6 +194,7 @@ class S3Store:
             Key=loc.key,
             Body=data,
             ContentType=content_type,
+            **conditions,
         )
 
     def put_new(
@@ -200,17 +204,8 @@ class S3Store:
         stored under `uri` afterwards: `data`, or what an earlier writer left."""
         from botocore.exceptions import ClientError
 
-        loc = parse_s3(uri)
         try:
-            self._call(
-                uri,
-                self._client.put_object,
-                Bucket=loc.bucket,
-                Key=loc.key,
-                Body=data,
-                ContentType=content_type,
-                IfNoneMatch="*",
-            )
+            self._put(uri, data, content_type, IfNoneMatch="*")
             return data
         except RetryableError as exc:
             cause = exc.__cause__

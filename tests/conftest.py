@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,10 +23,40 @@ def _ensure_services() -> None:
     subprocess.run(["bash", str(ROOT / "scripts" / "services.sh")], check=True, capture_output=True)
 
 
+def ipbatch(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """The real `ipbatch` command in a subprocess; `env` is laid over this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "ipbatch.cli", *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A migrated ledger (sessionmaker) on SQLite, then on a fresh PostgreSQL database."""
+    from storage import ledger
+    from storage.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        url = request.getfixturevalue("fresh_pg_url")
+    upgrade(url)
+    engine = ledger.make_engine(url)
+    yield ledger.make_sessions(engine)
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -6,41 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import ipbatch
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import ledger
 from storage.migrate import upgrade
 from storage.models import ItemStatus, JobStatus
-
-
-def ipbatch(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ipbatch.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        url = request.getfixturevalue("fresh_pg_url")
-    upgrade(url)
-    engine = ledger.make_engine(url)
-    yield ledger.make_sessions(engine)
-    engine.dispose()
 
 
 def test_cancel_stops_what_has_not_started(sessions: sessionmaker[Session]) -> None:

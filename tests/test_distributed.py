@@ -189,17 +189,29 @@ def wait_for_job(cluster: dict, job_id: str, timeout: float = 300) -> dict:
     while time.monotonic() < deadline:
         for proc, log in zip(cluster["workers"], cluster["logs"], strict=True):
             assert proc.poll() is None, f"worker died:\n{log.read_text()[-3000:]}"
-        with cluster["engine"].connect() as conn:
-            row = (
-                conn.execute(sa.text("SELECT * FROM job_progress WHERE job_id = :j"), {"j": job_id})
-                .mappings()
-                .one_or_none()
-            )
-        if row is not None and row["status"] in ("succeeded", "failed", "cancelled"):
-            return dict(row)
+        row = _progress(cluster, job_id)
+        if row and row["status"] in ("succeeded", "failed", "cancelled"):
+            return row
         time.sleep(1)
     logs = "\n".join(p.read_text()[-3000:] for p in cluster["logs"])
     raise AssertionError(f"job {job_id} did not finish in {timeout} s; worker logs:\n{logs}")
+
+
+def upload_references(cluster: dict, reference_images: dict[str, Path]) -> None:
+    for name in REFS:
+        cluster["s3"].upload_file(
+            str(reference_images[name]), cluster["bucket"], f"refs/{name}.png"
+        )
+
+
+def wait_until_generating(cluster: dict, job_id: str, *, succeeded: int, deadline: float) -> dict:
+    """job_progress once `succeeded` items are done and a batch is generating (or at the
+    deadline)."""
+    while True:
+        p = _progress(cluster, job_id)
+        if (p and p["succeeded"] >= succeeded and p["running"] > 0) or time.monotonic() > deadline:
+            return p
+        time.sleep(0.2)
 
 
 def put_manifest(cluster: dict, key: str, rows: list[dict]) -> str:
@@ -212,8 +224,7 @@ def test_submit_embed_generate_over_real_services(
     cluster: dict, reference_images: dict[str, Path]
 ) -> None:
     s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
-    for name in REFS:
-        s3.upload_file(str(reference_images[name]), bucket, f"refs/{name}.png")
+    upload_references(cluster, reference_images)
     rows = [
         {
             "id": f"{colour}-{i}",
@@ -482,9 +493,8 @@ def test_kill_9_the_generate_worker_three_times(
     """kill -9 the process generating a batch, three times in one job of 40 items: the job
     completes, every item succeeds once, outputs rows = S3 objects = images asked, and the
     history shows the redeliveries."""
-    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
-    for name in REFS:
-        s3.upload_file(str(reference_images[name]), bucket, f"refs/{name}.png")
+    bucket, env = cluster["bucket"], cluster["env"]
+    upload_references(cluster, reference_images)
     rows = [
         {
             "id": f"k{i}",
@@ -504,11 +514,7 @@ def test_kill_9_the_generate_worker_three_times(
     generator = cluster["workers"][1]
     kills, deadline = [], time.monotonic() + 240
     for threshold in (6, 16, 26):
-        while time.monotonic() < deadline:  # a batch is generating, past the threshold
-            p = _progress(cluster, job_id)
-            if p and p["succeeded"] >= threshold and p["running"] > 0:
-                break
-            time.sleep(0.2)
+        p = wait_until_generating(cluster, job_id, succeeded=threshold, deadline=deadline)
         pool = _children(generator.pid)
         assert pool, "the generate worker has no pool process"
         for pid in pool:
@@ -580,9 +586,8 @@ def test_postgres_restart_and_s3_outage_mid_job(
     """PostgreSQL restarted while items generate, then the S3 server gone for 10 s, then
     RabbitMQ stopped for 5 s: the job completes with every item succeeded once and one set of
     outputs; the workers carry on by themselves."""
-    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
-    for name in REFS:
-        s3.upload_file(str(reference_images[name]), bucket, f"refs/{name}.png")
+    bucket, env = cluster["bucket"], cluster["env"]
+    upload_references(cluster, reference_images)
     rows = [
         {
             "id": f"o{i}",
@@ -607,11 +612,7 @@ def test_postgres_restart_and_s3_outage_mid_job(
         (20, lambda: _restart_rabbitmq_app(5)),
     )
     for threshold, disrupt in disruptions:
-        while time.monotonic() < deadline:
-            p = _progress(cluster, job_id)
-            if p and p["succeeded"] >= threshold and p["running"] > 0:
-                break
-            time.sleep(0.2)
+        p = wait_until_generating(cluster, job_id, succeeded=threshold, deadline=deadline)
         events.append((p["succeeded"], p["running"]))
         disrupt()
     progress = wait_for_job(cluster, job_id, timeout=max(30.0, deadline - time.monotonic()))

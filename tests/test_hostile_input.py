@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Row, read_manifest
 
 
 def _save(path: Path, image: Image.Image, fmt: str, **kwargs: object) -> Path:
@@ -191,25 +191,7 @@ json_values = st.recursive(
     max_leaves=8,
 )
 row_like = st.dictionaries(
-    st.sampled_from(
-        [
-            "id",
-            "prompt",
-            "reference",
-            "adapter",
-            "scale",
-            "adapters",
-            "num_images",
-            "seed",
-            "steps",
-            "guidance_scale",
-            "width",
-            "height",
-            "output_format",
-            "combine",
-            "extra",
-        ]
-    ),
+    st.sampled_from([*sorted(Row.model_fields), "extra"]),  # every field, and an unknown one
     json_values,
     max_size=8,
 )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -13,18 +11,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import ledger
 from storage.migrate import upgrade
 from storage.models import Item, ItemEvent, ItemStatus, JobItemCount, JobStatus, Output
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        url = request.getfixturevalue("fresh_pg_url")
-    upgrade(url)
-    engine = ledger.make_engine(url)
-    yield ledger.make_sessions(engine)
-    engine.dispose()
 
 
 def new_job(

@@ -7,10 +7,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import ipbatch
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +51,14 @@ def test_report_renders_rows_images_scores_and_errors(
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "IPBATCH_HOME": str(tmp_path / "home"), "IPBATCH_MODELS": str(tiny_models)}
 
-    def ipbatch(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "ipbatch.cli", *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return ipbatch(*args, env=env, cwd=tmp_path)
 
-    run = ipbatch("run", "-q", "m.jsonl")
+    run = cli("run", "-q", "m.jsonl")
     assert run.returncode == 1, run.stderr
     job_id = run.stdout.split()[1].rstrip(":")
     report = tmp_path / "report.html"
-    made = ipbatch("report", job_id, "-o", str(report))
+    made = cli("report", job_id, "-o", str(report))
     assert made.returncode == 0, made.stderr
     page = report.read_text()
     # self-contained: every image is embedded, nothing is fetched
@@ -84,4 +77,4 @@ def test_report_renders_rows_images_scores_and_errors(
     assert taken.returncode == 0, taken.stderr[-2000:]
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000
-    assert ipbatch("report", "no-such-job", "-o", str(tmp_path / "x.html")).returncode == 2
+    assert cli("report", "no-such-job", "-o", str(tmp_path / "x.html")).returncode == 2

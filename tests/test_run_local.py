@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import ipbatch
 
 ROWS = [
     {"id": "red-1", "prompt": "a red shoe", "reference": "refs/red.png", "steps": 2},
@@ -43,17 +42,6 @@ ROWS = [
     {"id": "broken", "reference": "refs/red.png", "steps": 2, "num_images": 99},
 ]
 IMAGES_ASKED = 1 + 3 + 1 + 1 + 2 + 1 + 1
-
-
-def ipbatch(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ipbatch.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture()
