@@ -76,18 +76,37 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_reaper(args: argparse.Namespace) -> int:
-    """Queue again the items of workers whose lease ran out, every --every seconds."""
+    """Every --every seconds: queue again the items of workers whose lease ran out, and the
+    items whose message was lost (waiting, unmoved for IPBATCH_REQUEUE_AFTER seconds, with
+    their stage's queue empty). An outage of the database or the broker skips a pass."""
     import time
 
+    from kombu.exceptions import OperationalError as BrokerError
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
     from workers import stages
+    from workers.celery_app import queue_depths
     from workers.tasks import context, send_embed, send_generate
 
+    _configure_logging(context().settings.log_format)
+    broker = context().settings.broker_url.get_secret_value()
     while True:
-        released = stages.reap(context(), enqueue_embed=send_embed, enqueue_generate=send_generate)
-        if released:
-            log.warning("reaper: %d items whose lease ran out queued again", released)
+        try:
+            queued = stages.reap(
+                context(),
+                enqueue_embed=send_embed,
+                enqueue_generate=send_generate,
+                queue_depth=lambda queue: queue_depths(broker, [queue])[queue],
+            )
+        except (OperationalError, InterfaceError, BrokerError, OSError) as exc:
+            if args.once:
+                raise
+            log.warning("reaper: pass skipped (%s); next in %g s", type(exc).__name__, args.every)
+            queued = 0
+        if queued:
+            log.warning("reaper: %d items queued again", queued)
         if args.once:
-            print(f"{released} items released and queued again")
+            print(f"{queued} items queued again")
             return 0
         time.sleep(args.every)
 
@@ -130,6 +149,7 @@ def cmd_producer(args: argparse.Namespace) -> int:
     from workers.producer import watch
     from workers.tasks import context, ingest
 
+    _configure_logging(context().settings.log_format)
     output = args.output
     if output is None:
         if not args.watch.startswith("s3://"):
@@ -190,9 +210,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_logging(fmt: str, level: str) -> None:
+def _configure_logging(fmt: str, level: str | None = None) -> None:
+    """IPBATCH_LOG_FORMAT for the long-running commands (worker, producer, reaper)."""
     root = logging.getLogger()
-    root.setLevel(level.upper())
+    if level is not None:
+        root.setLevel(level.upper())
     if fmt == "json":
         from workers.metrics import JsonFormatter
 
@@ -363,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("reaper", help="queue again the items of workers that died")
+    p = sub.add_parser(
+        "reaper", help="queue again the items of workers that died, and lost messages"
+    )
     p.add_argument("--every", type=float, default=60.0, help="seconds between passes")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p.set_defaults(func=cmd_reaper)

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         "heartbeat renews it every third of that. A killed worker's items are taken over "
         "once it runs out.",
     )
+    requeue_after: float = Field(
+        600,
+        ge=1,
+        description="The reaper queues again items that have waited this long without moving "
+        "while their stage's queue is empty (their message was lost).",
+    )
     max_deliveries: int = Field(
         5,
         ge=1,

@@ -16,7 +16,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -37,7 +48,12 @@ from storage.models import (
 )
 
 ALLOWED: dict[ItemStatus, set[ItemStatus]] = {
-    ItemStatus.PENDING: {ItemStatus.EMBEDDING, ItemStatus.FAILED, ItemStatus.CANCELLED},
+    ItemStatus.PENDING: {
+        ItemStatus.PENDING,  # queued again: its message was lost
+        ItemStatus.EMBEDDING,
+        ItemStatus.FAILED,
+        ItemStatus.CANCELLED,
+    },
     ItemStatus.EMBEDDING: {
         ItemStatus.EMBEDDING,  # re-claim after an expired lease
         ItemStatus.READY,
@@ -45,7 +61,12 @@ ALLOWED: dict[ItemStatus, set[ItemStatus]] = {
         ItemStatus.FAILED,
         ItemStatus.CANCELLED,
     },
-    ItemStatus.READY: {ItemStatus.RUNNING, ItemStatus.FAILED, ItemStatus.CANCELLED},
+    ItemStatus.READY: {
+        ItemStatus.READY,  # queued again: its message was lost
+        ItemStatus.RUNNING,
+        ItemStatus.FAILED,
+        ItemStatus.CANCELLED,
+    },
     ItemStatus.RUNNING: {
         ItemStatus.RUNNING,  # re-claim after an expired lease
         ItemStatus.SUCCEEDED,
@@ -467,9 +488,14 @@ def transition(
     error_code: str | None = None,
     lease_seconds: float | None = None,
     count_attempt: bool = False,
+    refund_attempt: bool = False,
 ) -> list[int]:
     """Move the given items from `from_status` to `to_status`, if they are still there.
 
+    `count_attempt` counts a claim in `attempts`; `refund_attempt` takes it back when a worker
+    gives its claim back cleanly (an outage, not the item), so that only deliveries whose
+    worker died or hung add up towards IPBATCH_MAX_DELIVERIES. A move from a status to itself
+    applies only to items without a live lease (a re-claim, or a lost message queued again).
     Returns the ids that moved; the others were moved by someone else and are left alone.
     """
     if to_status not in ALLOWED[from_status]:
@@ -481,6 +507,8 @@ def transition(
     values["lease_until"] = now + timedelta(seconds=lease_seconds) if lease_seconds else None
     if count_attempt:
         values["attempts"] = Item.attempts + 1
+    elif refund_attempt:
+        values["attempts"] = case((Item.attempts > 0, Item.attempts - 1), else_=0)
     if to_status == ItemStatus.FAILED:
         values["error_code"] = error_code
         values["error_message"] = message
@@ -492,7 +520,7 @@ def transition(
     if (from_status, to_status) == (ItemStatus.EMBEDDING, ItemStatus.READY):
         values["attempts"] = 0  # attempts count the claims of the current stage
     condition = Item.status == from_status
-    if from_status == to_status:  # re-claim: only items whose lease has expired
+    if from_status == to_status:  # only items without a live lease
         condition = condition & or_(Item.lease_until.is_(None), Item.lease_until < now)
     candidates = select(Item.id).where(Item.id.in_(list(item_ids)), condition).order_by(Item.id)
     if session.get_bind().dialect.name == "postgresql":
@@ -544,9 +572,10 @@ def claim(
 ) -> list[int]:
     """Claim items for a stage: waiting -> working, or re-claim working items whose lease
     expired (their worker died). Every claim counts as an attempt (`attempts` counts the
-    claims of the item's current stage). An item claimed more than `max_attempts` times fails
-    as `internal` instead (a poison item that kills its worker must not loop forever; its
-    item_events hold every delivery). Returns the ids this call may work on."""
+    claims of the item's current stage that were not given back cleanly: see `transition`).
+    An item claimed more than `max_attempts` times fails as `internal` instead (a poison item
+    that kills its worker must not loop forever; its item_events hold every delivery).
+    Returns the ids this call may work on."""
     claimed = transition(
         session,
         item_ids=item_ids,
@@ -627,6 +656,22 @@ def expired_leases(session: Session, *, working: ItemStatus, limit: int = 1000) 
         session.scalars(
             select(Item.id)
             .where(Item.status == working, Item.lease_until < utcnow())
+            .order_by(Item.id)
+            .limit(limit)
+        )
+    )
+
+
+def stale_waiting(
+    session: Session, *, waiting: ItemStatus, idle_seconds: float, limit: int = 1000
+) -> list[int]:
+    """Items in `waiting` that have not moved for `idle_seconds`: if their stage's queue is
+    empty, their message was lost (a broker restart, a publish that failed for good)."""
+    cutoff = utcnow() - timedelta(seconds=idle_seconds)
+    return list(
+        session.scalars(
+            select(Item.id)
+            .where(Item.status == waiting, Item.updated_at < cutoff)
             .order_by(Item.id)
             .limit(limit)
         )

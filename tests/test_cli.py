@@ -105,4 +105,4 @@ def test_reaper_once(tmp_path: Path) -> None:
     env = {"IPBATCH_HOME": str(tmp_path / "home")}
     assert ipbatch("db", "upgrade", env=env).returncode == 0
     result = ipbatch("reaper", "--once", env=env)
-    assert result.returncode == 0 and "0 items released" in result.stdout, result.stderr
+    assert result.returncode == 0 and "0 items queued again" in result.stdout, result.stderr

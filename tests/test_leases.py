@@ -3,17 +3,21 @@ worker's and queues its items again."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from ipbatch.config import Settings
+from ipbatch.errors import RetryableError
 from storage import ledger
 from storage.migrate import upgrade
-from storage.models import Item, ItemEvent, ItemStatus, Output
+from storage.models import Item, ItemEvent, ItemStatus, Output, utcnow
 from workers import stages
 from workers.context import StageContext
 
@@ -144,3 +148,80 @@ def test_an_image_stored_by_an_earlier_attempt_is_kept_and_recorded(
     assert shas["r0"] == hashlib.sha256(earlier.read_bytes()).hexdigest()
     other = (tmp_path / "o" / job_id / "r1" / "0.png").read_bytes()
     assert shas["r1"] == hashlib.sha256(other).hexdigest()
+
+
+def test_reaper_queues_again_items_whose_message_was_lost(
+    ctx: StageContext, tmp_path: Path, reference_images: dict[str, Path]
+) -> None:
+    """Items waiting for a stage, unmoved for IPBATCH_REQUEUE_AFTER, are queued again once
+    that stage's queue is empty (their message is gone), and only then."""
+    ids = _job(ctx, tmp_path, reference_images["red"], rows=3)
+    ready = stages.embed(ctx, item_ids=ids[:2]).ready
+    assert ready == ids[:2]
+    lost = [ids[0], ids[2]]  # one ready, one pending; ids[1] moved a moment ago
+    with ctx.sessions.begin() as s:
+        s.execute(
+            sa.update(Item)
+            .where(Item.id.in_(lost))
+            .values(updated_at=utcnow() - timedelta(hours=1))
+        )
+    embeds: list[list[int]] = []
+    generates: list[list[int]] = []
+    queues = {"embed": 2, "generate": 5}  # messages still waiting: they may be these items'
+    reap = functools.partial(
+        stages.reap,
+        ctx,
+        enqueue_embed=embeds.append,
+        enqueue_generate=generates.append,
+        queue_depth=queues.__getitem__,
+    )
+    assert reap() == 0 and embeds == generates == []
+    queues["embed"] = 0
+    assert reap() == 1 and embeds == [[ids[2]]] and generates == []
+    queues["generate"] = 0
+    assert reap() == 1 and embeds == [[ids[2]]] and generates == [[ids[0]]]
+    assert reap() == 0  # queued again just now: not again before another IPBATCH_REQUEUE_AFTER
+    with ctx.sessions.begin() as s:
+        requeued = s.scalars(
+            sa.select(ItemEvent.item_id).where(ItemEvent.message.like("%queued again%"))
+        ).all()
+        statuses = [i.status for i in ledger.load_items(s, item_ids=ids)]
+    assert sorted(requeued) == lost
+    assert statuses == [ItemStatus.READY, ItemStatus.READY, ItemStatus.PENDING]
+    ready += stages.embed(ctx, item_ids=[ids[2]]).ready
+    assert stages.generate(ctx, item_ids=ready).succeeded == 3
+
+
+def test_an_outage_does_not_count_as_a_delivery(
+    ctx: StageContext,
+    tmp_path: Path,
+    reference_images: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S3 down for more tries than IPBATCH_MAX_DELIVERIES (5): each try gives its claim back
+    cleanly and is refunded, so the item succeeds once S3 is back instead of failing as
+    `internal` (which is for items whose worker dies each time)."""
+    [item_id] = stages.embed(
+        ctx, item_ids=_job(ctx, tmp_path, reference_images["red"], rows=1)
+    ).ready
+    real_store = stages._store_images
+    outage = iter(range(ctx.settings.max_deliveries + 2))
+
+    def store(*args: Any) -> Any:
+        if next(outage, None) is not None:
+            raise RetryableError("S3 unreachable (test)")
+        return real_store(*args)
+
+    monkeypatch.setattr(stages, "_store_images", store)
+    for _ in range(ctx.settings.max_deliveries + 2):
+        with pytest.raises(RetryableError):
+            stages.generate(ctx, item_ids=[item_id])
+    assert stages.generate(ctx, item_ids=[item_id]).succeeded == 1
+    with ctx.sessions.begin() as s:
+        [item] = ledger.load_items(s, item_ids=[item_id])
+        claims = s.scalar(
+            sa.select(sa.func.count()).where(
+                ItemEvent.item_id == item_id, ItemEvent.to_status == "running"
+            )
+        )
+    assert (item.status, item.attempts, claims) == (ItemStatus.SUCCEEDED, 1, 8)

@@ -7,8 +7,10 @@ shorten the redelivery scan (facts: the default waits an hour).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from celery import Celery
-from kombu import Queue
+from kombu import Connection, Queue
 
 from ipbatch.config import Settings
 
@@ -45,6 +47,20 @@ def make_app(settings: Settings | None = None) -> Celery:
             "unacked_restore_throttle": 1,
         }
     return app
+
+
+def queue_depths(broker_url: str, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting (ready, not yet delivered) in each queue; 0 for one not declared yet."""
+    depths = {}
+    with Connection(broker_url, connect_timeout=5) as connection:
+        channel = connection.channel()
+        for queue in queues:
+            try:
+                _, depths[queue], _ = channel.queue_declare(queue=queue, passive=True)
+            except Exception:  # not declared yet (the failed call closed the channel)
+                depths[queue] = 0
+                channel = connection.channel()
+    return depths
 
 
 app = make_app()

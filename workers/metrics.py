@@ -71,20 +71,13 @@ class LedgerAndQueues(Collector):
             engine.dispose()
         yield items
 
-        from kombu import Connection
+        from workers.celery_app import queue_depths
 
         depth = GaugeMetricFamily(
             "ipbatch_queue_depth", "Messages waiting in each queue (the broker)", labels=["queue"]
         )
-        with Connection(self.broker_url, connect_timeout=5) as connection:
-            channel = connection.channel()
-            for queue in self.queues:
-                try:
-                    _, waiting, _ = channel.queue_declare(queue=queue, passive=True)
-                except Exception:  # not declared yet: nothing waits in it
-                    waiting = 0
-                    channel = connection.channel()
-                depth.add_metric([queue], float(waiting))
+        for queue, waiting in queue_depths(self.broker_url, self.queues).items():
+            depth.add_metric([queue], float(waiting))
         yield depth
 
 

@@ -34,6 +34,7 @@ from workers.context import StageContext
 
 if TYPE_CHECKING:  # the model stack loads in the embed/generate stages, not for ingest
     import torch
+    from sqlalchemy.orm import Session
 
     from pipeline.embedder import ReferenceEncoder
     from pipeline.generator import GenerationRequest, GenerationResult
@@ -206,32 +207,73 @@ def retry_job(
     return len(retried), pending + ready - len(retried)
 
 
-def reap(ctx: StageContext, *, enqueue_embed: Enqueue, enqueue_generate: Enqueue) -> int:
+def reap(
+    ctx: StageContext,
+    *,
+    enqueue_embed: Enqueue,
+    enqueue_generate: Enqueue,
+    queue_depth: Callable[[str], int] | None = None,
+) -> int:
     """Items whose worker's lease ran out (killed, machine lost, hung past its heartbeat) go
-    back to waiting and are queued again. Safe to run anywhere, any number of times: the
-    release is a guarded transition, and a live worker's items are never touched."""
+    back to waiting and are queued again. With `queue_depth` (messages waiting in a queue),
+    items waiting for a stage whose queue is empty, unmoved for IPBATCH_REQUEUE_AFTER
+    seconds, lost their message (a broker restart, a publish or retry that failed for good):
+    they are queued again too. Safe to run anywhere, any number of times: moves are guarded
+    transitions, a live worker's items are never touched, and a duplicate message finds
+    nothing to claim. Returns how many items were queued again."""
     total = 0
-    for working, waiting, enqueue in (
-        (ItemStatus.EMBEDDING, ItemStatus.PENDING, enqueue_embed),
-        (ItemStatus.RUNNING, ItemStatus.READY, enqueue_generate),
+    for working, waiting, queue, enqueue in (
+        (ItemStatus.EMBEDDING, ItemStatus.PENDING, "embed", enqueue_embed),
+        (ItemStatus.RUNNING, ItemStatus.READY, "generate", enqueue_generate),
     ):
-        while True:
-            with ctx.sessions.begin() as session:
-                expired = ledger.expired_leases(session, working=working)
-                moved = ledger.transition(
-                    session,
-                    item_ids=expired,
-                    from_status=working,
-                    to_status=waiting,
-                    worker=ctx.worker,
-                    message="lease expired: released by the reaper",
-                )
-            for chunk in chunked(moved, ctx.settings.generate_batch):
-                enqueue(chunk)
-            total += len(moved)
-            if not moved or len(expired) < 1000:
-                break
+        total += _requeue(
+            ctx,
+            functools.partial(ledger.expired_leases, working=working),
+            working,
+            waiting,
+            enqueue,
+            "lease expired: released by the reaper",
+        )
+        if queue_depth is not None and queue_depth(queue) == 0:
+            total += _requeue(
+                ctx,
+                functools.partial(
+                    ledger.stale_waiting, waiting=waiting, idle_seconds=ctx.settings.requeue_after
+                ),
+                waiting,
+                waiting,
+                enqueue,
+                f"no message for {ctx.settings.requeue_after:g} s and the {queue} queue is "
+                "empty: queued again by the reaper",
+            )
     return total
+
+
+def _requeue(
+    ctx: StageContext,
+    find: Callable[[Session], list[int]],
+    from_status: ItemStatus,
+    to_status: ItemStatus,
+    enqueue: Enqueue,
+    why: str,
+) -> int:
+    total = 0
+    while True:
+        with ctx.sessions.begin() as session:
+            found = find(session)
+            moved = ledger.transition(
+                session,
+                item_ids=found,
+                from_status=from_status,
+                to_status=to_status,
+                worker=ctx.worker,
+                message=why,
+            )
+        for chunk in chunked(moved, ctx.settings.generate_batch):
+            enqueue(chunk)
+        total += len(moved)
+        if not moved or len(found) < 1000:
+            return total
 
 
 # --- embed --------------------------------------------------------------------------------
@@ -269,8 +311,9 @@ NOT_THE_ITEMS_FAULT = (RetryableError, ConfigError, OperationalError, InterfaceE
 def _release(
     ctx: StageContext, item_ids: Sequence[int], working: ItemStatus, waiting: ItemStatus, why: str
 ) -> None:
-    """Give claimed items back (best effort: with the database away, their lease runs out
-    instead and the redelivered message or the reaper takes them)."""
+    """Give claimed items back, refunding the claim: an outage is not the item's fault and
+    must not count towards IPBATCH_MAX_DELIVERIES (best effort: with the database away, their
+    lease runs out instead and the redelivered message or the reaper takes them)."""
     try:
         with ctx.sessions.begin() as session:
             moved = ledger.transition(
@@ -280,6 +323,7 @@ def _release(
                 to_status=waiting,
                 worker=ctx.worker,
                 message=why,
+                refund_attempt=True,
             )
         metrics.ITEMS.labels(metrics.STAGE_OF[working.value], "released").inc(len(moved))
     except (OperationalError, InterfaceError):
