@@ -100,7 +100,8 @@ def cmd_reaper(args: argparse.Namespace) -> int:
             )
         except (OperationalError, InterfaceError, BrokerError, OSError) as exc:
             if args.once:
-                raise
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise IpbatchError(f"reaper: database or broker unreachable: {why}") from exc
             log.warning("reaper: pass skipped (%s); next in %g s", type(exc).__name__, args.every)
             queued = 0
         if queued:

@@ -106,3 +106,9 @@ def test_reaper_once(tmp_path: Path) -> None:
     assert ipbatch("db", "upgrade", env=env).returncode == 0
     result = ipbatch("reaper", "--once", env=env)
     assert result.returncode == 0 and "0 items queued again" in result.stdout, result.stderr
+    from conftest import free_port
+
+    env["IPBATCH_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:{free_port()}//"  # nobody there
+    result = ipbatch("reaper", "--once", env=env)
+    assert result.returncode == 2 and "database or broker unreachable" in result.stderr
+    assert "Traceback" not in result.stderr

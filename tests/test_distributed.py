@@ -661,8 +661,19 @@ def test_postgres_restart_and_s3_outage_mid_job(
             ),
             {"j": job_id},
         ).scalar()
+        reaped = conn.execute(
+            sa.text(
+                "SELECT e.message LIKE '%queued again by the reaper', COUNT(*) FROM item_events e"
+                " JOIN items i ON i.id = e.item_id WHERE i.job_id = :j"
+                " AND e.message LIKE '%by the reaper' GROUP BY 1"
+            ),
+            {"j": job_id},
+        ).all()
     logs = "".join(log.read_text() for log in cluster["logs"])
-    print(f"disruptions at (succeeded, running): {events}; items retried or re-claimed: {retried}")
+    print(
+        f"disruptions at (succeeded, running): {events}; items retried or re-claimed: {retried}; "
+        f"reaper (message lost?, items): {sorted(reaped)}"
+    )
     assert "Retry in" in logs or retried, "the outages went unnoticed: nothing was retried"
 
 
