@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
@@ -80,9 +80,16 @@ class FlakyS3:
         server.start()
         return server
 
-    def outage(self, seconds: float) -> None:
+    def outage(
+        self, seconds: float, *, until: Callable[[], bool] | None = None, limit: float = 60
+    ) -> None:
+        """Gone for `seconds`, and then (with `until`) until that holds, at most `limit` s:
+        on a slow machine one batch can outlast the outage and never notice it."""
         self.server.stop()
         time.sleep(seconds)
+        deadline = time.monotonic() + limit - seconds
+        while until is not None and not until() and time.monotonic() < deadline:
+            time.sleep(0.5)
         self.server = self._start()
 
 
@@ -550,7 +557,8 @@ def test_kill_9_the_generate_worker_three_times(
             os.kill(pid, signal.SIGKILL)
         kills.append((p["succeeded"], p["running"]))
     assert len(kills) == 3
-    progress = wait_for_job(cluster, job_id, timeout=max(30.0, deadline - time.monotonic()))
+    # the disruptions used part of the budget; a slow machine still gets 3 minutes to finish
+    progress = wait_for_job(cluster, job_id, timeout=max(180.0, deadline - time.monotonic()))
     assert (progress["status"], progress["succeeded"], progress["total"]) == ("succeeded", 40, 40)
     assert_one_set_of_outputs(cluster, job_id, prefix="killed", asked=asked)
     with cluster["engine"].connect() as conn:
@@ -636,16 +644,30 @@ def test_postgres_restart_and_s3_outage_mid_job(
     ).strip()
     deadline = time.monotonic() + 240
     events = []
+
+    def s3_retries() -> int:  # items given back because S3 was unreachable
+        with cluster["engine"].connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT COUNT(*) FROM item_events e JOIN items i ON i.id = e.item_id "
+                        "WHERE i.job_id = :j AND e.message LIKE 'retrying: S3 unreachable%'"
+                    ),
+                    {"j": job_id},
+                ).scalar_one()
+            )
+
     disruptions = (
         (4, _restart_postgres),
-        (12, lambda: flaky_s3.outage(10)),
+        (12, lambda: flaky_s3.outage(10, until=lambda: s3_retries() > 0)),
         (20, lambda: _restart_rabbitmq_app(5)),
     )
     for threshold, disrupt in disruptions:
         p = wait_until_generating(cluster, job_id, succeeded=threshold, deadline=deadline)
         events.append((p["succeeded"], p["running"]))
         disrupt()
-    progress = wait_for_job(cluster, job_id, timeout=max(30.0, deadline - time.monotonic()))
+    # the disruptions used part of the budget; a slow machine still gets 3 minutes to finish
+    progress = wait_for_job(cluster, job_id, timeout=max(180.0, deadline - time.monotonic()))
     assert (progress["status"], progress["succeeded"], progress["total"]) == (
         "succeeded",
         30,
@@ -669,12 +691,11 @@ def test_postgres_restart_and_s3_outage_mid_job(
             ),
             {"j": job_id},
         ).all()
-    logs = "".join(log.read_text() for log in cluster["logs"])
     print(
         f"disruptions at (succeeded, running): {events}; items retried or re-claimed: {retried}; "
         f"reaper (message lost?, items): {sorted(reaped)}"
     )
-    assert "Retry in" in logs or retried, "the outages went unnoticed: nothing was retried"
+    assert s3_retries() > 0, "the S3 outage went unnoticed: no item was given back"
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
