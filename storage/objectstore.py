@@ -91,17 +91,24 @@ class LocalStore:
         with fh:
             yield fh
 
-    def put(self, uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
-        path = local_path(uri)
+    @staticmethod
+    @contextmanager
+    def _staged(path: Path, data: bytes) -> Iterator[str]:
+        """`data` in a hidden temporary file next to `path` (removed afterwards), to be put
+        in place atomically by the caller: readers never see half an object."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
+            yield tmp
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
+
+    def put(self, uri: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+        path = local_path(uri)
+        with self._staged(path, data) as tmp:
+            os.replace(tmp, path)
 
     def put_new(
         self, uri: str, data: bytes, *, content_type: str = "application/octet-stream"
@@ -109,17 +116,12 @@ class LocalStore:
         """Write only if nothing is there yet (first writer wins, atomically); returns the
         bytes stored under `uri` afterwards: `data`, or what an earlier writer left."""
         path = local_path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.link(tmp, path)  # fails if the name exists: never overwrites
-            return data
-        except FileExistsError:
-            return path.read_bytes()
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with self._staged(path, data) as tmp:
+            try:
+                os.link(tmp, path)  # fails if the name exists: never overwrites
+            except FileExistsError:
+                return path.read_bytes()
+        return data
 
     def exists(self, uri: str) -> bool:
         return local_path(uri).is_file()

@@ -44,8 +44,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    """A migrated ledger (sessionmaker) on SQLite, then on a fresh PostgreSQL database."""
+def ledger_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A migrated ledger (engine) on SQLite, then on a fresh PostgreSQL database."""
     from storage import ledger
     from storage.migrate import upgrade
 
@@ -55,8 +55,46 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         url = request.getfixturevalue("fresh_pg_url")
     upgrade(url)
     engine = ledger.make_engine(url)
-    yield ledger.make_sessions(engine)
+    yield engine
     engine.dispose()
+
+
+@pytest.fixture()
+def sessions(ledger_engine: Any) -> Any:
+    """The `ledger_engine`'s sessionmaker."""
+    from storage import ledger
+
+    return ledger.make_sessions(ledger_engine)
+
+
+def ingested_job(
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    *,
+    manifest: Path,
+    output: Path,
+    **settings: Any,
+) -> tuple[Any, str, list[int]]:
+    """A one-machine job registered and ingested through the stages, with the ledger and
+    models of `env` (IPBATCH_HOME, IPBATCH_MODELS) and `settings` on top: (stage context,
+    job id, its pending item ids). The caller closes the context."""
+    from ipbatch.config import Settings
+    from storage import ledger
+    from storage.migrate import upgrade
+    from storage.models import ItemStatus
+    from workers import stages
+    from workers.context import StageContext
+
+    for key in ("IPBATCH_HOME", "IPBATCH_MODELS"):
+        monkeypatch.setenv(key, env[key])
+    config = Settings(**settings)
+    upgrade(config.ledger_url())
+    ctx = StageContext.create(config, mode="local")
+    job_id, _ = stages.register_job(ctx, manifest_uri=str(manifest), output_uri=str(output))
+    stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
+    with ctx.sessions.begin() as s:
+        [pending] = ledger.iter_id_pages(s, job_id=job_id, statuses=[ItemStatus.PENDING])
+    return ctx, job_id, pending
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ipbatch
+from conftest import ingested_job, ipbatch
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import ledger
-from storage.migrate import upgrade
 from storage.models import ItemStatus, JobStatus
 
 
@@ -119,22 +118,12 @@ def test_cancel_between_batches_stops_the_rest(
 ) -> None:
     """A cancel that arrives while a generate call runs: that batch finishes and is recorded,
     the call's later batches are cancelled, not generated, and nothing is written for them."""
-    from ipbatch.config import Settings
     from workers import stages
-    from workers.context import StageContext
 
     tmp, env = local_job
-    for key in ("IPBATCH_HOME", "IPBATCH_MODELS"):
-        monkeypatch.setenv(key, env[key])
-    settings = Settings(batch_images=1)  # one row per batch
-    upgrade(settings.ledger_url())
-    ctx = StageContext.create(settings, mode="local")
-    job_id, _ = stages.register_job(
-        ctx, manifest_uri=str(tmp / "m.jsonl"), output_uri=str(tmp / "out")
-    )
-    stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
-    with ctx.sessions.begin() as s:
-        [pending] = ledger.iter_id_pages(s, job_id=job_id, statuses=[ItemStatus.PENDING])
+    ctx, job_id, pending = ingested_job(
+        monkeypatch, env, manifest=tmp / "m.jsonl", output=tmp / "out", batch_images=1
+    )  # one row per batch
     ready = stages.embed(ctx, item_ids=pending).ready
     real_run_batch = stages._run_batch
     calls: list[int] = []
@@ -168,22 +157,12 @@ def test_retry_also_queues_items_left_waiting(
 ) -> None:
     """Items released back to waiting with no message left for them (a worker hit a
     configuration error) are queued again by `ipbatch retry`, with the failed ones."""
-    from ipbatch.config import Settings
     from workers import stages
-    from workers.context import StageContext
 
     tmp, env = local_job
-    for key in ("IPBATCH_HOME", "IPBATCH_MODELS"):
-        monkeypatch.setenv(key, env[key])
-    settings = Settings()
-    upgrade(settings.ledger_url())
-    ctx = StageContext.create(settings, mode="local")
-    job_id, _ = stages.register_job(
-        ctx, manifest_uri=str(tmp / "m.jsonl"), output_uri=str(tmp / "out")
+    ctx, job_id, pending = ingested_job(
+        monkeypatch, env, manifest=tmp / "m.jsonl", output=tmp / "out"
     )
-    stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
-    with ctx.sessions.begin() as s:
-        [pending] = ledger.iter_id_pages(s, job_id=job_id, statuses=[ItemStatus.PENDING])
     ready = stages.embed(ctx, item_ids=pending).ready  # `late` fails: its file is missing
     embeds: list[int] = []
     generates: list[int] = []

@@ -8,13 +8,12 @@ import io
 import json
 import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
+from conftest import ipbatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
@@ -136,14 +135,7 @@ def test_hostile_manifest_fails_each_bad_row_alone(tmp_path: Path, tiny_models: 
         "IPBATCH_ALLOWED_SOURCES": str(tmp_path / "refs"),
         "IPBATCH_MAX_IMAGE_PIXELS": "1000000",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "ipbatch.cli", "run", "-q", "hostile.jsonl"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = ipbatch("run", "-q", "hostile.jsonl", env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 1, result.stderr  # some rows failed; the run itself did not
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'ipbatch.db'}")
     with engine.connect() as conn:

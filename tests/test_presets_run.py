@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
+from conftest import ipbatch
 from PIL import Image, ImageDraw
 
 from pipeline.presets import ADAPTERS
@@ -85,14 +84,7 @@ def test_every_preset_in_one_job(tmp_path: Path, tiny_models: Path) -> None:
     ]
     (tmp_path / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "IPBATCH_HOME": str(tmp_path / "home"), "IPBATCH_MODELS": str(tiny_models)}
-    result = subprocess.run(
-        [sys.executable, "-m", "ipbatch.cli", "run", "-q", "job.jsonl"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = ipbatch("run", "-q", "job.jsonl", env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 1, result.stdout + result.stderr
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'ipbatch.db'}")
     with engine.connect() as conn:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ipbatch
+from conftest import ingested_job, ipbatch
 
 ROWS = [
     {"id": "red-1", "prompt": "a red shoe", "reference": "refs/red.png", "steps": 2},
@@ -111,25 +111,14 @@ def test_interrupted_run_resumes_without_redoing(
     job_dir: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run killed mid-generation (items left `running`) is finished by the next run."""
-    from ipbatch.config import Settings
     from storage import ledger
-    from storage.migrate import upgrade
     from storage.models import ItemStatus
     from workers import stages
-    from workers.context import StageContext
 
     tmp, env = job_dir
-    for key in ("IPBATCH_HOME", "IPBATCH_MODELS"):
-        monkeypatch.setenv(key, env[key])
-    settings = Settings()
-    upgrade(settings.ledger_url())
-    ctx = StageContext.create(settings, mode="local")
-    job_id, _ = stages.register_job(
-        ctx, manifest_uri=str(tmp / "catalog.jsonl"), output_uri=str(tmp / "home" / "outputs")
+    ctx, job_id, pending = ingested_job(
+        monkeypatch, env, manifest=tmp / "catalog.jsonl", output=tmp / "home" / "outputs"
     )
-    stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
-    with ctx.sessions.begin() as s:
-        [pending] = ledger.iter_id_pages(s, job_id=job_id, statuses=[ItemStatus.PENDING])
     stages.embed(ctx, item_ids=pending[:4])  # the rest stay pending
     done = stages.generate(ctx, item_ids=pending[:2])
     assert done.succeeded == 2

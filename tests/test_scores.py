@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
+from conftest import ipbatch
 from PIL import Image
 
 from pipeline.models import ModelSource
@@ -41,14 +40,7 @@ def test_clip_i_of_an_image_with_itself_is_one(scorer: ClipScorer) -> None:
 
 
 def _run(tmp: Path, env: dict[str, str], *extra: str) -> sa.Engine:
-    result = subprocess.run(
-        [sys.executable, "-m", "ipbatch.cli", "run", "-q", "m.jsonl", *extra],
-        env=env,
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = ipbatch("run", "-q", "m.jsonl", *extra, env=env, cwd=tmp)
     assert result.returncode == 0, result.stdout + result.stderr
     return sa.create_engine(f"sqlite:///{tmp / 'home' / 'ipbatch.db'}")
 

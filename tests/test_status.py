@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from ipbatch import status
 from storage import ledger
-from storage.migrate import upgrade
 from storage.models import ItemStatus, Job, utcnow
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        url = request.getfixturevalue("fresh_pg_url")
-    upgrade(url)
-    engine = ledger.make_engine(url)
-    yield engine
-    engine.dispose()
-
-
-def test_rate_and_eta_of_a_running_job(engine: sa.Engine) -> None:
-    sessions = ledger.make_sessions(engine)
+def test_rate_and_eta_of_a_running_job(ledger_engine: sa.Engine) -> None:
+    sessions = ledger.make_sessions(ledger_engine)
     with sessions.begin() as s:
         job_id, _ = ledger.create_job(
             s, name="night", manifest_uri="m", manifest_sha256="f" * 64, output_uri="/o"
@@ -61,7 +46,7 @@ def test_rate_and_eta_of_a_running_job(engine: sa.Engine) -> None:
             error_code="no_face",
             message="no face",
         )
-    [job] = status.collect(engine, job_id=job_id)
+    [job] = status.collect(ledger_engine, job_id=job_id)
     assert job["stages"] == {
         "pending": 0,
         "embedding": 2,
@@ -77,4 +62,4 @@ def test_rate_and_eta_of_a_running_job(engine: sa.Engine) -> None:
     assert job["eta_seconds"] == pytest.approx(left / job["items_per_second"], abs=1)
     assert job["percent_done"] == 50.0
     assert "eta" in status.bars(job) and "1 x no_face" in status.table([job])
-    assert [j["job_id"] for j in status.collect(engine)] == [job_id]
+    assert [j["job_id"] for j in status.collect(ledger_engine)] == [job_id]
