@@ -32,6 +32,7 @@ demo: install $(HOME_DIR)/models/TINY_MODELS.json
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layer contract in pyproject.toml
 
 typecheck: install
 	$(BIN)/mypy

@@ -203,7 +203,7 @@ def bare_batched(pipe, manifest: Path, batch: int) -> Figure:  # type: ignore[no
 def ipbatch_run(
     models: str, root: Path, manifest: Path, warm: Path, batch: int, compile_: bool
 ) -> Figure:
-    from ipbatch.config import Settings
+    from core.config import Settings
     from storage.migrate import upgrade
     from workers.context import StageContext
     from workers.runner import run_job

@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
 
-    from ipbatch.config import Settings
+    from core.config import Settings
     from pipeline.tiny import write_tiny_models
     from workers.context import quiet_model_libraries
     from workers.runner import run_local

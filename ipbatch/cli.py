@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from ipbatch.config import Settings, redact_url
-from ipbatch.errors import ConfigError, IpbatchError
+from core.config import Settings, redact_url
+from core.errors import ConfigError, IpbatchError
 
 log = logging.getLogger("ipbatch")
 

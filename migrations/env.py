@@ -11,7 +11,7 @@ config = context.config
 target_metadata = Base.metadata
 
 if not config.get_main_option("sqlalchemy.url"):
-    from ipbatch.config import Settings
+    from core.config import Settings
 
     config.set_main_option("sqlalchemy.url", Settings().ledger_url().replace("%", "%%"))
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ipbatch.errors import ConfigError, ErrorCode, ItemError
+from core.errors import ConfigError, ErrorCode, ItemError
 
 ALIGNED_SIZE = 224
 _MODULES = ["detection", "recognition"]

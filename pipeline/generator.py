@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ipbatch.errors import ConfigError, ErrorCode, ItemError
+from core.errors import ConfigError, ErrorCode, ItemError
 from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS, BASE_MODELS
 

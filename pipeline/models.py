@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ipbatch.errors import ConfigError
+from core.errors import ConfigError
 from pipeline.presets import (
     ADAPTERS,
     BASE_MODELS,

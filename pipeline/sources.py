@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ipbatch.errors import ConfigError, ErrorCode, ItemError
-from storage.objectstore import is_s3, local_path
+from core.errors import ConfigError, ErrorCode, ItemError
+from core.uris import is_s3, local_path
 
 
 def resolve_reference(reference: str, *, manifest_uri: str) -> str:

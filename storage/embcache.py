@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
+from core.uris import join_uri
 from storage import ledger
-from storage.objectstore import ObjectStores, join_uri
+from storage.objectstore import ObjectStores
 
 if TYPE_CHECKING:  # torch is imported on first use: an ingest-only worker never loads it
     import torch

@@ -13,47 +13,11 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
-from urllib.parse import unquote, urlsplit
 
-from ipbatch.errors import ConfigError, ObjectNotFound, RetryableError
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    key: str
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def parse_s3(uri: str) -> S3Location:
-    parts = urlsplit(uri)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ConfigError(f"not an s3://bucket/key URI: {uri!r}")
-    return S3Location(bucket=parts.netloc, key=parts.path.lstrip("/"))
-
-
-def local_path(uri: str) -> Path:
-    if uri.startswith("file://"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise ConfigError(f"file:// URIs name local files only: {uri!r}")
-        return Path(unquote(parts.path))
-    if "://" in uri:
-        raise ConfigError(f"unsupported URI scheme: {uri!r} (use s3://, file:// or a path)")
-    return Path(uri).expanduser()
-
-
-def join_uri(base: str, *parts: str) -> str:
-    out = base.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
+from core.errors import ConfigError, ObjectNotFound, RetryableError
+from core.uris import is_s3, local_path, parse_s3
 
 
 class ObjectStore(Protocol):

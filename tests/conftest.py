@@ -78,7 +78,7 @@ def ingested_job(
     """A one-machine job registered and ingested through the stages, with the ledger and
     models of `env` (IPBATCH_HOME, IPBATCH_MODELS) and `settings` on top: (stage context,
     job id, its pending item ids). The caller closes the context."""
-    from ipbatch.config import Settings
+    from core.config import Settings
     from storage import ledger
     from storage.migrate import upgrade
     from storage.models import ItemStatus

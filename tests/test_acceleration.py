@@ -100,7 +100,7 @@ def test_compiled_unet_pads_batches_to_fixed_sizes(tiny_models: Path) -> None:
 
 
 def test_settings_reach_the_pipeline_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ipbatch.config import Settings
+    from core.config import Settings
     from workers.context import StageContext
 
     for key, value in {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from generation_requests import requests_for
 
-from ipbatch.errors import ItemError
+from core.errors import ItemError
 from pipeline.generator import GenerationRequest, Generator, batch_key
 from pipeline.models import ModelSource
 

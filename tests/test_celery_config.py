@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipbatch.config import Settings
+from core.config import Settings
 from workers.celery_app import make_app
 
 
@@ -28,7 +28,7 @@ def test_infrastructure_errors_are_retried_with_backoff_and_jitter() -> None:
     from kombu.exceptions import OperationalError as BrokerError
     from sqlalchemy.exc import OperationalError
 
-    from ipbatch.errors import RetryableError
+    from core.errors import RetryableError
     from workers import tasks
 
     for task in (tasks.ingest, tasks.embed, tasks.generate):

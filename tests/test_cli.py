@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ipbatch
 
-from ipbatch.config import Settings, redact_url
+from core.config import Settings, redact_url
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:

@@ -207,7 +207,7 @@ def ours_with(generator: Generator, adapter: str, tensors: dict):  # type: ignor
 
 
 def test_wrong_embedding_shape_is_refused_before_generation(tiny_models: Path) -> None:
-    from ipbatch.errors import ItemError
+    from core.errors import ItemError
 
     models = ModelSource.parse(str(tiny_models))
     generator = Generator(models, ("sd15",), device=CPU, dtype=torch.float32)
@@ -230,7 +230,7 @@ def test_faceid_refuses_to_run_without_peft(
     tiny_models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without peft diffusers only logs a warning and skips FaceID's LoRA: we refuse."""
-    from ipbatch.errors import ConfigError
+    from core.errors import ConfigError
 
     monkeypatch.setattr(diffusers.utils, "USE_PEFT_BACKEND", False)
     models = ModelSource.parse(str(tiny_models))

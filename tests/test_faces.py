@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ipbatch.errors import ConfigError, ErrorCode, ItemError
+from core.errors import ConfigError, ErrorCode, ItemError
 from pipeline.faces import FaceEmbedder, FaceResult
 from pipeline.tiny_faces import write_tiny_face_pack
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from ipbatch.errors import ErrorCode, ItemError
+from core.errors import ErrorCode, ItemError
 from pipeline.images import decode_reference, encode_output
 
 LIMITS = {"max_pixels": 4_000_000, "max_bytes": 5_000_000}

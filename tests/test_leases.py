@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from ipbatch.config import Settings
-from ipbatch.errors import RetryableError
+from core.config import Settings
+from core.errors import RetryableError
 from storage import ledger
 from storage.migrate import upgrade
 from storage.models import Item, ItemEvent, ItemStatus, Output, utcnow

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ipbatch.errors import ObjectNotFound
-from storage.objectstore import ObjectStores, join_uri
+from core.errors import ObjectNotFound
+from core.uris import join_uri
+from storage.objectstore import ObjectStores
 from workers.stages import output_uri_for
 
 
@@ -71,7 +72,7 @@ def test_file_uris_and_unknown_schemes(tmp_path: Path) -> None:
     path = tmp_path / "f.txt"
     stores.local.put(f"file://{path}", b"hi")
     assert path.read_bytes() == b"hi"
-    from ipbatch.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError):
         stores.local.get("http://example.com/x.png")

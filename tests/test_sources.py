@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ipbatch.errors import ErrorCode, ItemError
+from core.errors import ErrorCode, ItemError
 from pipeline.sources import check_allowed, resolve_reference
 
 

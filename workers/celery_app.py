@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from celery import Celery
 from kombu import Connection, Queue
 
-from ipbatch.config import Settings
+from core.config import Settings
 
 QUEUES = ("ingest", "embed", "generate")
 

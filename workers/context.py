@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Literal
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from ipbatch.config import Settings
+from core.config import Settings
+from core.uris import is_s3, join_uri, parse_s3
 from pipeline.models import ModelSource, resolve_device, resolve_dtype
 from pipeline.presets import ADAPTERS, FACE_PACK
 from storage import ledger
 from storage.embcache import EmbeddingCache
-from storage.objectstore import ObjectStores, is_s3, join_uri, parse_s3
+from storage.objectstore import ObjectStores
 
 if TYPE_CHECKING:  # the model stack (torch, diffusers, transformers) loads on first use
     from pipeline.embedder import ClipEmbedder, ReferenceEncoder

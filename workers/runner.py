@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
-from ipbatch.config import Settings
+from core.config import Settings
 from storage import ledger
 from storage.migrate import upgrade
 from storage.models import ItemStatus, JobStatus

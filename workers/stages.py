@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from ipbatch.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound, RetryableError
+from core.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound, RetryableError
+from core.uris import join_uri
 from pipeline.images import CONTENT_TYPES, decode_reference, encode_output
 from pipeline.manifest import Row, detect_format, read_manifest
 from pipeline.sources import check_allowed, resolve_reference
 from storage import ledger
 from storage.models import ItemStatus, JobStatus
-from storage.objectstore import join_uri
 from workers import metrics
 from workers.context import StageContext
 

@@ -12,8 +12,8 @@ import logging
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from ipbatch.config import Settings
-from ipbatch.errors import RetryableError
+from core.config import Settings
+from core.errors import RetryableError
 from workers import stages
 from workers.celery_app import app
 from workers.context import StageContext
