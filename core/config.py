@@ -83,6 +83,22 @@ class Settings(BaseSettings):
         description="The reaper queues again items that have waited this long without moving "
         "while their stage's queue is empty (their message was lost).",
     )
+    reaper_every: float = Field(
+        60,
+        gt=0,
+        description="`ipbatch reaper`: seconds between passes. A dead worker's items come back "
+        "within IPBATCH_LEASE_SECONDS + this (a redelivered message usually takes them sooner).",
+    )
+    outage_patience: float = Field(
+        600,
+        gt=0,
+        description="While S3, the database or the broker is away, a worker holds its one "
+        "message and takes no other work, trying again with backoff; after this many seconds "
+        "it gives the message back to the front of the queue.",
+    )
+    backoff_max: float = Field(
+        60, gt=0, description="The longest wait between two tries while a dependency is away."
+    )
     max_deliveries: int = Field(
         5,
         ge=1,

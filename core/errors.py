@@ -1,12 +1,23 @@
-"""One root exception, split into permanent and retryable (see architecture.md).
+"""One root exception, and the one error policy (`classify`) every layer follows.
 
-A permanent error fails the item at once with an error code from the contract; a retryable
-error (network, database, broker) is retried by the stage's caller. The message of an
-`ItemError` is shown to users: it says what to fix, never a stack trace.
+An error is one of three things, and `classify` says which:
+- the item's own fault (`Action.FAIL`): the item fails at once with an error code from the
+  contract and a message that says what to fix (never a stack trace; that goes to the log);
+- not the item's fault and passing (`Action.RETRY`): S3, the network, the database or the
+  broker went away; the item goes back to waiting and the work is tried again later, once
+  the dependency answers;
+- this worker cannot work (`Action.CONFIG`): settings, credentials, a models folder that is
+  missing or broken; the item goes back to waiting, and the worker stops taking work, loudly.
+A process being stopped (`Action.STOP`: Ctrl-C, a shutdown) gives its items back too.
+
+The stages' claim scope, the Celery tasks and the one-machine runner all act on `classify`;
+nothing else decides.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -26,11 +37,27 @@ class IpbatchError(Exception):
 
 
 class ConfigError(IpbatchError):
-    """Bad settings or command-line usage (exit code 2)."""
+    """Bad settings, credentials, models or command-line usage (exit code 2)."""
+
+
+class ModelLoadError(ConfigError):
+    """A model file that is there but does not load (corrupt, truncated, the wrong kind):
+    the message names the file. A configuration problem of the worker, not of the items."""
 
 
 class RetryableError(IpbatchError):
-    """A transient failure (storage, database, broker): the same call may work later."""
+    """A transient failure (storage, network, database, broker): the same call may work later.
+
+    `dependency` names what went away ("s3", "database", "broker", "network"); `resource` is
+    what was being read or written (an s3:// URI), so a worker can check it is back.
+    """
+
+    def __init__(
+        self, message: str, *, dependency: str = "network", resource: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.dependency = dependency
+        self.resource = resource
 
 
 class ItemError(IpbatchError):
@@ -47,3 +74,186 @@ class ItemError(IpbatchError):
 
 class ObjectNotFound(IpbatchError):
     """An object store key or local file does not exist."""
+
+
+class Action(StrEnum):
+    FAIL = "fail"  # the item's fault: fail it with `code`
+    RETRY = "retry"  # a dependency is away: give the item back, try again when it answers
+    CONFIG = "config"  # this worker cannot work: give the item back, stop taking work
+    STOP = "stop"  # the process is stopping: give the item back
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    message: str
+    code: ErrorCode | None = None  # for FAIL
+    dependency: str | None = None  # for RETRY: "s3", "database", "broker", "network"
+    resource: str | None = None  # for RETRY: what failed, when known (an s3:// URI)
+    expected: bool = True  # False: a bug or an unknown failure (log the trace)
+
+
+def short(exc: BaseException) -> str:
+    """One line for an item's history (SQLAlchemy errors carry the whole statement)."""
+    text = str(exc)
+    return text.splitlines()[0][:300] if text.strip() else type(exc).__name__
+
+
+def classify(exc: BaseException, *, unexpected: ErrorCode = ErrorCode.INTERNAL) -> Decision:
+    """What to do about `exc`. An exception nobody anticipated fails the item with
+    `unexpected` (internal, or model_error inside a diffusers call) and its type and message;
+    the caller logs the trace."""
+    if not isinstance(exc, Exception):
+        return Decision(Action.STOP, f"stopped ({type(exc).__name__})")
+    if isinstance(exc, ItemError):
+        return Decision(Action.FAIL, exc.message, code=exc.code)
+    if isinstance(exc, ConfigError):
+        return Decision(Action.CONFIG, str(exc))
+    if isinstance(exc, RetryableError):
+        return Decision(Action.RETRY, str(exc), dependency=exc.dependency, resource=exc.resource)
+    for cause in _chain(exc):
+        decision = _third_party(cause)
+        if decision is not None:
+            return decision
+    if isinstance(exc, ObjectNotFound):
+        return Decision(Action.FAIL, str(exc), code=ErrorCode.INTERNAL, expected=False)
+    message = f"{type(exc).__name__}: {short(exc)} (the trace is in the worker log)"
+    return Decision(Action.FAIL, message, code=unexpected, expected=False)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and what it was raised from (`raise ... from`), outermost first."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 8:
+        seen.append(current)
+        current = current.__cause__
+    return seen
+
+
+def _third_party(exc: BaseException) -> Decision | None:
+    """The libraries' own exceptions: S3 (botocore, urllib3), PostgreSQL (SQLAlchemy,
+    psycopg), the broker (kombu, amqp, redis), the network. None if it is none of these."""
+    kinds = _kinds()
+    if isinstance(exc, kinds.config):
+        return Decision(Action.CONFIG, f"{type(exc).__name__}: {short(exc)}")
+    if isinstance(exc, kinds.schema):
+        return Decision(
+            Action.CONFIG,
+            f"the ledger's schema does not match this version of ipbatch ({short(exc)}): "
+            "run `ipbatch db upgrade`",
+        )
+    if kinds.client_error is not None and isinstance(exc, kinds.client_error):
+        return _s3_client_error(exc)
+    for dependency, types in kinds.transient:
+        if isinstance(exc, types):
+            return Decision(
+                Action.RETRY, f"{dependency} unreachable: {short(exc)}", dependency=dependency
+            )
+    return None
+
+
+def _s3_client_error(exc: BaseException) -> Decision:
+    response = getattr(exc, "response", {}) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket"):
+        return Decision(Action.CONFIG, f"S3 refused: {code}: {short(exc)}")
+    if status >= 500 or code in _S3_BUSY:
+        return Decision(Action.RETRY, f"S3 busy: {code}", dependency="s3")
+    return Decision(
+        Action.FAIL, f"S3 error {code}: {short(exc)}", code=ErrorCode.INTERNAL, expected=False
+    )
+
+
+_S3_BUSY = {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"}
+
+
+@dataclass(frozen=True)
+class _Kinds:
+    transient: tuple[tuple[str, tuple[type[BaseException], ...]], ...]
+    config: tuple[type[BaseException], ...]
+    schema: tuple[type[BaseException], ...]
+    client_error: type[BaseException] | None
+
+
+@functools.cache
+def _kinds() -> _Kinds:
+    """The exception classes, imported once and only if installed (core depends on none)."""
+    database: list[type[BaseException]] = []
+    s3: list[type[BaseException]] = []
+    broker: list[type[BaseException]] = []
+    network: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    config: list[type[BaseException]] = []
+    schema: list[type[BaseException]] = []
+    client_error: type[BaseException] | None = None
+    try:
+        from sqlalchemy import exc as sa
+
+        database += [sa.OperationalError, sa.InterfaceError, sa.DisconnectionError, sa.TimeoutError]
+        schema.append(sa.ProgrammingError)
+    except ImportError:
+        pass
+    try:
+        import psycopg
+
+        database += [psycopg.OperationalError, psycopg.InterfaceError]
+    except ImportError:
+        pass
+    try:
+        from botocore import exceptions as bc
+
+        config += [
+            bc.NoCredentialsError,
+            bc.PartialCredentialsError,
+            bc.NoRegionError,
+            bc.ParamValidationError,
+            bc.InvalidConfigError,
+            bc.UnknownServiceError,
+            bc.ProfileNotFound,
+        ]
+        # every other botocore error is about getting bytes there and back: reads that time
+        # out or stop half way (ReadTimeoutError, IncompleteReadError, ResponseStreamingError),
+        # connections refused or closed, endpoints that do not answer
+        s3.append(bc.BotoCoreError)
+        client_error = bc.ClientError
+    except ImportError:
+        pass
+    try:
+        import urllib3.exceptions
+
+        network.append(urllib3.exceptions.HTTPError)
+    except ImportError:
+        pass
+    import http.client
+
+    network.append(http.client.HTTPException)
+    try:
+        import kombu.exceptions
+
+        broker.append(kombu.exceptions.OperationalError)
+    except ImportError:
+        pass
+    try:
+        import amqp.exceptions
+
+        broker += [amqp.exceptions.ConnectionError, amqp.exceptions.RecoverableConnectionError]
+    except ImportError:
+        pass
+    try:
+        import redis.exceptions
+
+        broker += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    except ImportError:
+        pass
+    return _Kinds(
+        transient=(
+            ("database", tuple(database)),
+            ("s3", tuple(s3)),
+            ("broker", tuple(broker)),
+            ("network", tuple(network)),
+        ),
+        config=tuple(config),
+        schema=tuple(schema),
+        client_error=client_error,
+    )

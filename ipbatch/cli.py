@@ -61,55 +61,70 @@ def _print_summary(summary: Any) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from workers import stages
     from workers.context import StageContext
+    from workers.stages import jobs
 
     settings = Settings()
     local = settings.database_url is None
     ctx = StageContext.create(settings, mode="local" if local else "distributed")
     try:
-        cancelled = stages.cancel_job(ctx, job_id=args.job)
+        cancelled = jobs.cancel(ctx, job_id=args.job)
+        status = _job_status(ctx, args.job)
     finally:
         ctx.close()
-    print(f"job {args.job}: {cancelled} items cancelled; running ones stop after their batch")
+    if cancelled is None:
+        print(f"job {args.job} had already ended ({status}): nothing cancelled", file=sys.stderr)
+        return 1
+    print(f"job {args.job}: cancelled; {cancelled} items cancelled now", end="")
+    print("; items being generated stop after their batch")
     return 0
 
 
+def _job_status(ctx: Any, job_id: str) -> str:
+    from storage.ledger import jobs
+
+    with ctx.sessions.begin() as session:
+        job = jobs.get(session, job_id=job_id)
+        return "unknown" if job is None else str(job.status)
+
+
 def cmd_reaper(args: argparse.Namespace) -> int:
-    """Every --every seconds: queue again the items of workers whose lease ran out, and the
-    items whose message was lost (waiting, unmoved for IPBATCH_REQUEUE_AFTER seconds, with
-    their stage's queue empty). An outage of the database or the broker skips a pass."""
+    """Every --every seconds (IPBATCH_REAPER_EVERY): send again the items and ingests of
+    workers whose lease ran out, and the work whose message was lost (waiting, unmoved for
+    IPBATCH_REQUEUE_AFTER seconds, with its queue empty), to the front of the queues. An
+    outage of the database or the broker skips a pass."""
     import time
 
-    from kombu.exceptions import OperationalError as BrokerError
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
-    from workers import stages
+    from core.errors import Action, classify, short
     from workers.celery_app import queue_depths
-    from workers.tasks import context, send_embed, send_generate
+    from workers.stages import jobs
+    from workers.tasks import context, send_ingest_urgent, send_urgent
 
-    _configure_logging(context().settings.log_format)
-    broker = context().settings.broker_url.get_secret_value()
+    settings = context().settings
+    every = args.every if args.every is not None else settings.reaper_every
+    _configure_logging(settings.log_format)
+    broker = settings.broker_url.get_secret_value()
     while True:
         try:
-            queued = stages.reap(
+            reaped = jobs.reap(
                 context(),
-                enqueue_embed=send_embed,
-                enqueue_generate=send_generate,
+                send=send_urgent,
+                send_ingest=send_ingest_urgent,
                 queue_depth=lambda queue: queue_depths(broker, [queue])[queue],
             )
-        except (OperationalError, InterfaceError, BrokerError, OSError) as exc:
+        except Exception as exc:
+            if classify(exc).action is not Action.RETRY:
+                raise
             if args.once:
-                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise IpbatchError(f"reaper: database or broker unreachable: {why}") from exc
-            log.warning("reaper: pass skipped (%s); next in %g s", type(exc).__name__, args.every)
-            queued = 0
-        if queued:
-            log.warning("reaper: %d items queued again", queued)
+                raise IpbatchError(f"reaper: database or broker unreachable: {short(exc)}") from exc
+            log.warning("reaper: pass skipped (%s); next in %g s", short(exc), every)
+            reaped = jobs.Reaped()
+        if reaped.items or reaped.jobs:
+            log.warning("reaper: %d items and %d ingests sent again", reaped.items, reaped.jobs)
         if args.once:
-            print(f"{queued} items queued again")
+            print(f"{reaped.items} items and {reaped.jobs} ingests queued again")
             return 0
-        time.sleep(args.every)
+        time.sleep(every)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -120,35 +135,34 @@ def cmd_retry(args: argparse.Namespace) -> int:
         from workers.runner import retry_local
 
         return _print_summary(retry_local(settings, job_id=args.job, progress=not args.quiet))
-    from workers import stages
-    from workers.tasks import context, send_embed, send_generate
+    from workers.stages import jobs
+    from workers.tasks import context, send
 
-    retried, waiting = stages.retry_job(
-        context(), job_id=args.job, enqueue_embed=send_embed, enqueue_generate=send_generate
-    )
+    retried, waiting = jobs.retry(context(), job_id=args.job, send=send)
     print(f"job {args.job}: {retried} failed items queued again", end="")
     print(f"; {waiting} items left waiting queued again too" if waiting else "")
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from workers import stages
-    from workers.tasks import context, ingest
+    from workers.stages import jobs
+    from workers.tasks import context, send_ingest
 
-    ctx = context()
     manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
-    job_id, created = stages.register_job(
-        ctx, manifest_uri=manifest, output_uri=args.output, name=args.name
+    job_id, _ = jobs.submit(
+        context(),
+        manifest_uri=manifest,
+        output_uri=args.output,
+        name=args.name,
+        send_ingest=send_ingest,
     )
-    if created:
-        ingest.delay(job_id)
     print(job_id)
     return 0
 
 
 def cmd_producer(args: argparse.Namespace) -> int:
     from workers.producer import watch
-    from workers.tasks import context, ingest
+    from workers.tasks import context, send_ingest
 
     _configure_logging(context().settings.log_format)
     output = args.output
@@ -160,7 +174,7 @@ def cmd_producer(args: argparse.Namespace) -> int:
         context(),
         prefix_uri=args.watch,
         output_uri=output,
-        submit=lambda job_id: ingest.delay(job_id),
+        send_ingest=send_ingest,
         interval=args.interval,
         iterations=1 if args.once else None,
     )
@@ -179,7 +193,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     _configure_logging(settings.log_format, args.loglevel)
 
-    from workers.celery_app import QUEUES, app
+    from storage.lifecycle import QUEUES
+    from workers.celery_app import app
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = set(queues) - set(QUEUES)
@@ -225,7 +240,7 @@ def _configure_logging(fmt: str, level: str | None = None) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from ipbatch import status
-    from storage.ledger import make_engine
+    from storage.ledger.db import make_engine
 
     engine = make_engine(Settings().ledger_url())
     try:
@@ -254,7 +269,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the job's HTML report (self-contained: thumbnails embedded)."""
     from ipbatch.report import render
-    from storage.ledger import make_engine
+    from storage.ledger.db import make_engine
     from storage.objectstore import ObjectStores
 
     settings = Settings()
@@ -281,20 +296,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_db_recount(args: argparse.Namespace) -> int:
     """Rebuild the status counters behind job_progress from the items (after hand edits)."""
-    from sqlalchemy import select
+    from storage.ledger import counters, db, jobs, queries
 
-    from storage import ledger
-    from storage.models import Job
-
-    engine = ledger.make_engine(Settings().ledger_url())
+    engine = db.make_engine(Settings().ledger_url())
     try:
-        with ledger.make_sessions(engine).begin() as session:
-            jobs = [args.job] if args.job else list(session.scalars(select(Job.id)))
-            for job_id in jobs:
-                if ledger.get_job(session, job_id=job_id) is None:
+        with db.make_sessions(engine).begin() as session:
+            job_ids = [args.job] if args.job else queries.job_ids(session)
+            for job_id in job_ids:
+                if jobs.get(session, job_id=job_id) is None:
                     print(f"no job {job_id}", file=sys.stderr)
                     return 2
-                counts = ledger.recount(session, job_id=job_id)
+                counts = counters.recount(session, job_id=job_id)
                 summary = ", ".join(f"{k.value} {v}" for k, v in sorted(counts.items()))
                 print(f"{job_id}: {summary or 'no items'}")
     finally:
@@ -389,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reaper", help="queue again the items of workers that died, and lost messages"
     )
-    p.add_argument("--every", type=float, default=60.0, help="seconds between passes")
+    p.add_argument(
+        "--every", type=float, help="seconds between passes (default IPBATCH_REAPER_EVERY, 60)"
+    )
     p.add_argument("--once", action="store_true", help="one pass, then exit")
     p.set_defaults(func=cmd_reaper)
 

@@ -12,30 +12,17 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from ipbatch import status
+from storage.ledger import queries
 from storage.objectstore import ObjectStores
 
 THUMB = 160
-
-
-@dataclass
-class _Row:
-    row_index: int
-    row_id: str | None
-    status: str
-    error_code: str | None
-    error_message: str | None
-    warning: str | None
-    params: dict[str, Any]
-    references: list[str]
-    outputs: list[dict[str, Any]]
 
 
 def _thumbnail(stores: ObjectStores, uri: str) -> str | None:
@@ -68,69 +55,17 @@ def _named_references(params: dict[str, Any], manifest_uri: str) -> list[str]:
     return list(dict.fromkeys(refs))
 
 
-def _load(engine: Engine, job_id: str, limit: int) -> tuple[list[_Row], int, int]:
-    page = "SELECT id FROM items WHERE job_id = :j ORDER BY row_index LIMIT :n"
-    with engine.connect() as conn:
-        manifest_uri = conn.execute(
-            text("SELECT manifest_uri FROM jobs WHERE id = :j"), {"j": job_id}
-        ).scalar_one()
-        total = conn.execute(
-            text("SELECT COUNT(*) FROM items WHERE job_id = :j"), {"j": job_id}
-        ).scalar_one()
-        items = conn.execute(
-            text(
-                "SELECT id, row_index, row_id, status, error_code, error_message, warning, params "
-                "FROM items WHERE job_id = :j ORDER BY row_index LIMIT :n"
-            ),
-            {"j": job_id, "n": limit},
-        ).all()
-        outputs: dict[int, list[dict[str, Any]]] = {}
-        for o in conn.execute(
-            text(
-                "SELECT item_id, image_index, uri, seed, clip_i, clip_t FROM outputs "
-                f"WHERE item_id IN ({page}) ORDER BY item_id, image_index"
-            ),
-            {"j": job_id, "n": limit},
-        ).mappings():
-            outputs.setdefault(o["item_id"], []).append(dict(o))
-        embedded: dict[int, list[str]] = {}
-        for item_id, uri in conn.execute(
-            text(
-                "SELECT item_id, reference_uri FROM item_embeddings "
-                f"WHERE item_id IN ({page}) ORDER BY item_id, adapter_index, reference_index"
-            ),
-            {"j": job_id, "n": limit},
-        ):
-            if uri not in embedded.setdefault(item_id, []):
-                embedded[item_id].append(uri)
-        images = conn.execute(
-            text(
-                "SELECT COUNT(*) FROM outputs o JOIN items i ON i.id = o.item_id "
-                "WHERE i.job_id = :j"
-            ),
-            {"j": job_id},
-        ).scalar_one()
-    rows = []
-    for i in items:
-        params = json.loads(i.params) if isinstance(i.params, str) else (i.params or {})
-        valid = i.error_code != "invalid_row"
-        references = embedded.get(i.id) or (
-            _named_references(params, manifest_uri) if valid else []
-        )
-        rows.append(
-            _Row(
-                i.row_index,
-                i.row_id,
-                str(i.status),
-                i.error_code,
-                i.error_message,
-                i.warning,
-                params if valid else {},
-                references,
-                outputs.get(i.id, []),
-            )
-        )
-    return rows, int(total), int(images)
+def _load(engine: Engine, job_id: str, limit: int) -> queries.ReportData:
+    with Session(engine) as session:
+        data = queries.report(session, job_id=job_id, limit=limit)
+    if data is None:
+        raise LookupError(f"no job {job_id}")
+    for row in data.rows:
+        if row.error_code == "invalid_row":
+            row.params = {}  # not a row: do not show what it claimed
+        elif not row.references:  # failed before its references were recorded
+            row.references = _named_references(row.params, data.manifest_uri)
+    return data
 
 
 def _histogram(values: list[float], lo: float, hi: float, title: str, bins: int = 10) -> str:
@@ -176,7 +111,8 @@ def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 50
     if not jobs:
         raise LookupError(f"no job {job_id}")
     job = jobs[0]
-    rows, total, images = _load(engine, job_id, limit)
+    loaded = _load(engine, job_id, limit)
+    rows, total, images = loaded.rows, loaded.total_items, loaded.total_images
     elapsed = job["elapsed_seconds"]
     scores_i = [o["clip_i"] for r in rows for o in r.outputs if o["clip_i"] is not None]
     scores_t = [o["clip_t"] for r in rows for o in r.outputs if o["clip_t"] is not None]

@@ -12,63 +12,38 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
-STAGES = ("pending", "embedding", "ready", "running", "succeeded", "failed", "cancelled")
-ACTIVE = ("pending", "running")  # job statuses that still change
+from storage.ledger import queries
+from storage.lifecycle import JOB_ACTIVE, STAGES, TERMINAL
 
-
-def _when(value: Any) -> datetime | None:
-    """Timestamps from raw SQL: datetimes on PostgreSQL, ISO strings on SQLite."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+# the bars, in the order of an item's life: each stage's waiting and working status, then the end
+STATUSES = tuple(str(s) for stage in STAGES for s in (stage.waiting, stage.working)) + tuple(
+    str(s) for s in TERMINAL
+)
+ACTIVE = tuple(str(s) for s in JOB_ACTIVE)  # job statuses that still change
 
 
 def collect(engine: Engine, *, job_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     """One dict per job (the given one, or the `limit` most recently started)."""
-    query = "SELECT * FROM job_progress"
-    params: dict[str, Any] = {}
-    if job_id:
-        query += " WHERE job_id = :job"
-        params["job"] = job_id
-    else:
-        query += " ORDER BY started_at IS NULL, started_at DESC LIMIT :limit"
-        params["limit"] = limit
     now = datetime.now(UTC)
     jobs = []
-    with engine.connect() as conn:
-        for row in conn.execute(text(query), params).mappings():
-            job = dict(row)
-            counts = dict.fromkeys(STAGES, 0) | {
-                str(status): int(n)
-                for status, n in conn.execute(
-                    text("SELECT status, n FROM job_item_counts WHERE job_id = :job"),
-                    {"job": job["job_id"]},
-                )
-            }
-            failures = conn.execute(
-                text(
-                    "SELECT error_code, COUNT(*) AS n FROM items WHERE job_id = :job "
-                    "AND status = 'failed' GROUP BY error_code ORDER BY n DESC, error_code"
-                ),
-                {"job": job["job_id"]},
-            )
-            started, finished = _when(job["started_at"]), _when(job["finished_at"])
+    with Session(engine) as session:
+        for job in queries.progress(session, job_id=job_id, limit=limit):
+            counts = queries.status_counts(session, job_id=job["job_id"])
+            started, finished = job["started_at"], job["finished_at"]
             elapsed = ((finished or now) - started).total_seconds() if started else 0.0
             rate = counts["succeeded"] / elapsed if elapsed > 0 else 0.0
-            left = sum(counts[s] for s in ("pending", "embedding", "ready", "running"))
+            left = sum(counts[str(s)] for stage in STAGES for s in (stage.waiting, stage.working))
             job |= {
-                "stages": counts,
-                "failures": {str(code): int(n) for code, n in failures},
+                "stages": {status: counts[status] for status in STATUSES},
+                "failures": queries.failures_by_code(session, job_id=job["job_id"]),
                 "elapsed_seconds": round(elapsed, 1),
                 "items_per_second": round(rate, 3),
                 "eta_seconds": (
                     round(left / rate) if rate > 0 and left and job["status"] in ACTIVE else None
                 ),
-                "percent_done": float(job["percent_done"] or 0),
             }
             jobs.append(job)
     return jobs
@@ -107,7 +82,7 @@ def bars(job: dict[str, Any], width: int = 40) -> str:
         f"job {job['job_id']} ({job['name']}): {job['status']}, {job['percent_done']:.1f}% done, "
         f"{job['items_per_second']:.2f} items/s, eta {_duration(job['eta_seconds'])}"
     ]
-    for stage in STAGES:
+    for stage in STATUSES:
         n = job["stages"][stage]
         filled = round(width * n / total)
         lines.append(f"  {stage:10} {'#' * filled}{'.' * (width - filled)} {n:>8}")

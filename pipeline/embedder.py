@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
 from pipeline.faces import FaceEmbedder
-from pipeline.models import folder_fingerprint
+from pipeline.models import folder_fingerprint, loading
 from pipeline.presets import EmbedKind
 
 
@@ -46,7 +46,8 @@ class ClipEmbedder:
     ) -> None:
         self.device = device
         self.dtype = dtype
-        model = CLIPVisionModelWithProjection.from_pretrained(encoder_folder, dtype=dtype)
+        with loading(f"the image encoder at {encoder_folder}"):
+            model = CLIPVisionModelWithProjection.from_pretrained(encoder_folder, dtype=dtype)
         self.model = model.to(device).eval()  # type: ignore[arg-type]
         # the PIL processor is what transformers uses without torchvision (same numbers)
         if processor_folder is not None:

@@ -9,20 +9,41 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from core.errors import ConfigError, ErrorCode, ItemError
-from pipeline.models import ModelSource
+from core.errors import (
+    ConfigError,
+    ErrorCode,
+    ItemError,
+    ModelLoadError,
+)
+from pipeline.models import ModelSource, loading
 from pipeline.presets import ADAPTERS, BASE_MODELS
 
 log = logging.getLogger(__name__)
+
+
+def shared(description: str = "", default: Any = MISSING) -> Any:
+    """A request field every row of one diffusers call must have equal (it is in `batch_key`)."""
+    return field(default=default, metadata={"batch": "shared", "doc": description})
+
+
+def per_slot(shared_part: Callable[[Any], object] | None = None, default: Any = MISSING) -> Any:
+    """A request field each row of a call may have its own of; `shared_part` is what of it
+    must still be equal (a tensor's shape, whether a text is given), and is in `batch_key`."""
+    return field(default=default, metadata={"batch": "per_slot", "shared_part": shared_part})
+
+
+def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if tensor is None else tuple(tensor.shape)
 
 
 @dataclass(frozen=True)
@@ -33,25 +54,47 @@ class AdapterInput:
     [1, tokens, hidden], which diffusers reads from the projection layer's `clip_embeds`.
     """
 
-    adapter: str
-    scale: float | dict
-    pos: torch.Tensor
-    neg: torch.Tensor
-    clip_pos: torch.Tensor | None = None
-    clip_neg: torch.Tensor | None = None
+    adapter: str = shared("which adapter (the pipeline loaded for the call)")
+    scale: float | dict = shared("diffusers sets one strength per adapter for a call")
+    pos: torch.Tensor = per_slot(_shape)
+    neg: torch.Tensor = per_slot(_shape)
+    clip_pos: torch.Tensor | None = per_slot(_shape, default=None)
+    clip_neg: torch.Tensor | None = per_slot(_shape, default=None)
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str
-    negative_prompt: str
-    adapters: list[AdapterInput]
-    num_images: int
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int | None = None
-    height: int | None = None
+    """One row's call. Every field says whether rows batched into one diffusers call may
+    differ in it (`per_slot`) or must share it (`shared`); `batch_key` follows that, and a
+    test fails for a field that says neither."""
+
+    prompt: str = per_slot()
+    # SDXL zeroes an absent negative prompt instead of encoding "": presence is shared
+    negative_prompt: str = per_slot(bool)
+    adapters: list[AdapterInput] = per_slot(lambda inputs: tuple(batch_key(a) for a in inputs))
+    num_images: int = per_slot()  # each image is a slot of its own
+    seed: int = per_slot()
+    steps: int = shared("one denoising schedule per call")
+    guidance_scale: float = shared("one CFG rule per call")
+    width: int | None = shared("one latent size per call", default=None)
+    height: int | None = shared("one latent size per call", default=None)
+
+
+def batch_key(request: GenerationRequest | AdapterInput) -> tuple[object, ...]:
+    """Rows with equal keys can share one diffusers call: the shared fields, and the shared
+    part of the per-slot ones, as their fields declare."""
+    key: list[object] = []
+    for f in fields(request):
+        value = getattr(request, f.name)
+        kind = f.metadata.get("batch")
+        if kind == "shared":
+            key.append(json.dumps(value, sort_keys=True) if isinstance(value, dict) else value)
+        elif kind == "per_slot":
+            shared_part = f.metadata["shared_part"]
+            key.append(None if shared_part is None else shared_part(value))
+        else:
+            raise TypeError(f"{type(request).__name__}.{f.name} says neither per_slot nor shared")
+    return tuple(key)
 
 
 @dataclass(frozen=True)
@@ -122,25 +165,29 @@ class Generator:
         pipeline_class = getattr(diffusers, base.pipeline_class)
         extra = {"safety_checker": None, "requires_safety_checker": False}
         # 1. the frozen base model (no safety checker: catalog jobs review outputs themselves)
-        self.pipe = pipeline_class.from_pretrained(
-            models.base_model(self.family),
-            dtype=dtype,
-            local_files_only=models.local_files_only,
-            **(extra if self.family == "sd15" else {}),
-        )
+        base_folder = models.base_model(self.family)
+        with loading(f"the base model at {base_folder}"):
+            self.pipe = pipeline_class.from_pretrained(
+                base_folder,
+                dtype=dtype,
+                local_files_only=models.local_files_only,
+                **(extra if self.family == "sd15" else {}),
+            )
         # 2. the adapters, without their image encoders: embeddings arrive precomputed
         weights = [models.adapter_weights(name) for name in adapters]
-        self.pipe.load_ip_adapter(
-            [repo for repo, _, _ in weights],
-            subfolder=[sub for _, sub, _ in weights],
-            weight_name=[name for _, _, name in weights],
-            image_encoder_folder=None,
-            local_files_only=models.local_files_only,
-        )
+        files = [str(PurePosixPath(repo, sub, name)) for repo, sub, name in weights]
+        with loading(f"adapter weights {', '.join(files)}"):
+            self.pipe.load_ip_adapter(
+                [repo for repo, _, _ in weights],
+                subfolder=[sub for _, sub, _ in weights],
+                weight_name=[name for _, _, name in weights],
+                image_encoder_folder=None,
+                local_files_only=models.local_files_only,
+            )
         peft_adapters = getattr(self.pipe.unet, "peft_config", {})
-        for index, preset in enumerate(presets):
+        for index, (preset, file) in enumerate(zip(presets, files, strict=True)):
             if preset.lora and f"faceid_{index}" not in peft_adapters:
-                raise ItemError(ErrorCode.MODEL_ERROR, f"{preset.name}: its LoRA did not load")
+                raise ModelLoadError(f"{preset.name}: the LoRA in {file} did not load")
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         # 3. device settings: channels_last and the VAE's slicing on CUDA, optional compile
@@ -181,8 +228,7 @@ class Generator:
                 _check_shape(spec.adapter, spec.clip_pos, spec.clip_neg, clip_expected)
                 if spec.clip_pos.shape[0] != 1:
                     raise ItemError(ErrorCode.MODEL_ERROR, f"{preset.name} takes one face")
-        width = request.width or self.native_size[0]
-        height = request.height or self.native_size[1]
+        width, height = self._size(request)
         if width % self.pipe.vae_scale_factor or height % self.pipe.vae_scale_factor:
             raise ItemError(
                 ErrorCode.INVALID_ROW, f"width/height must divide by 8: {width}x{height}"
@@ -192,40 +238,77 @@ class Generator:
     def generate(self, request: GenerationRequest) -> GenerationResult:
         # 1. check inputs before any model work
         self.check_request(request)
-        width = request.width or self.native_size[0]
-        height = request.height or self.native_size[1]
+        width, height = self._size(request)
         do_cfg = request.guidance_scale > 1.0  # diffusers' own rule
         k = request.num_images
 
-        # 2. embeddings: [neg, pos] stacked on a new batch axis only when CFG runs
+        # 2. embeddings: [neg, pos] stacked on a new batch axis only when CFG runs; FaceID-Plus
+        #    face-crop embeds batched like the images ([neg x k, pos x k])
         embeds = [self._cfg_stack(spec.neg, spec.pos, 1, do_cfg) for spec in request.adapters]
+        clip_embeds = [
+            None
+            if spec.clip_pos is None or spec.clip_neg is None
+            else self._cfg_stack(spec.clip_neg, spec.clip_pos, k, do_cfg)
+            for spec in request.adapters
+        ]
 
-        # 3. strengths (load_ip_adapter resets them, so set them on every call)
-        scales = [spec.scale for spec in request.adapters]
-        self.pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
-
-        # 4. one seeded generator per image: image k matches a solo run with seed + k
+        # 3. one seeded generator per image: image k matches a solo run with seed + k
         seeds = image_seeds(request.seed, k)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
-        # 5. FaceID-Plus reads the face crop's CLIP embeds from its projection layer: state on
-        #    the UNet, batched like the images ([neg x k, pos x k]) and cleared afterwards
+        # 4. denoise and decode: diffusers' stock path, k images of one prompt
+        self._set_vae_slicing(k)
+        arrays = self._call(
+            request,
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            embeds=embeds,
+            clip_embeds=clip_embeds,
+            per_prompt=k,
+            generators=generators,
+        )
+        return GenerationResult(
+            images=self._to_pil(arrays),
+            seeds=seeds,
+            width=width,
+            height=height,
+            arrays=arrays,
+            warning=self.prompt_warning(request),
+        )
+
+    def _call(
+        self,
+        shared: GenerationRequest,
+        *,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None,
+        embeds: list[torch.Tensor],
+        clip_embeds: list[torch.Tensor | None],
+        per_prompt: int,
+        generators: list[torch.Generator],
+    ) -> list[np.ndarray]:
+        """The one diffusers call both paths make: the per-slot inputs given, every shared
+        field taken from `shared` (a row of the call: they are equal in all of them)."""
+        width, height = self._size(shared)
+        # strengths: load_ip_adapter resets them, so they are set on every call
+        scales = [spec.scale for spec in shared.adapters]
+        self.pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
+        # FaceID-Plus reads the face crop's CLIP embeds from its projection layer: state on
+        # the UNet, set for this call and cleared afterwards (it must not leak into the next)
         stateful = []
-        for spec, preset, layer in zip(request.adapters, self.presets, self._layers, strict=True):
-            if spec.clip_pos is not None and spec.clip_neg is not None:
-                layer.clip_embeds = self._cfg_stack(spec.clip_neg, spec.clip_pos, k, do_cfg)
+        for preset, layer, clip in zip(self.presets, self._layers, clip_embeds, strict=True):
+            if clip is not None:
+                layer.clip_embeds = clip
                 layer.shortcut = preset.shortcut
                 stateful.append(layer)
-        self._set_vae_slicing(k)
         try:
-            # 6. denoise and decode
             output = self.pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt or None,
+                prompt=prompt,
+                negative_prompt=negative_prompt,
                 ip_adapter_image_embeds=embeds,
-                num_images_per_prompt=k,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
+                num_images_per_prompt=per_prompt,
+                num_inference_steps=shared.steps,
+                guidance_scale=shared.guidance_scale,
                 width=width,
                 height=height,
                 generator=generators,
@@ -235,15 +318,10 @@ class Generator:
             for layer in stateful:
                 layer.clip_embeds = None
                 layer.shortcut = False
-        arrays = list(output.images)
-        return GenerationResult(
-            images=self._to_pil(arrays),
-            seeds=seeds,
-            width=width,
-            height=height,
-            arrays=arrays,
-            warning=self.prompt_warning(request),
-        )
+        return list(output.images)
+
+    def _size(self, request: GenerationRequest) -> tuple[int, int]:
+        return request.width or self.native_size[0], request.height or self.native_size[1]
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Several rows in one diffusers call, each with its own references, prompts and seeds.
@@ -277,8 +355,7 @@ class Generator:
     @torch.inference_mode()
     def _generate_slots(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         first = requests[0]
-        width = first.width or self.native_size[0]
-        height = first.height or self.native_size[1]
+        width, height = self._size(first)
         do_cfg = first.guidance_scale > 1.0
         # 1. one slot per output image: row i's image j is a prompt of its own (diffusers'
         #    num_images_per_prompt would repeat ONE set of IP embeds over the whole batch)
@@ -287,9 +364,6 @@ class Generator:
         if self.buckets:  # compiled: pad to a fixed batch size (copies of the last slot)
             size = next((b for b in self.buckets if b >= real), real)
             slots += [slots[-1]] * (size - real)
-        self._set_vae_slicing(len(slots))
-        prompts = [r.prompt for r, _ in slots]
-        negatives = [r.negative_prompt for r, _ in slots] if first.negative_prompt else None
         generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in slots]
 
         # 2. embeddings per slot, [neg_1..neg_S, pos_1..pos_S] like diffusers' own CFG layout
@@ -299,40 +373,34 @@ class Generator:
             tensor = torch.cat([neg, pos]) if do_cfg else pos
             return tensor.to(device=self.device, dtype=self.dtype)
 
+        adapters = range(len(self.adapters))
         embeds = [
-            stacked([(r.adapters[a].neg, r.adapters[a].pos) for r, _ in slots])
-            for a in range(len(self.adapters))
+            stacked([(r.adapters[a].neg, r.adapters[a].pos) for r, _ in slots]) for a in adapters
         ]
-        scales = [spec.scale for spec in first.adapters]
-        self.pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
-        stateful = []
-        for a, (preset, layer) in enumerate(zip(self.presets, self._layers, strict=True)):
-            if first.adapters[a].clip_pos is not None:
-                halves = [(r.adapters[a].clip_neg, r.adapters[a].clip_pos) for r, _ in slots]
-                layer.clip_embeds = stacked(halves)  # type: ignore[arg-type]
-                layer.shortcut = preset.shortcut
-                stateful.append(layer)
-        try:
-            # 3. denoise and decode, with the per-slot embeds passed through unrepeated
-            with _prebuilt_ip_embeds(self.pipe, embeds, slots=len(slots), do_cfg=do_cfg):
-                output = self.pipe(
-                    prompt=prompts,
-                    negative_prompt=negatives,
-                    ip_adapter_image_embeds=embeds,
-                    num_images_per_prompt=1,
-                    num_inference_steps=first.steps,
-                    guidance_scale=first.guidance_scale,
-                    width=width,
-                    height=height,
-                    generator=generators,
-                    output_type="np",
-                )
-        finally:
-            for layer in stateful:
-                layer.clip_embeds = None
-                layer.shortcut = False
-        # 4. hand each row its images back (padding slots dropped)
-        results, arrays = [], list(output.images)[:real]
+        clip_embeds = [
+            None
+            if first.adapters[a].clip_pos is None
+            else stacked([(r.adapters[a].clip_neg, r.adapters[a].clip_pos) for r, _ in slots])  # type: ignore[misc]
+            for a in adapters
+        ]
+
+        # 3. denoise and decode, with the per-slot embeds passed through unrepeated
+        self._set_vae_slicing(len(slots))
+        with _prebuilt_ip_embeds(self.pipe, embeds, slots=len(slots), do_cfg=do_cfg):
+            arrays = self._call(
+                first,
+                prompt=[r.prompt for r, _ in slots],
+                negative_prompt=[r.negative_prompt for r, _ in slots]
+                if first.negative_prompt
+                else None,
+                embeds=embeds,
+                clip_embeds=clip_embeds,
+                per_prompt=1,
+                generators=generators,
+            )[:real]  # padding slots dropped
+
+        # 4. hand each row its images back
+        results = []
         for r in requests:
             mine, arrays = arrays[: r.num_images], arrays[r.num_images :]
             results.append(
@@ -401,23 +469,6 @@ def default_batch_images(device: torch.device) -> int:
         return 16
     total = torch.cuda.get_device_properties(device).total_memory
     return 16 if total >= 40 * 2**30 else 8
-
-
-def batch_key(request: GenerationRequest) -> tuple[object, ...]:
-    """Rows with equal keys can share one diffusers call."""
-    return (
-        tuple(a.adapter for a in request.adapters),
-        json.dumps([a.scale for a in request.adapters], sort_keys=True),
-        tuple(
-            (tuple(a.pos.shape), None if a.clip_pos is None else tuple(a.clip_pos.shape))
-            for a in request.adapters
-        ),
-        request.width,
-        request.height,
-        request.steps,
-        request.guidance_scale,
-        bool(request.negative_prompt),  # SDXL zeroes an absent negative prompt, not ""
-    )
 
 
 @contextmanager

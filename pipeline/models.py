@@ -7,11 +7,13 @@ any other spec is a folder, used with `local_files_only=True` so nothing is ever
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.errors import ConfigError
+from core.errors import Action, ConfigError, ItemError, ModelLoadError, classify, short
 from pipeline.presets import (
     ADAPTERS,
     BASE_MODELS,
@@ -158,3 +160,17 @@ def folder_fingerprint(folder: str | Path, patterns: tuple[str, ...]) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def loading(what: str) -> Iterator[None]:
+    """A model file that is there but does not load (corrupt, truncated, the wrong kind) is
+    the worker's configuration problem, with the file named; a failed download is an outage."""
+    try:
+        yield
+    except (ConfigError, ItemError):
+        raise
+    except Exception as exc:
+        if classify(exc).action is Action.RETRY:
+            raise
+        raise ModelLoadError(f"could not load {what}: {short(exc)}") from exc

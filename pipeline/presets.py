@@ -32,6 +32,16 @@ class EmbedKind(StrEnum):
     FACE_ID_PLUS = "face_id_plus"
 
 
+class Projection(StrEnum):
+    """The adapter's image projection (h94's `image_proj`; the diffusers class that loads it)."""
+
+    LINEAR = "linear"  # ImageProjection: image_embeds -> 4 tokens, LayerNorm
+    RESAMPLER = "resampler"  # IPAdapterPlusImageProjection: 16 learned queries over patches
+    PATCH_MLP = "patch_mlp"  # IPAdapterFullImageProjection: an MLP over all 257 patch tokens
+    FACE_ID_MLP = "face_id_mlp"  # IPAdapterFaceIDImageProjection: 512 -> 1024 -> 4 tokens
+    FACE_ID_PLUS = "face_id_plus"  # IPAdapterFaceIDPlusImageProjection: ID MLP + perceiver
+
+
 @dataclass(frozen=True)
 class BaseModelPreset:
     family: str
@@ -69,6 +79,7 @@ class AdapterPreset:
     weight_name: str
     image_encoder: RepoPath | None  # None: needs no CLIP encoder (FaceID)
     embed_kind: EmbedKind
+    projection: Projection
     summary: str
     lora: bool = False  # FaceID: the weight file also carries a LoRA for the UNet (needs peft)
     shortcut: bool = False  # FaceID-Plus v2: the projection adds the ID tokens back
@@ -111,9 +122,24 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
 }
 
 
-def _sd15(name: str, weight: str, kind: EmbedKind, summary: str) -> AdapterPreset:
+_PROJECTION = {  # what each kind of embedding is projected with, in h94's CLIP adapters
+    EmbedKind.CLIP_IMAGE_EMBEDS: Projection.LINEAR,
+    EmbedKind.CLIP_HIDDEN_STATES: Projection.RESAMPLER,
+}
+
+
+def _sd15(
+    name: str, weight: str, kind: EmbedKind, summary: str, projection: Projection | None = None
+) -> AdapterPreset:
     return AdapterPreset(
-        name, "sd15", RepoPath(H94, "IP-Adapter", "models"), weight, VIT_H, kind, summary
+        name,
+        "sd15",
+        RepoPath(H94, "IP-Adapter", "models"),
+        weight,
+        VIT_H,
+        kind,
+        projection or _PROJECTION[kind],
+        summary,
     )
 
 
@@ -121,7 +147,14 @@ def _sdxl(
     name: str, weight: str, encoder: RepoPath, kind: EmbedKind, summary: str
 ) -> AdapterPreset:
     return AdapterPreset(
-        name, "sdxl", RepoPath(H94, "IP-Adapter", "sdxl_models"), weight, encoder, kind, summary
+        name,
+        "sdxl",
+        RepoPath(H94, "IP-Adapter", "sdxl_models"),
+        weight,
+        encoder,
+        kind,
+        _PROJECTION[kind],
+        summary,
     )
 
 
@@ -151,6 +184,7 @@ ADAPTERS: dict[str, AdapterPreset] = {
             "ip-adapter-full-face_sd15.safetensors",
             EmbedKind.CLIP_HIDDEN_STATES,
             "all 257 patch tokens of a face crop: stronger face likeness than plus-face",
+            projection=Projection.PATCH_MLP,
         ),
         AdapterPreset(
             "sd15-faceid",
@@ -159,6 +193,7 @@ ADAPTERS: dict[str, AdapterPreset] = {
             "ip-adapter-faceid_sd15.bin",
             None,
             EmbedKind.FACE_ID,
+            Projection.FACE_ID_MLP,
             "insightface identity embedding -> 4 tokens, with a LoRA on the UNet: the same "
             "person in new scenes",
             lora=True,
@@ -170,6 +205,7 @@ ADAPTERS: dict[str, AdapterPreset] = {
             "ip-adapter-faceid-plusv2_sd15.bin",
             VIT_H,
             EmbedKind.FACE_ID_PLUS,
+            Projection.FACE_ID_PLUS,
             "FaceID + CLIP features of the aligned face (v2 shortcut): identity and face structure",
             lora=True,
             shortcut=True,

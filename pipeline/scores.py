@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from pipeline.models import folder_fingerprint
+from pipeline.models import folder_fingerprint, loading
 
 CLIP_SCORE_WEIGHT = 2.5
 
@@ -23,10 +23,11 @@ class ClipScorer:
     def __init__(self, folder: str, *, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
-        model = CLIPModel.from_pretrained(folder, dtype=dtype)
+        with loading(f"the scoring model at {folder}"):
+            model = CLIPModel.from_pretrained(folder, dtype=dtype)
+            self.tokenizer = CLIPTokenizer.from_pretrained(folder)
+            self.processor = CLIPImageProcessorPil.from_pretrained(folder)
         self.model = model.to(device).eval()  # type: ignore[arg-type]
-        self.tokenizer = CLIPTokenizer.from_pretrained(folder)
-        self.processor = CLIPImageProcessorPil.from_pretrained(folder)
         # cached reference embeddings are reused only by the same weights and precision
         weights = folder_fingerprint(folder, ("*.json", "*.safetensors", "*.bin"))
         self.fingerprint = f"score-{weights[:16]}-{str(dtype).removeprefix('torch.')}"

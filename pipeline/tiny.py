@@ -32,6 +32,7 @@ from pipeline.presets import (
     VIT_BIGG,
     VIT_H,
     AdapterPreset,
+    Projection,
     RepoPath,
 )
 
@@ -311,15 +312,15 @@ def _image_proj(
     """The `image_proj` part in h94's names, for each projection type diffusers recognises."""
     hidden, projection = encoder
     dim = resampler_dim
-    name = preset.name
-    if name in ("sd15", "sdxl"):  # ImageProjection: Linear -> 4 tokens, LayerNorm
+    kind = preset.projection
+    if kind is Projection.LINEAR:  # ImageProjection: Linear -> 4 tokens, LayerNorm
         return {
             "proj.weight": _randn(g, 4 * cross_dim, projection),
             "proj.bias": _randn(g, 4 * cross_dim),
             "norm.weight": torch.ones(cross_dim),
             "norm.bias": torch.zeros(cross_dim),
         }
-    if name == "sd15-full-face":  # MLP over all patch tokens
+    if kind is Projection.PATCH_MLP:  # MLP over all patch tokens
         return {
             "proj.0.weight": _randn(g, hidden, hidden),
             "proj.0.bias": _randn(g, hidden),
@@ -328,7 +329,7 @@ def _image_proj(
             "proj.3.weight": torch.ones(cross_dim),
             "proj.3.bias": torch.zeros(cross_dim),
         }
-    if name == "sd15-faceid":  # MLP: 512 -> 1024 -> 4 tokens, LayerNorm
+    if kind is Projection.FACE_ID_MLP:  # MLP: 512 -> 1024 -> 4 tokens, LayerNorm
         return {
             "proj.0.weight": _randn(g, 2 * FACE_ID_DIM, FACE_ID_DIM),
             "proj.0.bias": _randn(g, 2 * FACE_ID_DIM),
@@ -337,7 +338,7 @@ def _image_proj(
             "norm.weight": torch.ones(cross_dim),
             "norm.bias": torch.zeros(cross_dim),
         }
-    if name == "sd15-faceid-plusv2":  # ID MLP -> 4 tokens, refined by a perceiver over CLIP
+    if kind is Projection.FACE_ID_PLUS:  # ID MLP -> 4 tokens, a perceiver over CLIP
         dim = cross_dim  # the v2 shortcut adds the ID tokens to the output: same width
         return {
             "proj.0.weight": _randn(g, 2 * FACE_ID_DIM, FACE_ID_DIM),
@@ -353,6 +354,7 @@ def _image_proj(
             "perceiver_resampler.norm_out.weight": torch.ones(cross_dim),
             "perceiver_resampler.norm_out.bias": torch.zeros(cross_dim),
         } | _resampler_layers(g, dim, "perceiver_resampler.")
+    assert kind is Projection.RESAMPLER, kind
     # plus / plus-face (SD1.5 and SDXL): the Resampler with 16 learned queries
     return {
         "latents": _randn(g, 1, RESAMPLER_QUERIES, dim, std=dim**-0.5),

@@ -3,23 +3,30 @@
 Key = (sha256 of the reference bytes, encoder fingerprint, kind). The tensors live as one
 safetensors file per key under `{cache_root}/embeddings/{encoder}/{kind}/{aa}/{sha}.safetensors`;
 the `embeddings` table says which keys exist. A reference used by 1,000 rows, or by last
-night's job, is encoded once.
+night's job, is encoded once. The cache heals: a key the ledger knows whose object is gone (a
+bucket lifecycle rule, a wiped store) is computed and written again, never an error.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from core.clock import Clock
+from core.errors import ObjectNotFound
 from core.uris import join_uri
-from storage import ledger
+from storage.ledger import embeddings
 from storage.objectstore import ObjectStores
 
 if TYPE_CHECKING:  # torch is imported on first use: an ingest-only worker never loads it
     import torch
+
+log = logging.getLogger(__name__)
+Tensors = dict[str, "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -35,51 +42,88 @@ class CacheKey:
         )
 
 
-def serialize(tensors: dict[str, torch.Tensor], key: CacheKey) -> bytes:
+def serialize(tensors: Tensors, key: CacheKey) -> bytes:
     from safetensors.torch import save as save_safetensors
 
     metadata = {"content_sha256": key.content_sha256, "encoder": key.encoder, "kind": key.kind}
     return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
-def deserialize(data: bytes) -> dict[str, torch.Tensor]:
+def deserialize(data: bytes) -> Tensors:
     from safetensors.torch import load as load_safetensors
 
     return load_safetensors(data)
 
 
-class EmbeddingCache:
-    def __init__(self, stores: ObjectStores) -> None:
-        self.stores = stores
+@dataclass(frozen=True)
+class Cached:
+    embedding_id: int
+    uri: str
+    hit: bool  # False: computed by this call (a new key, or a lost object written again)
 
-    def get_or_compute(
-        self,
-        session: Session,
-        *,
-        key: CacheKey,
-        cache_root: str,
-        compute: Callable[[], dict[str, torch.Tensor]],
-    ) -> tuple[int, bool]:
-        """Return (embedding id, was_cached). Computes and stores the tensors on a miss."""
-        found = ledger.find_embedding(
-            session, content_sha256=key.content_sha256, encoder=key.encoder, kind=key.kind
-        )
-        if found is not None:
-            return found.id, True
+
+class EmbeddingCache:
+    def __init__(self, stores: ObjectStores, sessions: sessionmaker[Session], clock: Clock):
+        self.stores = stores
+        self.sessions = sessions
+        self.clock = clock
+
+    def ensure(self, *, key: CacheKey, cache_root: str, compute: Callable[[], Tensors]) -> Cached:
+        """Make sure the key's tensors are stored: found (the object is there), or computed
+        and stored now. No transaction is held while `compute` runs."""
+        with self.sessions.begin() as session:
+            found = embeddings.find(
+                session, content_sha256=key.content_sha256, encoder=key.encoder, kind=key.kind
+            )
+            known = (found.id, found.uri) if found is not None else None
+        if known is not None:
+            embedding_id, uri = known
+            if self.stores.for_uri(uri).exists(uri):
+                return Cached(embedding_id, uri, hit=True)
+            log.warning("cached embedding %s is gone: computing it again", uri)
+            self._store(uri, compute(), key)
+            return Cached(embedding_id, uri, hit=False)
         tensors = compute()
         uri = key.uri(cache_root)
-        self.stores.for_uri(uri).put(uri, serialize(tensors, key))  # same key, same bytes
+        self._store(uri, tensors, key)
         pos = tensors["pos"]
-        embedding_id = ledger.record_embedding(
-            session,
-            content_sha256=key.content_sha256,
-            encoder=key.encoder,
-            kind=key.kind,
-            uri=uri,
-            shape=list(pos.shape),
-            dtype=str(pos.dtype).removeprefix("torch."),
-        )
-        return embedding_id, False
+        with self.sessions.begin() as session:
+            embedding_id = embeddings.record(
+                session,
+                content_sha256=key.content_sha256,
+                encoder=key.encoder,
+                kind=key.kind,
+                uri=uri,
+                shape=list(pos.shape),
+                dtype=str(pos.dtype).removeprefix("torch."),
+                now=self.clock(),
+            )
+        return Cached(embedding_id, uri, hit=False)
 
-    def load(self, uri: str) -> dict[str, torch.Tensor]:
+    def fetch(
+        self, *, key: CacheKey, cache_root: str, compute: Callable[[], Tensors]
+    ) -> tuple[Tensors, bool]:
+        """The key's tensors, loaded from the cache or computed (and stored) now; whether
+        they came from the cache."""
+        computed: Tensors = {}
+
+        def remember() -> Tensors:
+            computed.update(compute())
+            return computed
+
+        cached = self.ensure(key=key, cache_root=cache_root, compute=remember)
+        if computed:
+            return computed, False
+        try:
+            return self.load(cached.uri), True
+        except ObjectNotFound:  # gone between the check and the read: compute it again
+            tensors = compute()
+            self._store(cached.uri, tensors, key)
+            return tensors, False
+
+    def load(self, uri: str) -> Tensors:
+        """The tensors stored under `uri` (ObjectNotFound if the object is gone)."""
         return deserialize(self.stores.for_uri(uri).get(uri))
+
+    def _store(self, uri: str, tensors: Tensors, key: CacheKey) -> None:
+        self.stores.for_uri(uri).put(uri, serialize(tensors, key))  # same key, same bytes

@@ -6,18 +6,24 @@ picks the backend. Writes are idempotent (same key, same bytes) and local writes
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
+import logging
 import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from core.errors import ConfigError, ObjectNotFound, RetryableError
+from core.errors import Action, ConfigError, ObjectNotFound, RetryableError, classify
 from core.uris import is_s3, local_path, parse_s3
+
+log = logging.getLogger(__name__)
 
 
 class ObjectStore(Protocol):
@@ -104,7 +110,12 @@ class LocalStore:
 
 
 class S3Store:
-    """S3 through boto3; the endpoint URL makes MinIO, moto or any S3-compatible store work."""
+    """S3 through boto3; the endpoint URL makes MinIO, moto or any S3-compatible store work.
+
+    Every error, body reads included, comes out as one of ipbatch's: ObjectNotFound,
+    ConfigError (access denied, a bucket that does not exist: ipbatch never creates buckets)
+    or RetryableError (the endpoint unreachable, busy, or a read cut off half way).
+    """
 
     def __init__(self, *, endpoint_url: str | None, region: str) -> None:
         import boto3
@@ -116,35 +127,62 @@ class S3Store:
             region_name=region,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}),
         )
+        self._endpoint = endpoint_url or "AWS S3"
+        self._conditional: dict[str, bool] = {}  # bucket -> honours If-None-Match
+        self._lock = threading.Lock()
 
-    def _call(self, uri: str, fn: Any, **kwargs: Any) -> Any:
+    @contextmanager
+    def _errors(self, uri: str, *, writing: bool = False) -> Iterator[None]:
+        """Map botocore's (and urllib3's, during body reads) errors to ipbatch's."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn(**kwargs)
+            yield
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code == "NoSuchBucket" and writing:
+                raise ConfigError(
+                    f"bucket of {uri} does not exist: ipbatch never creates buckets; create it"
+                ) from exc
             if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
                 raise ObjectNotFound(f"no such object: {uri}") from exc
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise ConfigError(f"access denied to {uri} ({code})") from exc
-            raise RetryableError(f"S3 error on {uri}: {code}") from exc
-        except BotoCoreError as exc:
-            raise RetryableError(f"S3 unreachable for {uri}: {type(exc).__name__}") from exc
+            if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+                raise RetryableError(
+                    f"S3 busy for {uri}: {code}", dependency="s3", resource=uri
+                ) from exc
+            raise
+        except (BotoCoreError, OSError, http.client.HTTPException) as exc:
+            decision = classify(exc)
+            if decision.action is Action.CONFIG:
+                raise ConfigError(f"S3 client for {uri}: {decision.message}") from exc
+            if decision.action is not Action.RETRY:
+                raise
+            raise RetryableError(
+                f"S3 unreachable for {uri}: {type(exc).__name__}", dependency="s3", resource=uri
+            ) from exc
+
+    def _call(self, uri: str, fn: Any, *, writing: bool = False, **kwargs: Any) -> Any:
+        with self._errors(uri, writing=writing):
+            return fn(**kwargs)
 
     def get(self, uri: str) -> bytes:
         loc = parse_s3(uri)
-        body = self._call(uri, self._client.get_object, Bucket=loc.bucket, Key=loc.key)["Body"]
-        with body:
-            return bytes(body.read())
+        with self._errors(uri):
+            body = self._client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+            with body:
+                return bytes(body.read())
 
     @contextmanager
     def open(self, uri: str) -> Iterator[IO[bytes]]:
-        """A streaming body: reading a 100k-row manifest never holds it all in memory."""
+        """A streaming body: reading a 100k-row manifest never holds it all in memory. A read
+        that fails half way raises RetryableError, like any other S3 call."""
         loc = parse_s3(uri)
         body = self._call(uri, self._client.get_object, Bucket=loc.bucket, Key=loc.key)["Body"]
         try:
-            yield io.BufferedReader(_BodyReader(body), buffer_size=256 * 1024)
+            yield io.BufferedReader(_BodyReader(body, self, uri), buffer_size=256 * 1024)
         finally:
             body.close()
 
@@ -156,6 +194,7 @@ class S3Store:
         self._call(
             uri,
             self._client.put_object,
+            writing=True,
             Bucket=loc.bucket,
             Key=loc.key,
             Body=data,
@@ -167,20 +206,58 @@ class S3Store:
         self, uri: str, data: bytes, *, content_type: str = "application/octet-stream"
     ) -> bytes:
         """A conditional PUT (If-None-Match: *): the first writer wins; returns the bytes
-        stored under `uri` afterwards: `data`, or what an earlier writer left."""
+        stored under `uri` afterwards: `data`, or what an earlier writer left.
+
+        Some S3-compatible servers ignore the condition: for those (found out once per
+        bucket, see `honours_conditional_writes`) a HEAD comes first. Neither closes every
+        race, which is why a worker also checks it still holds its claim before uploading.
+        """
         from botocore.exceptions import ClientError
 
+        if not self.honours_conditional_writes(uri) and self.exists(uri):
+            return self.get(uri)
         try:
             self._put(uri, data, content_type, IfNoneMatch="*")
             return data
-        except RetryableError as exc:
-            cause = exc.__cause__
-            if not (
-                isinstance(cause, ClientError)
-                and cause.response.get("Error", {}).get("Code") == "PreconditionFailed"
-            ):
+        except ClientError as exc:  # raised as it was: only PreconditionFailed is expected
+            if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
                 raise
         return self.get(uri)
+
+    def honours_conditional_writes(self, uri: str) -> bool:
+        """Does the bucket of `uri` refuse a second `If-None-Match: *` PUT of one key? Tried
+        once per bucket and process (a probe object under `.ipbatch-probe/`, removed after),
+        and said in the log either way."""
+        from botocore.exceptions import ClientError
+
+        bucket = parse_s3(uri).bucket
+        with self._lock:
+            if bucket in self._conditional:
+                return self._conditional[bucket]
+        probe = f"s3://{bucket}/.ipbatch-probe/{uuid.uuid4().hex}"
+        honoured = False
+        try:
+            for _ in range(2):
+                self._put(probe, b"probe", "text/plain", IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise
+            honoured = True
+        finally:
+            with contextlib.suppress(Exception):
+                self._client.delete_object(Bucket=bucket, Key=parse_s3(probe).key)
+        if honoured:
+            log.info("%s honours conditional writes on bucket %s", self._endpoint, bucket)
+        else:
+            log.warning(
+                "%s ignores If-None-Match on bucket %s: first-writer-wins uploads rest on "
+                "ipbatch's claim check before each upload (and a HEAD before each PUT)",
+                self._endpoint,
+                bucket,
+            )
+        with self._lock:
+            self._conditional[bucket] = honoured
+        return honoured
 
     def exists(self, uri: str) -> bool:
         loc = parse_s3(uri)
@@ -202,17 +279,21 @@ class S3Store:
 
 
 class _BodyReader(io.RawIOBase):
-    """A botocore StreamingBody as a raw file, so io.BufferedReader can iterate its lines."""
+    """A botocore StreamingBody as a raw file, so io.BufferedReader can iterate its lines;
+    a read that fails half way raises the store's errors, like the call that opened it."""
 
-    def __init__(self, body: Any) -> None:
+    def __init__(self, body: Any, store: S3Store, uri: str) -> None:
         super().__init__()
         self._body = body
+        self._store = store
+        self._uri = uri
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self._body.read(len(buffer))
+        with self._store._errors(self._uri):
+            data = self._body.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 

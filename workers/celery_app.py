@@ -1,8 +1,13 @@
-"""The Celery app: JSON only, late acks, one message at a time, three queues.
+"""The Celery app: JSON only, late acks, one message at a time, a queue per stage.
 
 Tasks carry ids only; the ledger says what they mean. RabbitMQ (the default) redelivers a
 dead worker's message as soon as its channel closes; with Redis, the transport options below
 shorten the redelivery scan (facts: the default waits an hour).
+
+Queues have priorities: work sent again after a failure (a lapsed lease, a lost message, an
+item another worker held) goes to the front. RabbitMQ counts up (9 first), Redis down (0
+first); `priority` hides that. Queues declared by an older ipbatch without priorities must be
+deleted once (`rabbitmqctl delete_queue generate`, ...): RabbitMQ refuses to change them.
 """
 
 from __future__ import annotations
@@ -13,8 +18,20 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from core.config import Settings
+from storage.lifecycle import INGEST_QUEUE, QUEUES, STAGES
 
-QUEUES = ("ingest", "embed", "generate")
+MAX_PRIORITY = 9
+
+
+def is_redis(broker_url: str) -> bool:
+    return broker_url.startswith(("redis://", "rediss://"))
+
+
+def priority(broker_url: str, *, urgent: bool) -> int:
+    """The message priority for ordinary or urgent (sent-again) work on this broker."""
+    if is_redis(broker_url):
+        return 0 if urgent else 6  # kombu's Redis transport serves 0 first
+    return MAX_PRIORITY if urgent else 0
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -32,15 +49,17 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name) for name in QUEUES],
-        task_default_queue="ingest",
+        task_queues=[
+            Queue(name, queue_arguments={"x-max-priority": MAX_PRIORITY}) for name in QUEUES
+        ],
+        task_default_queue=INGEST_QUEUE,
+        task_default_priority=priority(broker, urgent=False),
         task_routes={
-            "ipbatch.ingest": {"queue": "ingest"},
-            "ipbatch.embed": {"queue": "embed"},
-            "ipbatch.generate": {"queue": "generate"},
+            "ipbatch.ingest": {"queue": INGEST_QUEUE},
+            **{f"ipbatch.{stage.name}": {"queue": stage.queue} for stage in STAGES},
         },
     )
-    if broker.startswith(("redis://", "rediss://")):
+    if is_redis(broker):
         app.conf.broker_transport_options = {
             "visibility_timeout": 3600,
             "unacked_restore_interval": 2,

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Literal
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.clock import Clock, utcnow
 from core.config import Settings
+from core.errors import Action, Decision, classify
 from core.uris import is_s3, join_uri, parse_s3
 from pipeline.models import ModelSource, resolve_device, resolve_dtype
 from pipeline.presets import ADAPTERS, FACE_PACK
-from storage import ledger
 from storage.embcache import EmbeddingCache
+from storage.ledger import db
 from storage.objectstore import ObjectStores
 
 if TYPE_CHECKING:  # the model stack (torch, diffusers, transformers) loads on first use
@@ -50,7 +52,8 @@ class StageContext:
     stores: ObjectStores
     cache: EmbeddingCache
     models: ModelSource
-    worker: str = field(default_factory=ledger.worker_name)
+    clock: Clock = utcnow  # the ledger's time: tests move it instead of racing it
+    worker: str = field(default_factory=db.worker_name)
     _clips: dict[str, ClipEmbedder] = field(default_factory=dict)
     _face: FaceEmbedder | None = None
     _encoders: dict[str, ReferenceEncoder] = field(default_factory=dict)
@@ -58,8 +61,16 @@ class StageContext:
     _scorer: ClipScorer | None = None
 
     @classmethod
-    def create(cls, settings: Settings, *, mode: Literal["local", "distributed"]) -> StageContext:
-        engine = ledger.make_engine(settings.ledger_url())
+    def create(
+        cls,
+        settings: Settings,
+        *,
+        mode: Literal["local", "distributed"],
+        clock: Clock = utcnow,
+        worker: str | None = None,
+    ) -> StageContext:
+        engine = db.make_engine(settings.ledger_url())
+        sessions = db.make_sessions(engine)
         stores = ObjectStores(
             s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region
         )
@@ -67,10 +78,12 @@ class StageContext:
             settings=settings,
             mode=mode,
             engine=engine,
-            sessions=ledger.make_sessions(engine),
+            sessions=sessions,
             stores=stores,
-            cache=EmbeddingCache(stores),
+            cache=EmbeddingCache(stores, sessions, clock),
             models=ModelSource.parse(settings.models_spec()),
+            clock=clock,
+            worker=worker or db.worker_name(),
         )
 
     @property
@@ -171,6 +184,21 @@ class StageContext:
                 dtype=resolve_dtype(self.settings.dtype, device),
             )
         return self._scorer
+
+    def probe(self, decision: Decision) -> bool:
+        """After an outage: is the dependency that failed back? A probe that fails with an
+        outage again says no; anything else says yes (the next try will tell)."""
+        from sqlalchemy import text
+
+        try:
+            if decision.dependency == "database":
+                with self.engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+            elif decision.dependency == "s3" and decision.resource:
+                self.stores.for_uri(decision.resource).exists(decision.resource)
+        except Exception as exc:
+            return classify(exc).action is not Action.RETRY
+        return True
 
     def close(self) -> None:
         self.engine.dispose()

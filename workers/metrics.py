@@ -38,11 +38,17 @@ CACHE = Counter(
     "Reference embeddings needed, by result: hit (found in the cache) or miss (computed)",
     ["result"],
 )
-STAGE_OF = {"embedding": "embed", "running": "generate"}
+FENCED = Counter(
+    "ipbatch_fenced_writes_total",
+    "Writes refused because the worker no longer held the item's claim (its lease lapsed and "
+    "another worker took over, or the job was cancelled), by stage",
+    ["stage"],
+)
 
 
 class LedgerAndQueues(Collector):
-    """Gauges read when Prometheus scrapes: items by status, messages waiting per queue."""
+    """Gauges read when Prometheus scrapes: items by status, the backlog of each stage (both
+    from the ledger), messages waiting per queue (the broker)."""
 
     def __init__(self, database_url: str, broker_url: str, queues: tuple[str, ...]) -> None:
         self.database_url = database_url
@@ -50,34 +56,40 @@ class LedgerAndQueues(Collector):
         self.queues = queues
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.pool import NullPool
+        from sqlalchemy.orm import Session
 
+        from storage.ledger import db, queries
+
+        engine = db.make_engine(self.database_url, pooled=False)
+        try:
+            with Session(engine) as session:
+                by_status = queries.items_of_running_jobs(session)
+                backlog = queries.backlog(session)
+        finally:
+            engine.dispose()
         items = GaugeMetricFamily(
             "ipbatch_items", "Items of running jobs, by status (from the ledger)", labels=["status"]
         )
-        engine = create_engine(self.database_url, poolclass=NullPool)
-        try:
-            with engine.connect() as conn:
-                rows = conn.execute(
-                    text(
-                        "SELECT c.status, SUM(c.n) FROM job_item_counts c JOIN jobs j "
-                        "ON j.id = c.job_id WHERE j.status = 'running' GROUP BY c.status"
-                    )
-                )
-                for status, n in rows:
-                    items.add_metric([str(status)], float(n))
-        finally:
-            engine.dispose()
+        for status, n in by_status.items():
+            items.add_metric([status], float(n))
         yield items
+        waiting = GaugeMetricFamily(
+            "ipbatch_backlog",
+            "Items of running jobs waiting for each stage (from the ledger: the real backlog, "
+            "whatever the queues hold)",
+            labels=["stage"],
+        )
+        for stage, n in backlog.items():
+            waiting.add_metric([stage], float(n))
+        yield waiting
 
         from workers.celery_app import queue_depths
 
         depth = GaugeMetricFamily(
             "ipbatch_queue_depth", "Messages waiting in each queue (the broker)", labels=["queue"]
         )
-        for queue, waiting in queue_depths(self.broker_url, self.queues).items():
-            depth.add_metric([queue], float(waiting))
+        for queue, n in queue_depths(self.broker_url, self.queues).items():
+            depth.add_metric([queue], float(n))
         yield depth
 
 

@@ -1,30 +1,40 @@
 """`ipbatch run`: the whole job on one machine, no servers (SQLite + a local folder).
 
-The same stage functions as the Celery workers, called in-process: register, ingest, embed,
-generate. Running it again resumes: the same manifest gives the same job, items an
-interrupted run left half-done are released, and finished items are not redone.
+The same stage functions as the Celery workers, called in-process, one stage after the other
+as the stage table lists them: register, ingest, then embed and generate. The error policy is
+the workers' too: an outage (S3 outputs, say) is waited out with backoff, a configuration
+error stops the run (exit 2) with every item given back. Running it again resumes: the same
+manifest gives the same job, items an interrupted run left half-done are released, and
+finished items are not redone.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from core.config import Settings
-from storage import ledger
+from pipeline.requests import adapter_set
+from storage.ledger import counters, items, jobs, queries
+from storage.lifecycle import GENERATE, STAGES, Stage
 from storage.migrate import upgrade
 from storage.models import ItemStatus, JobStatus
-from workers import stages
+from workers.backpressure import patiently
 from workers.context import StageContext
+from workers.stages import embed, generate, ingest
+from workers.stages import jobs as job_stage
+from workers.stages.common import chunked, no_send
 
 MAX_FAILURES_SHOWN = 20
+STAGE_RUNS: dict[str, Callable[..., Any]] = {"embed": embed.run, "generate": generate.run}
 
 
 @dataclass
@@ -51,24 +61,30 @@ def single_runner(home: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def local_context(settings: Settings) -> Iterator[StageContext]:
+    """The runner's lock, the ledger migrated, and a context for this machine."""
+    with single_runner(settings.resolved_home()):
+        upgrade(settings.ledger_url())
+        ctx = StageContext.create(settings, mode="local")
+        try:
+            yield ctx
+        finally:
+            ctx.close()
+
+
 def run_local(
     settings: Settings, *, manifest: str, output: str | None, progress: bool = True
 ) -> RunSummary:
     started = time.monotonic()
-    home = settings.resolved_home()
-    with single_runner(home):
-        upgrade(settings.ledger_url())
-        ctx = StageContext.create(settings, mode="local")
-        try:
-            return run_job(
-                ctx,
-                manifest=manifest,
-                output=output or str(home / "outputs"),
-                progress=progress,
-                started=started,
-            )
-        finally:
-            ctx.close()
+    with local_context(settings) as ctx:
+        return run_job(
+            ctx,
+            manifest=manifest,
+            output=output or str(settings.resolved_home() / "outputs"),
+            progress=progress,
+            started=started,
+        )
 
 
 def run_job(
@@ -76,70 +92,88 @@ def run_job(
 ) -> RunSummary:
     """Register (or resume), ingest, embed and generate one job with `ctx`, in-process.
     `run_local` wraps it; benchmarks call it with a context whose models are already warm."""
+    # 1. the job: the same manifest and output give the same job, resumed
     manifest_uri = manifest if "://" in manifest else str(Path(manifest).expanduser().resolve())
     output_uri = output if "://" in output else str(Path(output).expanduser().resolve())
-    job_id, created = stages.register_job(ctx, manifest_uri=manifest_uri, output_uri=output_uri)
+    job_id, created = job_stage.register(ctx, manifest_uri=manifest_uri, output_uri=output_uri)
     if not created:
         _release_in_flight(ctx, job_id)
-
-    stages.ingest(ctx, job_id=job_id, enqueue=lambda ids: None)
-    images = _embed_and_generate(ctx, job_id, progress)
+    # 2. ingest, 3. every stage in turn
+    _patiently(ctx, functools.partial(ingest.run, ctx, job_id=job_id, send=no_send))
+    images = _run_stages(ctx, job_id, progress)
     return _summary(ctx, job_id, images=images, started=started)
 
 
 def retry_local(settings: Settings, *, job_id: str, progress: bool = True) -> RunSummary:
     """`ipbatch retry JOB` in one-machine mode: failed items back to pending, then run them."""
     started = time.monotonic()
-    with single_runner(settings.resolved_home()):
-        upgrade(settings.ledger_url())
-        ctx = StageContext.create(settings, mode="local")
-        try:
-            _release_in_flight(ctx, job_id)
-            stages.retry_job(
-                ctx,
-                job_id=job_id,
-                enqueue_embed=lambda ids: None,
-                enqueue_generate=lambda ids: None,
-            )
-            images = _embed_and_generate(ctx, job_id, progress)
-            return _summary(ctx, job_id, images=images, started=started)
-        finally:
-            ctx.close()
+    with local_context(settings) as ctx:
+        _release_in_flight(ctx, job_id)
+        job_stage.retry(ctx, job_id=job_id, send=no_send)
+        images = _run_stages(ctx, job_id, progress)
+        return _summary(ctx, job_id, images=images, started=started)
 
 
-def _embed_and_generate(ctx: StageContext, job_id: str, progress: bool) -> int:
-    """Embed every pending item of the job, then generate every ready one; returns images."""
-    batch = ctx.settings.generate_batch
-    with ctx.sessions.begin() as session:
-        pending = _all_ids(session, job_id, ItemStatus.PENDING)
-    bar = tqdm(total=len(pending), desc="embed", unit="item", disable=not progress)
-    for ids in stages.chunked(pending, batch):
-        stages.embed(ctx, item_ids=ids)
-        bar.update(len(ids))
-    bar.close()
-    with ctx.sessions.begin() as session:
-        ready = _ready_grouped_by_adapters(session, job_id)
-    bar = tqdm(total=len(ready), desc="generate", unit="item", disable=not progress)
+def _patiently(ctx: StageContext, work: Callable[[], Any]) -> Any:
+    return patiently(
+        work,
+        probe=ctx.probe,
+        patience=ctx.settings.outage_patience,
+        backoff_max=ctx.settings.backoff_max,
+    )
+
+
+def _run_stages(ctx: StageContext, job_id: str, progress: bool) -> int:
+    """Every stage in turn over the items waiting for it; again while a later stage sent
+    items back to an earlier one (a cached embedding gone). Returns the images made."""
     images = 0
-    # bigger calls than the queue's messages: more rows to batch, more overlap
-    for ids in stages.chunked(ready, max(batch, 8 * ctx.batch_images)):
-        images += stages.generate(ctx, item_ids=ids).images
+    for _ in range(3):
+        for stage in STAGES:
+            images += _run_stage(ctx, stage, job_id, progress)
+        with ctx.sessions.begin() as session:
+            counts = counters.item_counts(session, job_id=job_id)
+        if not any(counts.get(stage.waiting) for stage in STAGES):
+            break
+    return images
+
+
+def _run_stage(ctx: StageContext, stage: Stage, job_id: str, progress: bool) -> int:
+    with ctx.sessions.begin() as session:
+        waiting = _waiting(session, job_id, stage)
+    # bigger calls than the queue's messages for generation: more rows to batch, more overlap
+    size = ctx.settings.generate_batch
+    if stage == GENERATE:
+        size = max(size, 8 * ctx.batch_images)
+    bar = tqdm(total=len(waiting), desc=stage.name, unit="item", disable=not progress)
+    images = 0
+    for ids in chunked(waiting, size):
+        summary = _patiently(ctx, functools.partial(STAGE_RUNS[stage.name], ctx, item_ids=ids))
+        images += summary.images
         bar.update(len(ids))
     bar.close()
     return images
 
 
+def _waiting(session: Any, job_id: str, stage: Stage) -> list[int]:
+    """The job's items waiting for `stage`; for generation grouped by adapter set, so each
+    warm pipeline is built once."""
+    ids = items.all_ids(session, job_id=job_id, status=stage.waiting)
+    if stage != GENERATE:
+        return ids
+    keyed = []
+    for page in chunked(ids, 1000):
+        keyed += [(adapter_set(i.params), i.id) for i in items.load_items(session, item_ids=page)]
+    return [item_id for _, item_id in sorted(keyed)]
+
+
 def _summary(ctx: StageContext, job_id: str, *, images: int, started: float) -> RunSummary:
     with ctx.sessions.begin() as session:
-        ledger.finalize_job(session, job_id=job_id)
-        job = ledger.get_job(session, job_id=job_id)
+        jobs.finalize(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+        job = jobs.get(session, job_id=job_id)
         assert job is not None
-        counts = {str(k): v for k, v in ledger.item_counts(session, job_id=job_id).items()}
+        counts = {str(k): v for k, v in counters.item_counts(session, job_id=job_id).items()}
         failures = [
-            (i.row_id, i.error_code, i.error_message)
-            for i in ledger.items_in_status(
-                session, job_id=job_id, statuses=[ItemStatus.FAILED], limit=MAX_FAILURES_SHOWN
-            )
+            (i.row_id, i.error_code, i.error_message) for i in _failed_items(session, job_id)
         ]
         return RunSummary(
             job_id=job_id,
@@ -153,38 +187,29 @@ def _summary(ctx: StageContext, job_id: str, *, images: int, started: float) -> 
         )
 
 
-def _ready_grouped_by_adapters(session: Session, job_id: str) -> list[int]:
-    """Ready items, grouped by adapter set so each warm pipeline is built once."""
-    keyed: list[tuple[tuple[str, ...], int]] = []
-    for ids in ledger.iter_id_pages(session, job_id=job_id, statuses=[ItemStatus.READY]):
-        keyed.extend(
-            (stages.adapter_set(item.params), item.id)
-            for item in ledger.load_items(session, item_ids=ids)
-        )
-    return [item_id for _, item_id in sorted(keyed)]
-
-
-def _all_ids(session: Session, job_id: str, status: ItemStatus) -> list[int]:
-    pages = ledger.iter_id_pages(session, job_id=job_id, statuses=[status])
-    return [item_id for page in pages for item_id in page]
+def _failed_items(session: Any, job_id: str) -> list[Any]:
+    return queries.items_in_status(
+        session, job_id=job_id, statuses=[ItemStatus.FAILED], limit=MAX_FAILURES_SHOWN
+    )
 
 
 def _release_in_flight(ctx: StageContext, job_id: str) -> None:
-    """Items a killed run left claimed go back to waiting (we hold the only runner lock)."""
+    """What a killed run left claimed goes back to waiting: its items, and the job's ingest
+    (this runner holds the only lock on the ledger, so nobody else holds them)."""
     with ctx.sessions.begin() as session:
-        job = ledger.get_job(session, job_id=job_id)
-        if job is not None and job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        job = jobs.get(session, job_id=job_id)
+        if job is None or job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
             return
-        for working, waiting in (
-            (ItemStatus.EMBEDDING, ItemStatus.PENDING),
-            (ItemStatus.RUNNING, ItemStatus.READY),
-        ):
-            ids = _all_ids(session, job_id, working)
-            ledger.transition(
+        message = "released: the previous run was interrupted"
+        items.release_all_held(
+            session, job_id=job_id, worker=ctx.worker, message=message, now=ctx.clock()
+        )
+        if job.lease_token is not None:
+            jobs.release_ingest(
                 session,
-                item_ids=ids,
-                from_status=working,
-                to_status=waiting,
+                job_id=job_id,
+                token=job.lease_token,
+                now=ctx.clock(),
                 worker=ctx.worker,
-                message="released: the previous run was interrupted",
+                message=message,
             )

@@ -1,4 +1,14 @@
-"""Thin Celery tasks: decode ids, call a stage, enqueue the next one. Nothing else.
+"""Thin Celery tasks: decode ids, run a stage patiently, send the work on. Nothing else.
+
+What happens on an error is decided once (`core.errors.classify`):
+- the item's fault: the stage has failed it; the message is done;
+- an outage (S3, the database, the broker, the network): the stage has given its items back;
+  this worker holds its one message and takes no other work, waits with backoff until the
+  dependency answers, then runs it again (`workers.backpressure`); past IPBATCH_OUTAGE_PATIENCE
+  the message goes back to the front of its queue;
+- a configuration error (a models folder, credentials): the items are given back, the message
+  goes back to its queue for a healthy worker, and this worker stops consuming that queue and
+  says so in its log, until it is fixed and restarted.
 
 The stage context (database engine, S3 client, models) is built on the first task a worker
 process runs, never at import and never in the prefork parent.
@@ -8,26 +18,24 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from typing import Any
 
-from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from celery import Task
+from celery.exceptions import Reject
 
 from core.config import Settings
-from core.errors import RetryableError
-from workers import stages
-from workers.celery_app import app
+from core.errors import Action, Decision, classify
+from storage.lifecycle import EMBED, GENERATE, Stage
+from workers.backpressure import OutOfPatience, patiently
+from workers.celery_app import app, priority
 from workers.context import StageContext
+from workers.stages import embed as embed_stage
+from workers.stages import generate as generate_stage
+from workers.stages import ingest as ingest_stage
+from workers.stages.common import chunked
 
 log = logging.getLogger(__name__)
-RETRY = {
-    # S3 / network (RetryableError), the database or the broker going away (a message that
-    # could not be sent); input errors never get here
-    "autoretry_for": (RetryableError, OperationalError, InterfaceError, BrokerError),
-    "retry_backoff": 2,
-    "retry_backoff_max": 120,
-    "retry_jitter": True,
-    "max_retries": 8,
-}
 
 
 @functools.cache
@@ -35,33 +43,100 @@ def context() -> StageContext:
     return StageContext.create(Settings(), mode="distributed")
 
 
-@app.task(name="ipbatch.ingest", **RETRY)
-def ingest(job_id: str) -> None:
-    summary = stages.ingest(context(), job_id=job_id, enqueue=send_embed)
-    log.info("job %s ingested: %s", job_id, summary)
+def _broker_answers() -> bool:
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+    except Exception:
+        return False
+    return True
 
 
-@app.task(name="ipbatch.embed", **RETRY)
-def embed(item_ids: list[int]) -> None:
-    summary = stages.embed(context(), item_ids=item_ids)
-    for batch in stages.chunked(summary.ready, context().settings.generate_batch):
-        generate.delay(batch)
+def _probe(decision: Decision) -> bool:
+    if decision.dependency == "broker":
+        return _broker_answers()
+    return context().probe(decision)
+
+
+def _run(task: Task, work: Callable[[], Any]) -> Any:
+    """Run one message's work with the error policy above."""
+    settings = context().settings
+    try:
+        return patiently(
+            work,
+            probe=_probe,
+            patience=settings.outage_patience,
+            backoff_max=settings.backoff_max,
+        )
+    except OutOfPatience as exc:
+        log.error("giving message %s back to its queue: %s", task.request.id, exc)
+        raise Reject(str(exc), requeue=True) from exc
+    except Exception as exc:
+        decision = classify(exc)
+        if decision.action is not Action.CONFIG:
+            raise
+        _stop_consuming(task, decision)
+        raise Reject(decision.message, requeue=True) from exc
+
+
+def _stop_consuming(task: Task, decision: Decision) -> None:
+    queue = (task.request.delivery_info or {}).get("routing_key") or task.queue
+    log.error(
+        "CONFIGURATION ERROR, this worker stops taking %s work until it is fixed and restarted: %s",
+        queue,
+        decision.message,
+    )
+    try:
+        app.control.cancel_consumer(queue, destination=[task.request.hostname], reply=False)
+    except Exception:  # the broker is away too: the next message fails the same way
+        log.warning("could not stop consuming %s", queue, exc_info=True)
+
+
+@app.task(name="ipbatch.ingest", bind=True)
+def ingest(self: Task, job_id: str) -> None:
+    summary = _run(self, functools.partial(ingest_stage.run, context(), job_id=job_id, send=send))
+    log.info("job %s ingested: %s", job_id, summary, extra={"job_id": job_id})
+
+
+@app.task(name="ipbatch.embed", bind=True)
+def embed(self: Task, item_ids: list[int]) -> None:
+    summary = _run(self, functools.partial(embed_stage.run, context(), item_ids=item_ids))
+    for batch in chunked(summary.ready, context().settings.generate_batch):
+        send(GENERATE, batch)
     if summary.held:  # another worker's claim: if that worker died, take over when it lapses
-        embed.apply_async((summary.held,), countdown=summary.retry_in + 1)
+        send(EMBED, summary.held, urgent=True, countdown=summary.retry_in + 1)
 
 
-@app.task(name="ipbatch.generate", **RETRY)
-def generate(item_ids: list[int]) -> None:
-    summary = stages.generate(context(), item_ids=item_ids)
+@app.task(name="ipbatch.generate", bind=True)
+def generate(self: Task, item_ids: list[int]) -> None:
+    summary = _run(self, functools.partial(generate_stage.run, context(), item_ids=item_ids))
+    for batch in chunked(summary.embed_again, context().settings.generate_batch):
+        send(EMBED, batch, urgent=True)
     if summary.held:
-        generate.apply_async((summary.held,), countdown=summary.retry_in + 1)
+        send(GENERATE, summary.held, urgent=True, countdown=summary.retry_in + 1)
 
 
-def send_embed(item_ids: list[int]) -> None:
-    for batch in stages.chunked(item_ids, context().settings.generate_batch):
-        embed.delay(batch)
+TASKS: dict[str, Any] = {EMBED.name: embed, GENERATE.name: generate}
 
 
-def send_generate(item_ids: list[int]) -> None:
-    for batch in stages.chunked(item_ids, context().settings.generate_batch):
-        generate.delay(batch)
+def send(stage: Stage, item_ids: list[int], *, urgent: bool = False, countdown: float = 0) -> None:
+    """One message of `item_ids` for `stage`; urgent ones (work sent again) go first."""
+    broker = context().settings.broker_url.get_secret_value()
+    TASKS[stage.name].apply_async(
+        (item_ids,),
+        priority=priority(broker, urgent=urgent),
+        countdown=countdown or None,
+    )
+
+
+def send_urgent(stage: Stage, item_ids: list[int]) -> None:
+    send(stage, item_ids, urgent=True)
+
+
+def send_ingest(job_id: str, *, urgent: bool = False) -> None:
+    broker = context().settings.broker_url.get_secret_value()
+    ingest.apply_async((job_id,), priority=priority(broker, urgent=urgent))
+
+
+def send_ingest_urgent(job_id: str) -> None:
+    send_ingest(job_id, urgent=True)

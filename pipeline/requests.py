@@ -1,0 +1,72 @@
+"""From a manifest row to a diffusers call's inputs: the one place a row's fields become a
+`GenerationRequest`. A new per-row input is added here (and declared per-slot or shared in
+`pipeline.generator`), nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from core.errors import ErrorCode, ItemError
+from pipeline.generator import AdapterInput, GenerationRequest
+from pipeline.manifest import Row
+
+if TYPE_CHECKING:
+    import torch
+
+Tensors = dict[str, "torch.Tensor"]
+
+
+def adapter_set(params: dict[str, Any] | None) -> tuple[str, ...]:
+    """Which warm pipeline a row (as the ledger stores it, `items.params`) needs."""
+    if not params:
+        return ()
+    if params.get("adapters"):
+        return tuple(str(spec.get("adapter", "sd15")) for spec in params["adapters"])
+    return (str(params.get("adapter", "sd15")),)
+
+
+def combine(tensors: Sequence[Tensors], how: str) -> Tensors:
+    """Several references of one adapter: average them, or concatenate as extra tokens."""
+    import torch
+
+    joined = {name: torch.cat([t[name] for t in tensors]) for name in tensors[0]}
+    if how == "average" and len(tensors) > 1:
+        return {name: value.mean(dim=0, keepdim=True) for name, value in joined.items()}
+    return joined
+
+
+def build_request(row: Row, embeddings: Sequence[Sequence[Tensors]]) -> GenerationRequest:
+    """The request for `row`; `embeddings[a][r]` holds the cached tensors (pos, neg, and for
+    FaceID-Plus clip_pos, clip_neg) of adapter a's reference r."""
+    specs = row.adapter_specs()
+    if len(embeddings) != len(specs) or any(
+        len(tensors) != len(spec.references)
+        for spec, tensors in zip(specs, embeddings, strict=True)
+    ):
+        raise ItemError(ErrorCode.INTERNAL, "embeddings missing for this item; retry it")
+    inputs = []
+    for spec, tensors in zip(specs, embeddings, strict=True):
+        parts = combine(tensors, spec.combine)
+        inputs.append(
+            AdapterInput(
+                adapter=spec.adapter,
+                scale=spec.scale,
+                pos=parts["pos"],
+                neg=parts["neg"],
+                clip_pos=parts.get("clip_pos"),
+                clip_neg=parts.get("clip_neg"),
+            )
+        )
+    return GenerationRequest(
+        prompt=row.prompt,
+        negative_prompt=row.negative_prompt,
+        adapters=inputs,
+        num_images=row.num_images,
+        seed=row.effective_seed(),
+        steps=row.steps,
+        guidance_scale=row.guidance_scale,
+        width=row.width,
+        height=row.height,
+    )

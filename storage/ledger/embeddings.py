@@ -1,0 +1,72 @@
+"""The embedding cache's index (`embeddings`) and each item's links to it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.models import Embedding, ItemEmbedding
+
+
+def find(session: Session, *, content_sha256: str, encoder: str, kind: str) -> Embedding | None:
+    return session.scalar(
+        select(Embedding).where(
+            Embedding.content_sha256 == content_sha256,
+            Embedding.encoder == encoder,
+            Embedding.kind == kind,
+        )
+    )
+
+
+def record(
+    session: Session,
+    *,
+    content_sha256: str,
+    encoder: str,
+    kind: str,
+    uri: str,
+    shape: list[int],
+    dtype: str,
+    now: datetime,
+) -> int:
+    """Insert the embedding row, or return the existing one's id (another worker won)."""
+    try:
+        with session.begin_nested():
+            row = Embedding(
+                content_sha256=content_sha256,
+                encoder=encoder,
+                kind=kind,
+                uri=uri,
+                shape=shape,
+                dtype=dtype,
+                created_at=now,
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+    except IntegrityError:
+        existing = find(session, content_sha256=content_sha256, encoder=encoder, kind=kind)
+        assert existing is not None
+        return existing.id
+
+
+def link(session: Session, *, item_id: int, links: Sequence[dict[str, Any]]) -> None:
+    """Replace an item's (adapter_index, reference_index) -> embedding links."""
+    session.execute(delete(ItemEmbedding).where(ItemEmbedding.item_id == item_id))
+    session.execute(insert(ItemEmbedding), [{"item_id": item_id, **row} for row in links])
+
+
+def of_item(session: Session, *, item_id: int) -> list[tuple[ItemEmbedding, Embedding]]:
+    """An item's embeddings, in (adapter, reference) order."""
+    rows = session.execute(
+        select(ItemEmbedding, Embedding)
+        .join(Embedding, Embedding.id == ItemEmbedding.embedding_id)
+        .where(ItemEmbedding.item_id == item_id)
+        .order_by(ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
+    )
+    return [(item_link, embedding) for item_link, embedding in rows]

@@ -1,0 +1,200 @@
+"""Read-only questions: what `ipbatch status`, `ipbatch report` and the metrics ask the ledger.
+
+Every answer comes from the tables and the `job_progress` view; nothing here writes. The
+per-status counts come from `job_item_counts`, so a job of a million items costs a few rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from storage.lifecycle import STAGES
+from storage.models import Item, ItemEmbedding, ItemStatus, Job, JobItemCount, JobStatus, Output
+
+
+def _when(value: Any) -> datetime | None:
+    """Timestamps read through the view: datetimes on PostgreSQL, ISO strings on SQLite."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def progress(
+    session: Session, *, job_id: str | None = None, limit: int = 20
+) -> list[dict[str, Any]]:
+    """Rows of `job_progress`: the given job, or the `limit` most recently started jobs."""
+    query = "SELECT * FROM job_progress"
+    params: dict[str, Any] = {}
+    if job_id:
+        query += " WHERE job_id = :job"
+        params["job"] = job_id
+    else:
+        query += " ORDER BY started_at IS NULL, started_at DESC LIMIT :limit"
+        params["limit"] = limit
+    rows = []
+    for row in session.execute(text(query), params).mappings():
+        entry = dict(row)
+        entry["started_at"] = _when(entry["started_at"])
+        entry["finished_at"] = _when(entry["finished_at"])
+        entry["percent_done"] = float(entry["percent_done"] or 0)
+        rows.append(entry)
+    return rows
+
+
+def job_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(Job.id).order_by(Job.created_at)))
+
+
+def status_counts(session: Session, *, job_id: str) -> dict[str, int]:
+    """Items of a job in every status (0 for none), in the order of the item's life."""
+    counts = dict.fromkeys((str(s) for s in ItemStatus), 0)
+    for status, n in session.execute(
+        select(JobItemCount.status, JobItemCount.n).where(JobItemCount.job_id == job_id)
+    ):
+        counts[str(status)] = int(n)
+    return counts
+
+
+def items_in_status(
+    session: Session, *, job_id: str, statuses: Sequence[ItemStatus], limit: int
+) -> list[Item]:
+    """The first `limit` items of a job in the given statuses, in manifest order."""
+    return list(
+        session.scalars(
+            select(Item)
+            .where(Item.job_id == job_id, Item.status.in_(list(statuses)))
+            .order_by(Item.row_index)
+            .limit(limit)
+        )
+    )
+
+
+def failures_by_code(session: Session, *, job_id: str) -> dict[str, int]:
+    """Failed items of a job per error code, most frequent first."""
+    n = func.count().label("n")
+    rows = session.execute(
+        select(Item.error_code, n)
+        .where(Item.job_id == job_id, Item.status == ItemStatus.FAILED)
+        .group_by(Item.error_code)
+        .order_by(n.desc(), Item.error_code)
+    )
+    return {str(code): int(count) for code, count in rows}
+
+
+def items_of_running_jobs(session: Session) -> dict[str, int]:
+    """Items of running jobs by status (a metrics gauge)."""
+    rows = session.execute(
+        select(JobItemCount.status, func.sum(JobItemCount.n))
+        .join(Job, Job.id == JobItemCount.job_id)
+        .where(Job.status == JobStatus.RUNNING)
+        .group_by(JobItemCount.status)
+    )
+    return {str(status): int(n or 0) for status, n in rows}
+
+
+def backlog(session: Session) -> dict[str, int]:
+    """Items waiting for each stage, from the ledger: the real backlog, whatever the broker's
+    queues show (a message a worker holds for later is not in the queue, its item is here)."""
+    waiting = items_of_running_jobs(session)
+    return {stage.name: waiting.get(str(stage.waiting), 0) for stage in STAGES}
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+@dataclass
+class ReportRow:
+    item_id: int
+    row_index: int
+    row_id: str | None
+    status: str
+    error_code: str | None
+    error_message: str | None
+    warning: str | None
+    params: dict[str, Any]
+    references: list[str] = field(default_factory=list)  # recorded by the embed stage
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ReportData:
+    manifest_uri: str
+    total_items: int
+    total_images: int
+    rows: list[ReportRow]
+
+
+def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
+    """The first `limit` rows of a job in manifest order, with their references and outputs."""
+    manifest_uri = session.scalar(select(Job.manifest_uri).where(Job.id == job_id))
+    if manifest_uri is None:
+        return None
+    total_items = session.scalar(select(func.count()).where(Item.job_id == job_id)) or 0
+    total_images = (
+        session.scalar(
+            select(func.count())
+            .select_from(Output)
+            .join(Item, Item.id == Output.item_id)
+            .where(Item.job_id == job_id)
+        )
+        or 0
+    )
+    items = session.execute(
+        select(
+            Item.id,
+            Item.row_index,
+            Item.row_id,
+            Item.status,
+            Item.error_code,
+            Item.error_message,
+            Item.warning,
+            Item.params,
+        )
+        .where(Item.job_id == job_id)
+        .order_by(Item.row_index)
+        .limit(limit)
+    ).all()
+    rows = {
+        i.id: ReportRow(
+            item_id=i.id,
+            row_index=i.row_index,
+            row_id=i.row_id,
+            status=str(i.status),
+            error_code=i.error_code,
+            error_message=i.error_message,
+            warning=i.warning,
+            params=json.loads(i.params) if isinstance(i.params, str) else (i.params or {}),
+        )
+        for i in items
+    }
+    ids = list(rows)
+    for o in session.execute(
+        select(
+            Output.item_id,
+            Output.image_index,
+            Output.uri,
+            Output.seed,
+            Output.clip_i,
+            Output.clip_t,
+        )
+        .where(Output.item_id.in_(ids))
+        .order_by(Output.item_id, Output.image_index)
+    ).mappings():
+        rows[o["item_id"]].outputs.append(dict(o))
+    for item_id, uri in session.execute(
+        select(ItemEmbedding.item_id, ItemEmbedding.reference_uri)
+        .where(ItemEmbedding.item_id.in_(ids))
+        .order_by(ItemEmbedding.item_id, ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
+    ):
+        if uri not in rows[item_id].references:
+            rows[item_id].references.append(uri)
+    return ReportData(str(manifest_uri), int(total_items), int(total_images), list(rows.values()))

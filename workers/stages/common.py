@@ -1,0 +1,69 @@
+"""What several stages share: how work is sent on, references read, jobs finished."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from core.errors import ErrorCode, ItemError, ObjectNotFound
+from pipeline.images import decode_reference
+from storage.ledger import items, jobs
+from storage.lifecycle import Stage
+from storage.models import ItemStatus
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from workers.context import StageContext
+
+# Send items on to a stage's workers (a Celery message per chunk; nothing on one machine).
+Send = Callable[[Stage, list[int]], None]
+SendJob = Callable[[str], None]  # a job's ingest
+
+
+def no_send(stage: Stage, item_ids: list[int]) -> None:
+    """The one-machine runner runs every stage itself: nothing to send."""
+
+
+def chunked(ids: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
+
+
+def read_reference(ctx: StageContext, uri: str) -> bytes:
+    try:
+        return ctx.stores.for_uri(uri).get(uri)
+    except ObjectNotFound as exc:
+        raise ItemError(ErrorCode.REFERENCE_NOT_FOUND, f"{uri} does not exist") from exc
+
+
+def decode(ctx: StageContext, data: bytes, *, name: str) -> Image.Image:
+    return decode_reference(
+        data,
+        name=name,
+        max_pixels=ctx.settings.max_image_pixels,
+        max_bytes=ctx.settings.max_reference_bytes,
+    )
+
+
+def send_waiting(
+    ctx: StageContext, *, job_id: str, stage: Stage, send: Send, statuses: Iterable[ItemStatus]
+) -> int:
+    """Send every item of a job in `statuses` to `stage` again, a page at a time."""
+    total = 0
+    with ctx.sessions.begin() as session:
+        pages = items.iter_id_pages(
+            session, job_id=job_id, statuses=list(statuses), page_size=ctx.settings.ingest_chunk
+        )
+        for ids in pages:
+            for chunk in chunked(ids, ctx.settings.generate_batch):
+                send(stage, chunk)
+            total += len(ids)
+    return total
+
+
+def finalize_jobs(ctx: StageContext, job_ids: Iterable[str]) -> None:
+    """Jobs whose last item just ended finish (succeeded or failed)."""
+    for job_id in sorted(set(job_ids)):
+        with ctx.sessions.begin() as session:
+            jobs.finalize(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)

@@ -1,0 +1,137 @@
+"""Embed: the reference embeddings every claimed item needs, found in the cache or computed.
+
+Embeddings are content-addressed (sha256 of the reference bytes + encoder fingerprint +
+kind): a reference used by 1,000 rows, or by last night's job, is encoded once. A cached
+object that has gone missing is computed and written again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline.manifest import Row
+from pipeline.sources import check_allowed, resolve_reference
+from storage.embcache import CacheKey
+from storage.ledger import embeddings, items, jobs
+from storage.lifecycle import EMBED, GENERATE
+from workers import metrics
+from workers.claims import claimed
+from workers.context import StageContext
+from workers.stages.common import decode, finalize_jobs, read_reference
+
+if TYPE_CHECKING:
+    import torch
+    from sqlalchemy.orm import Session
+
+    from pipeline.embedder import ReferenceEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedSummary:
+    ready: list[int] = field(default_factory=list)  # to send to the generate stage
+    held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
+    retry_in: float = 0.0  # seconds until the first of those leases runs out
+    computed: int = 0
+    cached: int = 0
+    images: int = 0  # (none: the runner adds up the stages' images)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    item_id: int
+    job_id: str
+    row: Row
+    manifest_uri: str
+    output_uri: str
+
+
+def run(ctx: StageContext, *, item_ids: list[int]) -> EmbedSummary:
+    """Compute (or find cached) the embeddings of every claimed item; mark them ready."""
+    summary = EmbedSummary()
+    with claimed(ctx, EMBED, item_ids) as work:
+        # 1. what the claimed items need; items an earlier delivery embedded go on as they are
+        summary.held, summary.retry_in = work.held, work.retry_in
+        entries, summary.ready = _load(ctx, work.ids, work.others)
+        # 2. each item's references, embedded or found in the cache; a bad item fails alone
+        seen: dict[str, str] = {}  # this call's memo: a shared reference is read and hashed once
+        for entry in entries:
+            with work.item(entry.item_id):
+                links = _embed_references(ctx, entry, seen, summary)
+                # 3. ready for generation, with its links to the cache, in one transaction
+                ready = work.done([entry.item_id], record=functools.partial(_link, links=links))
+                summary.ready += ready
+                metrics.ITEMS.labels(EMBED.name, "done").inc(len(ready))
+    finalize_jobs(ctx, {entry.job_id for entry in entries})
+    return summary
+
+
+def _load(
+    ctx: StageContext, claimed_ids: list[int], others: list[int]
+) -> tuple[list[_Entry], list[int]]:
+    """The claimed items' rows and jobs; and of the others, those already embedded (by a
+    delivery whose worker died before sending them on)."""
+    with ctx.sessions.begin() as session:
+        entries = []
+        for item in items.load_items(session, item_ids=claimed_ids):
+            job = jobs.get(session, job_id=item.job_id)
+            assert job is not None and item.params is not None, "pending items carry their row"
+            row = Row.model_validate(item.params)
+            entries.append(_Entry(item.id, job.id, row, job.manifest_uri, job.output_uri))
+        ready = [
+            i.id for i in items.load_items(session, item_ids=others) if i.status == GENERATE.waiting
+        ]
+    return entries, ready
+
+
+def _embed_references(
+    ctx: StageContext, entry: _Entry, seen: dict[str, str], summary: EmbedSummary
+) -> list[dict[str, Any]]:
+    """Every (adapter, reference) of the row: allowed? read, hashed, embedded or cached."""
+    links: list[dict[str, Any]] = []
+    for adapter_index, spec in enumerate(entry.row.adapter_specs()):
+        encoder = ctx.encoder(spec.adapter)
+        for reference_index, reference in enumerate(spec.references):
+            uri = resolve_reference(reference, manifest_uri=entry.manifest_uri)
+            check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
+            data: bytes | None = None
+            if uri not in seen:
+                data = read_reference(ctx, uri)
+                seen[uri] = hashlib.sha256(data).hexdigest()
+            cached = ctx.cache.ensure(
+                key=CacheKey(seen[uri], encoder.fingerprint, encoder.kind.value),
+                cache_root=ctx.cache_root(entry.output_uri),
+                compute=functools.partial(_compute, ctx, encoder, uri, data),
+            )
+            if cached.hit:
+                summary.cached += 1
+            else:
+                summary.computed += 1
+            metrics.CACHE.labels("hit" if cached.hit else "miss").inc()
+            links.append(
+                {
+                    "adapter_index": adapter_index,
+                    "reference_index": reference_index,
+                    "embedding_id": cached.embedding_id,
+                    "reference_uri": uri,
+                }
+            )
+    return links
+
+
+def _compute(
+    ctx: StageContext, encoder: ReferenceEncoder, uri: str, data: bytes | None
+) -> dict[str, torch.Tensor]:
+    log.info("computing embedding of %s (%s)", uri, encoder.kind.value)
+    raw = data if data is not None else read_reference(ctx, uri)
+    return encoder.encode(decode(ctx, raw, name=uri), name=uri)
+
+
+def _link(session: Session, moved: list[int], *, links: list[dict[str, Any]]) -> None:
+    for item_id in moved:
+        embeddings.link(session, item_id=item_id, links=links)

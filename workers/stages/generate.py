@@ -1,0 +1,387 @@
+"""Generate: the images of every claimed item, in batched diffusers calls, stored and recorded.
+
+Rows that can share a call (same pipeline and `batch_key`) are batched, up to
+`batch_images` images a call; each keeps its own references, prompt and seed. Uploading and
+recording one batch (on a second thread) overlaps generating the next. Before anything is
+uploaded for an item, the stage checks it still holds the item's claim (fencing): a worker
+whose lease lapsed and was taken over uploads nothing, whatever the object store does with
+conditional writes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from core.errors import Action, ErrorCode, ObjectNotFound, classify
+from core.uris import join_uri
+from pipeline.images import CONTENT_TYPES, encode_output
+from pipeline.manifest import Row
+from pipeline.requests import build_request
+from storage.ledger import embeddings, items, jobs
+from storage.ledger import outputs as output_ledger
+from storage.lifecycle import EMBED, GENERATE
+from storage.models import JobStatus
+from workers import metrics
+from workers.claims import ClaimedWork, claimed
+from workers.context import StageContext
+from workers.stages import scoring
+from workers.stages.common import finalize_jobs
+
+if TYPE_CHECKING:
+    import torch
+    from sqlalchemy.orm import Session
+
+    from pipeline.generator import GenerationRequest, GenerationResult, Generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateSummary:
+    succeeded: int = 0
+    failed: int = 0
+    images: int = 0
+    held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
+    retry_in: float = 0.0
+    embed_again: list[int] = field(default_factory=list)  # their cached embeddings were gone
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A claimed item with its embeddings loaded: ready for a diffusers call."""
+
+    item_id: int
+    job_id: str
+    row: Row
+    output_uri: str
+    references: list[tuple[str, str]]  # (content sha256, uri) of each distinct reference
+    request: GenerationRequest
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Which warm pipeline it needs."""
+        return tuple(a.adapter for a in self.request.adapters)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    item_id: int
+    job_id: str
+    row: Row
+    output_uri: str
+    embeddings: list[list[str]]  # cache URIs, [adapter][reference]
+    references: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class _Made:
+    """An item's images, scored: what the finisher uploads and records."""
+
+    item: Prepared
+    result: GenerationResult
+    scored: scoring.Scored | None
+
+
+def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
+    """Generate, upload and record the images of every claimed item."""
+    summary = GenerateSummary()
+    with claimed(ctx, GENERATE, item_ids) as work:
+        summary.held, summary.retry_in = work.held, work.retry_in
+        # 1. each item's row and its cached embeddings (fetched in parallel); an item whose
+        #    cached embedding is gone goes back to the embed stage, which writes it again
+        entries = _load(ctx, work.ids)
+        prepared = _prepare(ctx, work, entries, summary)
+        # 2. batches of rows that can share one diffusers call
+        batches = plan_batches(prepared, max_images=ctx.batch_images)
+        # 3. each batch generated and scored here, stored and recorded on the finisher thread
+        with _finisher(ctx, work, summary) as finish:
+            for batch in batches:
+                batch = _drop_cancelled(ctx, work, batch)
+                if batch:
+                    finish(_score(ctx, work, _generate(ctx, work, batch)))
+    finalize_jobs(ctx, {entry.job_id for entry in entries})
+    return summary
+
+
+def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
+    with ctx.sessions.begin() as session:
+        entries = []
+        for item in items.load_items(session, item_ids=claimed_ids):
+            job = jobs.get(session, job_id=item.job_id)
+            assert job is not None and item.params is not None
+            row = Row.model_validate(item.params)
+            links = embeddings.of_item(session, item_id=item.id)
+            uris: list[list[str]] = [[] for _ in row.adapter_specs()]
+            for link, embedding in links:
+                uris[link.adapter_index].append(embedding.uri)
+            references = list(
+                dict.fromkeys((emb.content_sha256, link.reference_uri) for link, emb in links)
+            )
+            entries.append(_Entry(item.id, job.id, row, job.output_uri, uris, references))
+    return entries
+
+
+def _prepare(
+    ctx: StageContext, work: ClaimedWork, entries: list[_Entry], summary: GenerateSummary
+) -> list[Prepared]:
+    loaded = _prefetch(ctx, {uri for e in entries for refs in e.embeddings for uri in refs})
+    prepared = []
+    for entry in entries:
+        with work.item(entry.item_id):
+            try:
+                tensors = [
+                    [loaded[uri] if uri in loaded else ctx.cache.load(uri) for uri in refs]
+                    for refs in entry.embeddings
+                ]
+            except ObjectNotFound:
+                summary.embed_again += work.send_back(
+                    [entry.item_id], EMBED.waiting, "a cached embedding is gone: embed it again"
+                )
+                continue
+            request = build_request(entry.row, tensors)
+            prepared.append(
+                Prepared(
+                    entry.item_id,
+                    entry.job_id,
+                    entry.row,
+                    entry.output_uri,
+                    entry.references,
+                    request,
+                )
+            )
+    return prepared
+
+
+def _prefetch(ctx: StageContext, uris: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Load cached embeddings on a few threads, so that S3 round trips overlap. A fetch that
+    fails is left out: `_prepare` fetches it again, where its error is handled."""
+
+    def fetch(uri: str) -> tuple[str, dict[str, torch.Tensor] | None]:
+        try:
+            return uri, ctx.cache.load(uri)
+        except Exception:
+            return uri, None
+
+    if len(uris) <= 1:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(uris)), thread_name_prefix="fetch") as pool:
+        return {uri: t for uri, t in pool.map(fetch, sorted(uris)) if t is not None}
+
+
+def plan_batches(prepared: Sequence[Prepared], *, max_images: int) -> list[list[Prepared]]:
+    """Group rows that can share a diffusers call (same pipeline and `batch_key`), in manifest
+    order within a group, into batches of at most `max_images` images (a bigger row: alone)."""
+    from pipeline.generator import batch_key
+
+    groups: dict[tuple[object, ...], list[Prepared]] = {}
+    for p in prepared:  # the key names the adapters: one warm pipeline per group
+        groups.setdefault(batch_key(p.request), []).append(p)
+    batches: list[list[Prepared]] = []
+    for key in sorted(groups, key=lambda k: groups[k][0].adapters):
+        batch: list[Prepared] = []
+        for p in groups[key]:
+            if batch and sum(b.row.num_images for b in batch) + p.row.num_images > max_images:
+                batches.append(batch)
+                batch = []
+            batch.append(p)
+        if batch:
+            batches.append(batch)
+    return batches
+
+
+def _drop_cancelled(ctx: StageContext, work: ClaimedWork, batch: list[Prepared]) -> list[Prepared]:
+    """At a batch boundary, items whose job was cancelled are cancelled instead of generated
+    (`ipbatch cancel` stops running items here). Returns the rest of the batch."""
+    with ctx.sessions.begin() as session:
+        cancelled = set()
+        for job_id in {p.job_id for p in batch}:
+            job = jobs.get(session, job_id=job_id)
+            if job is not None and job.status == JobStatus.CANCELLED:
+                cancelled.add(job_id)
+    if cancelled:
+        work.cancel([p.item_id for p in batch if p.job_id in cancelled], "job cancelled")
+    return [p for p in batch if p.job_id not in cancelled]
+
+
+def _generate(
+    ctx: StageContext, work: ClaimedWork, batch: list[Prepared]
+) -> list[tuple[Prepared, GenerationResult]]:
+    """One diffusers call for the batch; if it fails because of a row, each row alone, so a
+    bad row fails by itself. A pipeline that does not load is this worker's configuration
+    (ModelLoadError): it goes up to the claim scope, which gives every item back."""
+    generator = ctx.generators.get(batch[0].adapters)
+    try:
+        with metrics.BATCH_SECONDS.time():
+            results = generator.generate_batch([p.request for p in batch])
+        return list(zip(batch, results, strict=True))
+    except Exception as exc:
+        decision = classify(exc, unexpected=ErrorCode.MODEL_ERROR)
+        if decision.action is not Action.FAIL:
+            raise
+        if len(batch) == 1:
+            log.error("item %d failed to generate", batch[0].item_id, exc_info=exc)
+            work.fail([batch[0].item_id], decision)
+            return []
+        log.warning("a batch of %d rows failed (%s); running them one by one", len(batch), exc)
+    made = []
+    for p in batch:
+        with work.item(p.item_id, unexpected=ErrorCode.MODEL_ERROR):
+            made.append((p, generator.generate(p.request)))
+    return made
+
+
+def _score(
+    ctx: StageContext, work: ClaimedWork, made: list[tuple[Prepared, GenerationResult]]
+) -> list[_Made]:
+    """CLIP-I and CLIP-T of every image (none with scoring off); with a score threshold,
+    images below it are made again with the next seed. Runs here: regenerating needs the
+    GPU."""
+    scorer = ctx.scorer
+    if scorer is None:
+        return [_Made(p, result, None) for p, result in made]
+    memo: dict[str, torch.Tensor] = {}
+    scored = []
+    for p, result in made:
+        with work.item(p.item_id):
+            references = scoring.reference_embeds(
+                ctx, scorer, p.references, cache_root=ctx.cache_root(p.output_uri), memo=memo
+            )
+            kept = scoring.keep_best(
+                result.images,
+                result.seeds,
+                scoring.Judge(scorer, references, p.row.prompt),
+                threshold=ctx.settings.score_threshold,
+                tries=ctx.settings.score_tries,
+                again=functools.partial(_again, ctx.generators.get(p.adapters), p.request),
+            )
+            scored.append(_Made(p, replace(result, images=kept.images, seeds=kept.seeds), kept))
+    return scored
+
+
+def _again(generator: Generator, request: GenerationRequest, k: int, attempt: int) -> Any:
+    """Image k of a row made again, with the next seed after the row's: seed + k + n * attempt."""
+    seed = (request.seed + k + attempt * request.num_images) % 2**32
+    again = generator.generate(replace(request, seed=seed, num_images=1))
+    return again.images[0], seed
+
+
+@contextmanager
+def _finisher(ctx: StageContext, work: ClaimedWork, summary: GenerateSummary) -> Iterator[Any]:
+    """A second thread that uploads and records each batch while the next one generates.
+    Yields `finish(made)`; an error there (an outage) stops the generating loop at the next
+    batch and goes up to the claim scope, which gives back what is left."""
+    pending: list[Future[None]] = []
+
+    def finish(made: list[_Made]) -> None:
+        _raise_first(f for f in pending if f.done())
+        pending.append(pool.submit(_store_and_record, ctx, work, made, summary))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as pool:
+        yield finish
+    _raise_first(pending)
+
+
+def _raise_first(futures: Iterator[Future[None]] | list[Future[None]]) -> None:
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error
+
+
+def _store_and_record(
+    ctx: StageContext, work: ClaimedWork, made: list[_Made], summary: GenerateSummary
+) -> None:
+    """For each item: check the claim is still ours, upload its images (first writer wins),
+    record them with their scores in the transaction that marks it succeeded."""
+    for m in made:
+        with work.item(m.item.item_id, unexpected=ErrorCode.MODEL_ERROR):
+            if not work.still_held([m.item.item_id]):
+                continue  # taken over: the other worker stores and records it
+            stored = _upload(ctx, m)
+            record = functools.partial(
+                _record,
+                outputs=stored,
+                warning=m.result.warning,
+                attempts=m.scored.attempts if m.scored is not None else [],
+                now=ctx.clock(),
+            )
+            if work.done([m.item.item_id], record=record):
+                summary.succeeded += 1
+                summary.images += len(stored)
+                metrics.ITEMS.labels(GENERATE.name, "done").inc()
+                metrics.IMAGES.inc(len(stored))
+                log.info(
+                    "stored %d images of item %d",
+                    len(stored),
+                    m.item.item_id,
+                    extra={
+                        "job_ids": [m.item.job_id],
+                        "item_ids": [m.item.item_id],
+                        "worker": ctx.worker,
+                    },
+                )
+
+
+def _record(
+    session: Session,
+    moved: list[int],
+    *,
+    outputs: list[dict[str, Any]],
+    warning: str | None,
+    attempts: list[dict[str, Any]],
+    now: Any,
+) -> None:
+    for item_id in moved:
+        output_ledger.record(
+            session, item_id=item_id, outputs=outputs, warning=warning, attempts=attempts, now=now
+        )
+
+
+def output_uri_for(output_uri: str, job_id: str, row_id: str, k: int, fmt: str) -> str:
+    return join_uri(output_uri, job_id, row_id, f"{k}.{fmt}")
+
+
+def _upload(ctx: StageContext, m: _Made) -> list[dict[str, Any]]:
+    """Encode and store every image of the item; the `outputs` rows to record."""
+    p, result = m.item, m.result
+    stored = []
+    for k, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        metadata = {
+            "job_id": p.job_id,
+            "row_id": p.row.id,
+            "image_index": k,
+            "seed": seed,
+            "prompt": p.row.prompt,
+            "negative_prompt": p.row.negative_prompt,
+            "steps": p.row.steps,
+            "guidance_scale": p.row.guidance_scale,
+            "adapters": [s.model_dump(mode="json") for s in p.row.adapter_specs()],
+        }
+        data = encode_output(image, p.row.output_format, metadata)
+        uri = output_uri_for(p.output_uri, p.job_id, p.row.id, k, p.row.output_format)
+        # first writer wins: after a crash between upload and commit, or a late duplicate,
+        # the stored image is kept and recorded as it is (never two versions of one key)
+        data = ctx.stores.for_uri(uri).put_new(
+            uri, data, content_type=CONTENT_TYPES[p.row.output_format]
+        )
+        scores = m.scored.scores[k] if m.scored is not None else (None, None)
+        stored.append(
+            {
+                "image_index": k,
+                "uri": uri,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "seed": seed,
+                "width": result.width,
+                "height": result.height,
+                "clip_i": scores[0],
+                "clip_t": scores[1],
+            }
+        )
+    return stored

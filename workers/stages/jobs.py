@@ -1,0 +1,233 @@
+"""What happens to whole jobs: submit, cancel, retry, and the reaper that recovers work.
+
+Each function works the same under Celery and on one machine: what it sends goes through
+the `send` / `send_ingest` it is given (Celery messages, or nothing for the runner).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from sqlalchemy.orm import Session
+
+from core.errors import ConfigError
+from storage.ledger import items, jobs
+from storage.lifecycle import INGEST_QUEUE, STAGES, Stage
+from storage.models import ItemStatus, Job, JobStatus
+from workers.context import StageContext
+from workers.stages.common import Send, SendJob, chunked, send_waiting
+
+log = logging.getLogger(__name__)
+
+
+# --- submit ---------------------------------------------------------------------------------
+
+
+def manifest_sha256(ctx: StageContext, manifest_uri: str) -> str:
+    digest = hashlib.sha256()
+    with ctx.stores.for_uri(manifest_uri).open(manifest_uri) as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def register(
+    ctx: StageContext, *, manifest_uri: str, output_uri: str, name: str | None = None
+) -> tuple[str, bool]:
+    """Record a job for a manifest; the same bytes and output give the same job.
+    Returns (job id, created)."""
+    sha = manifest_sha256(ctx, manifest_uri)
+    with ctx.sessions.begin() as session:
+        return jobs.create(
+            session,
+            name=name or PurePosixPath(manifest_uri.rstrip("/")).name,
+            manifest_uri=manifest_uri,
+            manifest_sha256=sha,
+            output_uri=output_uri.rstrip("/"),
+            now=ctx.clock(),
+            worker=ctx.worker,
+        )
+
+
+def submit(
+    ctx: StageContext,
+    *,
+    manifest_uri: str,
+    output_uri: str,
+    send_ingest: SendJob,
+    name: str | None = None,
+) -> tuple[str, bool]:
+    """Register the job and send its ingest. Submitting the same manifest again returns the
+    same job, and sends its ingest again if the job still waits for one (its first message
+    was never sent, or lost): a job is never stranded by a failed publish. A duplicate
+    ingest message does nothing. Returns (job id, created)."""
+    job_id, created = register(ctx, manifest_uri=manifest_uri, output_uri=output_uri, name=name)
+    with ctx.sessions.begin() as session:
+        job = jobs.get(session, job_id=job_id)
+        assert job is not None
+        waiting = jobs.waits_for_ingest(job, now=ctx.clock())
+    if created or waiting:
+        send_ingest(job_id)
+    return job_id, created
+
+
+# --- cancel and retry -----------------------------------------------------------------------
+
+
+def cancel(ctx: StageContext, *, job_id: str) -> int | None:
+    """Cancel a job at once: items not being generated are cancelled now, running ones at the
+    end of their batch. Returns how many items were cancelled now, None if the job had
+    already ended."""
+    with ctx.sessions.begin() as session:
+        _job_or_error(session, job_id)
+        return jobs.cancel(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+
+
+def retry(ctx: StageContext, *, job_id: str, send: Send) -> tuple[int, int]:
+    """Failed items (not invalid rows) back to pending, and every waiting item of the job
+    sent again: the retried ones, and any left waiting without a message (e.g. released
+    when a worker hit a configuration error). A duplicate message finds nothing to claim.
+    Returns (items retried, other waiting items sent again)."""
+    with ctx.sessions.begin() as session:
+        job = _job_or_error(session, job_id)
+        if job.status == JobStatus.CANCELLED:
+            raise ConfigError(f"job {job_id} was cancelled; submit its manifest as a new job")
+        retried = jobs.retry_failed(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+    sent = sum(
+        send_waiting(ctx, job_id=job_id, stage=stage, send=send, statuses=[stage.waiting])
+        for stage in STAGES
+    )
+    return len(retried), sent - len(retried)
+
+
+def _job_or_error(session: Session, job_id: str) -> Job:
+    job = jobs.get(session, job_id=job_id)
+    if job is None:
+        raise ConfigError(f"no job {job_id}")
+    return job
+
+
+# --- the reaper -----------------------------------------------------------------------------
+
+
+@dataclass
+class Reaped:
+    items: int = 0  # items sent again
+    jobs: int = 0  # ingests sent again
+
+
+def reap(
+    ctx: StageContext,
+    *,
+    send: Send,
+    send_ingest: SendJob,
+    queue_depth: Callable[[str], int] | None = None,
+) -> Reaped:
+    """Recover work nobody is doing. For every stage: items whose worker's lease ran out
+    (killed, machine lost, hung past its heartbeat) go back to waiting and are sent again;
+    with `queue_depth` (messages waiting in a queue), items waiting for a stage whose queue is
+    empty, unmoved for IPBATCH_REQUEUE_AFTER seconds, lost their message (a broker restart, a
+    publish that failed for good) and are sent again too. The same for jobs and their ingest.
+
+    Safe to run anywhere, any number of times: moves are guarded transitions, a live worker's
+    claim is never touched, and a duplicate message finds nothing to claim. What it sends
+    should go to the front of the queue (the caller's `send`)."""
+    idle = ctx.settings.requeue_after
+    reaped = Reaped()
+    for stage in STAGES:
+        reaped.items += _send_again(
+            ctx,
+            stage,
+            send,
+            find=functools.partial(items.expired_leases, working=stage.working),
+            from_status=stage.working,
+            why="lease expired: released by the reaper",
+        )
+        if queue_depth is not None and queue_depth(stage.queue) == 0:
+            reaped.items += _send_again(
+                ctx,
+                stage,
+                send,
+                find=functools.partial(
+                    items.stale_waiting, waiting=stage.waiting, idle_seconds=idle
+                ),
+                from_status=stage.waiting,
+                why=f"no message for {idle:g} s and the {stage.queue} queue is empty: "
+                "queued again by the reaper",
+            )
+    reaped.jobs += _send_ingest_again(ctx, send_ingest, queue_depth)
+    return reaped
+
+
+def _send_again(
+    ctx: StageContext,
+    stage: Stage,
+    send: Send,
+    *,
+    find: Callable[..., list[int]],
+    from_status: ItemStatus,
+    why: str,
+) -> int:
+    """Move what `find(session, now=...)` returns back to the stage's waiting status (guarded:
+    only what has not moved meanwhile), then send it; a thousand at a time."""
+    total = 0
+    while True:
+        with ctx.sessions.begin() as session:
+            found = find(session, now=ctx.clock())
+            moved = items.transition(
+                session,
+                item_ids=found,
+                from_status=from_status,
+                to_status=stage.waiting,
+                now=ctx.clock(),
+                worker=ctx.worker,
+                message=why,
+            )
+        for chunk in chunked(moved, ctx.settings.generate_batch):
+            send(stage, chunk)
+        total += len(moved)
+        if not moved or len(found) < 1000:
+            return total
+
+
+def _send_ingest_again(
+    ctx: StageContext, send_ingest: SendJob, queue_depth: Callable[[str], int] | None
+) -> int:
+    """Jobs whose ingest's lease ran out, and (with the ingest queue empty) jobs that have
+    waited for an ingest for IPBATCH_REQUEUE_AFTER seconds: their ingest is sent again."""
+    idle = ctx.settings.requeue_after
+    with ctx.sessions.begin() as session:
+        now = ctx.clock()
+        due: list[tuple[str, float | None]] = [
+            (job_id, None) for job_id in jobs.expired_ingests(session, now=now)
+        ]
+        if queue_depth is not None and queue_depth(INGEST_QUEUE) == 0:
+            due += [
+                (job_id, idle) for job_id in jobs.stale_waiting(session, idle_seconds=idle, now=now)
+            ]
+    sent = 0
+    for job_id, idle_seconds in due:
+        why = (
+            "ingest lease expired: ingest queued again by the reaper"
+            if idle_seconds is None
+            else f"no ingest for {idle:g} s and the ingest queue is empty: queued again by "
+            "the reaper"
+        )
+        with ctx.sessions.begin() as session:
+            requeued = jobs.requeue_ingest(
+                session,
+                job_id=job_id,
+                now=ctx.clock(),
+                worker=ctx.worker,
+                message=why,
+                idle_seconds=idle_seconds,
+            )
+        if requeued:
+            send_ingest(job_id)
+            sent += 1
+    return sent
