@@ -10,15 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ipbatch
+from helpers.cli import ipbatch
+from helpers.services import ensure_services
 
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    from conftest import _ensure_services
-
     if shutil.which("chromium") is None:
-        _ensure_services()  # scripts/services.sh installs Debian's chromium when missing
+        ensure_services()  # scripts/services.sh installs Debian's chromium when missing
     path = shutil.which("chromium")
     assert path, "chromium is not installed and scripts/services.sh could not install it"
     return path

@@ -1,5 +1,6 @@
-"""`ipbatch cancel` and `ipbatch retry`: queued items stop at once, running ones at the batch
-boundary; retry runs failed items again (not invalid rows) and redoes nothing else."""
+"""`ipbatch cancel` and `ipbatch retry` on one machine: queued items stop at once, running
+ones at the batch boundary; retry runs failed items again (not invalid rows) and redoes
+nothing else."""
 
 from __future__ import annotations
 
@@ -10,48 +11,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ingested_job, ipbatch
-from sqlalchemy.orm import Session, sessionmaker
-
-from storage import ledger
-from storage.models import ItemStatus, JobStatus
-
-
-def test_cancel_stops_what_has_not_started(sessions: sessionmaker[Session]) -> None:
-    with sessions.begin() as s:
-        job_id, _ = ledger.create_job(
-            s, name="j", manifest_uri="m", manifest_sha256="e" * 64, output_uri="/o"
-        )
-        ledger.start_job(s, job_id=job_id)
-        rows = [
-            {"row_id": f"r{i}", "row_index": i, "status": ItemStatus.PENDING, "params": {}}
-            for i in range(6)
-        ]
-        ids = ledger.add_items(s, job_id=job_id, rows=rows)
-        claim = {"worker": "w", "lease_seconds": 60}
-        ledger.claim(
-            s, item_ids=ids[:4], waiting=ItemStatus.PENDING, working=ItemStatus.EMBEDDING, **claim
-        )
-        ledger.transition(
-            s, item_ids=ids[:3], from_status=ItemStatus.EMBEDDING, to_status=ItemStatus.READY
-        )
-        ledger.claim(
-            s, item_ids=ids[:2], waiting=ItemStatus.READY, working=ItemStatus.RUNNING, **claim
-        )
-        ledger.complete_item(s, item_id=ids[0], outputs=[], worker="w")
-    # now: succeeded 1, running 1, ready 1, embedding 1, pending 2
-    with sessions.begin() as s:
-        assert ledger.cancel_job(s, job_id=job_id, worker="me") == 4
-    with sessions.begin() as s:
-        statuses = [i.status for i in ledger.load_items(s, item_ids=ids)]
-        job = ledger.get_job(s, job_id=job_id)
-        assert job is not None and job.status == JobStatus.CANCELLED and job.finished_at
-        assert ledger.cancel_job(s, job_id=job_id) == 0  # once is enough
-    assert statuses == [ItemStatus.SUCCEEDED, ItemStatus.RUNNING] + [ItemStatus.CANCELLED] * 4
-    with sessions.begin() as s:  # the running one finishes its batch; the job stays cancelled
-        assert ledger.complete_item(s, item_id=ids[1], outputs=[], worker="w")
-        assert ledger.finalize_job(s, job_id=job_id) is None
-        assert ledger.get_job(s, job_id=job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+from helpers.cli import ipbatch
+from helpers.jobs import ingest_job, local_context
 
 
 @pytest.fixture()
@@ -118,24 +79,23 @@ def test_cancel_between_batches_stops_the_rest(
 ) -> None:
     """A cancel that arrives while a generate call runs: that batch finishes and is recorded,
     the call's later batches are cancelled, not generated, and nothing is written for them."""
-    from workers import stages
+    from workers.stages import embed, generate
 
     tmp, env = local_job
-    ctx, job_id, pending = ingested_job(
-        monkeypatch, env, manifest=tmp / "m.jsonl", output=tmp / "out", batch_images=1
-    )  # one row per batch
-    ready = stages.embed(ctx, item_ids=pending).ready
-    real_run_batch = stages._run_batch
+    ctx = local_context(tmp / "home", Path(env["IPBATCH_MODELS"]), batch_images=1)  # a row a batch
+    job_id, pending = ingest_job(ctx, manifest=tmp / "m.jsonl", output=tmp / "out")
+    ready = embed.run(ctx, item_ids=pending).ready
+    real_generate = generate._generate
     calls: list[int] = []
 
-    def cancel_during_first(ctx_, batch):  # type: ignore[no-untyped-def]
+    def cancel_during_first(ctx_, work, batch):  # type: ignore[no-untyped-def]
         calls.append(len(batch))
         if len(calls) == 1:  # `ipbatch cancel` from another terminal, mid-call
             assert ipbatch("cancel", job_id, env=env, cwd=tmp).returncode == 0
-        return real_run_batch(ctx_, batch)
+        return real_generate(ctx_, work, batch)
 
-    monkeypatch.setattr(stages, "_run_batch", cancel_during_first)
-    summary = stages.generate(ctx, item_ids=ready)
+    monkeypatch.setattr(generate, "_generate", cancel_during_first)
+    summary = generate.run(ctx, item_ids=ready)
     ctx.close()
     assert calls == [1] and summary.succeeded == 1
     engine = _db(tmp)
@@ -152,23 +112,19 @@ def test_cancel_between_batches_stops_the_rest(
     assert n_outputs == len(files) == 1
 
 
-def test_retry_also_queues_items_left_waiting(
-    local_job: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_retry_also_queues_items_left_waiting(local_job: tuple[Path, dict[str, str]]) -> None:
     """Items released back to waiting with no message left for them (a worker hit a
     configuration error) are queued again by `ipbatch retry`, with the failed ones."""
-    from workers import stages
+    from workers.stages import embed, jobs
 
     tmp, env = local_job
-    ctx, job_id, pending = ingested_job(
-        monkeypatch, env, manifest=tmp / "m.jsonl", output=tmp / "out"
-    )
-    ready = stages.embed(ctx, item_ids=pending).ready  # `late` fails: its file is missing
-    embeds: list[int] = []
-    generates: list[int] = []
-    retried, waiting = stages.retry_job(
-        ctx, job_id=job_id, enqueue_embed=embeds.extend, enqueue_generate=generates.extend
+    ctx = local_context(tmp / "home", Path(env["IPBATCH_MODELS"]))
+    job_id, pending = ingest_job(ctx, manifest=tmp / "m.jsonl", output=tmp / "out")
+    ready = embed.run(ctx, item_ids=pending).ready  # `late` fails: its file is missing
+    sent: dict[str, list[int]] = {"embed": [], "generate": []}
+    retried, waiting = jobs.retry(
+        ctx, job_id=job_id, send=lambda stage, ids: sent[stage.name].extend(ids)
     )
     ctx.close()
     assert (retried, waiting) == (1, 4)
-    assert embeds == [pending[4]] and sorted(generates) == sorted(ready)
+    assert sent["embed"] == [pending[4]] and sorted(sent["generate"]) == sorted(ready)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import ingested_job, ipbatch
+from helpers.cli import ipbatch
+from helpers.jobs import ingest_job, local_context
 
 ROWS = [
     {"id": "red-1", "prompt": "a red shoe", "reference": "refs/red.png", "steps": 2},
@@ -107,30 +108,31 @@ def test_run_end_to_end_then_rerun_redoes_nothing(job_dir: tuple[Path, dict[str,
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes
 
 
-def test_interrupted_run_resumes_without_redoing(
-    job_dir: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A run killed mid-generation (items left `running`) is finished by the next run."""
-    from storage import ledger
-    from storage.models import ItemStatus
-    from workers import stages
+def test_interrupted_run_resumes_without_redoing(job_dir: tuple[Path, dict[str, str]]) -> None:
+    """A run killed mid-generation (items left `running`, the job's ingest claim held) is
+    finished by the next run."""
+    from storage.ledger import items, jobs
+    from storage.lifecycle import GENERATE
+    from workers.stages import embed, generate
 
     tmp, env = job_dir
-    ctx, job_id, pending = ingested_job(
-        monkeypatch, env, manifest=tmp / "catalog.jsonl", output=tmp / "home" / "outputs"
+    ctx = local_context(tmp / "home", Path(env["IPBATCH_MODELS"]))
+    job_id, pending = ingest_job(
+        ctx, manifest=tmp / "catalog.jsonl", output=tmp / "home" / "outputs"
     )
-    stages.embed(ctx, item_ids=pending[:4])  # the rest stay pending
-    done = stages.generate(ctx, item_ids=pending[:2])
+    embed.run(ctx, item_ids=pending[:4])  # the rest stay pending
+    done = generate.run(ctx, item_ids=pending[:2])
     assert done.succeeded == 2
     with ctx.sessions.begin() as s:  # a "killed" worker held this one
-        ledger.claim(
+        items.claim(
             s,
             item_ids=pending[2:3],
-            waiting=ItemStatus.READY,
-            working=ItemStatus.RUNNING,
+            stage=GENERATE,
             worker="killed",
             lease_seconds=3600,
+            now=ctx.clock(),
         )
+        assert jobs.get(s, job_id=job_id).total_rows == len(ROWS)  # type: ignore[union-attr]
     ctx.close()
     db = tmp / "home" / "ipbatch.db"
     before = query(db, "SELECT item_id, uri, created_at FROM outputs ORDER BY id")

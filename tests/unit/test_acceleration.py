@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from generation_requests import requests_for
+from helpers.requests import requests_for
 
 from pipeline.generator import Acceleration, Generator, compile_buckets
 from pipeline.models import ModelSource

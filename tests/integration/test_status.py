@@ -7,18 +7,20 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+from core.clock import utcnow
 from ipbatch import status
-from storage import ledger
-from storage.models import ItemStatus, Job, utcnow
+from storage.ledger import bulk, db, items, jobs
+from storage.models import ItemStatus, Job
 
 
 def test_rate_and_eta_of_a_running_job(ledger_engine: sa.Engine) -> None:
-    sessions = ledger.make_sessions(ledger_engine)
+    sessions = db.make_sessions(ledger_engine)
+    now = utcnow()
     with sessions.begin() as s:
-        job_id, _ = ledger.create_job(
-            s, name="night", manifest_uri="m", manifest_sha256="f" * 64, output_uri="/o"
+        job_id, _ = jobs.create(
+            s, name="night", manifest_uri="m", manifest_sha256="f" * 64, output_uri="/o", now=now
         )
-        ledger.start_job(s, job_id=job_id)
+        jobs.claim_ingest(s, job_id=job_id, worker="w", lease_seconds=60, now=now)
         s.execute(
             sa.update(Job)
             .where(Job.id == job_id)
@@ -28,7 +30,7 @@ def test_rate_and_eta_of_a_running_job(ledger_engine: sa.Engine) -> None:
             {"row_id": f"r{i}", "row_index": i, "status": ItemStatus.PENDING, "params": {}}
             for i in range(10)
         ]
-        ids = ledger.add_items(s, job_id=job_id, rows=rows)
+        ids = bulk.add_items(s, job_id=job_id, rows=rows, now=now)
     steps = [
         (ItemStatus.PENDING, ItemStatus.EMBEDDING),
         (ItemStatus.EMBEDDING, ItemStatus.READY),
@@ -37,12 +39,13 @@ def test_rate_and_eta_of_a_running_job(ledger_engine: sa.Engine) -> None:
     ]
     with sessions.begin() as s:
         for (a, b), upto in zip(steps, (9, 7, 5, 4), strict=True):
-            ledger.transition(s, item_ids=ids[:upto], from_status=a, to_status=b)
-        ledger.transition(
+            items.transition(s, item_ids=ids[:upto], from_status=a, to_status=b, now=now)
+        items.transition(
             s,
             item_ids=ids[9:],
             from_status=ItemStatus.PENDING,
             to_status=ItemStatus.FAILED,
+            now=now,
             error_code="no_face",
             message="no face",
         )

@@ -16,34 +16,11 @@ from pathlib import Path
 import boto3
 import pytest
 import sqlalchemy as sa
-
-pytestmark = pytest.mark.integration
+from helpers.cli import free_port
+from helpers.cli import ipbatch_ok as cli
+from helpers.services import restart_postgres, restart_rabbitmq_app
 
 REFS = ("red", "blue", "green")
-
-
-def cli(*args: str, env: dict[str, str], timeout: float = 120) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "ipbatch.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, f"ipbatch {args} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-@pytest.fixture(scope="session")
-def redis_broker() -> Iterator[str]:
-    """A Redis database number of our own, flushed at the end."""
-    import random
-
-    import redis
-
-    db = random.randint(1, 15)
-    yield f"redis://127.0.0.1:6379/{db}"
-    redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
 
 
 @pytest.fixture(params=["rabbitmq"])
@@ -67,8 +44,6 @@ class FlakyS3:
     """A second moto server over the same in-process S3 state, which a test can stop."""
 
     def __init__(self) -> None:
-        from conftest import free_port
-
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = self._start()
@@ -139,7 +114,6 @@ def cluster(
         **{k: v for k, v in cluster_settings.items() if k != REAPER_EVERY},
     }
     cli("db", "upgrade", env=env)
-    from conftest import free_port
 
     workers, logs, handles = [], [], []
     metrics = {"embedder": free_port(), "generator": free_port()}
@@ -599,23 +573,6 @@ def assert_one_set_of_outputs(cluster: dict, job_id: str, *, prefix: str, asked:
         assert hashlib.sha256(body.read()).hexdigest() == sha
 
 
-def _restart_postgres() -> None:
-    version = sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(x) for x in v.split(".")])
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version[-1], "main", "restart"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
-def _restart_rabbitmq_app(seconds: float) -> None:
-    """Stop RabbitMQ's application (every connection drops), wait, start it again."""
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=60)
-    time.sleep(seconds)
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=60)
-
-
 @pytest.mark.parametrize("cluster_settings", ["outage_settings"], indirect=True)
 def test_postgres_restart_and_s3_outage_mid_job(
     cluster: dict, flaky_s3: FlakyS3, reference_images: dict[str, Path]
@@ -658,9 +615,9 @@ def test_postgres_restart_and_s3_outage_mid_job(
             )
 
     disruptions = (
-        (4, _restart_postgres),
+        (4, restart_postgres),
         (12, lambda: flaky_s3.outage(10, until=lambda: s3_retries() > 0)),
-        (20, lambda: _restart_rabbitmq_app(5)),
+        (20, lambda: restart_rabbitmq_app(5)),
     )
     for threshold, disrupt in disruptions:
         p = wait_until_generating(cluster, job_id, succeeded=threshold, deadline=deadline)

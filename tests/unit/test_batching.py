@@ -3,15 +3,16 @@ compatibility and size; out-of-memory splits a batch instead of failing it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from generation_requests import requests_for
+from helpers.requests import requests_for
 
 from core.errors import ItemError
-from pipeline.generator import GenerationRequest, Generator, batch_key
+from pipeline.generator import AdapterInput, GenerationRequest, Generator, batch_key
 from pipeline.models import ModelSource
 
 CPU = torch.device("cpu")
@@ -110,7 +111,7 @@ def test_out_of_memory_splits_the_batch(tiny_models: Path, monkeypatch: pytest.M
 
 def test_plan_batches_groups_compatible_rows_up_to_the_image_budget(tiny_models: Path) -> None:
     from pipeline.manifest import Row
-    from workers.stages import _GenerateWork, _Prepared, plan_batches
+    from workers.stages.generate import Prepared, plan_batches
 
     generator = Generator(
         ModelSource.parse(str(tiny_models)), ("sd15",), device=CPU, dtype=torch.float32
@@ -121,7 +122,73 @@ def test_plan_batches_groups_compatible_rows_up_to_the_image_budget(tiny_models:
     prepared = []
     for i, (k, request) in enumerate(zip(ks, requests, strict=True)):
         row = Row(id=f"r{i}", reference="x", num_images=k)
-        entry = _GenerateWork(i, row.id, row.to_params(), "job", "/out", [], [])
-        prepared.append(_Prepared(entry, row, request))
+        prepared.append(Prepared(i, "job", row, "/out", [], request))
     batches = plan_batches(prepared, max_images=4)
-    assert [[p.entry.item_id for p in b] for b in batches] == [[0, 1], [2], [4], [5], [3]]
+    assert [[p.item_id for p in b] for b in batches] == [[0, 1], [2], [4], [5], [3]]
+
+
+def test_every_request_field_is_per_slot_or_in_batch_key(tiny_models: Path) -> None:
+    """A field rows of one call may not differ in must be in `batch_key`, or the batch would
+    silently take the first row's value. Every field declares which it is; a new field that
+    declares nothing makes `batch_key` raise, and must be added to `different` below."""
+    generator = Generator(
+        ModelSource.parse(str(tiny_models)), ("sd15",), device=CPU, dtype=torch.float32
+    )
+    [a] = requests_for(generator, num_images=[1])
+    spec = a.adapters[0]
+    different: dict[str, object] = {
+        "prompt": "another product",
+        "negative_prompt": "blurry",
+        "adapters": [replace(spec, pos=spec.pos + 1)],
+        "num_images": 3,
+        "seed": 99,
+        "steps": 5,
+        "guidance_scale": 3.0,
+        "width": 64,
+        "height": 128,
+    }
+    assert set(different) == {f.name for f in fields(GenerationRequest)}
+    for f in fields(GenerationRequest):
+        changed = replace(a, **{f.name: different[f.name]})
+        kind, part = f.metadata["batch"], f.metadata.get("shared_part")
+        must_differ = kind == "shared" or (
+            part is not None and part(getattr(a, f.name)) != part(different[f.name])
+        )
+        assert (batch_key(changed) != batch_key(a)) == must_differ, f.name
+    adapter_different = {
+        "adapter": "sd15-plus",
+        "scale": 0.9,
+        "pos": spec.pos[:, :8],
+        "neg": spec.neg + 1,
+        "clip_pos": spec.pos,
+        "clip_neg": spec.pos,
+    }
+    assert set(adapter_different) == {f.name for f in fields(AdapterInput)}
+    for f in fields(AdapterInput):
+        changed_spec = replace(spec, **{f.name: adapter_different[f.name]})
+        kind, part = f.metadata["batch"], f.metadata.get("shared_part")
+        must_differ = kind == "shared" or part(getattr(spec, f.name)) != part(
+            adapter_different[f.name]
+        )
+        assert (batch_key(changed_spec) != batch_key(spec)) == must_differ, f.name
+
+    @dataclass(frozen=True)
+    class Undeclared(GenerationRequest):
+        strength: float = 0.8  # says neither: rows would silently share the first's
+
+    with pytest.raises(TypeError, match="strength says neither"):
+        batch_key(Undeclared(**a.__dict__))
+
+
+def test_per_slot_negative_prompts_are_each_rows_own(tiny_models: Path) -> None:
+    """Rows with different negative prompts in one call: each matches its solo run."""
+    generator = Generator(
+        ModelSource.parse(str(tiny_models)), ("sd15",), device=CPU, dtype=torch.float64
+    )
+    rows = requests_for(generator, num_images=[1, 2], negative="blurry")
+    rows[1] = replace(rows[1], negative_prompt="dark, grainy")
+    assert batch_key(rows[0]) == batch_key(rows[1])
+    batched = generator.generate_batch(rows)
+    for row, b in zip(rows, batched, strict=True):
+        for mine, alone in zip(b.arrays, generator.generate(row).arrays, strict=True):
+            assert np.abs(mine - alone).max() < 1e-8

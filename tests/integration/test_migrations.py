@@ -47,6 +47,7 @@ def test_upgrade_downgrade_upgrade(empty_db: str) -> None:
         "outputs",
         "job_item_counts",
         "output_attempts",
+        "job_events",
         "job_progress",
         "alembic_version",
     }
@@ -123,7 +124,15 @@ def test_reader_role_reads_and_cannot_write(fresh_pg_url: str) -> None:
     reader = sa.create_engine(url)
     try:
         with reader.connect() as conn:
-            for table in ("jobs", "items", "item_events", "outputs", "embeddings", "job_progress"):
+            for table in (
+                "jobs",
+                "items",
+                "item_events",
+                "job_events",
+                "outputs",
+                "embeddings",
+                "job_progress",
+            ):
                 conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar()
         with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
             with reader.begin() as conn:

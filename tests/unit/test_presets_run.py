@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
-from conftest import ipbatch
+from helpers.cli import ipbatch
 from PIL import Image, ImageDraw
 
 from pipeline.presets import ADAPTERS

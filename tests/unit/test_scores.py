@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
-from conftest import ipbatch
+from helpers.cli import ipbatch
 from PIL import Image
 
 from pipeline.models import ModelSource

@@ -14,7 +14,7 @@ import yaml
 from ipbatch.cli import build_parser
 from workers.celery_app import QUEUES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
 
 

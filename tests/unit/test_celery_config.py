@@ -14,6 +14,7 @@ def test_json_only_late_acks_prefetch_one() -> None:
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
     assert {q.name for q in conf.task_queues} == {"ingest", "embed", "generate"}
+    assert conf.task_routes["ipbatch.embed"] == {"queue": "embed"}
     assert conf.task_routes["ipbatch.generate"] == {"queue": "generate"}
 
 
@@ -24,13 +25,23 @@ def test_redis_broker_gets_fast_redelivery_options() -> None:
     assert make_app(Settings()).conf.broker_transport_options == {}
 
 
-def test_infrastructure_errors_are_retried_with_backoff_and_jitter() -> None:
-    from kombu.exceptions import OperationalError as BrokerError
-    from sqlalchemy.exc import OperationalError
+def test_work_sent_again_goes_first_on_either_broker() -> None:
+    """Queues carry priorities; what the reaper and held-item re-sends publish is urgent:
+    RabbitMQ serves the highest number first, Redis the lowest."""
+    from workers.celery_app import MAX_PRIORITY, priority
 
-    from core.errors import RetryableError
+    app = make_app(Settings())
+    assert all(q.queue_arguments == {"x-max-priority": MAX_PRIORITY} for q in app.conf.task_queues)
+    rabbit, redis = "amqp://h//", "redis://h:6379/0"
+    assert priority(rabbit, urgent=True) > priority(rabbit, urgent=False)
+    assert priority(redis, urgent=True) < priority(redis, urgent=False)
+    assert app.conf.task_default_priority == priority(rabbit, urgent=False)
+
+
+def test_tasks_decide_nothing_themselves() -> None:
+    """No Celery autoretry: outages are waited out by `workers.backpressure` inside the task,
+    following `classify`, so a message is never parked in a worker's memory for a retry."""
     from workers import tasks
 
     for task in (tasks.ingest, tasks.embed, tasks.generate):
-        assert {RetryableError, OperationalError, BrokerError} <= set(task.autoretry_for)
-        assert task.retry_backoff and task.retry_jitter and task.max_retries >= 5
+        assert not getattr(task, "autoretry_for", ())

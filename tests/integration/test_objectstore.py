@@ -9,7 +9,7 @@ import pytest
 from core.errors import ObjectNotFound
 from core.uris import join_uri
 from storage.objectstore import ObjectStores
-from workers.stages import output_uri_for
+from workers.stages.generate import output_uri_for
 
 
 @pytest.fixture(params=["local", "s3"])

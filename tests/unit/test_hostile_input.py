@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
-from conftest import ipbatch
+from helpers.cli import ipbatch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
