@@ -46,7 +46,7 @@ class ClipEmbedder:
     ) -> None:
         self.device = device
         self.dtype = dtype
-        with loading(f"the image encoder at {encoder_folder}"):
+        with loading(f"the image encoder at {encoder_folder}", encoder_folder):
             model = CLIPVisionModelWithProjection.from_pretrained(encoder_folder, dtype=dtype)
         self.model = model.to(device).eval()  # type: ignore[arg-type]
         # the PIL processor is what transformers uses without torchvision (same numbers)

@@ -166,7 +166,7 @@ class Generator:
         extra = {"safety_checker": None, "requires_safety_checker": False}
         # 1. the frozen base model (no safety checker: catalog jobs review outputs themselves)
         base_folder = models.base_model(self.family)
-        with loading(f"the base model at {base_folder}"):
+        with loading(f"the base model at {base_folder}", base_folder):
             self.pipe = pipeline_class.from_pretrained(
                 base_folder,
                 dtype=dtype,

@@ -163,9 +163,10 @@ def folder_fingerprint(folder: str | Path, patterns: tuple[str, ...]) -> str:
 
 
 @contextmanager
-def loading(what: str) -> Iterator[None]:
+def loading(what: str, folder: str | Path | None = None) -> Iterator[None]:
     """A model file that is there but does not load (corrupt, truncated, the wrong kind) is
-    the worker's configuration problem, with the file named; a failed download is an outage."""
+    the worker's configuration problem, with the file named (for a folder: the first of its
+    .safetensors files that does not open); a failed download is an outage."""
     try:
         yield
     except (ConfigError, ItemError):
@@ -173,4 +174,18 @@ def loading(what: str) -> Iterator[None]:
     except Exception as exc:
         if classify(exc).action is Action.RETRY:
             raise
-        raise ModelLoadError(f"could not load {what}: {short(exc)}") from exc
+        broken = _first_broken(Path(folder)) if folder is not None else None
+        where = f" ({broken} does not open)" if broken is not None else ""
+        raise ModelLoadError(f"could not load {what}{where}: {short(exc)}") from exc
+
+
+def _first_broken(folder: Path) -> Path | None:
+    from safetensors import safe_open
+
+    for path in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception:
+            return path
+    return None

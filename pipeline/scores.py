@@ -23,7 +23,7 @@ class ClipScorer:
     def __init__(self, folder: str, *, device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
-        with loading(f"the scoring model at {folder}"):
+        with loading(f"the scoring model at {folder}", folder):
             model = CLIPModel.from_pretrained(folder, dtype=dtype)
             self.tokenizer = CLIPTokenizer.from_pretrained(folder)
             self.processor = CLIPImageProcessorPil.from_pretrained(folder)
