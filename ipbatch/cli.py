@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from core.config import Settings, redact_url
-from core.errors import ConfigError, IpbatchError
+from core.errors import Action, ConfigError, IpbatchError, classify, short
 
 log = logging.getLogger("ipbatch")
 
@@ -95,7 +95,6 @@ def cmd_reaper(args: argparse.Namespace) -> int:
     outage of the database or the broker skips a pass."""
     import time
 
-    from core.errors import Action, classify, short
     from workers.celery_app import queue_depths
     from workers.stages import jobs
     from workers.tasks import context, send_ingest_urgent, send_urgent
@@ -149,13 +148,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from workers.tasks import context, send_ingest
 
     manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
-    job_id, _ = jobs.submit(
-        context(),
-        manifest_uri=manifest,
-        output_uri=args.output,
-        name=args.name,
-        send_ingest=send_ingest,
-    )
+    registered: list[str] = []
+
+    def send(job_id: str) -> None:
+        registered.append(job_id)
+        send_ingest(job_id)
+
+    try:
+        job_id, _ = jobs.submit(
+            context(),
+            manifest_uri=manifest,
+            output_uri=args.output,
+            name=args.name,
+            send_ingest=send,
+        )
+    except Exception as exc:
+        if not registered or classify(exc).action is not Action.RETRY:
+            raise
+        print(
+            f"ipbatch: error: job {registered[0]} is registered, but its ingest could not be "
+            f"sent ({classify(exc).message}). Submit the same manifest again once the broker "
+            "answers, or let `ipbatch reaper` send it (after IPBATCH_REQUEUE_AFTER).",
+            file=sys.stderr,
+        )
+        return 2
     print(job_id)
     return 0
 
@@ -460,6 +476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # an outage (the database, the broker, S3): said, not a trace
+        decision = classify(exc)
+        if decision.action not in (Action.RETRY, Action.CONFIG):
+            raise
+        print(f"ipbatch: error: {decision.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from helpers.cli import free_port
+from helpers.cluster import REAPER_EVERY
 from helpers.services import ensure_services, temporary_database
 
 
@@ -108,3 +109,77 @@ def redis_broker() -> Iterator[str]:
     db = random.randint(1, 15)
     yield f"redis://127.0.0.1:6379/{db}"
     redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+
+
+@pytest.fixture(params=["rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> str:
+    """RabbitMQ (the default) unless a test asks for another broker by indirect parameter."""
+    fixture = {"rabbitmq": "rabbit_vhost", "redis": "redis_broker"}[request.param]
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture()
+def cluster_settings(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Extra IPBATCH_* settings for the workers: a test parametrizes this (indirectly) with
+    a dict, or with the name of a fixture that returns one."""
+    param = getattr(request, "param", {})
+    if isinstance(param, str):
+        return dict(request.getfixturevalue(param))
+    return dict(param)
+
+
+@pytest.fixture()
+def flaky_s3(s3_endpoint: str) -> Iterator[Any]:
+    from helpers.cluster import FlakyS3
+
+    flaky = FlakyS3()
+    yield flaky
+    flaky.stop()
+
+
+@pytest.fixture()
+def make_cluster(
+    tmp_path: Path,
+    pg_url: str,
+    broker: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    tiny_models: Path,
+    cluster_settings: dict[str, str],
+) -> Iterator[Any]:
+    """Builds a Cluster (nothing started) over this test's services; closed at the end."""
+    from helpers.cluster import Cluster
+
+    made: list[Cluster] = []
+
+    def make(**settings: str) -> Cluster:
+        cluster = Cluster(
+            tmp_path=tmp_path,
+            database_url=pg_url,
+            broker_url=broker,
+            s3_endpoint=s3_endpoint,
+            bucket=s3_bucket,
+            models=tiny_models,
+            settings={
+                **{k: v for k, v in cluster_settings.items() if k != REAPER_EVERY},
+                **settings,
+            },
+        )
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+@pytest.fixture()
+def cluster(make_cluster: Any, cluster_settings: dict[str, str]) -> Any:
+    """Two workers on different queues, as on two machines (CPU embedding, GPU generation),
+    and with REAPER_EVERY in the settings the deployment's reaper."""
+    cluster = make_cluster()
+    cluster.start_worker("embedder", "ingest,embed")
+    cluster.start_worker("generator", "generate")
+    if REAPER_EVERY in cluster_settings:
+        cluster.start("reaper", "reaper", "--every", cluster_settings[REAPER_EVERY])
+    return cluster

@@ -7,72 +7,16 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import sqlalchemy as sa
-from helpers.cli import free_port
 from helpers.cli import ipbatch_ok as cli
+from helpers.cluster import REAPER_EVERY, Cluster, FlakyS3
 from helpers.services import restart_postgres, restart_rabbitmq_app
 
 REFS = ("red", "blue", "green")
-
-
-@pytest.fixture(params=["rabbitmq"])
-def broker(request: pytest.FixtureRequest) -> str:
-    """RabbitMQ (the default) unless a test asks for another broker by indirect parameter."""
-    fixture = {"rabbitmq": "rabbit_vhost", "redis": "redis_broker"}[request.param]
-    return str(request.getfixturevalue(fixture))
-
-
-@pytest.fixture()
-def cluster_settings(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Extra IPBATCH_* settings for the workers: a test parametrizes this (indirectly) with
-    a dict, or with the name of a fixture that returns one."""
-    param = getattr(request, "param", {})
-    if isinstance(param, str):
-        return dict(request.getfixturevalue(param))
-    return dict(param)
-
-
-class FlakyS3:
-    """A second moto server over the same in-process S3 state, which a test can stop."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.server = self._start()
-
-    def _start(self):  # type: ignore[no-untyped-def]
-        from moto.server import ThreadedMotoServer
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        server.start()
-        return server
-
-    def outage(
-        self, seconds: float, *, until: Callable[[], bool] | None = None, limit: float = 60
-    ) -> None:
-        """Gone for `seconds`, and then (with `until`) until that holds, at most `limit` s:
-        on a slow machine one batch can outlast the outage and never notice it."""
-        self.server.stop()
-        time.sleep(seconds)
-        deadline = time.monotonic() + limit - seconds
-        while until is not None and not until() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        self.server = self._start()
-
-
-@pytest.fixture()
-def flaky_s3(s3_endpoint: str) -> Iterator[FlakyS3]:
-    flaky = FlakyS3()
-    yield flaky
-    flaky.server.stop()
 
 
 @pytest.fixture()
@@ -88,153 +32,11 @@ def outage_settings(flaky_s3: FlakyS3) -> dict[str, str]:
     }
 
 
-REAPER_EVERY = "reaper --every"  # a cluster_settings key: also run `ipbatch reaper`
-
-
-@pytest.fixture()
-def cluster(
-    tmp_path: Path,
-    pg_url: str,
-    broker: str,
-    s3_endpoint: str,
-    s3_bucket: str,
-    tiny_models: Path,
-    cluster_settings: dict[str, str],
-) -> Iterator[dict]:
-    env = {
-        **os.environ,
-        "IPBATCH_DATABASE_URL": pg_url,
-        "IPBATCH_BROKER_URL": broker,
-        "IPBATCH_S3_ENDPOINT_URL": s3_endpoint,
-        "IPBATCH_MODELS": str(tiny_models),
-        "IPBATCH_HOME": str(tmp_path / "home"),
-        "IPBATCH_ALLOWED_SOURCES": f"s3://{s3_bucket}/refs/",
-        "IPBATCH_GENERATE_BATCH": "2",
-        "IPBATCH_LOG_FORMAT": "json",
-        **{k: v for k, v in cluster_settings.items() if k != REAPER_EVERY},
-    }
-    cli("db", "upgrade", env=env)
-
-    workers, logs, handles = [], [], []
-    metrics = {"embedder": free_port(), "generator": free_port()}
-    # two workers on different queues, as on two machines: CPU embedding, GPU generation
-    commands = {
-        name: [
-            "worker",
-            "--queues",
-            queues,
-            "--concurrency",
-            "1",
-            "--hostname",
-            f"{name}@%h",
-            "--metrics-port",
-            str(metrics[name]),
-        ]
-        for name, queues in (("embedder", "ingest,embed"), ("generator", "generate"))
-    }
-    if REAPER_EVERY in cluster_settings:
-        commands["reaper"] = ["reaper", "--every", cluster_settings[REAPER_EVERY]]
-    for name, command in commands.items():
-        log = (tmp_path / f"{name}.log").open("w")
-        handles.append(log)
-        logs.append(tmp_path / f"{name}.log")
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "ipbatch.cli", *command],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    engine = sa.create_engine(pg_url, pool_pre_ping=True)  # survives a PostgreSQL restart
-    try:
-        yield {
-            "env": env,
-            "s3": s3,
-            "bucket": s3_bucket,
-            "engine": engine,
-            "logs": logs,
-            "workers": workers,
-            "metrics": metrics,
-        }
-    finally:
-        for proc in workers:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in workers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for handle in handles:
-            handle.close()
-        engine.dispose()
-
-
-def wait_for_job(cluster: dict, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc, log in zip(cluster["workers"], cluster["logs"], strict=True):
-            assert proc.poll() is None, f"worker died:\n{log.read_text()[-3000:]}"
-        row = _progress(cluster, job_id)
-        if row and row["status"] in ("succeeded", "failed", "cancelled"):
-            return row
-        time.sleep(1)
-    logs = "\n".join(p.read_text()[-3000:] for p in cluster["logs"])
-    raise AssertionError(
-        f"job {job_id} did not finish in {timeout} s; items not succeeded:\n"
-        f"{not_succeeded(cluster, job_id)}\nworker logs:\n{logs}"
-    )
-
-
-def not_succeeded(cluster: dict, job_id: str) -> str:
-    """The items waiting, held or failed, each with its events: what a failure report needs."""
-    with cluster["engine"].connect() as conn:
-        rows = conn.execute(
-            sa.text(
-                "SELECT i.id, i.status, i.attempts, i.lease_until, e.from_status, e.to_status,"
-                " e.worker, e.message, e.created_at FROM items i JOIN item_events e"
-                " ON e.item_id = i.id WHERE i.job_id = :j"
-                " AND i.status <> 'succeeded' ORDER BY i.id, e.id"
-            ),
-            {"j": job_id},
-        ).all()
-    return "\n".join(" | ".join(str(v) for v in row) for row in rows)
-
-
-def upload_references(cluster: dict, reference_images: dict[str, Path]) -> None:
-    for name in REFS:
-        cluster["s3"].upload_file(
-            str(reference_images[name]), cluster["bucket"], f"refs/{name}.png"
-        )
-
-
-def wait_until_generating(cluster: dict, job_id: str, *, succeeded: int, deadline: float) -> dict:
-    """job_progress once `succeeded` items are done and a batch is generating (or the job
-    has finished, or at the deadline)."""
-    while True:
-        p = _progress(cluster, job_id)
-        if (p and p["succeeded"] >= succeeded and p["running"] > 0) or time.monotonic() > deadline:
-            return p
-        if p and p["status"] in ("succeeded", "failed", "cancelled"):
-            return p
-        time.sleep(0.2)
-
-
-def put_manifest(cluster: dict, key: str, rows: list[dict]) -> str:
-    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    cluster["s3"].put_object(Bucket=cluster["bucket"], Key=key, Body=body)
-    return f"s3://{cluster['bucket']}/{key}"
-
-
 def test_submit_embed_generate_over_real_services(
-    cluster: dict, reference_images: dict[str, Path]
+    cluster: Cluster, reference_images: dict[str, Path]
 ) -> None:
-    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
-    upload_references(cluster, reference_images)
+    s3, bucket, env = cluster.s3, cluster.bucket, cluster.env
+    cluster.upload_references(reference_images)
     rows = [
         {
             "id": f"{colour}-{i}",
@@ -247,20 +49,20 @@ def test_submit_embed_generate_over_real_services(
         for colour in REFS
         for i in range(3)
     ]
-    manifest = put_manifest(cluster, "jobs/catalog.jsonl", rows)
+    manifest = cluster.put_manifest("jobs/catalog.jsonl", rows)
     output = f"s3://{bucket}/results"
 
     job_id = cli("submit", manifest, "--output", output, env=env).strip()
     assert cli("submit", manifest, "--output", output, env=env).strip() == job_id  # same bytes
 
-    progress = wait_for_job(cluster, job_id)
+    progress = cluster.wait_for_job(job_id)
     assert progress["status"] == "succeeded", progress
     assert (progress["total"], progress["succeeded"], float(progress["percent_done"])) == (
         9,
         9,
         100.0,
     )
-    with cluster["engine"].connect() as conn:
+    with cluster.engine.connect() as conn:
         outputs = conn.execute(
             sa.text(
                 "SELECT o.uri, o.sha256, i.row_id, o.image_index FROM outputs o "
@@ -290,8 +92,7 @@ def test_submit_embed_generate_over_real_services(
     check_metrics_and_logs(cluster, job_id, images=len(outputs))
 
     # the producer: a manifest dropped under a watched prefix is submitted once
-    manifest2 = put_manifest(
-        cluster,
+    manifest2 = cluster.put_manifest(
         "incoming/night-2.jsonl",
         rows[:4]
         + [
@@ -301,16 +102,16 @@ def test_submit_embed_generate_over_real_services(
     )
     cli("producer", "--watch", f"s3://{bucket}/incoming/", "--output", output, "--once", env=env)
     cli("producer", "--watch", f"s3://{bucket}/incoming/", "--output", output, "--once", env=env)
-    with cluster["engine"].connect() as conn:
+    with cluster.engine.connect() as conn:
         jobs = (
             conn.execute(sa.text("SELECT id FROM jobs WHERE manifest_uri = :m"), {"m": manifest2})
             .scalars()
             .all()
         )
     assert len(jobs) == 1
-    progress2 = wait_for_job(cluster, jobs[0])
+    progress2 = cluster.wait_for_job(jobs[0])
     assert (progress2["status"], progress2["succeeded"], progress2["failed"]) == ("failed", 4, 2)
-    with cluster["engine"].connect() as conn:
+    with cluster.engine.connect() as conn:
         errors = dict(
             conn.execute(
                 sa.text(
@@ -332,7 +133,7 @@ def test_submit_embed_generate_over_real_services(
     # retry: the user uploads the missing reference; `outside` is still forbidden
     s3.upload_file(str(reference_images["blue"]), bucket, "refs/missing.png")
     assert "2 failed items queued again" in cli("retry", jobs[0], env=env)
-    progress3 = wait_for_job(cluster, jobs[0])
+    progress3 = cluster.wait_for_job(jobs[0])
     assert (progress3["status"], progress3["succeeded"], progress3["failed"]) == ("failed", 5, 1)
 
     # cancel right after submitting: every item ends cancelled or succeeded, nothing in
@@ -342,12 +143,12 @@ def test_submit_embed_generate_over_real_services(
         for i in range(12)
     ]
     job3 = cli(
-        "submit", put_manifest(cluster, "jobs/cancel.jsonl", rows3), "--output", output, env=env
+        "submit", cluster.put_manifest("jobs/cancel.jsonl", rows3), "--output", output, env=env
     )
     cli("cancel", job3.strip(), env=env)
     deadline = time.monotonic() + 120
     while True:
-        with cluster["engine"].connect() as conn:
+        with cluster.engine.connect() as conn:
             p = (
                 conn.execute(
                     sa.text("SELECT * FROM job_progress WHERE job_id = :j"), {"j": job3.strip()}
@@ -360,7 +161,7 @@ def test_submit_embed_generate_over_real_services(
         time.sleep(1)
     assert p["status"] == "cancelled" and p["pending"] == p["running"] == 0, p
     assert p["succeeded"] + p["cancelled"] == p["total"]
-    with cluster["engine"].connect() as conn:
+    with cluster.engine.connect() as conn:
         n_outputs = conn.execute(
             sa.text(
                 "SELECT COUNT(*) FROM outputs o JOIN items i ON i.id = o.item_id "
@@ -374,25 +175,25 @@ def test_submit_embed_generate_over_real_services(
 
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_redis_broker_also_works(
-    broker: str, cluster: dict, reference_images: dict[str, Path]
+    broker: str, cluster: Cluster, reference_images: dict[str, Path]
 ) -> None:
     assert broker.startswith("redis://")
-    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
+    s3, bucket, env = cluster.s3, cluster.bucket, cluster.env
     s3.upload_file(str(reference_images["red"]), bucket, "refs/red.png")
     rows = [
         {"id": f"r{i}", "reference": f"s3://{bucket}/refs/red.png", "steps": 2} for i in range(3)
     ]
-    manifest = put_manifest(cluster, "jobs/redis.jsonl", rows)
+    manifest = cluster.put_manifest("jobs/redis.jsonl", rows)
     job_id = cli("submit", manifest, "--output", f"s3://{bucket}/out", env=env).strip()
-    progress = wait_for_job(cluster, job_id)
+    progress = cluster.wait_for_job(job_id)
     assert (progress["status"], progress["succeeded"]) == ("succeeded", 3)
 
 
-def test_mixed_presets_over_real_services(cluster: dict, tmp_path: Path) -> None:
+def test_mixed_presets_over_real_services(cluster: Cluster, tmp_path: Path) -> None:
     """sd15-plus, sd15-faceid (insightface in the embed worker) and sdxl rows in one job."""
     from PIL import Image, ImageDraw
 
-    s3, bucket, env = cluster["s3"], cluster["bucket"], cluster["env"]
+    s3, bucket, env = cluster.s3, cluster.bucket, cluster.env
     face = Image.new("RGB", (320, 320), (20, 20, 30))
     ImageDraw.Draw(face).ellipse((80, 70, 240, 250), fill=(230, 190, 160))
     images = {
@@ -431,11 +232,11 @@ def test_mixed_presets_over_real_services(cluster: dict, tmp_path: Path) -> None
         },
         {"id": "no-face", "adapter": "sd15-faceid", "reference": f"{ref}/wall.png", "steps": 2},
     ]
-    manifest = put_manifest(cluster, "jobs/mixed.jsonl", rows)
+    manifest = cluster.put_manifest("jobs/mixed.jsonl", rows)
     job_id = cli("submit", manifest, "--output", f"s3://{bucket}/mixed", env=env).strip()
-    progress = wait_for_job(cluster, job_id)
+    progress = cluster.wait_for_job(job_id)
     assert (progress["status"], progress["succeeded"], progress["failed"]) == ("failed", 6, 1)
-    with cluster["engine"].connect() as conn:
+    with cluster.engine.connect() as conn:
         failed = conn.execute(
             sa.text("SELECT row_id, error_code FROM items WHERE job_id = :j AND status = 'failed'"),
             {"j": job_id},
@@ -465,27 +266,6 @@ def test_mixed_presets_over_real_services(cluster: dict, tmp_path: Path) -> None
     assert {e.split("/")[0] for e in encoders} == {"sd15", "sdxl"}
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (the prefork pool of a Celery worker)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _progress(cluster: dict, job_id: str) -> dict:
-    with cluster["engine"].connect() as conn:
-        row = conn.execute(
-            sa.text("SELECT * FROM job_progress WHERE job_id = :j"), {"j": job_id}
-        ).mappings()
-        return dict(row.one_or_none() or {})
-
-
 @pytest.mark.parametrize(
     "cluster_settings",
     [
@@ -498,13 +278,13 @@ def _progress(cluster: dict, job_id: str) -> dict:
     indirect=True,
 )
 def test_kill_9_the_generate_worker_three_times(
-    cluster: dict, reference_images: dict[str, Path]
+    cluster: Cluster, reference_images: dict[str, Path]
 ) -> None:
     """kill -9 the process generating a batch, three times in one job of 40 items: the job
     completes, every item succeeds once, outputs rows = S3 objects = images asked, and the
     history shows the redeliveries."""
-    bucket, env = cluster["bucket"], cluster["env"]
-    upload_references(cluster, reference_images)
+    bucket, env = cluster.bucket, cluster.env
+    cluster.upload_references(reference_images)
     rows = [
         {
             "id": f"k{i}",
@@ -518,24 +298,23 @@ def test_kill_9_the_generate_worker_three_times(
     asked = sum(r["num_images"] for r in rows)
     output = f"s3://{bucket}/killed"
     job_id = cli(
-        "submit", put_manifest(cluster, "jobs/kill.jsonl", rows), "--output", output, env=env
+        "submit", cluster.put_manifest("jobs/kill.jsonl", rows), "--output", output, env=env
     )
     job_id = job_id.strip()
-    generator = cluster["workers"][1]
     kills, deadline = [], time.monotonic() + 240
     for threshold in (6, 16, 26):
-        p = wait_until_generating(cluster, job_id, succeeded=threshold, deadline=deadline)
-        pool = _children(generator.pid)
+        p = cluster.wait_until_generating(job_id, succeeded=threshold, deadline=deadline)
+        pool = cluster.pool("generator")
         assert pool, "the generate worker has no pool process"
         for pid in pool:
             os.kill(pid, signal.SIGKILL)
         kills.append((p["succeeded"], p["running"]))
     assert len(kills) == 3
     # the disruptions used part of the budget; a slow machine still gets 3 minutes to finish
-    progress = wait_for_job(cluster, job_id, timeout=max(180.0, deadline - time.monotonic()))
+    progress = cluster.wait_for_job(job_id, timeout=max(180.0, deadline - time.monotonic()))
     assert (progress["status"], progress["succeeded"], progress["total"]) == ("succeeded", 40, 40)
-    assert_one_set_of_outputs(cluster, job_id, prefix="killed", asked=asked)
-    with cluster["engine"].connect() as conn:
+    cluster.assert_one_set_of_outputs(job_id, prefix="killed", asked=asked)
+    with cluster.engine.connect() as conn:
         reclaims = conn.execute(
             sa.text(
                 "SELECT COUNT(*) FROM item_events e JOIN items i ON i.id = e.item_id "
@@ -553,36 +332,16 @@ def test_kill_9_the_generate_worker_three_times(
     print(f"items redelivered {redelivered}")
 
 
-def assert_one_set_of_outputs(cluster: dict, job_id: str, *, prefix: str, asked: int) -> None:
-    """outputs rows = stored objects = images asked, and every object is the one recorded."""
-    s3, bucket = cluster["s3"], cluster["bucket"]
-    with cluster["engine"].connect() as conn:
-        outputs = conn.execute(
-            sa.text(
-                "SELECT o.uri, o.sha256 FROM outputs o JOIN items i ON i.id = o.item_id "
-                "WHERE i.job_id = :j"
-            ),
-            {"j": job_id},
-        ).all()
-    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{job_id}/", MaxKeys=1000)
-    keys = {o["Key"] for o in listed.get("Contents", [])}
-    assert len(outputs) == asked == len(keys)
-    assert {uri.removeprefix(f"s3://{bucket}/") for uri, _ in outputs} == keys
-    for uri, sha in outputs:
-        body = s3.get_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))["Body"]
-        assert hashlib.sha256(body.read()).hexdigest() == sha
-
-
 @pytest.mark.parametrize("cluster_settings", ["outage_settings"], indirect=True)
 def test_postgres_restart_and_s3_outage_mid_job(
-    cluster: dict, flaky_s3: FlakyS3, reference_images: dict[str, Path]
+    cluster: Cluster, flaky_s3: FlakyS3, reference_images: dict[str, Path]
 ) -> None:
     """PostgreSQL restarted while items generate, then the S3 server gone for 10 s, then
     RabbitMQ stopped for 5 s: the job completes with every item succeeded once and one set of
     outputs; the workers and the deployment's reaper carry on by themselves. No outage counts
     as a delivery of an item (IPBATCH_MAX_DELIVERIES is for workers that die)."""
-    bucket, env = cluster["bucket"], cluster["env"]
-    upload_references(cluster, reference_images)
+    bucket, env = cluster.bucket, cluster.env
+    cluster.upload_references(reference_images)
     rows = [
         {
             "id": f"o{i}",
@@ -594,7 +353,7 @@ def test_postgres_restart_and_s3_outage_mid_job(
     ]
     job_id = cli(
         "submit",
-        put_manifest(cluster, "jobs/outage.jsonl", rows),
+        cluster.put_manifest("jobs/outage.jsonl", rows),
         "--output",
         f"s3://{bucket}/outage",
         env=env,
@@ -603,7 +362,7 @@ def test_postgres_restart_and_s3_outage_mid_job(
     events = []
 
     def s3_retries() -> int:  # items given back because S3 was unreachable
-        with cluster["engine"].connect() as conn:
+        with cluster.engine.connect() as conn:
             return int(
                 conn.execute(
                     sa.text(
@@ -620,18 +379,18 @@ def test_postgres_restart_and_s3_outage_mid_job(
         (20, lambda: restart_rabbitmq_app(5)),
     )
     for threshold, disrupt in disruptions:
-        p = wait_until_generating(cluster, job_id, succeeded=threshold, deadline=deadline)
+        p = cluster.wait_until_generating(job_id, succeeded=threshold, deadline=deadline)
         events.append((p["succeeded"], p["running"]))
         disrupt()
     # the disruptions used part of the budget; a slow machine still gets 3 minutes to finish
-    progress = wait_for_job(cluster, job_id, timeout=max(180.0, deadline - time.monotonic()))
+    progress = cluster.wait_for_job(job_id, timeout=max(180.0, deadline - time.monotonic()))
     assert (progress["status"], progress["succeeded"], progress["total"]) == (
         "succeeded",
         30,
         30,
-    ), not_succeeded(cluster, job_id)
-    assert_one_set_of_outputs(cluster, job_id, prefix="outage", asked=30)
-    with cluster["engine"].connect() as conn:
+    ), cluster.not_succeeded(job_id)
+    cluster.assert_one_set_of_outputs(job_id, prefix="outage", asked=30)
+    with cluster.engine.connect() as conn:
         retried = conn.execute(
             sa.text(
                 "SELECT COUNT(*) FROM item_events e JOIN items i ON i.id = e.item_id "
@@ -655,25 +414,11 @@ def test_postgres_restart_and_s3_outage_mid_job(
     assert s3_retries() > 0, "the S3 outage went unnoticed: no item was given back"
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample a worker's /metrics serves, keyed by (name, sorted labels)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-    }
-
-
-def check_metrics_and_logs(cluster: dict, job_id: str, *, images: int) -> None:
+def check_metrics_and_logs(cluster: Cluster, job_id: str, *, images: int) -> None:
     """The workers' Prometheus metrics count what the ledger says happened; their logs are
     JSON lines carrying job and item ids."""
-    embedder = scrape(cluster["metrics"]["embedder"])
-    generator = scrape(cluster["metrics"]["generator"])
+    embedder = cluster.scrape("embedder")
+    generator = cluster.scrape("generator")
     assert embedder[("ipbatch_items_total", (("outcome", "done"), ("stage", "embed")))] == 9
     assert embedder[("ipbatch_embedding_cache_total", (("result", "miss"),))] == 6
     assert embedder[("ipbatch_embedding_cache_total", (("result", "hit"),))] == 3
@@ -683,7 +428,7 @@ def check_metrics_and_logs(cluster: dict, job_id: str, *, images: int) -> None:
     for queue in ("ingest", "embed", "generate"):
         assert generator[("ipbatch_queue_depth", (("queue", queue),))] >= 0
     entries = []
-    for line in cluster["logs"][1].read_text().splitlines():
+    for line in cluster.logs["generator"].read_text().splitlines():
         try:
             entries.append(json.loads(line))
         except ValueError:
