@@ -70,29 +70,31 @@ class EmbeddingCache:
 
     def ensure(self, *, key: CacheKey, cache_root: str, compute: Callable[[], Tensors]) -> Cached:
         """Make sure the key's tensors are stored: found (the object is there), or computed
-        and stored now. No transaction is held while `compute` runs."""
+        and stored now. A miss is computed under a lock on the key (PostgreSQL), so workers
+        that miss the same key at once compute it once: the second finds the first's."""
+        names = {"content_sha256": key.content_sha256, "encoder": key.encoder, "kind": key.kind}
         with self.sessions.begin() as session:
-            found = embeddings.find(
-                session, content_sha256=key.content_sha256, encoder=key.encoder, kind=key.kind
-            )
+            found = embeddings.find(session, **names)
             known = (found.id, found.uri) if found is not None else None
-        if known is not None:
-            embedding_id, uri = known
-            if self.stores.for_uri(uri).exists(uri):
-                return Cached(embedding_id, uri, hit=True)
-            log.warning("cached embedding %s is gone: computing it again", uri)
-            self._store(uri, compute(), key)
-            return Cached(embedding_id, uri, hit=False)
-        tensors = compute()
-        uri = key.uri(cache_root)
-        self._store(uri, tensors, key)
-        pos = tensors["pos"]
+        if known is not None and self.stores.for_uri(known[1]).exists(known[1]):
+            return Cached(*known, hit=True)
         with self.sessions.begin() as session:
+            if not embeddings.lock_key(session, **names):
+                log.warning("embedding %s is being computed elsewhere for long: computing", key)
+            found = embeddings.find(session, **names)  # computed meanwhile?
+            if found is not None and self.stores.for_uri(found.uri).exists(found.uri):
+                return Cached(found.id, found.uri, hit=True)
+            if found is not None:
+                log.warning("cached embedding %s is gone: computing it again", found.uri)
+            tensors = compute()
+            uri = found.uri if found is not None else key.uri(cache_root)
+            self._store(uri, tensors, key)
+            if found is not None:
+                return Cached(found.id, uri, hit=False)
+            pos = tensors["pos"]
             embedding_id = embeddings.record(
                 session,
-                content_sha256=key.content_sha256,
-                encoder=key.encoder,
-                kind=key.kind,
+                **names,
                 uri=uri,
                 shape=list(pos.shape),
                 dtype=str(pos.dtype).removeprefix("torch."),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -107,11 +108,11 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and job_id / item_ids when the
     log call passed them in `extra`."""
 
-    FIELDS = ("job_id", "job_ids", "item_ids", "worker")
+    FIELDS = ("job_id", "job_ids", "item_ids", "worker", "key")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="microseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import delete, insert, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from storage.ledger.db import is_postgres
 from storage.models import Embedding, ItemEmbedding
 
 
@@ -21,6 +22,30 @@ def find(session: Session, *, content_sha256: str, encoder: str, kind: str) -> E
             Embedding.kind == kind,
         )
     )
+
+
+def lock_key(session: Session, *, content_sha256: str, encoder: str, kind: str) -> bool:
+    """PostgreSQL: hold a lock on this key until the transaction ends, so that two workers
+    missing the same key at once compute it once (the second finds it when the lock is its).
+    Waits at most `LOCK_WAIT`; False if it gave up (a worker stopped mid-computation holds
+    it: compute anyway rather than wait for ever). SQLite: one writer anyway, True."""
+    if not is_postgres(session):
+        return True
+    session.execute(text(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT * 1000)}ms'"))
+    try:
+        with session.begin_nested():
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                {"key": f"{content_sha256}|{encoder}|{kind}"},
+            )
+    except OperationalError:  # lock_timeout
+        return False
+    finally:
+        session.execute(text("SET LOCAL lock_timeout = 0"))
+    return True
+
+
+LOCK_WAIT = 30.0  # seconds
 
 
 def record(

@@ -103,10 +103,11 @@ def _embed_references(
             if uri not in seen:
                 data = read_reference(ctx, uri)
                 seen[uri] = hashlib.sha256(data).hexdigest()
+            key = CacheKey(seen[uri], encoder.fingerprint, encoder.kind.value)
             cached = ctx.cache.ensure(
-                key=CacheKey(seen[uri], encoder.fingerprint, encoder.kind.value),
+                key=key,
                 cache_root=ctx.cache_root(entry.output_uri),
-                compute=functools.partial(_compute, ctx, encoder, uri, data),
+                compute=functools.partial(_compute, ctx, encoder, key, uri, data),
             )
             if cached.hit:
                 summary.cached += 1
@@ -125,9 +126,14 @@ def _embed_references(
 
 
 def _compute(
-    ctx: StageContext, encoder: ReferenceEncoder, uri: str, data: bytes | None
+    ctx: StageContext, encoder: ReferenceEncoder, key: CacheKey, uri: str, data: bytes | None
 ) -> dict[str, torch.Tensor]:
-    log.info("computing embedding of %s (%s)", uri, encoder.kind.value)
+    log.info(
+        "computing embedding of %s (%s)",
+        uri,
+        key.kind,
+        extra={"key": f"{key.content_sha256}/{key.encoder}/{key.kind}", "worker": ctx.worker},
+    )
     raw = data if data is not None else read_reference(ctx, uri)
     return encoder.encode(decode(ctx, raw, name=uri), name=uri)
 
