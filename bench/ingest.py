@@ -3,7 +3,7 @@
     .venv/bin/python bench/ingest.py [--rows 100000] [--broker amqp://...] [--pg URL]
 
 Starts moto's S3 server on a free local port, uploads a generated manifest (10% of rows
-invalid), creates a throwaway PostgreSQL database, then times `stages.ingest` streaming the
+invalid), creates a throwaway PostgreSQL database, then times the ingest stage streaming the
 manifest, validating every row, writing items (+ events) to the ledger and sending the embed
 messages to a real broker (a throwaway RabbitMQ vhost). Prints seconds, rows/s and the
 process's peak RSS (which includes moto's S3 server, running in this process). No assertions.
@@ -83,23 +83,25 @@ def main() -> None:
         }
     )
     try:
+        from storage.lifecycle import Stage
         from storage.migrate import upgrade
-        from workers import stages, tasks
+        from workers import tasks
+        from workers.stages import ingest, jobs
 
         upgrade(os.environ["IPBATCH_DATABASE_URL"])
         ctx = tasks.context()
-        job_id, _ = stages.register_job(
+        job_id, _ = jobs.register(
             ctx, manifest_uri=f"s3://{bucket}/jobs/big.jsonl", output_uri=f"s3://{bucket}/out"
         )
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         sent = [0]
 
-        def enqueue(ids: list[int]) -> None:
-            tasks.send_embed(ids)
+        def send(stage: Stage, ids: list[int]) -> None:
+            tasks.send(stage, ids)
             sent[0] += len(ids)
 
         started = time.perf_counter()
-        summary = stages.ingest(ctx, job_id=job_id, enqueue=enqueue)
+        summary = ingest.run(ctx, job_id=job_id, send=send)
         seconds = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"manifest: {args.rows} rows, {len(body) / 2**20:.1f} MiB on the S3 server")

@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/status.py [--items 1000000] [--pg postgresql+psycopg://...]
 
-Creates a throwaway PostgreSQL database, writes one job of N items through `ledger.add_items`
+Creates a throwaway PostgreSQL database, writes one job of N items through `bulk.add_items`
 (COPY), gives them a mid-job mix of statuses (60% succeeded, 2% failed, 5% running, 33%
-pending) with bulk UPDATEs and rebuilds the status counters from the items (`ledger.recount`;
-the counters' upkeep on every transition is tested in tests/test_ledger.py), then times, as a
-user's SQL client would run them:
+pending) with bulk UPDATEs and rebuilds the status counters from the items
+(`counters.recount`; the counters' upkeep on every transition is tested in
+tests/integration/test_ledger.py), then times, as a user's SQL client would run them:
 
 - `job_progress` for that job (reads the per-job status counters),
 - `job_progress` for every job,
@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args()
 
-    from storage import ledger
+    from core.clock import utcnow
+    from storage.ledger import bulk, counters, db, jobs
     from storage.migrate import upgrade
     from storage.models import ItemStatus
 
@@ -79,16 +80,21 @@ def main() -> None:
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = sa.make_url(args.pg).set(database=name).render_as_string(hide_password=False)
-    engine = ledger.make_engine(url)
+    engine = db.make_engine(url)
     try:
         upgrade(url)
-        sessions = ledger.make_sessions(engine)
+        sessions = db.make_sessions(engine)
         start = time.perf_counter()
         with sessions.begin() as s:
-            job_id, _ = ledger.create_job(
-                s, name="bench", manifest_uri="m", manifest_sha256="0" * 64, output_uri="o"
+            job_id, _ = jobs.create(
+                s,
+                name="bench",
+                manifest_uri="m",
+                manifest_sha256="0" * 64,
+                output_uri="o",
+                now=utcnow(),
             )
-            ledger.start_job(s, job_id=job_id)
+            jobs.claim_ingest(s, job_id=job_id, worker="bench", lease_seconds=3600, now=utcnow())
         for lo in range(0, args.items, 50_000):
             rows = [
                 {
@@ -100,7 +106,7 @@ def main() -> None:
                 for i in range(lo, min(lo + 50_000, args.items))
             ]
             with sessions.begin() as s:
-                ledger.add_items(s, job_id=job_id, rows=rows)
+                bulk.add_items(s, job_id=job_id, rows=rows, now=utcnow())
         added = time.perf_counter() - start
         with sessions.begin() as s:
             s.execute(
@@ -112,7 +118,7 @@ def main() -> None:
                 ),
                 {"job": job_id},
             )
-            counts = ledger.recount(s, job_id=job_id)
+            counts = counters.recount(s, job_id=job_id)
         print(f"{args.items:,} items written with COPY in {added:.1f} s; statuses: ", end="")
         print(", ".join(f"{k.value} {v:,}" for k, v in sorted(counts.items())))
 

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ErrorCode, ItemError
-from pipeline.generator import AdapterInput, GenerationRequest
 from pipeline.manifest import Row
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and diffusers load with the generate stage, not with an ingest worker
     import torch
+
+    from pipeline.generator import GenerationRequest
 
 Tensors = dict[str, "torch.Tensor"]
 
@@ -40,6 +41,8 @@ def combine(tensors: Sequence[Tensors], how: str) -> Tensors:
 def build_request(row: Row, embeddings: Sequence[Sequence[Tensors]]) -> GenerationRequest:
     """The request for `row`; `embeddings[a][r]` holds the cached tensors (pos, neg, and for
     FaceID-Plus clip_pos, clip_neg) of adapter a's reference r."""
+    from pipeline.generator import AdapterInput, GenerationRequest
+
     specs = row.adapter_specs()
     if len(embeddings) != len(specs) or any(
         len(tensors) != len(spec.references)

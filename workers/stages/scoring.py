@@ -14,15 +14,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline.scores import ClipScorer, clip_i, clip_t
 from storage.embcache import CacheKey
 from workers import metrics
 from workers.stages.common import decode, read_reference
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the scoring model's stack loads with the generate stage
     import torch
     from PIL import Image
 
+    from pipeline.scores import ClipScorer
     from workers.context import StageContext
 
 Score = tuple[float, float | None]  # (CLIP-I, CLIP-T; None without a prompt)
@@ -47,6 +47,8 @@ class Judge:
         self.text = scorer.text_embeds([prompt])[0] if prompt else None
 
     def __call__(self, images: Sequence[Image.Image]) -> list[Score]:
+        from pipeline.scores import clip_i, clip_t
+
         return [
             (clip_i(e, self.references), clip_t(e, self.text))
             for e in self.scorer.image_embeds(list(images))
