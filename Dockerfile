@@ -15,6 +15,7 @@ WORKDIR /app
 # torch first and pinned, from the chosen index, so nothing pulls another build
 RUN pip install torch==2.13.0 --index-url "$TORCH_INDEX"
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY ipbatch ./ipbatch
 COPY pipeline ./pipeline
 COPY storage ./storage

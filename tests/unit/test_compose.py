@@ -119,6 +119,6 @@ def test_the_image_installs_the_packages_and_the_pinned_torch() -> None:
     makefile = (ROOT / "Makefile").read_text()
     [torch_pin] = re.findall(r"torch==[0-9.]+", makefile)
     assert torch_pin in dockerfile
-    for package in ("ipbatch", "pipeline", "storage", "workers", "migrations"):
+    for package in ("core", "ipbatch", "pipeline", "storage", "workers", "migrations"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert 'ENTRYPOINT ["ipbatch"]' in dockerfile
