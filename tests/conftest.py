@@ -5,6 +5,7 @@ test outside tests/integration cannot ask for them; every test there is marked `
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture()
+def clock() -> Any:
+    """A ManualClock: the ledger's time, moved by the test (leases are tested, not raced)."""
+    from helpers.clock import ManualClock
+
+    return ManualClock()
 
 
 @pytest.fixture(scope="session")

@@ -197,26 +197,30 @@ def finish_ingest(
 ) -> bool:
     """The manifest is read: record its row count (the job may finish from now on) and end
     the claim. False if the claim was lost (another ingest finishes instead)."""
-    status = session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_token == token)
-        .values(total_rows=total_rows, lease_token=None, lease_until=None, updated_at=now)
-        .returning(Job.status)
-    )
-    if status is None:
-        return False
-    _event(session, job_id, status, status, now, worker, f"manifest read: {total_rows} rows")
-    return True
+    message = f"manifest read: {total_rows} rows"
+    return _end_ingest(session, job_id, token, now, worker, message, {"total_rows": total_rows})
 
 
 def release_ingest(
     session: Session, *, job_id: str, token: str, now: datetime, worker: str, message: str
 ) -> bool:
     """Give the claim back (an outage): the job waits for ingest again."""
+    return _end_ingest(session, job_id, token, now, worker, message, {})
+
+
+def _end_ingest(
+    session: Session,
+    job_id: str,
+    token: str,
+    now: datetime,
+    worker: str,
+    message: str,
+    values: dict[str, Any],
+) -> bool:
     status = session.scalar(
         update(Job)
         .where(Job.id == job_id, Job.lease_token == token)
-        .values(lease_token=None, lease_until=None, updated_at=now)
+        .values(lease_token=None, lease_until=None, updated_at=now, **values)
         .returning(Job.status)
     )
     if status is None:

@@ -37,11 +37,6 @@ def proxy(s3_endpoint: str) -> Iterator[S3Proxy]:
     proxy.close()
 
 
-@pytest.fixture()
-def clock() -> ManualClock:
-    return ManualClock()
-
-
 def make_ctx(tmp_path: Path, tiny_models: Path, endpoint: str, **options: Any) -> StageContext:
     extra = {k: options.pop(k) for k in ("clock", "worker") if k in options}
     settings = Settings(

@@ -27,11 +27,6 @@ LEASE = 5
 
 
 @pytest.fixture()
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture()
 def ctx(tmp_path: Path, tiny_models: Path, clock: ManualClock) -> Iterator[StageContext]:
     context = local_context(tmp_path / "home", tiny_models, lease_seconds=LEASE, clock=clock)
     yield context

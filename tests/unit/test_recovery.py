@@ -28,11 +28,6 @@ from workers.stages import embed, generate, ingest, jobs
 
 
 @pytest.fixture()
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture()
 def ctx(tmp_path: Path, tiny_models: Path, clock: ManualClock) -> Iterator[StageContext]:
     context = local_context(tmp_path / "home", tiny_models, lease_seconds=5, clock=clock)
     yield context
