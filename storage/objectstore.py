@@ -40,6 +40,8 @@ class ObjectStore(Protocol):
 
     def list(self, prefix_uri: str) -> Iterator[str]: ...
 
+    def probe_writes(self, uri: str) -> bool: ...
+
 
 class LocalStore:
     """Objects are files; a key is a path."""
@@ -104,6 +106,12 @@ class LocalStore:
         for path in sorted(root.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 yield str(path)
+
+    def probe_writes(self, uri: str) -> bool:
+        """`uri`'s folder can be written (made if missing); an exclusive link is first-writer-
+        wins by itself: True."""
+        local_path(uri).mkdir(parents=True, exist_ok=True)
+        return True
 
     def remove_tree(self, uri: str) -> None:
         shutil.rmtree(local_path(uri), ignore_errors=True)
@@ -258,6 +266,11 @@ class S3Store:
         with self._lock:
             self._conditional[bucket] = honoured
         return honoured
+
+    def probe_writes(self, uri: str) -> bool:
+        """Raise ConfigError if `uri`'s bucket does not exist or may not be written; whether
+        it honours conditional writes (see `honours_conditional_writes`)."""
+        return self.honours_conditional_writes(uri)
 
     def exists(self, uri: str) -> bool:
         loc = parse_s3(uri)

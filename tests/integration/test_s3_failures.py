@@ -281,3 +281,53 @@ def test_a_missing_output_bucket_is_a_clear_configuration_error(s3_endpoint: str
         store.put("s3://nobody-made-this/out/x.png", b"image")
     with pytest.raises(ObjectNotFound):  # a reference there is a missing reference
         store.get("s3://nobody-made-this/refs/a.png")
+
+
+# --- one bad row or job never stops a worker -----------------------------------------------
+
+
+def test_a_reference_the_workers_cannot_read_fails_its_item_not_the_worker(
+    ctx: StageContext, bucket: str, s3_endpoint: str
+) -> None:
+    """A malformed or forbidden S3 reference is the row's problem: its item fails as
+    `reference_forbidden` and the other rows go on. (As a configuration error it would have
+    stopped every worker that met it.)"""
+    bad = {"id": "bad", "reference": "s3:///no-bucket.png", "steps": 1}
+    job_id = submit(ctx, put_manifest(bucket, s3_endpoint, [*rows(bucket, 2), bad]), bucket)
+    ingest.run(ctx, job_id=job_id, send=no_send)
+    pending = pending_of(ctx, job_id)
+    summary = embed.run(ctx, item_ids=pending)
+    assert len(summary.ready) == 2
+    [(status, _, code)] = [s for s in state(ctx, pending) if s[0] == "failed"]
+    assert code == "reference_forbidden"
+
+
+def test_a_job_whose_manifest_vanished_fails_with_the_reason(
+    ctx: StageContext, bucket: str, s3_endpoint: str
+) -> None:
+    manifest = put_manifest(bucket, s3_endpoint, rows(bucket, 2))
+    job_id = submit(ctx, manifest, bucket)
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").delete_object(
+        Bucket=bucket, Key="m.jsonl"
+    )
+    ingest.run(ctx, job_id=job_id, send=no_send)
+    with ctx.sessions.begin() as s:
+        job = job_ledger.get(s, job_id=job_id)
+    assert job is not None and job.status == "failed"
+    assert job.error_message is not None and "manifest unreadable" in job.error_message
+
+
+def test_a_job_cannot_be_submitted_to_a_bucket_that_does_not_exist(
+    ctx: StageContext, bucket: str, s3_endpoint: str
+) -> None:
+    manifest = put_manifest(bucket, s3_endpoint, rows(bucket, 1))
+    with pytest.raises(ConfigError, match="ipbatch never creates buckets"):
+        jobs.submit(
+            ctx,
+            manifest_uri=manifest,
+            output_uri="s3://nobody-made-this/out",
+            send_ingest=lambda j: None,
+        )
+    with ctx.sessions.begin() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Item)) == 0
+        assert s.scalar(sa.text("SELECT COUNT(*) FROM jobs")) == 0

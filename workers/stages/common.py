@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from core.errors import ErrorCode, ItemError, ObjectNotFound
+from core.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound
 from pipeline.images import decode_reference
 from storage.ledger import items, jobs
 from storage.lifecycle import Stage
@@ -31,10 +31,19 @@ def chunked(ids: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 def read_reference(ctx: StageContext, uri: str) -> bytes:
+    """A reference's bytes. What the row names is the row's business: a missing object fails
+    the item, and so does one the workers may not read (access denied, a malformed URI): one
+    bad row must never stop a worker as a configuration error would."""
     try:
         return ctx.stores.for_uri(uri).get(uri)
     except ObjectNotFound as exc:
         raise ItemError(ErrorCode.REFERENCE_NOT_FOUND, f"{uri} does not exist") from exc
+    except ConfigError as exc:
+        raise ItemError(
+            ErrorCode.REFERENCE_FORBIDDEN,
+            f"{uri} cannot be read ({exc}); check the URI, the bucket policy or the workers' "
+            "credentials, then `ipbatch retry`",
+        ) from exc
 
 
 def decode(ctx: StageContext, data: bytes, *, name: str) -> Image.Image:

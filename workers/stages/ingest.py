@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
-from core.errors import Action, ErrorCode, ObjectNotFound, classify
+from core.errors import Action, ConfigError, ErrorCode, ObjectNotFound, classify
 from pipeline.manifest import ParsedRow, detect_format, read_manifest
 from storage.ledger import bulk, items, jobs
 from storage.lifecycle import EMBED
@@ -35,6 +35,10 @@ class IngestSummary:
 
 class _ClaimLost(Exception):
     """Another ingest took the job over (ours lapsed): stop, write nothing more."""
+
+
+class _Unreadable(Exception):
+    """The manifest is not there, or may not be read: the job fails (not the worker)."""
 
 
 def run(ctx: StageContext, *, job_id: str, send: Send) -> IngestSummary:
@@ -89,7 +93,7 @@ def _holding_job(ctx: StageContext, job_id: str, token: str) -> Iterator[None]:
         yield
     except _ClaimLost:
         log.warning("job %s: another ingest took it over; this one stops", job_id)
-    except ObjectNotFound as exc:
+    except _Unreadable as exc:
         _fail_job(ctx, job_id, f"manifest unreadable: {exc}")
     except BaseException as exc:
         decision = classify(exc)
@@ -122,7 +126,7 @@ def _rows_after(
 ) -> Iterator[dict[str, Any]]:
     """The manifest's rows after row index `already`, as item values (valid: pending with
     the validated row in params; invalid: failed as invalid_row with the reason)."""
-    with ctx.stores.for_uri(manifest_uri).open(manifest_uri) as stream:
+    with _manifest(ctx, manifest_uri) as stream:
         for parsed in read_manifest(stream, detect_format(manifest_uri)):
             summary.rows += 1
             if parsed.index <= already:
@@ -133,6 +137,18 @@ def _rows_after(
             else:
                 summary.valid += 1
             yield _item_values(parsed)
+
+
+@contextmanager
+def _manifest(ctx: StageContext, manifest_uri: str) -> Iterator[IO[bytes]]:
+    """The manifest, streamed; missing or forbidden (access denied, a malformed URI) is the
+    job's problem. Reads that fail half way are outages, raised as they are."""
+    with ExitStack() as stack:
+        try:
+            stream = stack.enter_context(ctx.stores.for_uri(manifest_uri).open(manifest_uri))
+        except (ObjectNotFound, ConfigError) as exc:
+            raise _Unreadable(str(exc)) from exc
+        yield stream
 
 
 def _item_values(parsed: ParsedRow) -> dict[str, Any]:

@@ -65,7 +65,15 @@ def submit(
     """Register the job and send its ingest. Submitting the same manifest again returns the
     same job, and sends its ingest again if the job still waits for one (its first message
     was never sent, or lost): a job is never stranded by a failed publish. A duplicate
-    ingest message does nothing. Returns (job id, created)."""
+    ingest message does nothing. The output must be writable first: a bucket that does not
+    exist (ipbatch never creates buckets) or may not be written is said now, not by every
+    worker later. Returns (job id, created)."""
+    if not ctx.stores.for_uri(output_uri).probe_writes(output_uri):
+        log.warning(
+            "%s ignores conditional writes: an image is stored once because each worker checks "
+            "its claim before uploading (README, Running it for real)",
+            output_uri,
+        )
     job_id, created = register(ctx, manifest_uri=manifest_uri, output_uri=output_uri, name=name)
     with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=job_id)
