@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class GenerateSummary:
     succeeded: int = 0
-    failed: int = 0
     images: int = 0
     held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
     retry_in: float = 0.0
