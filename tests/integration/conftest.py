@@ -140,14 +140,16 @@ def flaky_s3(s3_endpoint: str) -> Iterator[Any]:
 @pytest.fixture()
 def make_cluster(
     tmp_path: Path,
-    pg_url: str,
+    fresh_pg_url: str,
     broker: str,
     s3_endpoint: str,
     s3_bucket: str,
     tiny_models: Path,
     cluster_settings: dict[str, str],
 ) -> Iterator[Any]:
-    """Builds a Cluster (nothing started) over this test's services; closed at the end."""
+    """Builds a Cluster (nothing started) over this test's services, with a database of its
+    own (the embedding cache is global: another test's entries would change what this one
+    sees); closed at the end."""
     from helpers.cluster import Cluster
 
     made: list[Cluster] = []
@@ -155,7 +157,7 @@ def make_cluster(
     def make(**settings: str) -> Cluster:
         cluster = Cluster(
             tmp_path=tmp_path,
-            database_url=pg_url,
+            database_url=fresh_pg_url,
             broker_url=broker,
             s3_endpoint=s3_endpoint,
             bucket=s3_bucket,

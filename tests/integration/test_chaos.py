@@ -19,12 +19,12 @@ SEED = int(os.environ.get("IPBATCH_CHAOS_SEED", "20261203"))
 def test_chaos_loses_nothing_and_makes_nothing_twice(
     make_cluster: Callable[..., Cluster],
     flaky_s3: FlakyS3,
-    pg_url: str,
     reference_images: dict[str, Path],
 ) -> None:
     plan = chaos.Plan(seed=SEED)
     cluster = make_cluster(**chaos.settings(plan, flaky_s3))
-    report = chaos.run(cluster, flaky_s3, plan, reference_images, pg_url)
+    database_url = cluster.env["IPBATCH_DATABASE_URL"]
+    report = chaos.run(cluster, flaky_s3, plan, reference_images, database_url)
     print(report.summary())
     for when, fault, target in report.faults:
         print(f"  {when:6.1f} s  {fault:13} {target}")
