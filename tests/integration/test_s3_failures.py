@@ -170,31 +170,28 @@ def test_a_cached_embedding_read_cut_off_half_way_releases_the_items(
 
 
 def test_an_outage_while_preparing_gives_every_claimed_item_back_at_once(
-    ctx: StageContext, proxy: S3Proxy, bucket: str, s3_endpoint: str
+    ctx: StageContext,
+    proxy: S3Proxy,
+    bucket: str,
+    s3_endpoint: str,
+    reference_images: dict[str, Path],
 ) -> None:
-    """Four items with four different references; S3 answers the first two cache reads, then
-    goes away. Before: only the items not prepared yet were released; the two prepared ones
-    stayed `running` with no heartbeat until their lease lapsed, then were re-claimed with an
-    attempt never refunded. Now all four go back at once, refunded."""
-    refs = ("red", "blue", "green", "red2")
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    s3.copy_object(
-        Bucket=bucket, Key="refs/red2.png", CopySource={"Bucket": bucket, "Key": "refs/red.png"}
-    )
-    # (red2 has red's bytes: one cache object for both; three distinct objects in all)
+    """Four items (red, blue, green, red again); the first two are prepared, then S3 fails
+    every read of green's cached embedding. Before: only the items not prepared yet were
+    released; the two prepared ones stayed `running` with no heartbeat until their lease
+    lapsed, then were re-claimed with an attempt never refunded. Now all four go back at
+    once, refunded."""
+    refs = ("red", "blue", "green", "red")
     job_id = submit(ctx, put_manifest(bucket, s3_endpoint, rows(bucket, 4, refs)), bucket)
     ingest.run(ctx, job_id=job_id, send=no_send)
     ready = embed.run(ctx, item_ids=pending_of(ctx, job_id)).ready
     assert len(ready) == 4
-    reads: list[str] = []
+    green = hashlib.sha256(reference_images["green"].read_bytes()).hexdigest()
 
-    def after_two_reads(method: str, path: str) -> bool:
-        if method == "GET" and "/ipbatch-cache/embeddings/" in path:
-            reads.append(path)
-            return len(reads) > 2
-        return False
+    def green_embedding(method: str, path: str) -> bool:
+        return method == "GET" and "/ipbatch-cache/embeddings/" in path and green in path
 
-    proxy.fail(after_two_reads, times=1000)
+    proxy.fail(green_embedding, times=1000)
     with pytest.raises(RetryableError):
         generate.run(ctx, item_ids=ready)
     assert state(ctx, ready) == [("ready", 0, None)] * 4
