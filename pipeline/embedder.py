@@ -14,12 +14,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection
 
 from pipeline.faces import FaceEmbedder
 from pipeline.models import folder_fingerprint, loading
@@ -33,6 +33,14 @@ class ReferenceEmbedding:
     kind: EmbedKind
     pos: torch.Tensor
     neg: torch.Tensor
+
+
+def processor_class_of_this_environment() -> Any:
+    """The class `transformers.CLIPImageProcessor` names now: what diffusers' pipelines load
+    for `feature_extractor` (by that name) and what `load_ip_adapter` builds."""
+    import transformers
+
+    return transformers.CLIPImageProcessor
 
 
 class ClipEmbedder:
@@ -49,23 +57,31 @@ class ClipEmbedder:
         with loading(f"the image encoder at {encoder_folder}", encoder_folder):
             model = CLIPVisionModelWithProjection.from_pretrained(encoder_folder, dtype=dtype)
         self.model = model.to(device).eval()  # type: ignore[arg-type]
-        # the PIL processor is what transformers uses without torchvision (same numbers)
+        # The processor is built exactly as the diffusers pipeline builds its feature_extractor
+        # in this environment: transformers' `CLIPImageProcessor`, which resolves to the
+        # torchvision backend when torchvision is installed and to the PIL one otherwise (they
+        # differ by about one grey level), from the base model's folder (SD1.5), or as
+        # `load_ip_adapter` makes one when the base model has none (SDXL).
+        processor_class = processor_class_of_this_environment()
         if processor_folder is not None:
-            self.processor = CLIPImageProcessorPil.from_pretrained(processor_folder)
-        else:  # what diffusers' load_ip_adapter builds when the base model has none (SDXL)
+            self.processor = processor_class.from_pretrained(processor_folder)
+        else:
             size = self.model.config.image_size
-            self.processor = CLIPImageProcessorPil(size=size, crop_size=size)
-        # The fingerprint names the exact weights, preprocessing and precision: a cached
-        # embedding is reused only by an identical encoder.
+            self.processor = processor_class(size=size, crop_size=size)
+        # The fingerprint names the exact weights, preprocessing (backend included) and
+        # precision: a cached embedding is reused only by an identical encoder.
         weights = folder_fingerprint(encoder_folder, ("*.json", "*.safetensors", "*.bin"))
         processor = json.dumps(self.processor.to_dict(), sort_keys=True, default=str)
+        backend = f"{type(self.processor).__module__}.{type(self.processor).__qualname__}"
         combined = hashlib.sha256(
-            f"{weights}|{processor}|{str(dtype).removeprefix('torch.')}".encode()
+            f"{weights}|{backend}|{processor}|{str(dtype).removeprefix('torch.')}".encode()
         ).hexdigest()
         self.fingerprint = f"clip-{Path(encoder_folder).name}-{combined[:16]}"
 
     @torch.inference_mode()
-    def embed(self, image: Image.Image, kind: EmbedKind) -> ReferenceEmbedding:
+    def embed(self, image: Image.Image | np.ndarray, kind: EmbedKind) -> ReferenceEmbedding:
+        """`image` as the recipe gives it: a PIL image, or (FaceID-Plus) the BGR uint8 array of
+        the aligned face crop, handed to the processor unchanged."""
         pixels = self.processor(image, return_tensors="pt").pixel_values
         pixels = pixels.to(device=self.device, dtype=self.dtype)
         if kind is EmbedKind.CLIP_IMAGE_EMBEDS:

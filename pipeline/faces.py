@@ -4,6 +4,11 @@
 the buffalo_l files) once; `analyze(image)` returns the normed ArcFace embedding of the largest
 face plus its aligned 224x224 crop (what FaceID-Plus feeds to the CLIP image encoder).
 
+The published recipe (h94's model cards, tencent's FaceID notebook, the diffusers docs) works
+on OpenCV's BGR pixels throughout: `cv2.imread` -> `FaceAnalysis.get` -> `face_align.norm_crop`
+-> that BGR crop straight into `CLIPImageProcessor`. The models were trained that way, so the
+crop stays BGR here too (`FaceResult.aligned`), exactly as the recipe hands it on.
+
 insightface is never allowed to download: the pack folder is checked first and handed to
 FaceAnalysis as an absolute path (a bare name is looked up relative to the working directory
 first, then under root, and a missing folder makes insightface fetch it from GitHub). Only the
@@ -33,7 +38,9 @@ _MODULES = ["detection", "recognition"]
 @dataclass(frozen=True)
 class FaceResult:
     embedding: np.ndarray  # (512,) float32, insightface normed_embedding of the LARGEST face
-    aligned: Image.Image  # aligned face crop, RGB, 224x224 (ArcFace template, scaled x2)
+    # the aligned face crop, 224x224x3 uint8 in BGR order (ArcFace template, scaled x2): what
+    # the recipe gives CLIPImageProcessor, channel order included
+    aligned: np.ndarray
     bbox: tuple[float, float, float, float]  # x1, y1, x2, y2 in the input image's pixels
     det_score: float
 
@@ -124,7 +131,10 @@ class FaceEmbedder:
         return app
 
     def analyze(self, image: Image.Image, *, name: str = "reference") -> FaceResult:
-        """Embed the largest face of an RGB image; ItemError(NO_FACE) when there is none."""
+        """Embed the largest face of an RGB image (turned into the BGR pixels `cv2.imread`
+        gives the recipe); ItemError(NO_FACE) when there is none. With one face, the face is
+        the recipe's `faces[0]`; with several, the recipe takes insightface's first (highest
+        detection score), ipbatch the largest."""
         from insightface.utils.face_align import norm_crop
 
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
@@ -144,7 +154,7 @@ class FaceEmbedder:
         x1, y1, x2, y2 = (float(v) for v in face.bbox[:4])
         return FaceResult(
             embedding=embedding,
-            aligned=Image.fromarray(np.ascontiguousarray(crop[:, :, ::-1])),
+            aligned=np.ascontiguousarray(crop),
             bbox=(x1, y1, x2, y2),
             det_score=float(face.det_score),
         )

@@ -60,6 +60,8 @@ class AdapterInput:
     neg: torch.Tensor = per_slot(_shape)
     clip_pos: torch.Tensor | None = per_slot(_shape, default=None)
     clip_neg: torch.Tensor | None = per_slot(_shape, default=None)
+    # FaceID-Plus v2's structure weight (the card's s_scale), state on the projection layer
+    shortcut_scale: float = shared("one value per projection layer and call", default=1.0)
 
 
 @dataclass(frozen=True)
@@ -184,10 +186,12 @@ class Generator:
                 image_encoder_folder=None,
                 local_files_only=models.local_files_only,
             )
-        peft_adapters = getattr(self.pipe.unet, "peft_config", {})
+        # FaceID's LoRA: loaded and ACTIVE (diffusers activates only the last one it loads;
+        # rows with two FaceID adapters are refused by the manifest for that reason)
+        active = set(self.pipe.get_active_adapters()) if any(p.lora for p in presets) else set()
         for index, (preset, file) in enumerate(zip(presets, files, strict=True)):
-            if preset.lora and f"faceid_{index}" not in peft_adapters:
-                raise ModelLoadError(f"{preset.name}: the LoRA in {file} did not load")
+            if preset.lora and f"faceid_{index}" not in active:
+                raise ModelLoadError(f"{preset.name}: the LoRA in {file} is not active")
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         # 3. device settings: channels_last and the VAE's slicing on CUDA, optional compile
@@ -296,10 +300,13 @@ class Generator:
         # FaceID-Plus reads the face crop's CLIP embeds from its projection layer: state on
         # the UNet, set for this call and cleared afterwards (it must not leak into the next)
         stateful = []
-        for preset, layer, clip in zip(self.presets, self._layers, clip_embeds, strict=True):
+        for preset, layer, clip, spec in zip(
+            self.presets, self._layers, clip_embeds, shared.adapters, strict=True
+        ):
             if clip is not None:
                 layer.clip_embeds = clip
                 layer.shortcut = preset.shortcut
+                layer.shortcut_scale = spec.shortcut_scale
                 stateful.append(layer)
         try:
             output = self.pipe(
@@ -318,6 +325,7 @@ class Generator:
             for layer in stateful:
                 layer.clip_embeds = None
                 layer.shortcut = False
+                layer.shortcut_scale = 1.0
         return list(output.images)
 
     def _size(self, request: GenerationRequest) -> tuple[int, int]:

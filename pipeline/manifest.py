@@ -39,6 +39,9 @@ RowId = Annotated[str, StringConstraints(pattern=ROW_ID_PATTERN)]
 BlockScale = float | list[float]
 InstantStyle = dict[Literal["down", "mid", "up"], float | dict[str, BlockScale]]
 Combine = Literal["average", "concat"]
+# FaceID-Plus v2's structure weight: the model card's `s_scale` (1.0 there), diffusers'
+# `shortcut_scale`; ComfyUI lets it go up to 5
+SScale = Annotated[float, Field(ge=0, le=5)]
 
 
 def _check_adapter_name(name: str) -> str:
@@ -50,6 +53,8 @@ def _check_adapter_name(name: str) -> str:
 def _check_instant_style(scale: float | InstantStyle) -> float | InstantStyle:
     if isinstance(scale, dict):
         for part, value in scale.items():
+            if not isinstance(value, dict) and not 0 <= value <= 2:
+                raise ValueError(f"scale.{part}: a scale must be within 0..2, got {value:g}")
             blocks = value if isinstance(value, dict) else {}
             for block, block_scale in blocks.items():
                 if not re.fullmatch(r"block_\d+", block):
@@ -108,6 +113,7 @@ class AdapterSpec(BaseModel):
     reference: str | list[str]
     scale: Scale = 0.5
     combine: Combine = "average"
+    s_scale: SScale | None = None
 
     @property
     def references(self) -> list[str]:
@@ -118,6 +124,21 @@ class AdapterSpec(BaseModel):
     def _reference_ok(cls, value: str | list[str]) -> str | list[str]:
         _as_reference_list(value)
         return value
+
+    @model_validator(mode="after")
+    def _s_scale_for_v2_only(self) -> AdapterSpec:
+        if self.s_scale is not None and not ADAPTERS[self.adapter].shortcut:
+            with_shortcut = [name for name, p in ADAPTERS.items() if p.shortcut]
+            raise ValueError(
+                f"s_scale applies to {', '.join(with_shortcut)} only, not {self.adapter}"
+            )
+        return self
+
+    @property
+    def shortcut_scale(self) -> float:
+        """The FaceID-Plus v2 structure weight (the model card's `s_scale`; diffusers'
+        `shortcut_scale`): the card's 1.0 unless the row says otherwise."""
+        return 1.0 if self.s_scale is None else self.s_scale
 
 
 class Row(BaseModel):
@@ -132,6 +153,7 @@ class Row(BaseModel):
     adapter: AdapterName = "sd15"
     scale: Scale = 0.5
     combine: Combine = "average"
+    s_scale: SScale | None = None
     adapters: list[AdapterSpec] | None = Field(None, min_length=1, max_length=4)
     num_images: int = Field(1, ge=1, le=16)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -145,7 +167,7 @@ class Row(BaseModel):
     @classmethod
     def _one_form(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("adapters") is not None:
-            both = [k for k in ("reference", "adapter", "scale", "combine") if k in data]
+            both = [k for k in ("reference", "adapter", "scale", "combine", "s_scale") if k in data]
             if both:
                 raise ValueError(
                     f"give either 'adapters' or {', '.join(repr(k) for k in both)}, not both"
@@ -162,6 +184,13 @@ class Row(BaseModel):
         families = sorted({ADAPTERS[spec.adapter].family for spec in specs})
         if len(families) > 1:
             raise ValueError(f"all adapters of a row must share one base model, got {families}")
+        with_lora = [spec.adapter for spec in specs if ADAPTERS[spec.adapter].lora]
+        if len(with_lora) > 1:
+            raise ValueError(
+                f"at most one FaceID adapter per row, got {', '.join(with_lora)}: each brings "
+                "its own LoRA for the UNet and diffusers keeps only the last one active; no "
+                "published recipe combines two"
+            )
         for spec in specs:
             preset = ADAPTERS[spec.adapter]
             if isinstance(spec.scale, dict):
@@ -186,6 +215,7 @@ class Row(BaseModel):
                 reference=self.reference,
                 scale=self.scale,
                 combine=self.combine,
+                s_scale=self.s_scale,
             )
         ]
 
@@ -195,7 +225,7 @@ class Row(BaseModel):
         `Row.model_validate(params)` gives the same row back."""
         params = self.model_dump(mode="json", exclude_none=True)
         if self.adapters is not None:
-            for key in ("adapter", "scale", "combine"):
+            for key in ("adapter", "scale", "combine", "s_scale"):
                 params.pop(key, None)
         params["seed"] = self.effective_seed()
         return params

@@ -60,6 +60,7 @@ def build_request(row: Row, embeddings: Sequence[Sequence[Tensors]]) -> Generati
                 neg=parts["neg"],
                 clip_pos=parts.get("clip_pos"),
                 clip_neg=parts.get("clip_neg"),
+                shortcut_scale=spec.shortcut_scale,
             )
         )
     return GenerationRequest(

@@ -157,6 +157,12 @@ def _sd15_base(folder: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
+    # name the class as the real repository does: diffusers then resolves it when it loads
+    # (the torchvision backend where torchvision is installed, the PIL one otherwise), not
+    # whatever it resolved to here
+    index = json.loads((folder / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
 def _sdxl_base(folder: Path) -> None:

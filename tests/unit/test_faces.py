@@ -81,7 +81,8 @@ def test_disc_gives_face_result(
     assert isinstance(result, FaceResult)
     assert result.embedding.shape == (512,) and result.embedding.dtype == np.float32
     assert np.linalg.norm(result.embedding) == pytest.approx(1.0, abs=1e-5)
-    assert result.aligned.mode == "RGB" and result.aligned.size == (224, 224)
+    # the crop in OpenCV's BGR order, as the published recipe hands it to CLIPImageProcessor
+    assert result.aligned.shape == (224, 224, 3) and result.aligned.dtype == np.uint8
     assert result.det_score >= 0.5
     # the box roughly matches the disc's bounding square (IoU > 0.6)
     x1, y1, x2, y2 = result.bbox
@@ -94,9 +95,9 @@ def test_disc_gives_face_result(
     inter = max(0.0, min(x2, dx2) - max(x1, dx1)) * max(0.0, min(y2, dy2) - max(y1, dy1))
     union = (x2 - x1) * (y2 - y1) + (dx2 - dx1) * (dy2 - dy1) - inter
     assert inter / union > 0.6
-    # the alignment used the keypoints: the crop's centre lies on the disc
-    centre_pixel = np.asarray(result.aligned)[112, 112].astype(int)
-    assert np.abs(centre_pixel - np.array(SKIN)).max() <= 3
+    # the alignment used the keypoints: the crop's centre lies on the disc (BGR: reversed)
+    centre_pixel = result.aligned[112, 112].astype(int)
+    assert np.abs(centre_pixel - np.array(SKIN[::-1])).max() <= 3
 
 
 def test_differently_coloured_faces_give_different_embeddings(embedder: FaceEmbedder) -> None:

@@ -89,6 +89,26 @@ def test_adapters_list_and_instantstyle_scale() -> None:
         ({"id": "a", "reference": []}, "reference"),
         ({"id": "a", "reference": "r.png", "steps": "many"}, "steps"),
         ({"id": "a", "reference": "r.png", "scale": {"down": {"blockX": 1.0}}}, "block names"),
+        ({"id": "a", "reference": "r.png", "scale": {"up": -3.0}}, "scale.up: a scale must be"),
+        ({"id": "a", "reference": "r.png", "scale": {"mid": 7.0}}, "scale.mid: a scale must be"),
+        (
+            {"id": "a", "reference": "r.png", "s_scale": 1.0},
+            "s_scale applies to sd15-faceid-plusv2 only, not sd15",
+        ),
+        (
+            {"id": "a", "reference": "r.png", "adapter": "sd15-faceid-plusv2", "s_scale": 6},
+            "s_scale",
+        ),
+        (
+            {
+                "id": "a",
+                "adapters": [
+                    {"adapter": "sd15-faceid", "reference": "a.png"},
+                    {"adapter": "sd15-faceid-plusv2", "reference": "b.png"},
+                ],
+            },
+            "at most one FaceID adapter per row",
+        ),
         ({"id": "a", "reference": "r.png", "adapters": [{"reference": "b.png"}]}, "not both"),
         ({"id": 12, "reference": "r.png"}, "id:"),
     ],
@@ -201,6 +221,20 @@ def test_instantstyle_blocks_are_checked_against_the_base_model(
 ) -> None:
     [parsed] = rows_of(jsonl({"id": "a", "reference": "r.png", "adapter": adapter, "scale": scale}))
     assert parsed.row is None and needle in (parsed.error or ""), parsed.error
+
+
+def test_s_scale_is_the_cards_default_or_the_rows() -> None:
+    """FaceID-Plus v2's structure weight: the model card's s_scale (1.0), or the row's."""
+    v2 = {"id": "a", "reference": "r.png", "adapter": "sd15-faceid-plusv2"}
+    [default, tuned] = rows_of(jsonl(v2, {**v2, "id": "b", "s_scale": 1.8}))
+    assert default.row is not None and tuned.row is not None
+    assert default.row.adapter_specs()[0].shortcut_scale == 1.0
+    assert tuned.row.adapter_specs()[0].shortcut_scale == 1.8
+    assert Row.model_validate(tuned.row.to_params()).adapter_specs()[0].shortcut_scale == 1.8
+    listed = {"id": "c", "adapters": [{**v2, "s_scale": 0.5}]}
+    listed["adapters"][0].pop("id")
+    [parsed] = rows_of(jsonl(listed))
+    assert parsed.row is not None and parsed.row.adapter_specs()[0].shortcut_scale == 0.5
 
 
 def test_instantstyle_blocks_that_exist_are_accepted() -> None:

@@ -1,6 +1,7 @@
 """Every adapter preset through `ipbatch run` on the tiny models, in one job: product shots,
 FaceID rows, SDXL rows, two adapters on a row, averaged and concatenated references, an
-InstantStyle scale, and a faceless FaceID reference that fails alone with `no_face`."""
+InstantStyle scale, and a faceless FaceID reference that fails alone with `no_face`. Options
+show their effect: rows that differ only by one option make different images."""
 
 from __future__ import annotations
 
@@ -56,10 +57,17 @@ def test_every_preset_in_one_job(tmp_path: Path, tiny_models: Path) -> None:
         {
             "id": "product-and-model",
             "steps": 2,
+            "seed": 7,
             "adapters": [
                 {"adapter": "sd15-plus", "reference": product, "scale": 0.6},
                 {"adapter": "sd15-faceid", "reference": face, "scale": 0.8},
             ],
+        },
+        {  # the same row with its first adapter only
+            "id": "product-only",
+            "steps": 2,
+            "seed": 7,
+            "adapters": [{"adapter": "sd15-plus", "reference": product, "scale": 0.6}],
         },
         {
             "id": "refs-average",
@@ -79,8 +87,10 @@ def test_every_preset_in_one_job(tmp_path: Path, tiny_models: Path) -> None:
             "id": "instantstyle",
             "reference": product,
             "steps": 2,
+            "seed": 9,
             "scale": {"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}},
         },
+        {"id": "scalar-scale", "reference": product, "steps": 2, "seed": 9, "scale": 0.5},
     ]
     (tmp_path / "job.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "IPBATCH_HOME": str(tmp_path / "home"), "IPBATCH_MODELS": str(tiny_models)}
@@ -109,7 +119,10 @@ def test_every_preset_in_one_job(tmp_path: Path, tiny_models: Path) -> None:
     assert set(outputs) == set(items) - {"no-face"}
     pixels = {row: load(uri) for row, uri in outputs.items()}
     assert {p.shape for p in pixels.values()} == {(64, 64, 3)}  # the tiny models' native size
+    # each option has its effect: not only a status, another image
     assert not np.array_equal(pixels["refs-average"], pixels["refs-concat"])
+    assert not np.array_equal(pixels["instantstyle"], pixels["scalar-scale"])
+    assert not np.array_equal(pixels["product-and-model"], pixels["product-only"])
     # one embedding per (reference, encoder, kind): the face is embedded once for FaceID (used
     # by two rows) and once for FaceID-Plus; the faceless wall never gets a row
     assert kinds.count("face_id") == 1 and kinds.count("face_id_plus") == 1
