@@ -7,6 +7,7 @@ wrong image), then numbered steps, then a typed result.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,7 @@ from core.errors import (
     ModelLoadError,
 )
 from pipeline.models import ModelSource, loading
-from pipeline.presets import ADAPTERS, BASE_MODELS
+from pipeline.presets import ADAPTERS, BASE_MODELS, CONTROLNETS
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,49 @@ def shared(description: str = "", default: Any = MISSING) -> Any:
 
 
 def per_slot(shared_part: Callable[[Any], object] | None = None, default: Any = MISSING) -> Any:
-    """A request field each row of a call may have its own of; `shared_part` is what of it
-    must still be equal (a tensor's shape, whether a text is given), and is in `batch_key`."""
+    """A request field each row of a call may have its own of. `shared_part(obj)` (given the
+    whole input) is what of it must still be equal (a tensor's shape, whether an image is
+    given), and is in `batch_key`."""
     return field(default=default, metadata={"batch": "per_slot", "shared_part": shared_part})
 
 
 def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if tensor is None else tuple(tensor.shape)
+
+
+def _given(value: object) -> bool:
+    return value is not None
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """One ControlNet on one row: the condition map (any size: diffusers resizes it to the
+    output) and how strong it is, and over which fraction of the steps. Rows of one call may
+    each have their own (a per-slot multiplier of the ControlNet's residuals)."""
+
+    model: str = shared("one ControlNet per position, loaded for the call")
+    image: Image.Image = per_slot()
+    scale: float = per_slot(default=1.0)
+    start: float = per_slot(default=0.0)
+    end: float = per_slot(default=1.0)
+
+
+def _scale_shared(a: AdapterInput) -> object:
+    """An IP-Adapter strength can differ row by row through a per-slot attention mask when it
+    is a plain number and masks do not change how the references are attended (one reference,
+    or regions given anyway); InstantStyle dicts and the rest must be equal."""
+    if isinstance(a.scale, dict):
+        return json.dumps(a.scale, sort_keys=True)
+    return "per slot" if per_slot_scale(a) else a.scale
+
+
+def _plain(scale: float | dict) -> float:
+    assert not isinstance(scale, dict), "InstantStyle scales are never per slot"
+    return float(scale)
+
+
+def per_slot_scale(a: AdapterInput) -> bool:
+    return not isinstance(a.scale, dict) and (a.pos.shape[0] == 1 or a.regions is not None)
 
 
 @dataclass(frozen=True)
@@ -52,16 +89,22 @@ class AdapterInput:
 
     FaceID-Plus also takes `clip_pos`/`clip_neg`: CLIP hidden states of the aligned face crop,
     [1, tokens, hidden], which diffusers reads from the projection layer's `clip_embeds`.
+    `regions`: where the reference applies (white), one mask for all references or one each.
     """
 
     adapter: str = shared("which adapter (the pipeline loaded for the call)")
-    scale: float | dict = shared("diffusers sets one strength per adapter for a call")
-    pos: torch.Tensor = per_slot(_shape)
-    neg: torch.Tensor = per_slot(_shape)
-    clip_pos: torch.Tensor | None = per_slot(_shape, default=None)
-    clip_neg: torch.Tensor | None = per_slot(_shape, default=None)
+    scale: float | dict = per_slot(_scale_shared)
+    pos: torch.Tensor = per_slot(lambda a: _shape(a.pos))
+    neg: torch.Tensor = per_slot(lambda a: _shape(a.neg))
+    clip_pos: torch.Tensor | None = per_slot(lambda a: _shape(a.clip_pos), default=None)
+    clip_neg: torch.Tensor | None = per_slot(lambda a: _shape(a.clip_neg), default=None)
     # FaceID-Plus v2's structure weight (the card's s_scale), state on the projection layer
     shortcut_scale: float = shared("one value per projection layer and call", default=1.0)
+    # with several references, a mask changes how they are attended (separately, summed): the
+    # presence of regions must be equal in one call, the masks themselves may differ
+    regions: list[Image.Image] | None = per_slot(
+        lambda a: None if a.regions is None else len(a.regions), default=None
+    )
 
 
 @dataclass(frozen=True)
@@ -72,17 +115,30 @@ class GenerationRequest:
 
     prompt: str = per_slot()
     # SDXL zeroes an absent negative prompt instead of encoding "": presence is shared
-    negative_prompt: str = per_slot(bool)
-    adapters: list[AdapterInput] = per_slot(lambda inputs: tuple(batch_key(a) for a in inputs))
+    negative_prompt: str = per_slot(lambda r: bool(r.negative_prompt))
+    adapters: list[AdapterInput] = per_slot(lambda r: tuple(batch_key(a) for a in r.adapters))
     num_images: int = per_slot()  # each image is a slot of its own
     seed: int = per_slot()
     steps: int = shared("one denoising schedule per call")
     guidance_scale: float = shared("one CFG rule per call")
     width: int | None = shared("one latent size per call", default=None)
     height: int | None = shared("one latent size per call", default=None)
+    controls: tuple[ControlInput, ...] = per_slot(
+        lambda r: tuple(batch_key(c) for c in r.controls), default=()
+    )
+    # image-to-image from `init_image`, inpainting where `mask` is white; one pipeline per mode
+    init_image: Image.Image | None = per_slot(lambda r: _given(r.init_image), default=None)
+    mask: Image.Image | None = per_slot(lambda r: _given(r.mask), default=None)
+    strength: float | None = shared("one noise level per call (a float in diffusers)", None)
+
+    @property
+    def mode(self) -> str:
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.init_image is not None else "text"
 
 
-def batch_key(request: GenerationRequest | AdapterInput) -> tuple[object, ...]:
+def batch_key(request: GenerationRequest | AdapterInput | ControlInput) -> tuple[object, ...]:
     """Rows with equal keys can share one diffusers call: the shared fields, and the shared
     part of the per-slot ones, as their fields declare."""
     key: list[object] = []
@@ -93,10 +149,44 @@ def batch_key(request: GenerationRequest | AdapterInput) -> tuple[object, ...]:
             key.append(json.dumps(value, sort_keys=True) if isinstance(value, dict) else value)
         elif kind == "per_slot":
             shared_part = f.metadata["shared_part"]
-            key.append(None if shared_part is None else shared_part(value))
+            key.append(None if shared_part is None else shared_part(request))
         else:
             raise TypeError(f"{type(request).__name__}.{f.name} says neither per_slot nor shared")
     return tuple(key)
+
+
+@dataclass
+class CallInputs:
+    """What one diffusers call gets besides prompts and embeddings, already laid out for it:
+    strengths, IP-Adapter masks (one entry per adapter, or None), control images (per
+    ControlNet: one per slot), their (scale, start, end), init images and masks per slot."""
+
+    scales: list[Any]
+    ip_masks: list[torch.Tensor | None]
+    controls: list[list[Image.Image]]
+    control_scales: list[tuple[float, float, float]]
+    init_images: list[Image.Image] | None
+    masks: list[Image.Image] | None
+
+
+_PIPELINES = {  # (family, mode, with ControlNet) -> diffusers class
+    ("sd15", "text", False): "StableDiffusionPipeline",
+    ("sd15", "text", True): "StableDiffusionControlNetPipeline",
+    ("sd15", "img2img", False): "StableDiffusionImg2ImgPipeline",
+    ("sd15", "img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
+    ("sd15", "inpaint", False): "StableDiffusionInpaintPipeline",
+    ("sd15", "inpaint", True): "StableDiffusionControlNetInpaintPipeline",
+    ("sdxl", "text", False): "StableDiffusionXLPipeline",
+    ("sdxl", "text", True): "StableDiffusionXLControlNetPipeline",
+    ("sdxl", "img2img", False): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("sdxl", "inpaint", False): "StableDiffusionXLInpaintPipeline",
+    ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
+}
+
+
+def pipeline_class(family: str, mode: str, controlnet: bool) -> str:
+    return _PIPELINES[(family, mode, controlnet)]
 
 
 @dataclass(frozen=True)
@@ -208,6 +298,11 @@ class Generator:
             self.pipe.unet.compile(dynamic=False)
         self._layers = list(self.pipe.unet.encoder_hid_proj.image_projection_layers)
         self._projection_shapes = [_embed_shape(layer) for layer in self._layers]
+        # 4. the other modes' pipelines (made on first use, sharing every module) and the
+        #    ControlNets (loaded on first use)
+        self.models = models
+        self._pipes: dict[tuple[str, tuple[str, ...]], Any] = {("text", ()): self.pipe}
+        self._controlnets: dict[str, Any] = {}
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -240,6 +335,9 @@ class Generator:
 
     @torch.inference_mode()
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        """One row, the way the diffusers docs call a pipeline: k images of one prompt, the
+        row's strengths set on the pipeline, its control image, init image and mask given
+        once (inpainting: once per image, so that image k is seed + k's, see below)."""
         # 1. check inputs before any model work
         self.check_request(request)
         width, height = self._size(request)
@@ -260,7 +358,22 @@ class Generator:
         seeds = image_seeds(request.seed, k)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
-        # 4. denoise and decode: diffusers' stock path, k images of one prompt
+        # 4. the row's inputs as the docs pass them. Inpainting encodes a single init image
+        #    with the first generator only, so images 1.. would not be their seed's: it gets
+        #    the init image and mask once per image
+        inpaint = request.mode == "inpaint"
+        inputs = CallInputs(
+            scales=[spec.scale for spec in request.adapters],
+            ip_masks=[self._region_masks(spec, width, height) for spec in request.adapters],
+            controls=[[c.image] for c in request.controls],
+            control_scales=[(c.scale, c.start, c.end) for c in request.controls],
+            init_images=None
+            if request.init_image is None
+            else [self._init_image(request.init_image, width, height)] * (k if inpaint else 1),
+            masks=None if request.mask is None else [request.mask] * k,
+        )
+
+        # 5. denoise and decode: diffusers' stock path, k images of one prompt
         self._set_vae_slicing(k)
         arrays = self._call(
             request,
@@ -270,6 +383,7 @@ class Generator:
             clip_embeds=clip_embeds,
             per_prompt=k,
             generators=generators,
+            inputs=inputs,
         )
         return GenerationResult(
             images=self._to_pil(arrays),
@@ -290,12 +404,15 @@ class Generator:
         clip_embeds: list[torch.Tensor | None],
         per_prompt: int,
         generators: list[torch.Generator],
+        inputs: CallInputs,
     ) -> list[np.ndarray]:
         """The one diffusers call both paths make: the per-slot inputs given, every shared
-        field taken from `shared` (a row of the call: they are equal in all of them)."""
+        field taken from `shared` (a row of the call: they are equal in all of them), the
+        pipeline of the call's mode (text, img2img, inpaint; with its ControlNets)."""
+        pipe = self._pipe_for(shared)
         width, height = self._size(shared)
         # strengths: load_ip_adapter resets them, so they are set on every call
-        scales = [spec.scale for spec in shared.adapters]
+        scales = inputs.scales
         self.pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
         # FaceID-Plus reads the face crop's CLIP embeds from its projection layer: state on
         # the UNet, set for this call and cleared afterwards (it must not leak into the next)
@@ -308,18 +425,18 @@ class Generator:
                 layer.shortcut = preset.shortcut
                 layer.shortcut_scale = spec.shortcut_scale
                 stateful.append(layer)
+        arguments = self._call_arguments(pipe, shared, inputs, width=width, height=height)
         try:
-            output = self.pipe(
+            output = pipe(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 ip_adapter_image_embeds=embeds,
                 num_images_per_prompt=per_prompt,
                 num_inference_steps=shared.steps,
                 guidance_scale=shared.guidance_scale,
-                width=width,
-                height=height,
                 generator=generators,
                 output_type="np",
+                **arguments,
             )
         finally:
             for layer in stateful:
@@ -328,16 +445,112 @@ class Generator:
                 layer.shortcut_scale = 1.0
         return list(output.images)
 
+    def _call_arguments(
+        self, pipe: Any, shared: GenerationRequest, inputs: CallInputs, *, width: int, height: int
+    ) -> dict[str, Any]:
+        """The mode's arguments, named as this pipeline class names them."""
+        accepted = inspect.signature(pipe.__call__).parameters
+        arguments: dict[str, Any] = {}
+        if "width" in accepted:  # img2img takes its size from the (resized) init image
+            arguments |= {"width": width, "height": height}
+        if any(mask is not None for mask in inputs.ip_masks):
+            arguments["cross_attention_kwargs"] = {"ip_adapter_masks": inputs.ip_masks}
+        if shared.controls:
+            name = "control_image" if "control_image" in accepted else "image"
+            several = len(shared.controls) > 1
+            arguments[name] = inputs.controls if several else inputs.controls[0]
+            scale, start, end = zip(*inputs.control_scales, strict=True)
+            arguments["controlnet_conditioning_scale"] = list(scale) if several else scale[0]
+            arguments["control_guidance_start"] = list(start) if several else start[0]
+            arguments["control_guidance_end"] = list(end) if several else end[0]
+        if inputs.init_images is not None:
+            arguments["image"] = inputs.init_images
+            arguments["strength"] = shared.strength
+        if inputs.masks is not None:
+            arguments["mask_image"] = inputs.masks
+        return arguments
+
+    def _pipe_for(self, request: GenerationRequest) -> Any:
+        """The pipeline of the request's mode and ControlNets, made from the warm one with
+        `from_pipe` (the same UNet, VAE, text encoders and IP-Adapters; nothing reloaded). The
+        dtype is passed: without it, from_pipe casts every shared module to float32."""
+        import diffusers
+
+        nets = tuple(c.model for c in request.controls)
+        key = (request.mode, nets)
+        if key not in self._pipes:
+            cls = getattr(diffusers, pipeline_class(self.family, request.mode, bool(nets)))
+            extra: dict[str, Any] = {}
+            if nets:
+                models = [self._controlnet(name) for name in nets]
+                extra["controlnet"] = (
+                    models[0] if len(models) == 1 else diffusers.MultiControlNetModel(models)
+                )
+            pipe = cls.from_pipe(self.pipe, dtype=self.dtype, **extra)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[key] = pipe
+        return self._pipes[key]
+
+    def _controlnet(self, name: str) -> Any:
+        from diffusers import ControlNetModel
+
+        if name not in self._controlnets:
+            preset = CONTROLNETS[name]
+            if preset.family != self.family:
+                raise ItemError(
+                    ErrorCode.INVALID_ROW, f"{name} is for {preset.family}, not {self.family}"
+                )
+            folder = self.models.controlnet(name)
+            with loading(f"the ControlNet at {folder}", folder):
+                net = ControlNetModel.from_pretrained(
+                    folder,
+                    variant=preset.variant,
+                    dtype=self.dtype,
+                    local_files_only=self.models.local_files_only,
+                )
+            net.to(self.device)
+            if self.device.type == "cuda" and self.acceleration.channels_last:
+                net.to(memory_format=torch.channels_last)
+            self._controlnets[name] = net
+        return self._controlnets[name]
+
+    def _init_image(self, image: Image.Image, width: int, height: int) -> Image.Image:
+        """The init image at the output's size, resized as diffusers' image processor does
+        (img2img pipelines otherwise take the size from the image itself)."""
+        if image.size == (width, height):
+            return image
+        return self.pipe.image_processor.resize(image, height=height, width=width)
+
+    def _region_masks(
+        self, spec: AdapterInput, width: int, height: int, scale: float | None = None
+    ) -> torch.Tensor | None:
+        """The adapter's regions as diffusers' IPAdapterMaskProcessor makes them, [1, refs, H,
+        W], one channel per reference; times `scale` (a per-slot strength), or a constant
+        `scale` where the row has no regions. None: no mask (no regions, no per-slot scale)."""
+        from diffusers.image_processor import IPAdapterMaskProcessor
+
+        refs = int(spec.pos.shape[0])
+        if spec.regions is None:
+            if scale is None:
+                return None
+            return torch.full((1, refs, height, width), float(scale), dtype=self.dtype)
+        masks = IPAdapterMaskProcessor().preprocess(spec.regions, height=height, width=width)
+        masks = masks.reshape(1, -1, height, width).to(self.dtype)
+        if masks.shape[1] == 1 and refs > 1:  # one region for all the references
+            masks = masks.repeat(1, refs, 1, 1)
+        return masks if scale is None else masks * float(scale)
+
     def _size(self, request: GenerationRequest) -> tuple[int, int]:
         return request.width or self.native_size[0], request.height or self.native_size[1]
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Several rows in one diffusers call, each with its own references, prompts and seeds.
+        """Several rows in one diffusers call, each with its own references, prompts, seeds,
+        strengths, control images, regions, init images and masks.
 
-        Rows must share `batch_key` (adapters, scales, size, steps, guidance...). Each row's
-        images match its solo run to within float rounding (CPU: ~2e-6 before the uint8
-        conversion). A single request takes diffusers' stock path (bitwise as diffusers).
-        On CUDA out-of-memory the batch is split in halves and retried.
+        Rows must share `batch_key`. Each row's images match its solo run to within float
+        rounding (CPU: ~2e-6 before the uint8 conversion). A single request takes diffusers'
+        stock path (bitwise as diffusers). On CUDA out-of-memory the batch is split in halves
+        and retried.
         """
         if len(requests) == 1 and not self.buckets:
             return [self.generate(requests[0])]
@@ -372,6 +585,7 @@ class Generator:
         if self.buckets:  # compiled: pad to a fixed batch size (copies of the last slot)
             size = next((b for b in self.buckets if b >= real), real)
             slots += [slots[-1]] * (size - real)
+        rows = [r for r, _ in slots]
         generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in slots]
 
         # 2. embeddings per slot, [neg_1..neg_S, pos_1..pos_S] like diffusers' own CFG layout
@@ -382,32 +596,69 @@ class Generator:
             return tensor.to(device=self.device, dtype=self.dtype)
 
         adapters = range(len(self.adapters))
-        embeds = [
-            stacked([(r.adapters[a].neg, r.adapters[a].pos) for r, _ in slots]) for a in adapters
-        ]
+        embeds = [stacked([(r.adapters[a].neg, r.adapters[a].pos) for r in rows]) for a in adapters]
         clip_embeds = [
             None
             if first.adapters[a].clip_pos is None
-            else stacked([(r.adapters[a].clip_neg, r.adapters[a].clip_pos) for r, _ in slots])  # type: ignore[misc]
+            else stacked([(r.adapters[a].clip_neg, r.adapters[a].clip_pos) for r in rows])  # type: ignore[misc]
             for a in adapters
         ]
 
-        # 3. denoise and decode, with the per-slot embeds passed through unrepeated
+        # 3. per-slot strengths and inputs. An adapter whose rows may differ in strength runs
+        #    at 1.0 with each slot's strength as a constant mask (times its regions): diffusers
+        #    multiplies the adapter's attention output by the mask, as it does by the scale.
+        #    ControlNets run at 1.0 too, their residuals multiplied per slot (_per_slot_control)
+        scales: list[Any] = []
+        ip_masks: list[torch.Tensor | None] = []
+        for a in adapters:
+            by_mask = per_slot_scale(first.adapters[a])
+            scales.append(1.0 if by_mask else first.adapters[a].scale)
+            masks = [
+                self._region_masks(
+                    r.adapters[a],
+                    width,
+                    height,
+                    scale=_plain(r.adapters[a].scale) if by_mask else None,
+                )
+                for r in rows
+            ]
+            if all(m is None for m in masks):
+                ip_masks.append(None)
+                continue
+            mask = torch.cat(masks)  # type: ignore[arg-type]
+            ip_masks.append(torch.cat([mask, mask]) if do_cfg else mask)
+        inputs = CallInputs(
+            scales=scales,
+            ip_masks=ip_masks,
+            controls=[[r.controls[c].image for r in rows] for c in range(len(first.controls))],
+            control_scales=[(1.0, 0.0, 1.0)] * len(first.controls),
+            init_images=None
+            if first.init_image is None
+            else [self._init_image(r.init_image, width, height) for r in rows],  # type: ignore[arg-type]
+            masks=None if first.mask is None else [r.mask for r in rows],  # type: ignore[misc]
+        )
+
+        # 4. denoise and decode, with the per-slot embeds passed through unrepeated
         self._set_vae_slicing(len(slots))
-        with _prebuilt_ip_embeds(self.pipe, embeds, slots=len(slots), do_cfg=do_cfg):
+        pipe = self._pipe_for(first)
+        with (
+            _prebuilt_ip_embeds(pipe, embeds, slots=len(slots), do_cfg=do_cfg),
+            _per_slot_control(pipe, rows, do_cfg=do_cfg),
+        ):
             arrays = self._call(
                 first,
-                prompt=[r.prompt for r, _ in slots],
-                negative_prompt=[r.negative_prompt for r, _ in slots]
+                prompt=[r.prompt for r in rows],
+                negative_prompt=[r.negative_prompt for r in rows]
                 if first.negative_prompt
                 else None,
                 embeds=embeds,
                 clip_embeds=clip_embeds,
                 per_prompt=1,
                 generators=generators,
+                inputs=inputs,
             )[:real]  # padding slots dropped
 
-        # 4. hand each row its images back
+        # 5. hand each row its images back
         results = []
         for r in requests:
             mine, arrays = arrays[: r.num_images], arrays[r.num_images :]
@@ -497,6 +748,49 @@ def _prebuilt_ip_embeds(
         yield
     finally:
         del pipe.prepare_ip_adapter_image_embeds  # the class's method again
+
+
+@contextmanager
+def _per_slot_control(
+    pipe: Any, rows: Sequence[GenerationRequest], *, do_cfg: bool
+) -> Iterator[None]:
+    """Each slot's ControlNet strength and step window in one call. The call runs every
+    ControlNet at scale 1.0 over all steps; here each net's residuals are multiplied, step by
+    step, by a per-slot factor: the row's scale inside its [start, end] fraction of the steps,
+    0 outside, with diffusers' own rule (`1 - (i / n < start or (i + 1) / n > end)`, n the
+    steps the pipeline runs). The second half of a CFG batch repeats the first."""
+    if not rows[0].controls:
+        yield
+        return
+    controlnet = pipe.controlnet
+    nets = list(getattr(controlnet, "nets", [controlnet]))
+    originals = [net.forward for net in nets]
+
+    def wrapped(index: int, original: Any) -> Any:
+        step = iter(range(10**9))
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            i, n = next(step), pipe._num_timesteps
+            factors = [
+                0.0 if (i / n < c.start or (i + 1) / n > c.end) else c.scale
+                for c in (r.controls[index] for r in rows)
+            ]
+            down, mid = original(*args, **kwargs)
+            factor = torch.tensor(
+                factors * (2 if do_cfg else 1), dtype=mid.dtype, device=mid.device
+            )
+            factor = factor.view(-1, 1, 1, 1)
+            return [d * factor for d in down], mid * factor
+
+        return forward
+
+    for index, (net, original) in enumerate(zip(nets, originals, strict=True)):
+        net.forward = wrapped(index, original)
+    try:
+        yield
+    finally:
+        for net in nets:
+            del net.forward  # the class's method again
 
 
 def _embed_shape(layer: torch.nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None]:

@@ -28,7 +28,15 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.presets import ADAPTERS, BASE_MODELS, BaseModelPreset, EmbedKind, adapter_error
+from pipeline.presets import (
+    ADAPTERS,
+    BASE_MODELS,
+    CONTROLNETS,
+    BaseModelPreset,
+    EmbedKind,
+    adapter_error,
+    controlnet_error,
+)
 
 ROW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_SEED = 2**32 - 1
@@ -68,6 +76,17 @@ def _check_instant_style(scale: float | InstantStyle) -> float | InstantStyle:
 
 
 AdapterName = Annotated[str, AfterValidator(_check_adapter_name)]
+
+
+def _check_controlnet_name(name: str) -> str:
+    if name not in CONTROLNETS:
+        raise ValueError(controlnet_error(name))
+    return name
+
+
+ControlNetName = Annotated[str, AfterValidator(_check_controlnet_name)]
+Uri = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 Scale = Annotated[
     Annotated[float, Field(ge=0, le=2)] | InstantStyle, AfterValidator(_check_instant_style)
 ]
@@ -104,6 +123,42 @@ def _as_reference_list(value: str | list[str]) -> list[str]:
     return refs
 
 
+class ControlSpec(BaseModel):
+    """One ControlNet on a row: which weights, which condition image, how strong, when."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ControlNetName
+    image: Uri
+    # "none": the image already is the condition map (a pose skeleton, a depth map, edges);
+    # "canny": edges computed from a photo with OpenCV (thresholds `low`, `high`)
+    preprocess: Literal["none", "canny"] = "none"
+    low: int | None = Field(None, ge=0, le=255)
+    high: int | None = Field(None, ge=0, le=255)
+    scale: float = Field(1.0, ge=0, le=2)
+    start: Fraction = 0.0
+    end: Fraction = 1.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlSpec:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start:g}) must be before end ({self.end:g})")
+        if self.preprocess != "canny" and (self.low is not None or self.high is not None):
+            raise ValueError("low / high are canny thresholds: give them with preprocess 'canny'")
+        if self.low is not None and self.high is not None and self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+    @property
+    def thresholds(self) -> tuple[int, int]:
+        """Canny's (low, high): the diffusers docs' 100 / 200 unless the row says otherwise."""
+        return (100 if self.low is None else self.low, 200 if self.high is None else self.high)
+
+
+def _as_uri_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
 class AdapterSpec(BaseModel):
     """One IP-Adapter applied to a row: which weights, which reference image(s), how strong."""
 
@@ -114,6 +169,9 @@ class AdapterSpec(BaseModel):
     scale: Scale = 0.5
     combine: Combine = "average"
     s_scale: SScale | None = None
+    # where this adapter's reference applies: a mask image (white = here), one for all its
+    # references or one per reference
+    region: Uri | list[Uri] | None = None
 
     @property
     def references(self) -> list[str]:
@@ -133,6 +191,20 @@ class AdapterSpec(BaseModel):
                 f"s_scale applies to {', '.join(with_shortcut)} only, not {self.adapter}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _regions_fit(self) -> AdapterSpec:
+        regions = _as_uri_list(self.region)
+        if isinstance(self.region, list) and len(regions) not in (1, len(self.references)):
+            raise ValueError(
+                f"region: give one mask for all {len(self.references)} references or one per "
+                f"reference, not {len(regions)}"
+            )
+        return self
+
+    @property
+    def regions(self) -> list[str]:
+        return _as_uri_list(self.region)
 
     @property
     def shortcut_scale(self) -> float:
@@ -154,7 +226,12 @@ class Row(BaseModel):
     scale: Scale = 0.5
     combine: Combine = "average"
     s_scale: SScale | None = None
+    region: Uri | list[Uri] | None = None
     adapters: list[AdapterSpec] | None = Field(None, min_length=1, max_length=4)
+    control: list[ControlSpec] | None = Field(None, min_length=1, max_length=3)
+    init_image: Uri | None = None
+    strength: Fraction | None = None
+    inpaint_mask: Uri | None = None  # a mask image (white = repaint), or "alpha"
     num_images: int = Field(1, ge=1, le=16)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int = Field(30, ge=1, le=150)
@@ -167,7 +244,8 @@ class Row(BaseModel):
     @classmethod
     def _one_form(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("adapters") is not None:
-            both = [k for k in ("reference", "adapter", "scale", "combine", "s_scale") if k in data]
+            single = ("reference", "adapter", "scale", "combine", "s_scale", "region")
+            both = [k for k in single if k in data]
             if both:
                 raise ValueError(
                     f"give either 'adapters' or {', '.join(repr(k) for k in both)}, not both"
@@ -191,6 +269,15 @@ class Row(BaseModel):
                 "its own LoRA for the UNet and diffusers keeps only the last one active; no "
                 "published recipe combines two"
             )
+        for control in self.control or []:
+            if CONTROLNETS[control.model].family != families[0]:
+                raise ValueError(
+                    f"control: {control.model} is a {CONTROLNETS[control.model].family} "
+                    f"ControlNet; this row's adapters run on {families[0]}"
+                )
+        if self.init_image is None and (self.strength is not None or self.inpaint_mask):
+            given = "strength" if self.strength is not None else "inpaint_mask"
+            raise ValueError(f"{given} needs init_image (the picture to start from)")
         for spec in specs:
             preset = ADAPTERS[spec.adapter]
             if isinstance(spec.scale, dict):
@@ -216,8 +303,26 @@ class Row(BaseModel):
                 scale=self.scale,
                 combine=self.combine,
                 s_scale=self.s_scale,
+                region=self.region,
             )
         ]
+
+    @property
+    def effective_strength(self) -> float | None:
+        """How much of `init_image` is repainted: the row's, else 0.8 (1.0 when inpainting);
+        None without an init image."""
+        if self.init_image is None:
+            return None
+        if self.strength is not None:
+            return self.strength
+        return 1.0 if self.inpaint_mask else 0.8
+
+    @property
+    def mode(self) -> str:
+        """text (from noise), img2img (from init_image) or inpaint (init_image + a mask)."""
+        if self.init_image is None:
+            return "text"
+        return "inpaint" if self.inpaint_mask else "img2img"
 
     def to_params(self) -> dict[str, Any]:
         """The row as the ledger stores it (items.params): every field with its effective
@@ -225,7 +330,7 @@ class Row(BaseModel):
         `Row.model_validate(params)` gives the same row back."""
         params = self.model_dump(mode="json", exclude_none=True)
         if self.adapters is not None:
-            for key in ("adapter", "scale", "combine", "s_scale"):
+            for key in ("adapter", "scale", "combine", "s_scale", "region"):
                 params.pop(key, None)
         params["seed"] = self.effective_seed()
         return params

@@ -17,6 +17,7 @@ from core.errors import Action, ConfigError, ItemError, ModelLoadError, classify
 from pipeline.presets import (
     ADAPTERS,
     BASE_MODELS,
+    CONTROLNETS,
     FACE_PACK_FOLDER,
     SCORE_MODEL,
     AdapterPreset,
@@ -109,6 +110,20 @@ class ModelSource:
             repo = self.root / preset.folder
         folder = repo / "feature_extractor"
         return str(folder) if (folder / "preprocessor_config.json").is_file() else None
+
+    def controlnet(self, name: str) -> str:
+        """A ControlNet's folder (diffusers layout), or its hub id."""
+        preset = CONTROLNETS[name]
+        if self.root is None:
+            return preset.repo.hub_repo
+        path = self.root / preset.repo.folder
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"ControlNet {name!r} needs {path} (config.json and its weights). Download "
+                f"{preset.repo.hub_repo} there, or run `ipbatch models tiny {self.root}` for "
+                "tiny offline test models."
+            )
+        return str(path)
 
     def score_model(self) -> str:
         """The CLIP model (both towers) that scores outputs: CLIP-I and CLIP-T."""

@@ -11,6 +11,7 @@ tiny ones `ipbatch models tiny` writes:
     MODELS/IP-Adapter-FaceID/              h94/IP-Adapter-FaceID (FaceID .bin files)
     MODELS/insightface/models/buffalo_l/   insightface's buffalo_l face-analysis pack
     MODELS/clip-vit-large-patch14/         openai/clip-vit-large-patch14 (CLIP-I / CLIP-T scores)
+    MODELS/control_v11p_sd15_canny/ ...    the ControlNets (`CONTROLNETS`), one folder each
 """
 
 from __future__ import annotations
@@ -234,6 +235,75 @@ ADAPTERS: dict[str, AdapterPreset] = {
     )
 }
 
+
+@dataclass(frozen=True)
+class ControlNetPreset:
+    """A ControlNet a row's `control` entry names: public weights in the diffusers layout
+    (MODELS/<folder>/config.json + diffusion_pytorch_model[.variant].safetensors)."""
+
+    name: str
+    family: str  # the base model it was trained for
+    repo: RepoPath
+    variant: str | None  # "fp16": the repository ships only fp16 weight files
+    condition: str  # what its condition image shows: canny edges, an OpenPose skeleton, depth
+    summary: str
+
+
+def _controlnet(
+    name: str, family: str, hub_repo: str, variant: str | None, condition: str, summary: str
+) -> ControlNetPreset:
+    folder = hub_repo.split("/", 1)[1]
+    return ControlNetPreset(
+        name, family, RepoPath(hub_repo, folder, ""), variant, condition, summary
+    )
+
+
+CONTROLNETS: dict[str, ControlNetPreset] = {
+    c.name: c
+    for c in (
+        _controlnet(
+            "sd15-canny",
+            "sd15",
+            "lllyasviel/control_v11p_sd15_canny",
+            "fp16",
+            "canny",
+            "edges: keeps a product's outline and layout",
+        ),
+        _controlnet(
+            "sd15-openpose",
+            "sd15",
+            "lllyasviel/control_v11p_sd15_openpose",
+            "fp16",
+            "openpose",
+            "an OpenPose skeleton: a model's pose",
+        ),
+        _controlnet(
+            "sd15-depth",
+            "sd15",
+            "lllyasviel/control_v11f1p_sd15_depth",
+            "fp16",
+            "depth",
+            "a depth map: the scene's layout",
+        ),
+        _controlnet(
+            "sdxl-canny",
+            "sdxl",
+            "diffusers/controlnet-canny-sdxl-1.0",
+            None,
+            "canny",
+            "SDXL, edges",
+        ),
+        _controlnet(
+            "sdxl-depth",
+            "sdxl",
+            "diffusers/controlnet-depth-sdxl-1.0",
+            None,
+            "depth",
+            "SDXL, a depth map",
+        ),
+    )
+}
+
 FACE_PACK = "buffalo_l"
 FACE_PACK_FOLDER = "insightface"  # MODELS/insightface/models/buffalo_l
 
@@ -244,3 +314,7 @@ def available_adapter_names() -> list[str]:
 
 def adapter_error(name: str) -> str:
     return f"unknown adapter {name!r}; choose one of: {', '.join(ADAPTERS)}"
+
+
+def controlnet_error(name: str) -> str:
+    return f"unknown ControlNet {name!r}; choose one of: {', '.join(CONTROLNETS)}"

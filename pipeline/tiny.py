@@ -26,12 +26,14 @@ from safetensors.torch import save_file
 from pipeline.presets import (
     ADAPTERS,
     BASE_MODELS,
+    CONTROLNETS,
     FACE_PACK,
     FACE_PACK_FOLDER,
     SCORE_MODEL,
     VIT_BIGG,
     VIT_H,
     AdapterPreset,
+    ControlNetPreset,
     Projection,
     RepoPath,
 )
@@ -210,6 +212,25 @@ def _sdxl_base(folder: Path) -> None:
         feature_extractor=None,
     )
     pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
+
+
+def _controlnet(folder: Path, unet_folder: Path, preset: ControlNetPreset, seed: int) -> None:
+    """A ControlNet shaped like the base model's UNet (as the real ones are). A fresh one has
+    zeroed output layers and changes nothing: they get random weights, so a control visibly
+    steers the image. Saved in the repository's layout (fp16 files where it ships only those)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(unet_folder))
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if not torch.count_nonzero(parameter):
+                parameter.copy_(_randn(g, *parameter.shape, std=3.0))
+    if preset.variant == "fp16":
+        controlnet = controlnet.half()
+    controlnet.save_pretrained(str(folder), variant=preset.variant, safe_serialization=True)
 
 
 def _image_encoder(folder: Path, hidden: int, projection: int, seed: int) -> None:
@@ -410,6 +431,9 @@ def write_tiny_models(root: Path) -> Path:
         )
     write_tiny_face_pack(root / FACE_PACK_FOLDER, FACE_PACK)
     _score_model(root / SCORE_MODEL.folder)
+    for seed, control in enumerate(CONTROLNETS.values(), start=40):
+        unet = root / BASE_MODELS[control.family].folder / "unet"
+        _controlnet(root / control.repo.folder, unet, control, seed)
     (root / "TINY_MODELS.json").write_text(
         json.dumps({"note": "random weights for offline tests; not for real images"}, indent=2)
     )
