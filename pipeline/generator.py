@@ -158,15 +158,31 @@ def batch_key(request: GenerationRequest | AdapterInput | ControlInput) -> tuple
 @dataclass
 class CallInputs:
     """What one diffusers call gets besides prompts and embeddings, already laid out for it:
-    strengths, IP-Adapter masks (one entry per adapter, or None), control images (per
-    ControlNet: one per slot), their (scale, start, end), init images and masks per slot."""
+    strengths, IP-Adapter masks (one entry per adapter, or None), the control images as the
+    pipeline takes them (one ControlNet: an image, or one per slot; several: one per net, or
+    per slot a list with one per net), their (scale, start, end), init images and masks."""
 
     scales: list[Any]
     ip_masks: list[torch.Tensor | None]
-    controls: list[list[Image.Image]]
+    controls: Any
     control_scales: list[tuple[float, float, float]]
     init_images: list[Image.Image] | None
     masks: list[Image.Image] | None
+    slots: int | None = None  # a batched call: every per-slot list has one entry per slot
+
+    def check(self) -> None:
+        """diffusers silently tiles a short list (img2img: [A, B, A, B] for four images): a
+        batched call's lists must have exactly one entry per slot."""
+        if self.slots is None:
+            return
+        lists = {
+            "init images": self.init_images,
+            "masks": self.masks,
+            "control images": self.controls if self.controls is not None else None,
+        }
+        for name, values in lists.items():
+            if values is not None and len(values) != self.slots:
+                raise ItemError(ErrorCode.INTERNAL, f"{len(values)} {name} for {self.slots} slots")
 
 
 _PIPELINES = {  # (family, mode, with ControlNet) -> diffusers class
@@ -183,6 +199,15 @@ _PIPELINES = {  # (family, mode, with ControlNet) -> diffusers class
     ("sdxl", "inpaint", False): "StableDiffusionXLInpaintPipeline",
     ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
 }
+
+
+def _controls_of(request: GenerationRequest) -> Any:
+    """A row's control images as a pipeline takes them: one image for one ControlNet, a list
+    with one per net for several (a batched call: that, per slot)."""
+    if not request.controls:
+        return None
+    images = [c.image for c in request.controls]
+    return images if len(images) > 1 else images[0]
 
 
 def pipeline_class(family: str, mode: str, controlnet: bool) -> str:
@@ -365,7 +390,7 @@ class Generator:
         inputs = CallInputs(
             scales=[spec.scale for spec in request.adapters],
             ip_masks=[self._region_masks(spec, width, height) for spec in request.adapters],
-            controls=[[c.image] for c in request.controls],
+            controls=_controls_of(request),
             control_scales=[(c.scale, c.start, c.end) for c in request.controls],
             init_images=None
             if request.init_image is None
@@ -449,6 +474,7 @@ class Generator:
         self, pipe: Any, shared: GenerationRequest, inputs: CallInputs, *, width: int, height: int
     ) -> dict[str, Any]:
         """The mode's arguments, named as this pipeline class names them."""
+        inputs.check()
         accepted = inspect.signature(pipe.__call__).parameters
         arguments: dict[str, Any] = {}
         if "width" in accepted:  # img2img takes its size from the (resized) init image
@@ -458,7 +484,7 @@ class Generator:
         if shared.controls:
             name = "control_image" if "control_image" in accepted else "image"
             several = len(shared.controls) > 1
-            arguments[name] = inputs.controls if several else inputs.controls[0]
+            arguments[name] = inputs.controls
             scale, start, end = zip(*inputs.control_scales, strict=True)
             arguments["controlnet_conditioning_scale"] = list(scale) if several else scale[0]
             arguments["control_guidance_start"] = list(start) if several else start[0]
@@ -630,12 +656,13 @@ class Generator:
         inputs = CallInputs(
             scales=scales,
             ip_masks=ip_masks,
-            controls=[[r.controls[c].image for r in rows] for c in range(len(first.controls))],
+            controls=[_controls_of(r) for r in rows] if first.controls else None,
             control_scales=[(1.0, 0.0, 1.0)] * len(first.controls),
             init_images=None
             if first.init_image is None
             else [self._init_image(r.init_image, width, height) for r in rows],  # type: ignore[arg-type]
             masks=None if first.mask is None else [r.mask for r in rows],  # type: ignore[misc]
+            slots=len(slots),
         )
 
         # 4. denoise and decode, with the per-slot embeds passed through unrepeated

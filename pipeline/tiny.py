@@ -222,7 +222,9 @@ def _controlnet(folder: Path, unet_folder: Path, preset: ControlNetPreset, seed:
 
     unet = UNet2DConditionModel.from_pretrained(str(unet_folder))
     torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(16, 16, 32, 32)
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in controlnet.parameters():

@@ -1,0 +1,343 @@
+"""Structure, regions and source images: ControlNet (single, multi, SDXL), regional IP-Adapter
+masks, img2img and inpainting. A row batched next to rows with other inputs, strengths and
+step windows equals its solo run through diffusers' own pipeline, built and called as the
+diffusers docs show (float64: no rounding hides a mistake); a row given another row's input
+does not. Plus the traps: lists shorter than the batch, inpainting with several images per
+row, from_pipe and the warm pipeline's dtype."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers.image_processor import IPAdapterMaskProcessor
+from PIL import Image, ImageDraw
+
+from core.errors import ItemError
+from pipeline.generator import AdapterInput, ControlInput, GenerationRequest, Generator
+from pipeline.models import ModelSource
+from pipeline.presets import ADAPTERS, CONTROLNETS
+
+CPU = torch.device("cpu")
+F64 = torch.float64
+# Computed in float64, returned as float32 arrays: a few float32 ulps (6e-8 near 0.5) is the
+# resolution; a layout mistake shows as ~1e-2.
+EXACT = 1e-6
+
+
+def picture(seed: int, size: tuple[int, int] = (80, 72)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def half_mask(left: bool, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    box = (0, 0, size[0] // 2, size[1]) if left else (size[0] // 2, 0, size[0], size[1])
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return mask
+
+
+def embeds(generator: Generator, adapter_index: int, seed: int, refs: int = 1) -> torch.Tensor:
+    """A random embedding the adapter's projection takes, [refs, ...]."""
+    shape, _ = generator._projection_shapes[adapter_index]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(refs, *[65 if d == -1 else d for d in shape], generator=g)
+
+
+def row(generator: Generator, i: int, **fields: Any) -> GenerationRequest:
+    adapters = fields.pop("adapters", None)
+    if adapters is None:
+        pos = embeds(generator, 0, 100 + i)
+        adapters = [AdapterInput(generator.adapters[0], 0.5 + 0.1 * i, pos, torch.zeros_like(pos))]
+    base = {
+        "prompt": f"product {i}",
+        "negative_prompt": "",
+        "adapters": adapters,
+        "num_images": 1,
+        "seed": 40 + 7 * i,
+        "steps": 3,
+        "guidance_scale": 6.0,
+        "width": 64,
+        "height": 64,
+    }
+    return GenerationRequest(**(base | fields))
+
+
+def reference_pipeline(
+    models: ModelSource, adapters: tuple[str, ...], mode: str, nets: tuple[str, ...]
+) -> Any:
+    """diffusers' own pipeline for the mode, from the folders, as the docs load it."""
+    family = ADAPTERS[adapters[0]].family
+    names = {
+        ("text", False): "", ("img2img", False): "Img2Img", ("inpaint", False): "Inpaint",
+        ("text", True): "ControlNet", ("img2img", True): "ControlNetImg2Img",
+        ("inpaint", True): "ControlNetInpaint",
+    }  # fmt: skip
+    prefix = "StableDiffusionXL" if family == "sdxl" else "StableDiffusion"
+    cls = getattr(diffusers, f"{prefix}{names[(mode, bool(nets))]}Pipeline")
+    extra: dict[str, Any] = {}
+    if family == "sd15":
+        extra |= {"safety_checker": None, "requires_safety_checker": False}
+    if nets:
+        loaded = [
+            diffusers.ControlNetModel.from_pretrained(
+                models.controlnet(n), variant=CONTROLNETS[n].variant, dtype=F64
+            )
+            for n in nets
+        ]
+        extra["controlnet"] = loaded[0] if len(loaded) == 1 else loaded
+    pipe = cls.from_pretrained(models.base_model(family), dtype=F64, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    weights = [models.adapter_weights(a) for a in adapters]
+    pipe.load_ip_adapter(
+        [w[0] for w in weights],
+        subfolder=[w[1] for w in weights],
+        weight_name=[w[2] for w in weights],
+        image_encoder_folder=None,
+    )
+    return pipe
+
+
+def solo(pipe: Any, r: GenerationRequest) -> np.ndarray:
+    """The row through diffusers' pipeline, the docs' way: its scale set, its embeds ([neg,
+    pos] for CFG), its control image and strengths, its masks as IPAdapterMaskProcessor
+    makes them, its init image / mask as given."""
+    scales = [a.scale for a in r.adapters]
+    pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
+    ip = [torch.stack([a.neg, a.pos]).to(F64) for a in r.adapters]
+    arguments: dict[str, Any] = {}
+    if any(a.regions for a in r.adapters):
+        masks = []
+        for a in r.adapters:
+            if not a.regions:
+                masks.append(None)
+                continue
+            m = IPAdapterMaskProcessor().preprocess(a.regions, height=64, width=64)
+            m = m.reshape(1, m.shape[0], 64, 64)
+            masks.append(m.repeat(1, a.pos.shape[0], 1, 1) if m.shape[1] < a.pos.shape[0] else m)
+        arguments["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
+    if r.controls:
+        several = len(r.controls) > 1
+        name = "control_image" if r.mode != "text" else "image"
+        images = [c.image for c in r.controls]
+        arguments[name] = images if several else images[0]
+        arguments["controlnet_conditioning_scale"] = (
+            [c.scale for c in r.controls] if several else r.controls[0].scale
+        )
+        arguments["control_guidance_start"] = (
+            [c.start for c in r.controls] if several else r.controls[0].start
+        )
+        arguments["control_guidance_end"] = (
+            [c.end for c in r.controls] if several else r.controls[0].end
+        )
+    if r.init_image is not None:
+        arguments["image"] = r.init_image
+        arguments["strength"] = r.strength
+    if r.mask is not None:
+        arguments["mask_image"] = r.mask
+    if r.mode != "img2img":
+        arguments |= {"width": 64, "height": 64}
+    return pipe(
+        prompt=r.prompt,
+        ip_adapter_image_embeds=ip,
+        num_inference_steps=r.steps,
+        guidance_scale=r.guidance_scale,
+        generator=torch.Generator().manual_seed(r.seed),
+        output_type="np",
+        **arguments,
+    ).images[0]
+
+
+def check_rows(
+    models: ModelSource, generator: Generator, rows: list[GenerationRequest]
+) -> list[np.ndarray]:
+    """Batched, each row equals its solo run in diffusers; returns the batched images."""
+    batched = [r.arrays[0] for r in generator.generate_batch(rows)]
+    first = rows[0]
+    pipe = reference_pipeline(
+        models, generator.adapters, first.mode, tuple(c.model for c in first.controls)
+    )
+    for r, mine in zip(rows, batched, strict=True):
+        theirs = solo(pipe, r)
+        assert np.abs(mine - theirs).max() < EXACT, (r.prompt, np.abs(mine - theirs).max())
+    return batched
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models: Path) -> ModelSource:
+    return ModelSource.parse(str(tiny_models))
+
+
+def test_controlnet_rows_with_their_own_images_scales_and_windows(models: ModelSource) -> None:
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    windows = [(1.0, 0.0, 1.0), (0.6, 0.2, 0.8), (1.4, 0.0, 0.5)]
+    rows = [
+        row(generator, i, controls=(ControlInput("sd15-canny", picture(i), *window),))
+        for i, window in enumerate(windows)
+    ]
+    batched = check_rows(models, generator, rows)
+    # a row given another row's control image does not make its image
+    swapped = replace(rows[1], controls=(replace(rows[1].controls[0], image=picture(0)),))
+    assert np.abs(generator.generate(swapped).arrays[0] - batched[1]).max() > 1e-5
+    # four strengths, one call: the scales are per slot, not in batch_key
+    assert len({r.adapters[0].scale for r in rows}) == 3
+    assert generator.pipe.unet.dtype == F64  # from_pipe left the warm pipeline's dtype alone
+
+
+def test_two_controlnets_in_one_call(models: ModelSource) -> None:
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    rows = [
+        row(
+            generator,
+            i,
+            controls=(
+                ControlInput("sd15-canny", picture(i), 0.8 + 0.2 * i, 0.0, 1.0),
+                ControlInput("sd15-depth", picture(10 + i), 0.5, 0.0, 0.6 + 0.2 * i),
+            ),
+        )
+        for i in range(2)
+    ]
+    check_rows(models, generator, rows)
+
+
+def test_sdxl_controlnet(models: ModelSource) -> None:
+    generator = Generator(models, ("sdxl",), device=CPU, dtype=F64)
+    rows = [
+        row(generator, i, controls=(ControlInput("sdxl-depth", picture(i), 0.7 + 0.3 * i),))
+        for i in range(2)
+    ]
+    check_rows(models, generator, rows)
+
+
+def test_regions_one_adapter_per_row_masks_and_strengths(models: ModelSource) -> None:
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    rows = []
+    for i in range(3):
+        pos = embeds(generator, 0, 100 + i)
+        adapter = AdapterInput(
+            "sd15", 0.4 + 0.3 * i, pos, torch.zeros_like(pos), regions=[half_mask(i % 2 == 0)]
+        )
+        rows.append(row(generator, i, adapters=[adapter]))
+    batched = check_rows(models, generator, rows)
+    flipped = replace(rows[0], adapters=[replace(rows[0].adapters[0], regions=[half_mask(False)])])
+    assert np.abs(generator.generate(flipped).arrays[0] - batched[0]).max() > 1e-5
+
+
+def test_regions_two_adapters_and_several_references(models: ModelSource) -> None:
+    generator = Generator(models, ("sd15-plus", "sd15"), device=CPU, dtype=F64)
+    rows = []
+    for i in range(2):
+        plus = embeds(generator, 0, 200 + i, refs=2)  # two references, concatenated
+        base = embeds(generator, 1, 300 + i)
+        rows.append(
+            row(
+                generator,
+                i,
+                adapters=[
+                    AdapterInput(
+                        "sd15-plus",
+                        0.6,
+                        plus,
+                        torch.zeros_like(plus),
+                        regions=[half_mask(True), half_mask(False)],
+                    ),
+                    AdapterInput(
+                        "sd15",
+                        0.5 + 0.2 * i,
+                        base,
+                        torch.zeros_like(base),
+                        regions=[half_mask(i == 0)],
+                    ),
+                ],
+            )
+        )
+    check_rows(models, generator, rows)
+
+
+def test_img2img_rows_with_their_own_init_images(models: ModelSource) -> None:
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    rows = [row(generator, i, init_image=picture(50 + i, (64, 64)), strength=0.6) for i in range(3)]
+    batched = check_rows(models, generator, rows)
+    other = replace(rows[2], init_image=rows[0].init_image)
+    assert np.abs(generator.generate(other).arrays[0] - batched[2]).max() > 1e-5
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_inpaint_rows_with_their_own_masks(models: ModelSource, control: bool) -> None:
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    rows = [
+        row(
+            generator,
+            i,
+            init_image=picture(60 + i, (64, 64)),
+            mask=half_mask(i == 0),
+            strength=1.0,
+            controls=(ControlInput("sd15-canny", picture(i)),) if control else (),
+        )
+        for i in range(2)
+    ]
+    batched = check_rows(models, generator, rows)
+    other = replace(rows[0], mask=rows[1].mask)
+    assert np.abs(generator.generate(other).arrays[0] - batched[0]).max() > 1e-5
+
+
+def test_inpainting_several_images_keeps_seed_plus_k(models: ModelSource) -> None:
+    """diffusers encodes a single init image with the first generator only; ipbatch gives it
+    once per image, so image k of a row is the image of seed + k, as everywhere else."""
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    three = row(
+        generator,
+        0,
+        init_image=picture(70, (64, 64)),
+        mask=half_mask(True),
+        strength=0.7,
+        num_images=3,
+    )
+    images = generator.generate(three).arrays
+    for k in range(3):
+        alone = generator.generate(replace(three, seed=three.seed + k, num_images=1)).arrays[0]
+        assert np.abs(images[k] - alone).max() < EXACT, k
+    # batched next to another row, the same
+    other = row(generator, 1, init_image=picture(71, (64, 64)), mask=half_mask(False), strength=0.7)
+    batched = generator.generate_batch([three, other])[0].arrays
+    for k in range(3):
+        assert np.abs(batched[k] - images[k]).max() < EXACT
+
+
+def test_a_per_slot_list_of_the_wrong_length_is_refused(models: ModelSource) -> None:
+    """diffusers' img2img silently tiles a short list of init images ([A, B, A, B] for four
+    images); ipbatch refuses a call whose per-slot lists do not match its slots."""
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    rows = [row(generator, i, init_image=picture(80 + i, (64, 64)), strength=0.5) for i in range(2)]
+    real = generator._call_arguments
+
+    def short(pipe: Any, shared: Any, inputs: Any, **kwargs: Any) -> Any:
+        inputs.init_images = inputs.init_images[:1]
+        return real(pipe, shared, inputs, **kwargs)
+
+    generator._call_arguments = short  # type: ignore[method-assign]
+    with pytest.raises(ItemError, match="1 init images for 2 slots"):
+        generator.generate_batch(rows)
+
+
+def test_from_pipe_shares_the_warm_modules_and_keeps_their_dtype(models: ModelSource) -> None:
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    r = row(
+        generator,
+        0,
+        controls=(ControlInput("sd15-canny", picture(1)),),
+        init_image=picture(2, (64, 64)),
+        mask=half_mask(True),
+        strength=1.0,
+    )
+    generator.generate(r)
+    pipe = generator._pipe_for(r)
+    assert pipe is not generator.pipe and pipe.unet is generator.pipe.unet
+    assert pipe.vae is generator.pipe.vae and pipe.text_encoder is generator.pipe.text_encoder
+    assert {p.dtype for p in generator.pipe.unet.parameters()} == {F64}
+    assert {p.dtype for p in pipe.controlnet.parameters()} == {F64}
