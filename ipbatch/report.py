@@ -2,9 +2,10 @@
 
 At the top: counts by status, time, images/s and the distribution of CLIP-I and CLIP-T as
 small bar charts. Then one row per manifest row (up to --limit, in manifest order): its
-references, its outputs with seed and scores, the prompt, and for a failed row the error code
-and message. Thumbnails are embedded (JPEG data URIs), so the file can be mailed or archived;
-nothing is fetched when it is opened. Every text from the manifest is escaped.
+references and structure inputs (control images, regions, init image, inpaint mask), its
+outputs with seed and scores, the prompt, and for a failed row the error code and message.
+Thumbnails are embedded (JPEG data URIs), so the file can be mailed or archived; nothing is
+fetched when it is opened. Every text from the manifest is escaped.
 """
 
 from __future__ import annotations
@@ -55,6 +56,43 @@ def _named_references(params: dict[str, Any], manifest_uri: str) -> list[str]:
     return list(dict.fromkeys(refs))
 
 
+def _input_labels(row: queries.ReportRow) -> list[tuple[str, str]]:
+    """(label, uri) of the row's control images, regions and init image, shown next to its
+    references ("inpaint mask" too when it is an image of its own, not the init's alpha)."""
+    controls = row.params.get("control") or []
+    labelled = []
+    for role, owner, uri in row.inputs:
+        if role == "control":
+            model = controls[owner].get("model", "") if owner < len(controls) else ""
+            labelled.append((f"control {model}".strip(), uri))
+        elif role == "region":
+            labelled.append((f"region of adapter {owner + 1}", uri))
+        elif role == "init":
+            labelled.append(("init image", uri))
+        elif row.params.get("inpaint_mask") != "alpha":
+            labelled.append(("inpaint mask", uri))
+    return labelled
+
+
+def _named_inputs(params: dict[str, Any], manifest_uri: str) -> list[tuple[str, int, str]]:
+    """The structure inputs a row names, as the embed stage records them."""
+    from pipeline.inputs import row_inputs
+    from pipeline.manifest import Row
+    from pipeline.sources import resolve_reference
+
+    try:
+        named = row_inputs(Row.model_validate(params))
+    except Exception:  # not a row this version reads: show its references only
+        return []
+    found = []
+    for i in named:
+        try:
+            found.append((i.role, i.owner, resolve_reference(i.uri, manifest_uri=manifest_uri)))
+        except Exception:
+            found.append((i.role, i.owner, i.uri))
+    return found
+
+
 def _load(engine: Engine, job_id: str, limit: int) -> queries.ReportData:
     with Session(engine) as session:
         data = queries.report(session, job_id=job_id, limit=limit)
@@ -63,8 +101,11 @@ def _load(engine: Engine, job_id: str, limit: int) -> queries.ReportData:
     for row in data.rows:
         if row.error_code == "invalid_row":
             row.params = {}  # not a row: do not show what it claimed
-        elif not row.references:  # failed before its references were recorded
+            continue
+        if not row.references:  # failed before its references were recorded
             row.references = _named_references(row.params, data.manifest_uri)
+        if not row.inputs and row.error_code:  # or before its inputs were
+            row.inputs = _named_inputs(row.params, data.manifest_uri)
     return data
 
 
@@ -144,6 +185,14 @@ def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 50
                 if data
                 else f"<figure class='missing'>unreadable: {e(uri)}</figure>"
             )
+        for label, uri in _input_labels(r):
+            data = _thumbnail(stores, uri)
+            refs.append(
+                f"<figure class='input'><img src='{data}' alt='{e(label)}'>"
+                f"<figcaption>{e(label)}: {e(uri)}</figcaption></figure>"
+                if data
+                else f"<figure class='missing'>unreadable {e(label)}: {e(uri)}</figure>"
+            )
         outs = []
         for o in r.outputs:
             data = _thumbnail(stores, o["uri"])
@@ -183,6 +232,6 @@ def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 50
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>ipbatch report: {e(str(job['name']))}</title><style>{CSS}</style></head><body>"
         f"{head}<table class='rows'><thead><tr><th>#</th><th>row</th><th>status</th>"
-        "<th>prompt</th><th>references</th><th>outputs</th></tr></thead><tbody>"
+        "<th>prompt</th><th>references and inputs</th><th>outputs</th></tr></thead><tbody>"
         f"{''.join(body)}</tbody></table>{script}</body></html>"
     )

@@ -22,6 +22,12 @@ CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 def decode_reference(data: bytes, *, name: str, max_pixels: int, max_bytes: int) -> Image.Image:
     """Bytes of a reference image -> an upright RGB image, or an ItemError."""
+    return to_rgb(open_image(data, name=name, max_pixels=max_pixels, max_bytes=max_bytes))
+
+
+def open_image(data: bytes, *, name: str, max_pixels: int, max_bytes: int) -> Image.Image:
+    """Bytes of a user's image -> the upright first frame, decoded, in its own mode (alpha
+    kept), or an ItemError."""
     if not data:
         raise ItemError(ErrorCode.REFERENCE_NOT_IMAGE, f"{name} is an empty file")
     if len(data) > max_bytes:
@@ -41,8 +47,7 @@ def decode_reference(data: bytes, *, name: str, max_pixels: int, max_bytes: int)
                 )
             image.seek(0)  # first frame of an animation
             image.load()
-            image = ImageOps.exif_transpose(image) or image
-            return _to_rgb(image)
+            return ImageOps.exif_transpose(image) or image
     except ItemError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -58,7 +63,29 @@ def decode_reference(data: bytes, *, name: str, max_pixels: int, max_bytes: int)
         ) from exc
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def alpha_mask(image: Image.Image, *, name: str) -> Image.Image:
+    """An inpainting mask from a cut-out's alpha channel: transparent pixels are repainted
+    (white), opaque ones kept (black), partly transparent ones in between (the inpainting
+    pipeline binarises at half). An ItemError if the image has no transparent pixel."""
+    if image.mode in ("P", "PA"):  # a palette's transparency becomes alpha
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "RGBa", "La"):
+        raise ItemError(
+            ErrorCode.INVALID_ROW,
+            f"inpaint_mask 'alpha': {name} has no alpha channel (mode {image.mode}); give a "
+            "cut-out with transparency (PNG, WebP) or a mask image",
+        )
+    alpha = np.asarray(image.getchannel("A"), dtype=np.uint8)
+    if int(alpha.min()) == 255:
+        raise ItemError(
+            ErrorCode.INVALID_ROW,
+            f"inpaint_mask 'alpha': {name} has no transparent pixel, so nothing would be "
+            "repainted; give a cut-out with a transparent background or a mask image",
+        )
+    return Image.fromarray(255 - alpha, mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey -> 8-bit

@@ -200,6 +200,11 @@ class AdapterSpec(BaseModel):
                 f"region: give one mask for all {len(self.references)} references or one per "
                 f"reference, not {len(regions)}"
             )
+        if len(regions) > 1 and self.combine == "average":
+            raise ValueError(
+                "region: combine 'average' makes the references one embedding, so it takes one "
+                "mask; use combine 'concat' for one mask per reference"
+            )
         return self
 
     @property

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ErrorCode, ItemError
@@ -38,10 +38,16 @@ def combine(tensors: Sequence[Tensors], how: str) -> Tensors:
     return joined
 
 
-def build_request(row: Row, embeddings: Sequence[Sequence[Tensors]]) -> GenerationRequest:
+def build_request(
+    row: Row,
+    embeddings: Sequence[Sequence[Tensors]],
+    prepared: Mapping[tuple[str, int, int], Tensors] | None = None,
+) -> GenerationRequest:
     """The request for `row`; `embeddings[a][r]` holds the cached tensors (pos, neg, and for
-    FaceID-Plus clip_pos, clip_neg) of adapter a's reference r."""
-    from pipeline.generator import AdapterInput, GenerationRequest
+    FaceID-Plus clip_pos, clip_neg) of adapter a's reference r; `prepared[(role, owner,
+    position)]` the cached pixels of each structure input (`pipeline.inputs.row_inputs`)."""
+    from pipeline.generator import AdapterInput, ControlInput, GenerationRequest
+    from pipeline.inputs import CONTROL, INIT, MASK, REGION, row_inputs, to_image
 
     specs = row.adapter_specs()
     if len(embeddings) != len(specs) or any(
@@ -49,8 +55,13 @@ def build_request(row: Row, embeddings: Sequence[Sequence[Tensors]]) -> Generati
         for spec, tensors in zip(specs, embeddings, strict=True)
     ):
         raise ItemError(ErrorCode.INTERNAL, "embeddings missing for this item; retry it")
+    prepared = prepared or {}
+    wanted = {i.slot for i in row_inputs(row)}
+    if set(prepared) != wanted:
+        raise ItemError(ErrorCode.INTERNAL, "prepared inputs missing for this item; retry it")
+    images = {slot: to_image(tensors) for slot, tensors in prepared.items()}
     inputs = []
-    for spec, tensors in zip(specs, embeddings, strict=True):
+    for a, (spec, tensors) in enumerate(zip(specs, embeddings, strict=True)):
         parts = combine(tensors, spec.combine)
         inputs.append(
             AdapterInput(
@@ -61,8 +72,13 @@ def build_request(row: Row, embeddings: Sequence[Sequence[Tensors]]) -> Generati
                 clip_pos=parts.get("clip_pos"),
                 clip_neg=parts.get("clip_neg"),
                 shortcut_scale=spec.shortcut_scale,
+                regions=[images[(REGION, a, r)] for r in range(len(spec.regions))] or None,
             )
         )
+    controls = tuple(
+        ControlInput(c.model, images[(CONTROL, i, 0)], c.scale, c.start, c.end)
+        for i, c in enumerate(row.control or [])
+    )
     return GenerationRequest(
         prompt=row.prompt,
         negative_prompt=row.negative_prompt,
@@ -73,4 +89,8 @@ def build_request(row: Row, embeddings: Sequence[Sequence[Tensors]]) -> Generati
         guidance_scale=row.guidance_scale,
         width=row.width,
         height=row.height,
+        controls=controls,
+        init_image=images.get((INIT, 0, 0)),
+        mask=images.get((MASK, 0, 0)),
+        strength=row.effective_strength,
     )

@@ -230,6 +230,11 @@ def _controlnet(folder: Path, unet_folder: Path, preset: ControlNetPreset, seed:
         for parameter in controlnet.parameters():
             if not torch.count_nonzero(parameter):
                 parameter.copy_(_randn(g, *parameter.shape, std=3.0))
+        # the condition's own encoder, untrained, fades the image out in a few random convs:
+        # stronger weights, so another control image (not just a control) changes the picture
+        embedding = controlnet.controlnet_cond_embedding
+        for module in [embedding.conv_in, *embedding.blocks]:
+            module.weight.mul_(3.0)
     if preset.variant == "fp16":
         controlnet = controlnet.half()
     controlnet.save_pretrained(str(folder), variant=preset.variant, safe_serialization=True)

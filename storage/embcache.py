@@ -91,13 +91,13 @@ class EmbeddingCache:
             self._store(uri, tensors, key)
             if found is not None:
                 return Cached(found.id, uri, hit=False)
-            pos = tensors["pos"]
+            first = tensors["pos"] if "pos" in tensors else next(iter(tensors.values()))
             embedding_id = embeddings.record(
                 session,
                 **names,
                 uri=uri,
-                shape=list(pos.shape),
-                dtype=str(pos.dtype).removeprefix("torch."),
+                shape=list(first.shape),
+                dtype=str(first.dtype).removeprefix("torch."),
                 now=self.clock(),
             )
         return Cached(embedding_id, uri, hit=False)

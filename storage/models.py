@@ -198,6 +198,22 @@ class ItemEmbedding(Base):
     reference_uri: Mapped[str] = mapped_column(Text)
 
 
+class ItemInput(Base):
+    """Which cached, prepared input (control image, region mask, init image, inpaint mask)
+    feeds which place of an item; `source_uri` is the image the row named."""
+
+    __tablename__ = "item_inputs"
+
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+    )
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)  # control|region|init|mask
+    owner_index: Mapped[int] = mapped_column(Integer, primary_key=True)  # control / adapter
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # region of the adapter
+    embedding_id: Mapped[int] = mapped_column(ForeignKey("embeddings.id"), index=True)
+    source_uri: Mapped[str] = mapped_column(Text)
+
+
 class Output(Base):
     __tablename__ = "outputs"
 

@@ -1,4 +1,5 @@
-"""The embedding cache's index (`embeddings`) and each item's links to it."""
+"""The embedding cache's index (`embeddings`) and each item's links to it: its reference
+embeddings (`item_embeddings`) and its prepared structure inputs (`item_inputs`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from storage.ledger.db import is_postgres
-from storage.models import Embedding, ItemEmbedding
+from storage.models import Embedding, ItemEmbedding, ItemInput
 
 
 def find(session: Session, *, content_sha256: str, encoder: str, kind: str) -> Embedding | None:
@@ -93,5 +94,23 @@ def of_item(session: Session, *, item_id: int) -> list[tuple[ItemEmbedding, Embe
         .join(Embedding, Embedding.id == ItemEmbedding.embedding_id)
         .where(ItemEmbedding.item_id == item_id)
         .order_by(ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
+    )
+    return [(item_link, embedding) for item_link, embedding in rows]
+
+
+def link_inputs(session: Session, *, item_id: int, links: Sequence[dict[str, Any]]) -> None:
+    """Replace an item's (role, owner_index, position) -> prepared input links."""
+    session.execute(delete(ItemInput).where(ItemInput.item_id == item_id))
+    if links:
+        session.execute(insert(ItemInput), [{"item_id": item_id, **row} for row in links])
+
+
+def inputs_of_item(session: Session, *, item_id: int) -> list[tuple[ItemInput, Embedding]]:
+    """An item's prepared inputs, in (role, owner, position) order."""
+    rows = session.execute(
+        select(ItemInput, Embedding)
+        .join(Embedding, Embedding.id == ItemInput.embedding_id)
+        .where(ItemInput.item_id == item_id)
+        .order_by(ItemInput.role, ItemInput.owner_index, ItemInput.position)
     )
     return [(item_link, embedding) for item_link, embedding in rows]

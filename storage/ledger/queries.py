@@ -16,7 +16,16 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from storage.lifecycle import STAGES
-from storage.models import Item, ItemEmbedding, ItemStatus, Job, JobItemCount, JobStatus, Output
+from storage.models import (
+    Item,
+    ItemEmbedding,
+    ItemInput,
+    ItemStatus,
+    Job,
+    JobItemCount,
+    JobStatus,
+    Output,
+)
 
 
 def _when(value: Any) -> datetime | None:
@@ -122,6 +131,9 @@ class ReportRow:
     warning: str | None
     params: dict[str, Any]
     references: list[str] = field(default_factory=list)  # recorded by the embed stage
+    # structure inputs recorded by the embed stage: (role, owner_index, source uri), role one
+    # of control | region | init | mask
+    inputs: list[tuple[str, int, str]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -197,4 +209,10 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
     ):
         if uri not in rows[item_id].references:
             rows[item_id].references.append(uri)
+    for item_id, role, owner, uri in session.execute(
+        select(ItemInput.item_id, ItemInput.role, ItemInput.owner_index, ItemInput.source_uri)
+        .where(ItemInput.item_id.in_(ids))
+        .order_by(ItemInput.item_id, ItemInput.role, ItemInput.owner_index, ItemInput.position)
+    ):
+        rows[item_id].inputs.append((role, owner, uri))
     return ReportData(str(manifest_uri), int(total_items), int(total_images), list(rows.values()))

@@ -44,6 +44,7 @@ def test_upgrade_downgrade_upgrade(empty_db: str) -> None:
         "item_events",
         "embeddings",
         "item_embeddings",
+        "item_inputs",
         "outputs",
         "job_item_counts",
         "output_attempts",

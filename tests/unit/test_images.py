@@ -97,3 +97,78 @@ def test_png_output_carries_parameters() -> None:
     assert json.loads(image.text["ipbatch"]) == {"prompt": "p", "seed": 5}
     for fmt, magic in (("webp", b"RIFF"), ("jpeg", b"\xff\xd8")):
         assert encode_output(Image.new("RGB", (8, 8)), fmt, {}).startswith(magic)
+
+
+# -- structure inputs (pipeline.inputs.prepare) ------------------------------------------------
+
+
+def _prepared(image: Image.Image, kind: str, fmt: str = "PNG", **kwargs: object) -> np.ndarray:
+    from pipeline.inputs import prepare
+
+    return prepare(encode(image, fmt, **kwargs), kind, name="x.png", **LIMITS)["pixels"].numpy()
+
+
+def test_alpha_mask_repaints_the_transparent_pixels() -> None:
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[:, :10, 3] = 255  # opaque product on the left
+    rgba[:, 10:20, 3] = 100  # a soft edge
+    mask = _prepared(Image.fromarray(rgba, mode="RGBA"), "alpha")
+    assert mask.shape == (20, 30, 1) and mask.dtype == np.uint8
+    assert (
+        (mask[:, :10] == 0).all() and (mask[:, 10:20] == 155).all() and (mask[:, 20:] == 255).all()
+    )
+    # the same from a grey cut-out and from a palette image with a transparent colour
+    la = Image.fromarray(rgba[:, :, [0, 3]], mode="LA")
+    assert (_prepared(la, "alpha") == mask).all()
+    palette = Image.new("P", (30, 20), 0)
+    palette.putpalette([255, 255, 255, 200, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 10, 20))
+    from_palette = _prepared(palette, "alpha", transparency=0)
+    assert (from_palette[:, :10] == 0).all() and (from_palette[:, 10:] == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "needle"),
+    [
+        (Image.new("RGB", (20, 20)), "PNG", "no alpha channel (mode RGB)"),
+        (Image.new("RGB", (20, 20)), "JPEG", "no alpha channel"),
+        (Image.new("RGBA", (20, 20), (5, 5, 5, 255)), "PNG", "no transparent pixel"),
+    ],
+)
+def test_alpha_mask_of_an_image_without_transparency_fails(
+    image: Image.Image, fmt: str, needle: str
+) -> None:
+    with pytest.raises(ItemError) as failed:
+        _prepared(image, "alpha", fmt)
+    assert failed.value.code is ErrorCode.INVALID_ROW and needle in str(failed.value)
+
+
+def test_inputs_follow_the_reference_rules() -> None:
+    """Upright by EXIF, on white, within the limits, a clear code when not an image."""
+    wide = np.zeros((10, 30, 3), dtype=np.uint8)
+    wide[:, :5] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    control = _prepared(Image.fromarray(wide), "rgb", "PNG", exif=exif)
+    assert control.shape == (30, 10, 3)  # upright, as the user sees it
+    transparent_mask = _prepared(Image.new("LA", (8, 8), (0, 0)), "mask")
+    assert transparent_mask.shape == (8, 8, 1) and (transparent_mask == 255).all()  # on white
+    from pipeline.inputs import prepare
+
+    with pytest.raises(ItemError) as failed:
+        prepare(b"GIF89a nonsense", "mask", name="m.gif", **LIMITS)
+    assert failed.value.code is ErrorCode.REFERENCE_NOT_IMAGE
+    with pytest.raises(ItemError) as failed:
+        prepare(encode(Image.new("RGB", (3000, 2000))), "rgb", name="big.png", **LIMITS)
+    assert failed.value.code is ErrorCode.REFERENCE_TOO_LARGE
+
+
+def test_canny_is_the_guides_recipe() -> None:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    picture = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+    edges = cv2.Canny(picture, 50, 150)[:, :, None]  # the diffusers ControlNet guide's steps
+    expected = np.concatenate([edges, edges, edges], axis=2)
+    assert (_prepared(Image.fromarray(picture), "canny-50-150") == expected).all()
+    assert expected.any() and not (expected == 255).all()

@@ -111,6 +111,82 @@ def test_adapters_list_and_instantstyle_scale() -> None:
         ),
         ({"id": "a", "reference": "r.png", "adapters": [{"reference": "b.png"}]}, "not both"),
         ({"id": 12, "reference": "r.png"}, "id:"),
+        # structure inputs
+        ({"id": "a", "reference": "r.png", "control": [{"image": "c.png"}]}, "control.0.model"),
+        (
+            {"id": "a", "reference": "r.png", "control": [{"model": "sd15-hed", "image": "c.png"}]},
+            "unknown ControlNet 'sd15-hed'",
+        ),
+        (
+            {
+                "id": "a",
+                "reference": "r.png",
+                "control": [{"model": "sd15-canny", "image": "c"}] * 4,
+            },
+            "control",
+        ),
+        (
+            {
+                "id": "a",
+                "reference": "r.png",
+                "control": [{"model": "sd15-canny", "image": "c.png", "scale": 2.5}],
+            },
+            "control.0.scale",
+        ),
+        (
+            {
+                "id": "a",
+                "reference": "r.png",
+                "control": [{"model": "sd15-canny", "image": "c.png", "end": 1.5}],
+            },
+            "control.0.end",
+        ),
+        (
+            {
+                "id": "a",
+                "reference": "r.png",
+                "control": [
+                    {
+                        "model": "sd15-canny",
+                        "image": "c.png",
+                        "preprocess": "canny",
+                        "low": 200,
+                        "high": 100,
+                    }
+                ],
+            },
+            "low (200) must be below high (100)",
+        ),
+        (
+            {
+                "id": "a",
+                "reference": "r.png",
+                "control": [{"model": "sd15-depth", "image": "d.png", "low": 5}],
+            },
+            "canny thresholds",
+        ),
+        (
+            {
+                "id": "a",
+                "reference": "r.png",
+                "control": [{"model": "sd15-canny", "image": "c.png", "preprocess": "hed"}],
+            },
+            "control.0.preprocess",
+        ),
+        ({"id": "a", "reference": "r.png", "strength": 0.5}, "strength needs init_image"),
+        (
+            {"id": "a", "reference": "r.png", "inpaint_mask": "alpha"},
+            "inpaint_mask needs init_image",
+        ),
+        ({"id": "a", "reference": "r.png", "init_image": "i.png", "strength": -0.1}, "strength"),
+        (
+            {"id": "a", "reference": ["r.png", "s.png"], "region": ["m.png", "n.png"]},
+            "combine 'average' makes the references one embedding",
+        ),
+        (
+            {"id": "a", "adapters": [{"reference": "r.png"}], "region": "m.png"},
+            "not both",
+        ),
     ],
 )
 def test_each_bad_row_fails_alone_with_the_field_named(obj: dict, needle: str) -> None:

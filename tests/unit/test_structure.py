@@ -184,7 +184,7 @@ def test_controlnet_rows_with_their_own_images_scales_and_windows(models: ModelS
     # a row given another row's control image does not make its image
     swapped = replace(rows[1], controls=(replace(rows[1].controls[0], image=picture(0)),))
     assert np.abs(generator.generate(swapped).arrays[0] - batched[1]).max() > 1e-5
-    # four strengths, one call: the scales are per slot, not in batch_key
+    # three strengths, one call: the scales are per slot, not in batch_key
     assert len({r.adapters[0].scale for r in rows}) == 3
     assert generator.pipe.unet.dtype == F64  # from_pipe left the warm pipeline's dtype alone
 

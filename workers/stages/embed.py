@@ -1,8 +1,10 @@
-"""Embed: the reference embeddings every claimed item needs, found in the cache or computed.
+"""Embed: the reference embeddings every claimed item needs, found in the cache or computed;
+and its structure inputs (control images, regions, init image, inpaint mask), prepared the
+same way (`pipeline.inputs`).
 
-Embeddings are content-addressed (sha256 of the reference bytes + encoder fingerprint +
-kind): a reference used by 1,000 rows, or by last night's job, is encoded once. A cached
-object that has gone missing is computed and written again.
+Cache entries are content-addressed (sha256 of the image bytes + encoder fingerprint + kind):
+a reference used by 1,000 rows, or by last night's job, is encoded once. A cached object that
+has gone missing is computed and written again.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pipeline import inputs
 from pipeline.manifest import Row
 from pipeline.sources import check_allowed, resolve_reference
 from storage.embcache import CacheKey
@@ -63,8 +67,11 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> EmbedSummary:
         for entry in entries:
             with work.item(entry.item_id):
                 links = _embed_references(ctx, entry, seen, summary)
-                # 3. ready for generation, with its links to the cache, in one transaction
-                ready = work.done([entry.item_id], record=functools.partial(_link, links=links))
+                # 3. its structure inputs (control images, regions, init image, mask), the same way
+                input_links = _prepare_inputs(ctx, entry, seen, summary)
+                # 4. ready for generation, with its links to the cache, in one transaction
+                record = functools.partial(_link, links=links, input_links=input_links)
+                ready = work.done([entry.item_id], record=record)
                 summary.ready += ready
                 metrics.ITEMS.labels(EMBED.name, "done").inc(len(ready))
     finalize_jobs(ctx, {entry.job_id for entry in entries})
@@ -97,47 +104,119 @@ def _embed_references(
     for adapter_index, spec in enumerate(entry.row.adapter_specs()):
         encoder = ctx.encoder(spec.adapter)
         for reference_index, reference in enumerate(spec.references):
-            uri = resolve_reference(reference, manifest_uri=entry.manifest_uri)
-            check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
-            data: bytes | None = None
-            if uri not in seen:
-                data = read_reference(ctx, uri)
-                seen[uri] = hashlib.sha256(data).hexdigest()
-            key = CacheKey(seen[uri], encoder.fingerprint, encoder.kind.value)
-            cached = ctx.cache.ensure(
-                key=key,
-                cache_root=ctx.cache_root(entry.output_uri),
-                compute=functools.partial(_compute, ctx, encoder, key, uri, data),
+            embedding_id, uri = _ensure_cached(
+                ctx,
+                entry,
+                reference,
+                seen,
+                summary,
+                encoder=encoder.fingerprint,
+                kind=encoder.kind.value,
+                make=functools.partial(_embed, ctx, encoder),
             )
-            if cached.hit:
-                summary.cached += 1
-            else:
-                summary.computed += 1
-            metrics.CACHE.labels("hit" if cached.hit else "miss").inc()
             links.append(
                 {
                     "adapter_index": adapter_index,
                     "reference_index": reference_index,
-                    "embedding_id": cached.embedding_id,
+                    "embedding_id": embedding_id,
                     "reference_uri": uri,
                 }
             )
     return links
 
 
-def _compute(
-    ctx: StageContext, encoder: ReferenceEncoder, key: CacheKey, uri: str, data: bytes | None
+def _prepare_inputs(
+    ctx: StageContext, entry: _Entry, seen: dict[str, str], summary: EmbedSummary
+) -> list[dict[str, Any]]:
+    """Every structure input of the row (control images, regions, init image, inpaint mask):
+    allowed? read, hashed, prepared or found in the cache."""
+    links: list[dict[str, Any]] = []
+    for row_input in inputs.row_inputs(entry.row):
+        embedding_id, uri = _ensure_cached(
+            ctx,
+            entry,
+            row_input.uri,
+            seen,
+            summary,
+            encoder=inputs.ENCODER,
+            kind=row_input.kind,
+            make=functools.partial(_prepare, ctx, row_input.kind),
+        )
+        links.append(
+            {
+                "role": row_input.role,
+                "owner_index": row_input.owner,
+                "position": row_input.position,
+                "embedding_id": embedding_id,
+                "source_uri": uri,
+            }
+        )
+    return links
+
+
+def _ensure_cached(
+    ctx: StageContext,
+    entry: _Entry,
+    written: str,
+    seen: dict[str, str],
+    summary: EmbedSummary,
+    *,
+    encoder: str,
+    kind: str,
+    make: Callable[[bytes, str], dict[str, torch.Tensor]],
+) -> tuple[int, str]:
+    """The cache entry of one image the row names, as (embedding id, resolved URI): found,
+    or made from the image's bytes by `make(data, uri)` and stored. The image is read once
+    per call (`seen` memoises its hash) and only when needed."""
+    uri = resolve_reference(written, manifest_uri=entry.manifest_uri)
+    check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
+    data: bytes | None = None
+    if uri not in seen:
+        data = read_reference(ctx, uri)
+        seen[uri] = hashlib.sha256(data).hexdigest()
+    key = CacheKey(seen[uri], encoder, kind)
+
+    def compute() -> dict[str, torch.Tensor]:
+        log.info(
+            "computing %s of %s",
+            kind,
+            uri,
+            extra={"key": f"{key.content_sha256}/{key.encoder}/{key.kind}", "worker": ctx.worker},
+        )
+        return make(data if data is not None else read_reference(ctx, uri), uri)
+
+    cached = ctx.cache.ensure(key=key, cache_root=ctx.cache_root(entry.output_uri), compute=compute)
+    if cached.hit:
+        summary.cached += 1
+    else:
+        summary.computed += 1
+    metrics.CACHE.labels("hit" if cached.hit else "miss").inc()
+    return cached.embedding_id, uri
+
+
+def _embed(
+    ctx: StageContext, encoder: ReferenceEncoder, data: bytes, uri: str
 ) -> dict[str, torch.Tensor]:
-    log.info(
-        "computing embedding of %s (%s)",
-        uri,
-        key.kind,
-        extra={"key": f"{key.content_sha256}/{key.encoder}/{key.kind}", "worker": ctx.worker},
+    return encoder.encode(decode(ctx, data, name=uri), name=uri)
+
+
+def _prepare(ctx: StageContext, kind: str, data: bytes, uri: str) -> dict[str, torch.Tensor]:
+    return inputs.prepare(
+        data,
+        kind,
+        name=uri,
+        max_pixels=ctx.settings.max_image_pixels,
+        max_bytes=ctx.settings.max_reference_bytes,
     )
-    raw = data if data is not None else read_reference(ctx, uri)
-    return encoder.encode(decode(ctx, raw, name=uri), name=uri)
 
 
-def _link(session: Session, moved: list[int], *, links: list[dict[str, Any]]) -> None:
+def _link(
+    session: Session,
+    moved: list[int],
+    *,
+    links: list[dict[str, Any]],
+    input_links: list[dict[str, Any]],
+) -> None:
     for item_id in moved:
         embeddings.link(session, item_id=item_id, links=links)
+        embeddings.link_inputs(session, item_id=item_id, links=input_links)

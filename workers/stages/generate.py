@@ -77,6 +77,7 @@ class _Entry:
     output_uri: str
     embeddings: list[list[str]]  # cache URIs, [adapter][reference]
     references: list[tuple[str, str]]
+    inputs: dict[tuple[str, int, int], str]  # cache URIs of the prepared structure inputs
 
 
 @dataclass(frozen=True)
@@ -123,28 +124,35 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
             references = list(
                 dict.fromkeys((emb.content_sha256, link.reference_uri) for link, emb in links)
             )
-            entries.append(_Entry(item.id, job.id, row, job.output_uri, uris, references))
+            prepared = {
+                (link.role, link.owner_index, link.position): embedding.uri
+                for link, embedding in embeddings.inputs_of_item(session, item_id=item.id)
+            }
+            entries.append(_Entry(item.id, job.id, row, job.output_uri, uris, references, prepared))
     return entries
 
 
 def _prepare(
     ctx: StageContext, work: ClaimedWork, entries: list[_Entry], summary: GenerateSummary
 ) -> list[Prepared]:
-    loaded = _prefetch(ctx, {uri for e in entries for refs in e.embeddings for uri in refs})
+    wanted = {uri for e in entries for refs in e.embeddings for uri in refs}
+    loaded = _prefetch(ctx, wanted | {uri for e in entries for uri in e.inputs.values()})
+
+    def load(uri: str) -> dict[str, torch.Tensor]:
+        return loaded[uri] if uri in loaded else ctx.cache.load(uri)
+
     prepared = []
     for entry in entries:
         with work.item(entry.item_id):
             try:
-                tensors = [
-                    [loaded[uri] if uri in loaded else ctx.cache.load(uri) for uri in refs]
-                    for refs in entry.embeddings
-                ]
+                tensors = [[load(uri) for uri in refs] for refs in entry.embeddings]
+                pixels = {slot: load(uri) for slot, uri in entry.inputs.items()}
             except ObjectNotFound:
                 summary.embed_again += work.send_back(
                     [entry.item_id], EMBED.waiting, "a cached embedding is gone: embed it again"
                 )
                 continue
-            request = build_request(entry.row, tensors)
+            request = build_request(entry.row, tensors, pixels)
             prepared.append(
                 Prepared(
                     entry.item_id,
@@ -363,6 +371,13 @@ def _upload(ctx: StageContext, m: _Made) -> list[dict[str, Any]]:
             "guidance_scale": p.row.guidance_scale,
             "adapters": [s.model_dump(mode="json") for s in p.row.adapter_specs()],
         }
+        if p.row.control:
+            metadata["control"] = [c.model_dump(mode="json") for c in p.row.control]
+        if p.row.init_image is not None:
+            metadata["init_image"] = p.row.init_image
+            metadata["strength"] = p.row.effective_strength
+        if p.row.inpaint_mask is not None:
+            metadata["inpaint_mask"] = p.row.inpaint_mask
         data = encode_output(image, p.row.output_format, metadata)
         uri = output_uri_for(p.output_uri, p.job_id, p.row.id, k, p.row.output_format)
         # first writer wins: after a crash between upload and commit, or a late duplicate,
