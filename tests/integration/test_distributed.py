@@ -4,6 +4,7 @@ worker` processes, started and stopped here. Nothing is mocked and nothing runs 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -264,6 +265,94 @@ def test_mixed_presets_over_real_services(cluster: Cluster, tmp_path: Path) -> N
     assert n_outputs == 7
     # the family is part of every cache key: SD1.5 and SDXL never share an embedding
     assert {e.split("/")[0] for e in encoders} == {"sd15", "sdxl"}
+
+
+def test_structure_rows_over_real_services(cluster: Cluster, tmp_path: Path) -> None:
+    """ControlNet, regions, img2img and inpainting rows (and a row whose mask is missing) in
+    one job: inputs read from S3 by the embed worker, prepared and cached there, read back from
+    the cache by the generate worker."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    s3, bucket, env = cluster.s3, cluster.bucket, cluster.env
+    photo = Image.new("RGB", (96, 80), (240, 240, 235))
+    ImageDraw.Draw(photo).rectangle((20, 10, 70, 60), fill=(30, 60, 170))
+    cut = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
+    ImageDraw.Draw(cut).ellipse((15, 15, 65, 65), fill=(200, 30, 30, 255))
+    left = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(left).rectangle((0, 0, 31, 63), fill=255)
+    for name, image in {"photo": photo, "cut": cut, "left": left}.items():
+        image.save(tmp_path / f"{name}.png")
+        s3.upload_file(str(tmp_path / f"{name}.png"), bucket, f"refs/{name}.png")
+    ref = f"s3://{bucket}/refs"
+    canny = {"model": "sd15-canny", "image": f"{ref}/photo.png", "preprocess": "canny"}
+    base = {"reference": f"{ref}/photo.png", "steps": 2, "width": 64, "height": 64}
+    rows = [
+        {"id": "pose-1", **base, "control": [canny], "scale": 0.4},
+        {"id": "pose-2", **base, "control": [{**canny, "scale": 0.6, "end": 0.5}], "scale": 0.9},
+        {"id": "garment", **base, "region": f"{ref}/left.png"},
+        {"id": "background", **base, "init_image": f"{ref}/cut.png", "inpaint_mask": "alpha"},
+        {"id": "variation", **base, "init_image": f"{ref}/photo.png", "strength": 0.5},
+        {
+            "id": "masked",
+            **base,
+            "init_image": f"{ref}/photo.png",
+            "inpaint_mask": f"{ref}/left.png",
+            "control": [{"model": "sd15-depth", "image": f"{ref}/photo.png"}],
+        },
+        {"id": "no-mask", **base, "init_image": f"{ref}/cut.png", "inpaint_mask": f"{ref}/no.png"},
+    ]
+    manifest = cluster.put_manifest("jobs/structure.jsonl", rows)
+    job_id = cli("submit", manifest, "--output", f"s3://{bucket}/structure", env=env).strip()
+    progress = cluster.wait_for_job(job_id)
+    with cluster.engine.connect() as conn:
+        failed = conn.execute(
+            sa.text(
+                "SELECT row_id, error_code, error_message FROM items "
+                "WHERE job_id = :j AND status = 'failed'"
+            ),
+            {"j": job_id},
+        ).all()
+        linked = conn.execute(
+            sa.text(
+                "SELECT i.row_id, l.role, l.source_uri, e.kind, e.uri FROM item_inputs l "
+                "JOIN items i ON i.id = l.item_id JOIN embeddings e ON e.id = l.embedding_id "
+                "WHERE i.job_id = :j ORDER BY i.row_index, l.role"
+            ),
+            {"j": job_id},
+        ).all()
+        outputs = dict(
+            conn.execute(
+                sa.text(
+                    "SELECT i.row_id, o.uri FROM outputs o JOIN items i ON i.id = o.item_id "
+                    "WHERE i.job_id = :j"
+                ),
+                {"j": job_id},
+            ).all()
+        )
+    assert [tuple(r[:2]) for r in failed] == [("no-mask", "reference_not_found")], failed
+    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("failed", 6, 1)
+    assert [(r[0], r[1], r[2], r[3]) for r in linked] == [
+        ("pose-1", "control", f"{ref}/photo.png", "canny-100-200"),
+        ("pose-2", "control", f"{ref}/photo.png", "canny-100-200"),
+        ("garment", "region", f"{ref}/left.png", "mask"),
+        ("background", "init", f"{ref}/cut.png", "rgb"),
+        ("background", "mask", f"{ref}/cut.png", "alpha"),
+        ("variation", "init", f"{ref}/photo.png", "rgb"),
+        ("masked", "control", f"{ref}/photo.png", "rgb"),
+        ("masked", "init", f"{ref}/photo.png", "rgb"),
+        ("masked", "mask", f"{ref}/left.png", "mask"),
+    ]
+    assert linked[0][4] == linked[1][4]  # one canny map for both rows, prepared once
+    for *_, uri in linked:  # the prepared pixels are in the bucket, under the cache
+        key = uri.removeprefix(f"s3://{bucket}/")
+        assert "/embeddings/inputs-v1/" in uri and s3.head_object(Bucket=bucket, Key=key)
+    assert sorted(outputs) == ["background", "garment", "masked", "pose-1", "pose-2", "variation"]
+    body = s3.get_object(Bucket=bucket, Key=outputs["masked"].removeprefix(f"s3://{bucket}/"))
+    png = Image.open(io.BytesIO(body["Body"].read()))
+    meta = json.loads(png.text["ipbatch"])
+    assert meta["control"][0]["model"] == "sd15-depth" and meta["inpaint_mask"] == f"{ref}/left.png"
+    assert np.asarray(png).shape == (64, 64, 3)
 
 
 @pytest.mark.parametrize(
