@@ -4,6 +4,7 @@
     .venv/bin/python bench/generate.py --batch-images 8,16,32
     .venv/bin/python bench/generate.py --models fullsize --steps 30 --batch-images 1,4,8 \
         --bare --compile                                     # GPU: full-size SD1.5, 512x512
+    .venv/bin/python bench/generate.py --mixed               # structure controls (below)
 
 (a) the plain loop a user writes from the diffusers docs: for each row,
     `pipe(prompt=..., ip_adapter_image=picture, generator=...)` then save a PNG; the image
@@ -14,6 +15,12 @@
     folder): each distinct reference encoded once, rows batched into shared calls, PNG
     encoding and recording overlapped with the next batch; with `--compile` also with
     IPBATCH_COMPILE (warmed up on other rows first, so compile time is not counted).
+`--mixed`: half the rows are pose-style ControlNet rows (a canny map computed from a photo,
+ControlNet scales 0.5 / 0.8 / 1.0 / 1.2), half background replacements (inpainting from a
+cut-out's alpha), with four IP-Adapter scales (0.3 / 0.5 / 0.7 / 0.9) across the rows. The plain
+loop then calls the matching diffusers pipeline per row (ControlNet or inpaint, derived from
+the warm pipeline with `from_pipe`), computing the canny map and the mask for every row as the
+docs do; ipbatch prepares each input once and batches rows across the scales.
 All run with models loaded (warm-up calls first). Prints images/s, ratios and, on CUDA, the
 GPU's busy fraction (nvidia-smi, sampled every 200 ms) during each run. No assertions.
 `--models fullsize` writes full-size random-weight SD1.5 (bench/fullsize.py) first.
@@ -115,8 +122,35 @@ def make_manifest(
             }
             if args.size:
                 row |= {"width": args.size, "height": args.size}
+            if args.mixed:
+                row |= structure_fields(folder / f"refs-{name}", i, ref, args.adapter)
             fh.write(json.dumps(row) + "\n")
     return manifest
+
+
+IP_SCALES = (0.3, 0.5, 0.7, 0.9)
+CONTROL_SCALES = (0.5, 0.8, 1.0, 1.2)
+
+
+def structure_fields(folder: Path, i: int, ref: Path, adapter: str) -> dict[str, object]:
+    """--mixed: a ControlNet row (canny from the reference photo) or a background replacement
+    (inpainting from a cut-out of it), with one of four IP-Adapter scales."""
+    from pipeline.presets import ADAPTERS
+
+    fields: dict[str, object] = {"scale": IP_SCALES[i % 4]}
+    if i % 2 == 0:
+        model = f"{ADAPTERS[adapter].family}-canny"
+        control = {"model": model, "image": str(ref), "preprocess": "canny"}
+        return fields | {"control": [control | {"scale": CONTROL_SCALES[i // 2 % 4]}]}
+    cut = folder / f"{ref.stem}-cut.png"
+    if not cut.exists():  # the reference's product on a transparent background
+        picture = Image.open(ref).convert("RGBA")
+        alpha = Image.new("L", picture.size, 0)
+        w, h = picture.size
+        alpha.paste(255, (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+        picture.putalpha(alpha)
+        picture.save(cut)
+    return fields | {"init_image": str(cut), "inpaint_mask": "alpha"}
 
 
 def load_plain_pipeline(models: str, adapter: str):  # type: ignore[no-untyped-def]
@@ -147,20 +181,26 @@ def load_plain_pipeline(models: str, adapter: str):  # type: ignore[no-untyped-d
     return pipe
 
 
-def plain_loop(pipe, manifest: Path, out: Path) -> Figure:  # type: ignore[no-untyped-def]
+def plain_loop(pipe, manifest: Path, out: Path, models: str) -> Figure:  # type: ignore[no-untyped-def]
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     out.mkdir(exist_ok=True)
+    derived = derived_pipelines(pipe, rows, models)
 
     def run(selected: list[dict]) -> int:
         images = 0
         for row in selected:
-            result = pipe(
+            call, arguments = pipe, {}
+            if "control" in row or "init_image" in row:
+                call, arguments = structure_call(derived, row)
+                pipe.set_ip_adapter_scale(row["scale"])
+            result = call(
                 prompt=row["prompt"],
                 ip_adapter_image=Image.open(row["reference"]),
                 num_inference_steps=row["steps"],
                 width=row.get("width"),
                 height=row.get("height"),
                 generator=torch.Generator().manual_seed(row["seed"]),
+                **arguments,
             )
             for k, image in enumerate(result.images):
                 image.save(out / f"{row['id']}-{k}.png")
@@ -171,6 +211,51 @@ def plain_loop(pipe, manifest: Path, out: Path) -> Figure:  # type: ignore[no-un
     started = time.perf_counter()
     images = run(rows)
     return Figure("plain diffusers loop", images, time.perf_counter() - started)
+
+
+def derived_pipelines(pipe, rows: list[dict], models: str) -> dict:  # type: ignore[no-untyped-def]
+    """The ControlNet and inpainting pipelines the plain loop needs, from the warm one (as the
+    diffusers docs derive them: `from_pipe`, sharing its modules)."""
+    import diffusers
+
+    from pipeline.models import ModelSource
+    from pipeline.presets import CONTROLNETS
+
+    derived = {}
+    nets = {row["control"][0]["model"] for row in rows if "control" in row}
+    for name in nets:
+        controlnet = diffusers.ControlNetModel.from_pretrained(
+            ModelSource.parse(models).controlnet(name),
+            variant=CONTROLNETS[name].variant,
+            dtype=pipe.dtype,
+        ).to(pipe.device)
+        derived[name] = diffusers.AutoPipelineForText2Image.from_pipe(
+            pipe, controlnet=controlnet, dtype=pipe.dtype
+        )
+    if any("init_image" in row for row in rows):
+        derived["inpaint"] = diffusers.AutoPipelineForInpainting.from_pipe(pipe, dtype=pipe.dtype)
+    for derived_pipe in derived.values():
+        derived_pipe.set_progress_bar_config(disable=True)
+    return derived
+
+
+def structure_call(derived: dict, row: dict) -> tuple:  # type: ignore[type-arg]
+    """The plain loop's per-row preparation, as the docs write it: canny with OpenCV, the
+    cut-out on white and its alpha as the mask."""
+    import cv2
+
+    if "control" in row:
+        control = row["control"][0]
+        edges = cv2.Canny(np.array(Image.open(control["image"]).convert("RGB")), 100, 200)
+        image = Image.fromarray(np.concatenate([edges[:, :, None]] * 3, axis=2))
+        return derived[control["model"]], {
+            "image": image,
+            "controlnet_conditioning_scale": control["scale"],
+        }
+    cut = Image.open(row["init_image"])
+    on_white = Image.alpha_composite(Image.new("RGBA", cut.size, "white"), cut).convert("RGB")
+    mask = Image.fromarray(255 - np.asarray(cut)[:, :, 3])
+    return derived["inpaint"], {"image": on_white, "mask_image": mask, "strength": 1.0}
 
 
 def bare_batched(pipe, manifest: Path, batch: int) -> Figure:  # type: ignore[no-untyped-def]
@@ -242,6 +327,9 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true", help="also a bare batched call per B")
     parser.add_argument("--compile", action="store_true", help="also ipbatch with compile")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
+    parser.add_argument(
+        "--mixed", action="store_true", help="ControlNet and inpainting rows, four scales"
+    )
     args = parser.parse_args()
 
     from pipeline.generator import default_batch_images
@@ -268,7 +356,7 @@ def main() -> None:
         if not args.no_plain or args.bare:
             pipe = load_plain_pipeline(models, args.adapter)
             if not args.no_plain:
-                figures.append(plain_loop(pipe, manifest, root / "plain"))
+                figures.append(plain_loop(pipe, manifest, root / "plain", models))
             if args.bare:
                 figures += [bare_batched(pipe, manifest, b) for b in sizes]
             del pipe
@@ -285,6 +373,7 @@ def main() -> None:
     print(
         f"{args.rows} rows ({args.repeat:.0%} repeated references), {args.steps} steps, "
         f"size {args.size or 'native'}, adapter {args.adapter}, models {args.models}, "
+        f"{'mixed: ControlNet + inpainting rows, four scales, ' if args.mixed else ''}"
         f"{where} ({threads} threads)"
     )
     plain = next((f for f in figures if f.label.startswith("plain")), None)

@@ -341,3 +341,59 @@ def test_from_pipe_shares_the_warm_modules_and_keeps_their_dtype(models: ModelSo
     assert pipe.vae is generator.pipe.vae and pipe.text_encoder is generator.pipe.text_encoder
     assert {p.dtype for p in generator.pipe.unet.parameters()} == {F64}
     assert {p.dtype for p in pipe.controlnet.parameters()} == {F64}
+
+
+def test_four_scales_run_in_as_many_calls_as_one(models: ModelSource) -> None:
+    """Rows that differ only in their IP-Adapter scale and ControlNet scale/start/end fill the
+    same batches as rows that all share one scale; InstantStyle dicts still split them."""
+    from pipeline.manifest import Row
+    from pipeline.requests import build_request
+    from workers.stages.generate import Prepared, plan_batches
+
+    generator = Generator(models, ("sd15",), device=CPU, dtype=torch.float32)
+
+    def prepared(i: int, scale: Any, control: dict[str, float]) -> Prepared:
+        row = Row.model_validate(
+            {
+                "id": f"r{i}",
+                "reference": "ref.png",
+                "scale": scale,
+                "control": [{"model": "sd15-canny", "image": "c.png", **control}],
+                "steps": 2,
+                "width": 64,
+                "height": 64,
+            }
+        )
+        pos = embeds(generator, 0, i)
+        pixels = torch.from_numpy(np.asarray(picture(i, (64, 64))).copy())
+        request = build_request(
+            row,
+            [[{"pos": pos, "neg": torch.zeros_like(pos)}]],
+            {("control", 0, 0): {"pixels": pixels}},
+        )
+        return Prepared(i, "job", row, "/out", [], request)
+
+    one = [prepared(i, 0.5, {}) for i in range(8)]
+    four = [
+        prepared(
+            i,
+            [0.2, 0.4, 0.6, 0.8][i % 4],
+            {"scale": [0.5, 1.0, 1.5, 2.0][i % 4], "end": [1.0, 0.9, 0.7, 0.5][i % 4]},
+        )
+        for i in range(8)
+    ]
+    assert len(plan_batches(one, max_images=4)) == len(plan_batches(four, max_images=4)) == 2
+    styled = [prepared(i, {"up": [0.2, 0.4, 0.6, 0.8][i % 4]}, {}) for i in range(8)]
+    assert len(plan_batches(styled, max_images=4)) == 4  # one InstantStyle dict per batch key
+
+    calls: list[int] = []
+    real = generator._generate_slots
+
+    def counted(requests: Any) -> Any:
+        calls.append(len(requests))
+        return real(requests)
+
+    generator._generate_slots = counted  # type: ignore[method-assign]
+    for batch in plan_batches(four, max_images=4):
+        generator.generate_batch([p.request for p in batch])
+    assert calls == [4, 4]  # one diffusers call per batch
