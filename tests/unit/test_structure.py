@@ -397,3 +397,25 @@ def test_four_scales_run_in_as_many_calls_as_one(models: ModelSource) -> None:
     for batch in plan_batches(four, max_images=4):
         generator.generate_batch([p.request for p in batch])
     assert calls == [4, 4]  # one diffusers call per batch
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLNETS))
+def test_every_controlnet_preset_is_written_in_its_repository_layout(
+    models: ModelSource, name: str
+) -> None:
+    """`ipbatch models tiny` writes each preset where the real weights go, in the file the
+    real repository ships (fp16 where only that exists), loadable by diffusers as documented,
+    shaped for its base model, and with output layers that are not zero (a fresh ControlNet's
+    are, and would change nothing)."""
+    preset = CONTROLNETS[name]
+    folder = Path(models.controlnet(name))
+    assert folder.name == preset.repo.hub_repo.split("/")[-1]
+    weights = "diffusion_pytorch_model" + (f".{preset.variant}" if preset.variant else "")
+    assert (folder / f"{weights}.safetensors").is_file() and (folder / "config.json").is_file()
+    net = diffusers.ControlNetModel.from_pretrained(folder, variant=preset.variant)
+    base = diffusers.UNet2DConditionModel.from_pretrained(
+        Path(models.base_model(preset.family)) / "unet"
+    )
+    assert net.config.cross_attention_dim == base.config.cross_attention_dim
+    assert all(torch.count_nonzero(block.weight) for block in net.controlnet_down_blocks)
+    assert torch.count_nonzero(net.controlnet_mid_block.weight)
