@@ -214,6 +214,26 @@ def test_sdxl_controlnet(models: ModelSource) -> None:
     check_rows(models, generator, rows)
 
 
+def test_sdxl_img2img_and_inpaint_with_controlnet(models: ModelSource) -> None:
+    generator = Generator(models, ("sdxl",), device=CPU, dtype=F64)
+    img2img = [
+        row(generator, i, init_image=picture(90 + i, (64, 64)), strength=0.7) for i in range(2)
+    ]
+    check_rows(models, generator, img2img)
+    inpaint = [
+        row(
+            generator,
+            i,
+            init_image=picture(92 + i, (64, 64)),
+            mask=half_mask(i == 0),
+            strength=1.0,
+            controls=(ControlInput("sdxl-canny", picture(i), 0.5 + 0.5 * i),),
+        )
+        for i in range(2)
+    ]
+    check_rows(models, generator, inpaint)
+
+
 def test_regions_one_adapter_per_row_masks_and_strengths(models: ModelSource) -> None:
     generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
     rows = []
