@@ -69,7 +69,7 @@ def main() -> None:
         preset = ADAPTERS[adapter]
         assert preset.image_encoder is not None
         clip = ClipEmbedder(
-            models.image_encoder(adapter),
+            models.image_encoder(ADAPTERS[adapter]),
             models.feature_extractor(preset.family),
             device=cpu,
             dtype=torch.float32,
@@ -86,7 +86,7 @@ def main() -> None:
         )
         pipe = cls.from_pretrained(models.base_model(preset.family), **extra)
         pipe.set_progress_bar_config(disable=True)
-        repo, subfolder, weight_name = models.adapter_weights(adapter)
+        repo, subfolder, weight_name = models.adapter_weights(ADAPTERS[adapter])
         pipe.load_ip_adapter(
             repo,
             subfolder=subfolder,
@@ -118,7 +118,7 @@ def main() -> None:
         preset = ADAPTERS[adapter]
         embeds = {
             dtype: ClipEmbedder(
-                models.image_encoder(adapter),
+                models.image_encoder(ADAPTERS[adapter]),
                 models.feature_extractor(preset.family),
                 device=cpu,
                 dtype=dtype,

@@ -167,7 +167,7 @@ def load_plain_pipeline(models: str, adapter: str):  # type: ignore[no-untyped-d
     pipe = cls.from_pretrained(
         source.base_model(preset.family), dtype=dtype, **(extra if preset.family == "sd15" else {})
     )
-    repo, subfolder, weight_name = source.adapter_weights(adapter)
+    repo, subfolder, weight_name = source.adapter_weights(ADAPTERS[adapter])
     assert preset.image_encoder is not None
     pipe.load_ip_adapter(
         repo,

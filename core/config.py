@@ -41,6 +41,13 @@ class Settings(BaseSettings):
         "`ipbatch models tiny`), or the preset `hub` to use the public repositories. "
         "Unset: $IPBATCH_HOME/models (written by `ipbatch models tiny`).",
     )
+    adapters_uri: str | None = Field(
+        None,
+        description="Where `ipbatch train --name NAME` writes adapters and generation reads "
+        "`custom:NAME` from: <uri>/NAME/adapter.safetensors + card.json (s3://bucket/prefix "
+        "or a folder). Unset: $IPBATCH_HOME/adapters. A models folder's custom/NAME/ is "
+        "looked at first.",
+    )
     cache_uri: str | None = Field(
         None,
         description="Where embeddings are cached (s3://bucket/prefix or a folder). Unset: "
@@ -157,6 +164,9 @@ class Settings(BaseSettings):
         if self.database_url is not None:
             return self.database_url.get_secret_value()
         return f"sqlite:///{self.resolved_home() / 'ipbatch.db'}"
+
+    def adapters_location(self) -> str:
+        return self.adapters_uri or str(self.resolved_home() / "adapters")
 
     def models_spec(self) -> str:
         return self.models or str(self.resolved_home() / "models")

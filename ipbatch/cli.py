@@ -176,6 +176,65 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_OPTIONS = {  # --option -> TrainSettings field
+    "kind": "kind",
+    "init": "init",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "weight_decay": "weight_decay",
+    "drop_image": "drop_image",
+    "drop_text": "drop_text",
+    "drop_both": "drop_both",
+    "mixed_precision": "mixed_precision",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "seed": "seed",
+    "resolution": "resolution",
+    "checkpoint_every": "checkpoint_every",
+    "keep_checkpoints": "keep_checkpoints",
+    "validate_every": "validate_every",
+    "validation_rows": "validation_rows",
+    "validation_steps": "validation_steps",
+    "log_every": "log_every",
+    "save_dtype": "save_dtype",
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune an adapter: here and now (one machine), or queued for the `train` workers
+    with --submit. Ctrl-C or a crash: the same command resumes from the last checkpoint."""
+    from pipeline.training import TrainSettings
+
+    given = {f: getattr(args, o) for o, f in _TRAIN_OPTIONS.items() if getattr(args, o) is not None}
+    train_settings = TrainSettings(**given)
+    manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
+    if args.submit:
+        from workers.stages import train as train_stage
+        from workers.tasks import context, send_train
+
+        job_id, created = train_stage.register(
+            context(), manifest_uri=manifest, name=args.name, settings=train_settings
+        )
+        send_train(job_id)
+        print(job_id)
+        return 0
+    from workers.runner import train_local
+
+    summary = train_local(
+        _settings(args), manifest=manifest, name=args.name, train_settings=train_settings
+    )
+    print(f"training job {summary.job_id}: {summary.status} at step {summary.step}", end="")
+    resumed = summary.resumed_from
+    print(f" (resumed from the checkpoint of step {resumed})" if resumed is not None else "")
+    print(f"rows: {summary.examples} trained on, {len(summary.skipped)} skipped")
+    for bad in summary.skipped[:20]:
+        print(f"  skipped line {bad['line']} ({bad['id'] or 'no id'}): {bad['error']}")
+    if summary.adapter_uri:
+        print(f"adapter: {summary.adapter_uri}")
+        print(f'use it:  {{"adapter": "custom:{args.name}", ...}} in a manifest')
+    return 0 if summary.status == "succeeded" else 1
+
+
 def cmd_producer(args: argparse.Namespace) -> int:
     from workers.producer import watch
     from workers.tasks import context, send_ingest
@@ -376,6 +435,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="s3://bucket/prefix for the images")
     p.add_argument("--name", help="job name (default: the manifest's file name)")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "train", help="fine-tune an adapter on a manifest of (image, prompt) rows: custom:NAME"
+    )
+    p.add_argument("manifest", help="JSON Lines or CSV: id, image, prompt, optional reference")
+    p.add_argument("--name", required=True, help="the adapter's name: custom:NAME")
+    p.add_argument("--kind", choices=["sd15", "sd15-plus"], help="architecture (default sd15)")
+    p.add_argument(
+        "--init", help="fresh (default: the paper's init), a preset, custom:NAME or a file"
+    )
+    p.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, help="rows per step (default 8)")
+    p.add_argument("--learning-rate", "--lr", type=float, help="AdamW (default 1e-4)")
+    p.add_argument("--weight-decay", type=float, help="AdamW (default 0.01)")
+    p.add_argument("--drop-image", type=float, help="image dropped alone (default 0.05)")
+    p.add_argument("--drop-text", type=float, help="text dropped alone (default 0.05)")
+    p.add_argument("--drop-both", type=float, help="both dropped (default 0.05)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resolution", type=int, help="square training size (default: native)")
+    p.add_argument("--checkpoint-every", type=int, help="steps (default 500)")
+    p.add_argument("--keep-checkpoints", type=int, help="newest kept (default 2)")
+    p.add_argument("--validate-every", type=int, help="steps; 0 = at the end only (default)")
+    p.add_argument("--validation-rows", type=int, help="first rows rendered (default 4)")
+    p.add_argument("--validation-steps", type=int, help="denoising steps (default 30)")
+    p.add_argument("--log-every", type=int, help="steps between loss records (default 10)")
+    p.add_argument("--save-dtype", choices=["fp16", "fp32"], help="adapter file (default fp16)")
+    p.add_argument("--models", help="models folder (one-machine mode)")
+    p.add_argument("--no-score", action="store_true", help="no validation scores")
+    p.add_argument("--submit", action="store_true", help="queue it for `train` workers")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("producer", help="submit every new manifest under a prefix, once")
     p.add_argument("--watch", required=True, help="s3://bucket/prefix/ to watch")

@@ -27,7 +27,7 @@ from core.errors import (
     ModelLoadError,
 )
 from pipeline.models import ModelSource, loading
-from pipeline.presets import ADAPTERS, BASE_MODELS, CONTROLNETS
+from pipeline.presets import BASE_MODELS, CONTROLNETS, AdapterPreset, builtin_adapter
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +263,11 @@ class Generator:
         device: torch.device,
         dtype: torch.dtype,
         acceleration: Acceleration | None = None,
+        resolve: Callable[[str], AdapterPreset] = builtin_adapter,
     ) -> None:
         import diffusers
 
-        presets = [ADAPTERS[name] for name in adapters]
+        presets = [resolve(name) for name in adapters]
         families = {p.family for p in presets}
         if len(families) != 1:
             raise ItemError(ErrorCode.MODEL_ERROR, f"adapters {adapters} need different bases")
@@ -291,7 +292,7 @@ class Generator:
                 **(extra if self.family == "sd15" else {}),
             )
         # 2. the adapters, without their image encoders: embeddings arrive precomputed
-        weights = [models.adapter_weights(name) for name in adapters]
+        weights = [models.adapter_weights(preset) for preset in presets]
         files = [str(PurePosixPath(repo, sub, name)) for repo, sub, name in weights]
         with loading(f"adapter weights {', '.join(files)}"):
             self.pipe.load_ip_adapter(
@@ -868,8 +869,10 @@ class GeneratorPool:
         dtype: torch.dtype,
         capacity: int = 1,
         acceleration: Acceleration | None = None,
+        resolve: Callable[[str], AdapterPreset] = builtin_adapter,
     ) -> None:
         self.models = models
+        self.resolve = resolve  # adapter name -> preset (trained ones: the worker's catalog)
         self.device = device
         self.dtype = dtype
         self.capacity = capacity
@@ -892,5 +895,6 @@ class GeneratorPool:
             device=self.device,
             dtype=self.dtype,
             acceleration=self.acceleration,
+            resolve=self.resolve,
         )
         return self._pipelines[adapters]

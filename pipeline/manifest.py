@@ -13,9 +13,9 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Annotated, Any, Literal
+from typing import IO, Annotated, Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -32,9 +33,11 @@ from pipeline.presets import (
     ADAPTERS,
     BASE_MODELS,
     CONTROLNETS,
+    AdapterPreset,
     BaseModelPreset,
     EmbedKind,
     adapter_error,
+    builtin_adapter,
     controlnet_error,
 )
 
@@ -52,10 +55,25 @@ Combine = Literal["average", "concat"]
 SScale = Annotated[float, Field(ge=0, le=5)]
 
 
+CUSTOM_ADAPTER_PATTERN = r"^custom:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
 def _check_adapter_name(name: str) -> str:
-    if name not in ADAPTERS:
+    if name not in ADAPTERS and not re.fullmatch(CUSTOM_ADAPTER_PATTERN, name):
         raise ValueError(adapter_error(name))
     return name
+
+
+AdapterLookup = Callable[[str], AdapterPreset]
+
+
+def _preset(name: str, lookup: AdapterLookup) -> AdapterPreset:
+    """The preset a name means; a trained (custom:) name through `lookup`, the worker's
+    catalog (KeyError: there is no adapter of that name)."""
+    try:
+        return lookup(name)
+    except KeyError as exc:
+        raise ValueError(f"adapter: {exc.args[0] if exc.args else name}") from None
 
 
 def _check_instant_style(scale: float | InstantStyle) -> float | InstantStyle:
@@ -185,7 +203,8 @@ class AdapterSpec(BaseModel):
 
     @model_validator(mode="after")
     def _s_scale_for_v2_only(self) -> AdapterSpec:
-        if self.s_scale is not None and not ADAPTERS[self.adapter].shortcut:
+        preset = ADAPTERS.get(self.adapter)  # a trained adapter is a base or plus one
+        if self.s_scale is not None and (preset is None or not preset.shortcut):
             with_shortcut = [name for name, p in ADAPTERS.items() if p.shortcut]
             raise ValueError(
                 f"s_scale applies to {', '.join(with_shortcut)} only, not {self.adapter}"
@@ -258,16 +277,18 @@ class Row(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _has_reference(self) -> Row:
+    def _has_reference(self, info: ValidationInfo) -> Row:
         if self.adapters is None:
             if self.reference is None:
                 raise ValueError("'reference' is required (or give 'adapters')")
             _as_reference_list(self.reference)
         specs = self.adapter_specs()
-        families = sorted({ADAPTERS[spec.adapter].family for spec in specs})
+        lookup = (info.context or {}).get("adapters", builtin_adapter)
+        presets = {spec.adapter: _preset(spec.adapter, lookup) for spec in specs}
+        families = sorted({presets[spec.adapter].family for spec in specs})
         if len(families) > 1:
             raise ValueError(f"all adapters of a row must share one base model, got {families}")
-        with_lora = [spec.adapter for spec in specs if ADAPTERS[spec.adapter].lora]
+        with_lora = [spec.adapter for spec in specs if presets[spec.adapter].lora]
         if len(with_lora) > 1:
             raise ValueError(
                 f"at most one FaceID adapter per row, got {', '.join(with_lora)}: each brings "
@@ -284,7 +305,7 @@ class Row(BaseModel):
             given = "strength" if self.strength is not None else "inpaint_mask"
             raise ValueError(f"{given} needs init_image (the picture to start from)")
         for spec in specs:
-            preset = ADAPTERS[spec.adapter]
+            preset = presets[spec.adapter]
             if isinstance(spec.scale, dict):
                 _check_blocks(spec.scale, BASE_MODELS[preset.family], spec.adapter)
             if preset.embed_kind is EmbedKind.FACE_ID_PLUS and (
@@ -348,13 +369,21 @@ class Row(BaseModel):
         return int.from_bytes(digest[:4], "big")
 
 
+class HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+R = TypeVar("R", bound=HasId)
+
+
 @dataclass(frozen=True)
-class ParsedRow:
+class ParsedRow(Generic[R]):
     """One non-blank manifest line: `row` when valid, else `error` says what to fix."""
 
     index: int  # 0-based among non-blank lines
     line_number: int  # 1-based line in the file (CSV: record number + 1 for the header)
-    row: Row | None
+    row: R | None
     error: str | None
     row_id: str | None  # the id as written, when there is a usable one
     raw: dict[str, Any] | None  # the parsed object, for the ledger's params
@@ -441,8 +470,29 @@ def _iter_csv(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | None, s
         text.detach()
 
 
-def read_manifest(stream: IO[bytes], fmt: Literal["jsonl", "csv"] = "jsonl") -> Iterator[ParsedRow]:
+def validate_row(obj: Any, adapters: AdapterLookup = builtin_adapter) -> Row:
+    """A row checked against the adapters `adapters` resolves (the published ones, and with a
+    worker's catalog the trained `custom:` ones)."""
+    return Row.model_validate(obj, context={"adapters": adapters})
+
+
+def read_manifest(
+    stream: IO[bytes],
+    fmt: Literal["jsonl", "csv"] = "jsonl",
+    *,
+    adapters: AdapterLookup = builtin_adapter,
+) -> Iterator[ParsedRow[Row]]:
     """Yield every non-blank row of a manifest, valid or not, in order."""
+    return read_rows(stream, fmt, lambda obj: validate_row(obj, adapters))
+
+
+def read_rows(
+    stream: IO[bytes],
+    fmt: Literal["jsonl", "csv"],
+    validate: Callable[[dict[str, Any]], R],
+) -> Iterator[ParsedRow[R]]:
+    """Every non-blank row of a JSON Lines / CSV file, checked by `validate` (which raises
+    pydantic's ValidationError), ids unique: generation and training manifests alike."""
     seen_ids: set[str] = set()
     lines = _iter_csv(stream) if fmt == "csv" else _iter_jsonl(stream)
     for index, (line_number, obj, parse_error) in enumerate(lines):
@@ -456,7 +506,7 @@ def read_manifest(stream: IO[bytes], fmt: Literal["jsonl", "csv"] = "jsonl") -> 
             )
             continue
         try:
-            row = Row.model_validate(obj)
+            row = validate(obj)
         except ValidationError as exc:
             message = f"line {line_number}: {describe_validation_error(exc)}"
             yield ParsedRow(index, line_number, None, message, row_id, obj)

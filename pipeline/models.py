@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from core.errors import Action, ConfigError, ItemError, ModelLoadError, classify, short
 from pipeline.presets import (
-    ADAPTERS,
     BASE_MODELS,
     CONTROLNETS,
     FACE_PACK_FOLDER,
@@ -68,10 +67,12 @@ class ModelSource:
             return Path(snapshot_download(ref.hub_repo, allow_patterns=allow_patterns))
         return self.root / ref.folder
 
-    def adapter_weights(self, adapter: str) -> tuple[str, str, str]:
+    def adapter_weights(self, preset: AdapterPreset) -> tuple[str, str, str]:
         """(repository folder or hub id, subfolder, weight file name) for load_ip_adapter."""
-        preset: AdapterPreset = ADAPTERS[adapter]
+        adapter = preset.name
         ref = preset.weights
+        if preset.custom_sha256 is not None:  # trained here: its catalog put it in a folder
+            return ref.folder, "", preset.weight_name
         if self.root is None:
             return ref.hub_repo, ref.path, preset.weight_name
         path = self.root / ref.folder
@@ -84,9 +85,9 @@ class ModelSource:
             )
         return str(path), ref.path, preset.weight_name
 
-    def image_encoder(self, adapter: str) -> str:
+    def image_encoder(self, preset: AdapterPreset) -> str:
         """A local folder holding the adapter's CLIP image encoder (downloaded if hub)."""
-        ref = ADAPTERS[adapter].image_encoder
+        adapter, ref = preset.name, preset.image_encoder
         if ref is None:
             raise ConfigError(f"adapter {adapter!r} uses no CLIP image encoder")
         path = self._repo_path(ref, allow_patterns=[f"{ref.path}/*"]) / ref.path

@@ -84,6 +84,9 @@ class AdapterPreset:
     summary: str
     lora: bool = False  # FaceID: the weight file also carries a LoRA for the UNet (needs peft)
     shortcut: bool = False  # FaceID-Plus v2: the projection adds the ID tokens back
+    # an adapter trained with `ipbatch train` (`custom:<name>`): `weights.folder` is the local
+    # folder holding its file, `custom_sha256` the file's sha256
+    custom_sha256: str | None = None
 
     @property
     def uses_faces(self) -> bool:
@@ -308,12 +311,29 @@ FACE_PACK = "buffalo_l"
 FACE_PACK_FOLDER = "insightface"  # MODELS/insightface/models/buffalo_l
 
 
+CUSTOM_PREFIX = "custom:"  # "custom:<name>": an adapter trained with `ipbatch train --name`
+
+
+def is_custom(name: str) -> bool:
+    return name.startswith(CUSTOM_PREFIX)
+
+
+def builtin_adapter(name: str) -> AdapterPreset:
+    """A published adapter by name; `custom:` names are resolved by the worker's catalog."""
+    if is_custom(name):
+        raise KeyError(f"{name} is a trained adapter: its catalog resolves it")
+    return ADAPTERS[name]
+
+
 def available_adapter_names() -> list[str]:
     return list(ADAPTERS)
 
 
 def adapter_error(name: str) -> str:
-    return f"unknown adapter {name!r}; choose one of: {', '.join(ADAPTERS)}"
+    return (
+        f"unknown adapter {name!r}; choose one of: {', '.join(ADAPTERS)}, or custom:NAME "
+        "for an adapter trained with `ipbatch train --name NAME`"
+    )
 
 
 def controlnet_error(name: str) -> str:

@@ -45,7 +45,8 @@ GENERATE = Stage(
 )
 STAGES: tuple[Stage, ...] = (EMBED, GENERATE)
 INGEST_QUEUE = "ingest"  # jobs, not items: ingest claims the job itself
-QUEUES: tuple[str, ...] = (INGEST_QUEUE, *(stage.queue for stage in STAGES))
+TRAIN_QUEUE = "train"  # training jobs (no items): the train stage claims the job itself
+QUEUES: tuple[str, ...] = (INGEST_QUEUE, *(stage.queue for stage in STAGES), TRAIN_QUEUE)
 
 WAITING = tuple(stage.waiting for stage in STAGES)
 WORKING = tuple(stage.working for stage in STAGES)

@@ -92,11 +92,17 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class JobKind(enum.StrEnum):
+    GENERATE = "generate"  # a manifest of rows -> images (ingest, embed, generate)
+    TRAIN = "train"  # a training manifest -> an adapter (the train stage; no items)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(256))
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.GENERATE)
     manifest_uri: Mapped[str] = mapped_column(Text)
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     output_uri: Mapped[str] = mapped_column(Text)
@@ -261,3 +267,60 @@ class JobItemCount(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger)
+
+
+class TrainingRun(Base):
+    """A training job's run (jobs.kind = 'train'): its settings and where it stands. The
+    adapter it makes is `custom:<name>`."""
+
+    __tablename__ = "training_runs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float)  # the last logged one
+    learning_rate: Mapped[float | None] = mapped_column(Float)
+    examples: Mapped[int | None] = mapped_column(Integer)  # valid rows trained on
+    skipped: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)  # bad rows: line, id, error
+    adapter_uri: Mapped[str | None] = mapped_column(Text)  # the exported adapter.safetensors
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class TrainingLog(Base):
+    """The loss and learning rate every `log_every` steps (the loss curve)."""
+
+    __tablename__ = "training_log"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    loss: Mapped[float] = mapped_column(Float)
+    learning_rate: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class TrainingCheckpoint(Base):
+    """A checkpoint in the object store (the adapter, AdamW's state, the RNG and the step);
+    the last `keep_checkpoints` are kept, older ones deleted with their objects."""
+
+    __tablename__ = "training_checkpoints"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uri: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class TrainingValidation(Base):
+    """CLIP-I / CLIP-T of the validation set rendered with the adapter exported at `step`."""
+
+    __tablename__ = "training_validations"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    clip_i: Mapped[float] = mapped_column(Float)
+    clip_t: Mapped[float | None] = mapped_column(Float)
+    samples: Mapped[list[str]] = mapped_column(JSON)  # the rendered images' URIs
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

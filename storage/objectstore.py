@@ -42,6 +42,8 @@ class ObjectStore(Protocol):
 
     def probe_writes(self, uri: str) -> bool: ...
 
+    def delete(self, uri: str) -> None: ...
+
 
 class LocalStore:
     """Objects are files; a key is a path."""
@@ -112,6 +114,10 @@ class LocalStore:
         wins by itself: True."""
         local_path(uri).mkdir(parents=True, exist_ok=True)
         return True
+
+    def delete(self, uri: str) -> None:
+        """Remove one object; one that is not there is not an error."""
+        local_path(uri).unlink(missing_ok=True)
 
     def remove_tree(self, uri: str) -> None:
         shutil.rmtree(local_path(uri), ignore_errors=True)
@@ -279,6 +285,11 @@ class S3Store:
         except ObjectNotFound:
             return False
         return True
+
+    def delete(self, uri: str) -> None:
+        """Remove one object (S3 answers success for a key that is not there)."""
+        loc = parse_s3(uri)
+        self._call(uri, self._client.delete_object, writing=True, Bucket=loc.bucket, Key=loc.key)
 
     def list(self, prefix_uri: str) -> Iterator[str]:
         loc = parse_s3(prefix_uri)

@@ -18,7 +18,7 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from core.config import Settings
-from storage.lifecycle import INGEST_QUEUE, QUEUES, STAGES
+from storage.lifecycle import INGEST_QUEUE, QUEUES, STAGES, TRAIN_QUEUE
 
 MAX_PRIORITY = 9
 
@@ -56,6 +56,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_default_priority=priority(broker, urgent=False),
         task_routes={
             "ipbatch.ingest": {"queue": INGEST_QUEUE},
+            "ipbatch.train": {"queue": TRAIN_QUEUE},
             **{f"ipbatch.{stage.name}": {"queue": stage.queue} for stage in STAGES},
         },
     )

@@ -18,10 +18,11 @@ from core.config import Settings
 from core.errors import Action, Decision, classify
 from core.uris import is_s3, join_uri, parse_s3
 from pipeline.models import ModelSource, resolve_device, resolve_dtype
-from pipeline.presets import ADAPTERS, FACE_PACK
+from pipeline.presets import FACE_PACK
 from storage.embcache import EmbeddingCache
 from storage.ledger import db
 from storage.objectstore import ObjectStores
+from workers.adapters import AdapterCatalog
 
 if TYPE_CHECKING:  # the model stack (torch, diffusers, transformers) loads on first use
     from pipeline.embedder import ClipEmbedder, ReferenceEncoder
@@ -59,6 +60,7 @@ class StageContext:
     _encoders: dict[str, ReferenceEncoder] = field(default_factory=dict)
     _pool: GeneratorPool | None = None
     _scorer: ClipScorer | None = None
+    _adapters: AdapterCatalog | None = None
 
     @classmethod
     def create(
@@ -117,16 +119,25 @@ class StageContext:
             self._face = FaceEmbedder(self.models.face_root(), name=FACE_PACK)
         return self._face
 
+    @property
+    def adapters(self) -> AdapterCatalog:
+        """Adapter name -> preset: the published ones and the trained `custom:` ones."""
+        if self._adapters is None:
+            self._adapters = AdapterCatalog(
+                settings=self.settings, stores=self.stores, models=self.models
+            )
+        return self._adapters
+
     def encoder(self, adapter: str) -> ReferenceEncoder:
         """The reference encoder an adapter needs (models load on first use, then stay)."""
         from pipeline.embedder import ClipReferenceEncoder, FaceReferenceEncoder
 
-        preset = ADAPTERS[adapter]
+        preset = self.adapters(adapter)
         if adapter not in self._encoders:
             clip = None
             if preset.image_encoder is not None:
                 clip = self._clip(
-                    self.models.image_encoder(adapter),
+                    self.models.image_encoder(preset),
                     self.models.feature_extractor(preset.family),
                 )
             if preset.uses_faces:
@@ -150,6 +161,7 @@ class StageContext:
                 device=device,
                 dtype=resolve_dtype(self.settings.dtype, device),
                 capacity=self.settings.warm_pipelines,
+                resolve=self.adapters,
                 acceleration=Acceleration(
                     channels_last=self.settings.channels_last,
                     compile=self.settings.compile,

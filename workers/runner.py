@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from core.config import Settings
 from pipeline.requests import adapter_set
-from storage.ledger import counters, items, jobs, queries
+from storage.ledger import counters, items, jobs, queries, training
 from storage.lifecycle import GENERATE, STAGES, Stage
 from storage.migrate import upgrade
 from storage.models import ItemStatus, JobStatus
@@ -31,6 +31,7 @@ from workers.backpressure import patiently
 from workers.context import StageContext
 from workers.stages import embed, generate, ingest
 from workers.stages import jobs as job_stage
+from workers.stages import train as train_stage
 from workers.stages.common import chunked, no_send
 
 MAX_FAILURES_SHOWN = 20
@@ -204,7 +205,7 @@ def _release_in_flight(ctx: StageContext, job_id: str) -> None:
         items.release_all_held(
             session, job_id=job_id, worker=ctx.worker, message=message, now=ctx.clock()
         )
-        if job.lease_token is not None:
+        if job.lease_token is not None:  # its ingest's claim, or its training run's
             jobs.release_ingest(
                 session,
                 job_id=job_id,
@@ -213,3 +214,25 @@ def _release_in_flight(ctx: StageContext, job_id: str) -> None:
                 worker=ctx.worker,
                 message=message,
             )
+
+
+def train_local(
+    settings: Settings, *, manifest: str, name: str, train_settings: Any
+) -> train_stage.TrainSummary:
+    """`ipbatch train` on one machine: register the run (or find it again: the same name,
+    manifest and settings resume where an interrupted run's last checkpoint left it) and
+    train here, in-process."""
+    with local_context(settings) as ctx:
+        manifest_uri = manifest if "://" in manifest else str(Path(manifest).expanduser().resolve())
+        job_id, created = train_stage.register(
+            ctx, manifest_uri=manifest_uri, name=name, settings=train_settings
+        )
+        if not created:
+            _release_in_flight(ctx, job_id)
+            with ctx.sessions.begin() as session:  # failed before: the same command retries
+                training.retry(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+        summary: train_stage.TrainSummary = _patiently(
+            ctx, functools.partial(train_stage.run, ctx, job_id=job_id)
+        )
+        summary.job_id = job_id
+        return summary

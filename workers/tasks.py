@@ -33,6 +33,7 @@ from workers.context import StageContext
 from workers.stages import embed as embed_stage
 from workers.stages import generate as generate_stage
 from workers.stages import ingest as ingest_stage
+from workers.stages import train as train_stage
 from workers.stages.common import chunked
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,23 @@ def generate(self: Task, item_ids: list[int]) -> None:
         send(EMBED, batch, urgent=True)
     if summary.held:
         send(GENERATE, summary.held, urgent=True, countdown=summary.retry_in + 1)
+
+
+@app.task(name="ipbatch.train", bind=True)
+def train(self: Task, job_id: str) -> None:
+    """A training run on a GPU worker (queue `train`). Held by another worker: sent again
+    when that worker's lease runs out (if it died, this one resumes from its checkpoint)."""
+    summary = _run(self, functools.partial(train_stage.run, context(), job_id=job_id))
+    log.info("training job %s: %s at step %d", job_id, summary.status, summary.step)
+    if summary.status == "held":
+        send_train(job_id, countdown=summary.retry_in + 1)
+
+
+def send_train(job_id: str, *, countdown: float = 0) -> None:
+    broker = context().settings.broker_url.get_secret_value()
+    train.apply_async(
+        (job_id,), priority=priority(broker, urgent=bool(countdown)), countdown=countdown or None
+    )
 
 
 TASKS: dict[str, Any] = {EMBED.name: embed, GENERATE.name: generate}

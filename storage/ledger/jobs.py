@@ -22,7 +22,7 @@ from storage.ledger import counters
 from storage.ledger.db import is_postgres
 from storage.ledger.items import iter_id_pages, transition
 from storage.lifecycle import EMBED, JOB_ACTIVE, TERMINAL, WAITING, check_job_move
-from storage.models import Item, ItemStatus, Job, JobEvent, JobStatus
+from storage.models import Item, ItemStatus, Job, JobEvent, JobKind, JobStatus
 
 
 def create(
@@ -34,6 +34,7 @@ def create(
     output_uri: str,
     now: datetime,
     worker: str | None = None,
+    kind: JobKind = JobKind.GENERATE,
 ) -> tuple[str, bool]:
     """Register a job; the same manifest bytes and output again return the same job.
 
@@ -55,6 +56,7 @@ def create(
                     manifest_uri=manifest_uri,
                     manifest_sha256=manifest_sha256,
                     output_uri=output_uri,
+                    kind=kind,
                     status=JobStatus.PENDING,
                     created_at=now,
                     updated_at=now,

@@ -50,6 +50,10 @@ def test_upgrade_downgrade_upgrade(empty_db: str) -> None:
         "output_attempts",
         "job_events",
         "job_progress",
+        "training_runs",
+        "training_log",
+        "training_checkpoints",
+        "training_validations",
         "alembic_version",
     }
     assert _tables(empty_db) == expected

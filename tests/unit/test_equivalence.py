@@ -80,7 +80,7 @@ def test_clip_adapters_match_diffusers_image_path(
     assert preset.image_encoder is not None
     picture = random_picture(3)
     clip = ClipEmbedder(
-        models.image_encoder(adapter),
+        models.image_encoder(ADAPTERS[adapter]),
         models.feature_extractor(preset.family),
         device=CPU,
         dtype=torch.float32,
@@ -90,7 +90,7 @@ def test_clip_adapters_match_diffusers_image_path(
     _, mine = ours(models, adapter, tensors, guidance=guidance)
 
     pipe = base_pipeline(models, adapter)
-    repo, subfolder, weight_name = models.adapter_weights(adapter)
+    repo, subfolder, weight_name = models.adapter_weights(ADAPTERS[adapter])
     pipe.load_ip_adapter(
         repo,
         subfolder=subfolder,

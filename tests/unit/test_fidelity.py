@@ -52,7 +52,7 @@ def ipbatch_images(
     clip = None
     if preset.image_encoder is not None:
         clip = ClipEmbedder(
-            models.image_encoder(spec.adapter),
+            models.image_encoder(ADAPTERS[spec.adapter]),
             models.feature_extractor(preset.family),
             device=CPU,
             dtype=torch.float32,
@@ -230,7 +230,7 @@ def test_pixel_values_are_the_pipelines_own(
     )
     extra = {"safety_checker": None, "requires_safety_checker": False} if adapter == "sd15" else {}
     pipe = pipeline_class.from_pretrained(models.base_model(preset.family), **extra)
-    repo, subfolder, weight_name = models.adapter_weights(adapter)
+    repo, subfolder, weight_name = models.adapter_weights(ADAPTERS[adapter])
     pipe.load_ip_adapter(
         repo,
         subfolder=subfolder,
@@ -238,7 +238,7 @@ def test_pixel_values_are_the_pipelines_own(
         image_encoder_folder=preset.image_encoder.path,
     )
     ours = ClipEmbedder(
-        models.image_encoder(adapter),
+        models.image_encoder(ADAPTERS[adapter]),
         models.feature_extractor(preset.family),
         device=CPU,
         dtype=torch.float32,
@@ -254,7 +254,7 @@ def test_pixel_values_are_the_pipelines_own(
     if environment == "another backend":  # a cached embedding of the other backend is not reused
         monkeypatch.undo()
         default = ClipEmbedder(
-            models.image_encoder(adapter),
+            models.image_encoder(ADAPTERS[adapter]),
             models.feature_extractor(preset.family),
             device=CPU,
             dtype=torch.float32,
@@ -278,12 +278,13 @@ import diffusers, torch
 from core.errors import ConfigError
 from pipeline.generator import GenerationRequest, Generator
 from pipeline.models import ModelSource
+from pipeline.presets import ADAPTERS
 
 models = ModelSource.parse(sys.argv[1])
 pipe = diffusers.StableDiffusionPipeline.from_pretrained(
     str(models.base_model("sd15")), safety_checker=None, requires_safety_checker=False
 )
-repo, subfolder, weight_name = models.adapter_weights("sd15-faceid")
+repo, subfolder, weight_name = models.adapter_weights(ADAPTERS["sd15-faceid"])
 pipe.load_ip_adapter(
     repo, subfolder=subfolder or None, weight_name=weight_name, image_encoder_folder=None
 )

@@ -93,7 +93,7 @@ def reference_pipeline(
         extra["controlnet"] = loaded[0] if len(loaded) == 1 else loaded
     pipe = cls.from_pretrained(models.base_model(family), dtype=F64, **extra)
     pipe.set_progress_bar_config(disable=True)
-    weights = [models.adapter_weights(a) for a in adapters]
+    weights = [models.adapter_weights(ADAPTERS[a]) for a in adapters]
     pipe.load_ip_adapter(
         [w[0] for w in weights],
         subfolder=[w[1] for w in weights],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline import inputs
-from pipeline.manifest import Row
+from pipeline.manifest import Row, validate_row
 from pipeline.sources import check_allowed, resolve_reference
 from storage.embcache import CacheKey
 from storage.ledger import embeddings, items, jobs
@@ -88,7 +88,7 @@ def _load(
         for item in items.load_items(session, item_ids=claimed_ids):
             job = jobs.get(session, job_id=item.job_id)
             assert job is not None and item.params is not None, "pending items carry their row"
-            row = Row.model_validate(item.params)
+            row = validate_row(item.params, ctx.adapters)
             entries.append(_Entry(item.id, job.id, row, job.manifest_uri, job.output_uri))
         ready = [
             i.id for i in items.load_items(session, item_ids=others) if i.status == GENERATE.waiting
@@ -110,9 +110,8 @@ def _embed_references(
                 reference,
                 seen,
                 summary,
-                encoder=encoder.fingerprint,
-                kind=encoder.kind.value,
-                make=functools.partial(_embed, ctx, encoder),
+                key_of=functools.partial(reference_key, encoder),
+                make=functools.partial(embed_image, ctx, encoder),
             )
             links.append(
                 {
@@ -138,8 +137,7 @@ def _prepare_inputs(
             row_input.uri,
             seen,
             summary,
-            encoder=inputs.ENCODER,
-            kind=row_input.kind,
+            key_of=functools.partial(_input_key, row_input.kind),
             make=functools.partial(_prepare, ctx, row_input.kind),
         )
         links.append(
@@ -161,8 +159,7 @@ def _ensure_cached(
     seen: dict[str, str],
     summary: EmbedSummary,
     *,
-    encoder: str,
-    kind: str,
+    key_of: Callable[[str], CacheKey],
     make: Callable[[bytes, str], dict[str, torch.Tensor]],
 ) -> tuple[int, str]:
     """The cache entry of one image the row names, as (embedding id, resolved URI): found,
@@ -174,12 +171,12 @@ def _ensure_cached(
     if uri not in seen:
         data = read_reference(ctx, uri)
         seen[uri] = hashlib.sha256(data).hexdigest()
-    key = CacheKey(seen[uri], encoder, kind)
+    key = key_of(seen[uri])
 
     def compute() -> dict[str, torch.Tensor]:
         log.info(
             "computing %s of %s",
-            kind,
+            key.kind,
             uri,
             extra={"key": f"{key.content_sha256}/{key.encoder}/{key.kind}", "worker": ctx.worker},
         )
@@ -194,7 +191,17 @@ def _ensure_cached(
     return cached.embedding_id, uri
 
 
-def _embed(
+def _input_key(kind: str, content_sha256: str) -> CacheKey:
+    return CacheKey(content_sha256, inputs.ENCODER, kind)
+
+
+def reference_key(encoder: ReferenceEncoder, content_sha256: str) -> CacheKey:
+    """Where a reference's embedding by `encoder` is cached: training reads the same entries,
+    so an adapter is trained on exactly the tensors generation will feed it."""
+    return CacheKey(content_sha256, encoder.fingerprint, encoder.kind.value)
+
+
+def embed_image(
     ctx: StageContext, encoder: ReferenceEncoder, data: bytes, uri: str
 ) -> dict[str, torch.Tensor]:
     return encoder.encode(decode(ctx, data, name=uri), name=uri)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import Action, ErrorCode, ObjectNotFound, classify
 from core.uris import join_uri
 from pipeline.images import CONTENT_TYPES, encode_output
-from pipeline.manifest import Row
+from pipeline.manifest import Row, validate_row
 from pipeline.requests import build_request
 from storage.ledger import embeddings, items, jobs
 from storage.ledger import outputs as output_ledger
@@ -116,7 +116,7 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
         for item in items.load_items(session, item_ids=claimed_ids):
             job = jobs.get(session, job_id=item.job_id)
             assert job is not None and item.params is not None
-            row = Row.model_validate(item.params)
+            row = validate_row(item.params, ctx.adapters)
             links = embeddings.of_item(session, item_id=item.id)
             uris: list[list[str]] = [[] for _ in row.adapter_specs()]
             for link, embedding in links:

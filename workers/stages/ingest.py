@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from core.errors import Action, ConfigError, ErrorCode, ObjectNotFound, classify
-from pipeline.manifest import ParsedRow, detect_format, read_manifest
+from pipeline.manifest import ParsedRow, Row, detect_format, read_manifest
 from storage.ledger import bulk, items, jobs
 from storage.lifecycle import EMBED
 from storage.models import ItemStatus, JobStatus
@@ -127,7 +127,7 @@ def _rows_after(
     """The manifest's rows after row index `already`, as item values (valid: pending with
     the validated row in params; invalid: failed as invalid_row with the reason)."""
     with _manifest(ctx, manifest_uri) as stream:
-        for parsed in read_manifest(stream, detect_format(manifest_uri)):
+        for parsed in read_manifest(stream, detect_format(manifest_uri), adapters=ctx.adapters):
             summary.rows += 1
             if parsed.index <= already:
                 summary.skipped += 1
@@ -151,7 +151,7 @@ def _manifest(ctx: StageContext, manifest_uri: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def _item_values(parsed: ParsedRow) -> dict[str, Any]:
+def _item_values(parsed: ParsedRow[Row]) -> dict[str, Any]:
     if parsed.row is not None:
         return {
             "row_id": parsed.row_id,

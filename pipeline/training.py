@@ -1,0 +1,353 @@
+"""Training an IP-Adapter with the paper's recipe (section 3.3 and 4.1.2; tencent's
+tutorial_train.py / tutorial_train_plus.py), on diffusers' own classes.
+
+- Frozen: the UNet, the text encoder, the VAE, the CLIP image encoder. Trained: the image
+  projection and the new key/value projections of every cross-attention layer (22,319,616
+  parameters for SD1.5 base), kept in fp32 whatever precision the UNet runs in.
+- Loss: the noise-prediction MSE of the UNet conditioned on the text and the image tokens.
+- Classifier-free guidance: one u ~ U(0, 1) per sample; u < 0.05 drops the image (zeros for
+  the base adapter, the encoder output of an all-zero image for plus: the negative half the
+  embed stage caches), u < 0.10 drops the text ("" through the text encoder), u < 0.15 both.
+- Everything is precomputed (`Example`): the VAE latent mean/std of the target (a latent is
+  sampled each step, as the reference code does with no augmentation), the text embedding,
+  the reference's image embedding. The loop reads tensors only.
+
+Every random draw comes from one seeded generator whose state is part of a checkpoint, so a
+run resumed from a checkpoint takes the same steps as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.adapter_weights import (
+    ProjectionShape,
+    adapter_parameter_count,
+    freeze_all_but_adapter,
+    from_h94,
+    install,
+)
+from pipeline.manifest import RowId, Uri
+
+TRAINABLE_KINDS = ("sd15", "sd15-plus")  # SDXL also needs pooled text embeds and time ids
+
+
+class TrainRow(BaseModel):
+    """One line of a training manifest (JSON Lines, or CSV with these columns)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: RowId
+    image: Uri = Field(description="the target picture the adapter learns to make")
+    prompt: str = Field("", description="its caption")
+    reference: Uri | None = Field(
+        None, description="the image prompt (default: the target itself, as in the paper)"
+    )
+
+    @property
+    def reference_uri(self) -> str:
+        return self.reference or self.image
+
+
+def training_json_schema() -> dict[str, Any]:
+    schema = TrainRow.model_json_schema()
+    schema["title"] = "ipbatch training manifest row"
+    return schema
+
+
+class TrainSettings(BaseModel):
+    """A training run's settings; the defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["sd15", "sd15-plus"] = Field("sd15", description="adapter architecture")
+    init: str = Field(
+        "fresh", description="fresh (the paper's init), an adapter preset, or a weight file"
+    )
+    steps: int = Field(1000, ge=1, le=10_000_000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    learning_rate: float = Field(1e-4, gt=0, le=1)
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    drop_image: float = Field(0.05, ge=0, le=1, description="image embedding dropped alone")
+    drop_text: float = Field(0.05, ge=0, le=1, description="text dropped alone")
+    drop_both: float = Field(0.05, ge=0, le=1, description="both dropped")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="autocast for the frozen UNet; the adapter stays fp32"
+    )
+    gradient_checkpointing: bool = False
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    resolution: int | None = Field(
+        None, ge=64, le=2048, multiple_of=8, description="square training size (native)"
+    )
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    validate_every: int = Field(0, ge=0, description="0: validate once, at the end")
+    validation_rows: int = Field(4, ge=0, le=64, description="the manifest's first rows")
+    validation_steps: int = Field(30, ge=1, le=150, description="denoising steps per render")
+    log_every: int = Field(10, ge=1)
+    save_dtype: Literal["fp16", "fp32"] = "fp16"
+
+    @model_validator(mode="after")
+    def _drops(self) -> TrainSettings:
+        if self.drop_image + self.drop_text + self.drop_both > 1:
+            raise ValueError("drop_image + drop_text + drop_both must be at most 1")
+        return self
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row, precomputed: latent_mean/std [4, h, w]; text [77, cross_dim];
+    image/image_neg [1, D] (base) or [1, tokens, hidden] (plus)."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+    image_neg: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int  # steps done after this one
+    loss: float
+    learning_rate: float
+
+
+class AdapterTrainer:
+    """The adapter on a frozen UNet, an AdamW over its parameters, the step counter and the
+    run's random generator: everything a checkpoint holds."""
+
+    def __init__(
+        self,
+        unet: Any,
+        scheduler: Any,
+        *,
+        shape: ProjectionShape,
+        settings: TrainSettings,
+        uncond_text: torch.Tensor,
+        init_weights: dict[str, torch.Tensor] | None = None,
+        vae_scaling_factor: float = 0.18215,
+    ) -> None:
+        self.unet = unet
+        self.scheduler = scheduler  # a DDPMScheduler: add_noise and the training timesteps
+        self.shape = shape
+        self.settings = settings
+        self.device = unet.device
+        self.uncond_text = uncond_text.to(self.device)  # [77, cross_dim]: "" encoded
+        self.scaling = vae_scaling_factor
+        install(unet, shape)
+        if init_weights is not None:
+            from_h94(unet, shape, init_weights)
+        self.parameters = freeze_all_but_adapter(unet)
+        if settings.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.optimizer = torch.optim.AdamW(
+            list(self.parameters.values()),
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+        )
+        self.rng = torch.Generator().manual_seed(settings.seed)
+        self.step = 0
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.parameters.values())
+
+    @property
+    def adapter_count(self) -> int:
+        return adapter_parameter_count(self.unet)
+
+    def _autocast(self) -> Any:
+        precision = self.settings.mixed_precision
+        if precision == "no":
+            return nullcontext()
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _draw(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """This step's batch and noise, every draw from the run's generator (on the CPU, so a
+        resumed run draws the same numbers on any device)."""
+        g = self.rng
+        size = self.settings.batch_size
+        n = len(examples)
+        picks = (
+            torch.randperm(n, generator=g)[:size]
+            if n >= size
+            else torch.randint(0, n, (size,), generator=g)
+        )
+        batch = [examples[int(i)] for i in picks]
+        mean = torch.stack([e.latent_mean for e in batch])
+        std = torch.stack([e.latent_std for e in batch])
+        latents = (mean + std * torch.randn(mean.shape, generator=g)) * self.scaling
+        noise = torch.randn(latents.shape, generator=g)
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (size,), generator=g)
+        u = torch.rand(size, generator=g)
+        s = self.settings
+        drop_image = u < s.drop_image
+        drop_text = (u >= s.drop_image) & (u < s.drop_image + s.drop_text)
+        drop_both = (u >= s.drop_image + s.drop_text) & (
+            u < s.drop_image + s.drop_text + s.drop_both
+        )
+        return {
+            "latents": latents,
+            "noise": noise,
+            "timesteps": timesteps,
+            "text": torch.stack([e.text for e in batch]),
+            "image": torch.stack([e.image for e in batch]),
+            "image_neg": torch.stack([e.image_neg for e in batch]),
+            "no_image": drop_image | drop_both,
+            "no_text": drop_text | drop_both,
+        }
+
+    def loss(self, draw: dict[str, torch.Tensor], *, force_no_image: bool = False) -> torch.Tensor:
+        """The noise-prediction loss of one drawn batch (`force_no_image`: every image
+        dropped, to see how much the adapter's image tokens help)."""
+        device = self.device
+        latents = draw["latents"].to(device)
+        noise = draw["noise"].to(device)
+        timesteps = draw["timesteps"].to(device)
+        no_image = draw["no_image"].to(device)
+        if force_no_image:
+            no_image = torch.ones_like(no_image)
+        no_text = draw["no_text"].to(device)
+        text = torch.where(
+            no_text[:, None, None],
+            self.uncond_text.expand_as(draw["text"]),
+            draw["text"].to(device),
+        )
+        shape = (-1,) + (1,) * (draw["image"].dim() - 1)
+        image = torch.where(
+            no_image.view(shape), draw["image_neg"].to(device), draw["image"].to(device)
+        )
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        unet_dtype = self.unet.dtype
+        with self._autocast():
+            prediction = self.unet(
+                noisy.to(unet_dtype),
+                timesteps,
+                encoder_hidden_states=text.to(unet_dtype),
+                added_cond_kwargs={"image_embeds": [image]},  # [B, 1, ...] for one adapter
+            ).sample
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+    def train_step(self, examples: Sequence[Example]) -> StepResult:
+        self.unet.train()
+        loss = self.loss(self._draw(examples))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss is {value} at step {self.step}")
+        return StepResult(self.step, value, self.optimizer.param_groups[0]["lr"])
+
+    # --- checkpoints: the adapter, AdamW's moments, the generator and the step, as tensors
+    def state(self) -> dict[str, torch.Tensor]:
+        """A checkpoint as a flat dict of tensors (safetensors: no pickle)."""
+        out: dict[str, torch.Tensor] = {
+            "step": torch.tensor(self.step, dtype=torch.int64),
+            "rng": self.rng.get_state(),
+        }
+        for index, (name, param) in enumerate(self.parameters.items()):
+            out[f"param.{name}"] = param.detach().cpu().clone()
+            moments = self.optimizer.state.get(param, {})
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                if key in moments:
+                    out[f"adam.{index}.{key}"] = moments[key].detach().cpu().clone()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        names = list(self.parameters)
+        missing = [n for n in names if f"param.{n}" not in state]
+        if missing:
+            raise ValueError(f"the checkpoint lacks adapter weights: {missing[:3]}")
+        with torch.no_grad():
+            for index, name in enumerate(names):
+                param = self.parameters[name]
+                param.copy_(state[f"param.{name}"])
+                if f"adam.{index}.exp_avg" in state:
+                    self.optimizer.state[param] = {
+                        key: state[f"adam.{index}.{key}"]
+                        .to(param.device if key != "step" else "cpu")
+                        .clone()
+                        for key in ("step", "exp_avg", "exp_avg_sq")
+                    }
+        self.rng.set_state(state["rng"])
+        self.step = int(state["step"])
+
+
+class TrainingEncoders:
+    """The frozen parts of the base model that make the training tensors: the VAE (latent
+    mean/std of a target image) and the tokenizer + text encoder (a prompt's embedding)."""
+
+    def __init__(self, base_folder: str, *, device: torch.device, local_files_only: bool):
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from pipeline.models import folder_fingerprint, loading
+
+        self.device = device
+        with loading(f"the base model at {base_folder}", base_folder):
+            opts: dict[str, Any] = {"local_files_only": local_files_only}
+            self.vae = AutoencoderKL.from_pretrained(base_folder, subfolder="vae", **opts)
+            self.tokenizer = CLIPTokenizer.from_pretrained(
+                base_folder, subfolder="tokenizer", **opts
+            )
+            self.text_encoder = CLIPTextModel.from_pretrained(
+                base_folder, subfolder="text_encoder", **opts
+            )
+        self.vae.to(device).eval().requires_grad_(False)
+        self.text_encoder.eval().requires_grad_(False)
+        self.text_encoder.to(device)  # type: ignore[arg-type]
+        patterns = ("vae/*.json", "vae/*.safetensors", "vae/*.bin")
+        self.vae_fingerprint = "vae-" + folder_fingerprint(base_folder, patterns)[:16]
+        patterns = ("text_encoder/*.json", "text_encoder/*.safetensors", "tokenizer/*")
+        self.text_fingerprint = "text-" + folder_fingerprint(base_folder, patterns)[:16]
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+
+    @torch.inference_mode()
+    def latent(self, image: Any, resolution: int) -> dict[str, torch.Tensor]:
+        """The target's VAE latent distribution: resized (shorter side, bilinear) and
+        centre-cropped to `resolution`, scaled to [-1, 1] (tutorial_train.py's transforms)."""
+        import numpy as np
+        from PIL import Image
+
+        rgb = image.convert("RGB")
+        scale = resolution / min(rgb.size)
+        size = (
+            max(resolution, round(rgb.width * scale)),
+            max(resolution, round(rgb.height * scale)),
+        )
+        rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+        left, top = (rgb.width - resolution) // 2, (rgb.height - resolution) // 2
+        rgb = rgb.crop((left, top, left + resolution, top + resolution))
+        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)
+        pixels = pixels.permute(2, 0, 1)[None].to(self.device, self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        return {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
+
+    @torch.inference_mode()
+    def text(self, prompt: str) -> torch.Tensor:
+        """[77, cross_dim]: the prompt padded to the tokenizer's length, the encoder's last
+        hidden states (what the pipeline's `encode_prompt` gives without CLIP skip)."""
+        tokens = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0][0].float().cpu()
