@@ -1,0 +1,320 @@
+"""Training an adapter (pipeline/training.py, pipeline/adapter_weights.py) on the tiny models.
+
+What is checked against something independent: the parameter count against the paper's 22M
+(the exact figure for SD1.5's real shapes), the exported file against diffusers'
+`load_ip_adapter` and against tencent's loading code (written out here, as in
+tencent-ailab/IP-Adapter's `ip_adapter.py`), the frozen UNet against a copy taken before.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file, save, save_file
+from transformers import CLIPVisionConfig
+
+from pipeline.adapter_weights import ProjectionShape, from_h94, install, to_h94
+from pipeline.embedder import ClipEmbedder
+from pipeline.presets import EmbedKind, Projection
+from pipeline.training import AdapterTrainer, Example, TrainingEncoders, TrainSettings
+
+CPU = torch.device("cpu")
+
+
+def _base(models: Path) -> str:
+    return str(models / "stable-diffusion-v1-5")
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny_models: Path) -> TrainingEncoders:
+    return TrainingEncoders(_base(tiny_models), device=CPU, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_models: Path, encoders: TrainingEncoders) -> list[Example]:
+    """16 rows, one caption for all: a two-colour picture each, and its CLIP image embedding
+    (the tiny ViT-H stand-in), its own reference. Only the image tells the rows apart, so the
+    adapter lowers the loss below the image-dropped one only by reading it."""
+    clip = ClipEmbedder(
+        str(tiny_models / "IP-Adapter/models/image_encoder"),
+        str(tiny_models / "stable-diffusion-v1-5/feature_extractor"),
+        device=CPU,
+        dtype=torch.float32,
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(16):
+        colour = rng.integers(0, 255, 3)
+        pixels = np.zeros((64, 64, 3), np.uint8)
+        pixels[:] = colour
+        pixels[16:48, 16:48] = 255 - colour
+        picture = Image.fromarray(pixels)
+        latent = encoders.latent(picture, 64)
+        embedding = clip.embed(picture, EmbedKind.CLIP_IMAGE_EMBEDS)
+        text = encoders.text("a product")
+        rows.append(Example(latent["mean"], latent["std"], text, embedding.pos, embedding.neg))
+    return rows
+
+
+def _trainer(
+    models: Path, encoders: TrainingEncoders, *, init: dict[str, Any] | None = None, **settings: Any
+) -> AdapterTrainer:
+    unet = UNet2DConditionModel.from_pretrained(_base(models), subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(_base(models), subfolder="scheduler")
+    encoder = CLIPVisionConfig.from_pretrained(models / "IP-Adapter/models/image_encoder")
+    shape = (
+        ProjectionShape.of_file(init)
+        if init is not None
+        else ProjectionShape.fresh(Projection.LINEAR, unet, encoder)
+    )
+    return AdapterTrainer(
+        unet,
+        scheduler,
+        shape=shape,
+        settings=TrainSettings(**{"batch_size": 4, "learning_rate": 1e-2} | settings),
+        uncond_text=encoders.text(""),
+        init_weights=init,
+        vae_scaling_factor=encoders.scaling_factor,
+    )
+
+
+SD15_UNET = {  # stable-diffusion-v1-5/unet/config.json, as published
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        (ProjectionShape(Projection.LINEAR, 768, 1024), 22_319_616),  # the paper's "22M"
+        (ProjectionShape(Projection.RESAMPLER, 768, 1280, 768, 16), 49_087_488),  # plus
+    ],
+)
+def test_trainable_parameters_of_real_sd15_shapes(shape: ProjectionShape, expected: int) -> None:
+    from pipeline.adapter_weights import freeze_all_but_adapter
+
+    with torch.device("meta"):  # real sizes, no memory
+        unet = UNet2DConditionModel(**SD15_UNET)
+        install(unet, shape)
+    trainable = freeze_all_but_adapter(unet)
+    assert sum(p.numel() for p in trainable.values()) == expected
+    # 2 x 768 x (5*320 + 5*640 + 6*1280) key/value weights, the rest is the projection
+    kv = sum(p.numel() for name, p in trainable.items() if "_ip." in name)
+    assert kv == 2 * 768 * (5 * 320 + 5 * 640 + 6 * 1280)
+
+
+def test_only_the_adapter_trains(tiny_models: Path, encoders: TrainingEncoders, examples) -> None:
+    trainer = _trainer(tiny_models, encoders)
+    unet = trainer.unet
+    processors = [p for p in unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+    assert len(processors) == 16  # every cross-attention layer of the tiny SD1.5
+    # the paper's init: k/v copied from the text branch, in storage of their own
+    for name, processor in zip(
+        [n for n in unet.attn_processors if n.endswith("attn2.processor")], processors, strict=True
+    ):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        assert torch.equal(processor.to_k_ip[0].weight, attn.to_k.weight)
+        assert processor.to_k_ip[0].weight.data_ptr() != attn.to_k.weight.data_ptr()
+    frozen = {
+        k: v.clone()
+        for k, v in unet.state_dict().items()
+        if "_ip." not in k and not k.startswith("encoder_hid_proj")
+    }
+    adapter_before = {k: p.detach().clone() for k, p in trainer.parameters.items()}
+    assert set(trainer.parameters) == {
+        name
+        for name, _ in unet.named_parameters()
+        if "_ip." in name or name.startswith("encoder_hid_proj")
+    }
+    assert trainer.trainable_count == trainer.adapter_count == 50_368
+    for _ in range(3):
+        trainer.train_step(examples)
+    after = unet.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen), "a frozen weight moved"
+    assert all(not torch.equal(adapter_before[k], p) for k, p in trainer.parameters.items()), (
+        "every adapter tensor learns"
+    )
+
+
+def _fixed_draws(trainer: AdapterTrainer, examples: list[Example], n: int) -> list[dict]:
+    """Batches drawn once, with no drops: the same inputs measured before and after."""
+    state = trainer.rng.get_state()
+    trainer.rng.manual_seed(1234)
+    draws = []
+    for _ in range(n):
+        draw = trainer._draw(examples)
+        draw["no_image"] = torch.zeros_like(draw["no_image"])
+        draw["no_text"] = torch.zeros_like(draw["no_text"])
+        draws.append(draw)
+    trainer.rng.set_state(state)
+    return draws
+
+
+@torch.no_grad()
+def _mean_loss(trainer: AdapterTrainer, draws: list[dict], *, no_image: bool = False) -> float:
+    return float(np.mean([float(trainer.loss(d, force_no_image=no_image)) for d in draws]))
+
+
+def test_overfitting_lowers_the_loss_and_uses_the_image(
+    tiny_models: Path, encoders: TrainingEncoders, examples
+) -> None:
+    trainer = _trainer(tiny_models, encoders, batch_size=8, learning_rate=3e-2)
+    draws = _fixed_draws(trainer, examples, 6)
+    before = _mean_loss(trainer, draws)
+    for _ in range(60):
+        trainer.train_step(examples)
+    after = _mean_loss(trainer, draws)
+    without_image = _mean_loss(trainer, draws, no_image=True)
+    assert after < 0.95 * before, (before, after)
+    assert after < without_image, (after, without_image)  # the adapter reads the image
+
+
+def test_drops_follow_the_recipe(tiny_models: Path, encoders: TrainingEncoders, examples) -> None:
+    """One u per sample: < 0.05 image only, < 0.10 text only, < 0.15 both."""
+    trainer = _trainer(tiny_models, encoders, batch_size=1000)
+    draw = trainer._draw(examples)
+    no_image, no_text = draw["no_image"], draw["no_text"]
+    image_only = float((no_image & ~no_text).float().mean())
+    text_only = float((no_text & ~no_image).float().mean())
+    both = float((no_image & no_text).float().mean())
+    for fraction in (image_only, text_only, both):
+        assert 0.03 < fraction < 0.07, (image_only, text_only, both)
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(
+    tiny_models: Path, encoders: TrainingEncoders, examples
+) -> None:
+    straight = _trainer(tiny_models, encoders, seed=7)
+    for _ in range(6):
+        straight.train_step(examples)
+    checkpoint = save(straight.state())  # through the file format a checkpoint uses
+    losses = [straight.train_step(examples).loss for _ in range(6)]
+
+    resumed = _trainer(tiny_models, encoders, seed=7)
+    resumed.load_state(load_safetensors(checkpoint))
+    assert resumed.step == 6
+    assert [resumed.train_step(examples).loss for _ in range(6)] == losses
+    for name, param in straight.parameters.items():
+        assert torch.equal(param, resumed.parameters[name]), name  # bitwise on the CPU
+
+
+@pytest.mark.parametrize(
+    "weight_name", ["ip-adapter_sd15.safetensors", "ip-adapter-plus_sd15.safetensors"]
+)
+def test_published_files_round_trip(tiny_models: Path, weight_name: str) -> None:
+    published = load_file(tiny_models / "IP-Adapter/models" / weight_name)
+    unet = UNet2DConditionModel.from_pretrained(_base(tiny_models), subfolder="unet")
+    shape = ProjectionShape.of_file(published)
+    install(unet, shape)
+    from_h94(unet, shape, published)
+    again = to_h94(unet, shape, torch.float32)
+    assert again.keys() == published.keys()
+    assert all(torch.equal(again[k], published[k]) for k in published)
+
+
+class _TencentImageProjModel(torch.nn.Module):
+    """tencent-ailab/IP-Adapter ip_adapter/ip_adapter.py ImageProjModel, as published."""
+
+    def __init__(self, cross_attention_dim: int, clip_embeddings_dim: int, tokens: int = 4):
+        super().__init__()
+        self.cross_attention_dim = cross_attention_dim
+        self.clip_extra_context_tokens = tokens
+        self.proj = torch.nn.Linear(clip_embeddings_dim, tokens * cross_attention_dim)
+        self.norm = torch.nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(image_embeds).reshape(
+            -1, self.clip_extra_context_tokens, self.cross_attention_dim
+        )
+        return self.norm(tokens)
+
+
+class _TencentIPAttnProcessor(torch.nn.Module):
+    """The weights of tencent's IPAttnProcessor2_0 (to_k_ip / to_v_ip, no bias)."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int) -> None:
+        super().__init__()
+        self.to_k_ip = torch.nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = torch.nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+
+def test_exported_adapter_loads_in_diffusers_and_in_tencents_code(
+    tiny_models: Path, encoders: TrainingEncoders, examples, tmp_path: Path
+) -> None:
+    trainer = _trainer(tiny_models, encoders)
+    for _ in range(3):
+        trainer.train_step(examples)
+    exported = to_h94(trainer.unet, trainer.shape, torch.float32)
+    save_file(exported, str(tmp_path / "adapter.safetensors"))
+
+    # diffusers, as its docs load an adapter: the weights land bitwise
+    base = _base(tiny_models)
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    pipe.load_ip_adapter(
+        str(tmp_path), subfolder="", weight_name="adapter.safetensors", image_encoder_folder=None
+    )
+    loaded = dict(pipe.unet.named_parameters())
+    for name, param in trainer.parameters.items():
+        assert torch.equal(loaded[name], param.detach()), name
+
+    # and the images: the in-memory adapter vs the file (same VAE, text encoder, scheduler)
+    trainer.unet.eval()
+    memory = StableDiffusionPipeline.from_pretrained(base, unet=trainer.unet, safety_checker=None)
+    image = examples[0].image
+    embeds = [torch.stack([torch.zeros_like(image), image])]
+    images = [
+        p(
+            prompt="a product",
+            ip_adapter_image_embeds=embeds,
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(5),
+            output_type="np",
+        ).images[0]
+        for p in (memory, pipe)
+    ]
+    np.testing.assert_allclose(images[0], images[1], atol=1e-5)
+
+    # tencent's code: load_state_dict(strict=True) of image_proj and of the ip layers
+    cad = 32
+    proj = _TencentImageProjModel(cad, clip_embeddings_dim=40)
+    image_proj = {
+        k.removeprefix("image_proj."): v for k, v in exported.items() if "image_proj." in k
+    }
+    proj.load_state_dict(image_proj, strict=True)
+    [ours] = trainer.unet.encoder_hid_proj.image_projection_layers
+    with torch.no_grad():
+        torch.testing.assert_close(proj(image), ours(image))
+    layers = torch.nn.ModuleList(
+        _TencentIPAttnProcessor(
+            pipe.unet.get_submodule(name.removesuffix(".processor")).to_k.out_features, cad
+        )
+        if name.endswith("attn2.processor")
+        else torch.nn.Module()
+        for name in pipe.unet.attn_processors
+    )
+    ip = {k.removeprefix("ip_adapter."): v for k, v in exported.items() if "ip_adapter." in k}
+    layers.load_state_dict(ip, strict=True)
+
+
+def test_fp16_export_is_what_h94_ships(tiny_models: Path, encoders: TrainingEncoders) -> None:
+    trainer = _trainer(tiny_models, encoders)
+    exported = to_h94(trainer.unet, trainer.shape, torch.float16)
+    assert {v.dtype for v in exported.values()} == {torch.float16}
+    data = save(exported)
+    assert load_safetensors(io.BytesIO(data).getvalue()).keys() == exported.keys()
