@@ -1,5 +1,8 @@
 """`ipbatch report JOB -o report.html`: one self-contained page to look at a job's results.
 
+A training job gets its own page: the loss curve, the validation scores over the steps (SVG
+charts), the newest validation renders, the skipped rows and the settings.
+
 At the top: counts by status, time, images/s and the distribution of CLIP-I and CLIP-T as
 small bar charts. Then one row per manifest row (up to --limit, in manifest order): its
 references and structure inputs (control images, regions, init image, inpaint mask), its
@@ -147,11 +150,96 @@ table.rows th{text-align:left}
 """.replace("SIZE", str(THUMB))
 
 
+def _line_chart(series: dict[str, list[tuple[float, float]]], title: str) -> str:
+    """A small SVG line chart: one polyline per series, x = step, y scaled to the data."""
+    points = [p for values in series.values() for p in values]
+    if not points:
+        return ""
+    width, height, pad = 480, 160, 28
+    x_lo, x_hi = min(x for x, _ in points), max(x for x, _ in points)
+    y_lo, y_hi = min(y for _, y in points), max(y for _, y in points)
+    x_span, y_span = (x_hi - x_lo) or 1.0, (y_hi - y_lo) or 1.0
+
+    def at(x: float, y: float) -> str:
+        px = pad + (x - x_lo) / x_span * (width - 2 * pad)
+        py = height - pad - (y - y_lo) / y_span * (height - 2 * pad)
+        return f"{px:.1f},{py:.1f}"
+
+    colours = ["#4a7bd0", "#d07a4a", "#3a9a5a"]
+    lines = "".join(
+        f'<polyline fill="none" stroke="{colours[k % 3]}" stroke-width="1.5" '
+        f'points="{" ".join(at(x, y) for x, y in values)}"><title>{html.escape(name)}</title>'
+        "</polyline>"
+        for k, (name, values) in enumerate(series.items())
+    )
+    legend = ", ".join(
+        f"<span style='color:{colours[k % 3]}'>{html.escape(name)}</span>"
+        for k, name in enumerate(series)
+    )
+    return (
+        f'<figure class="chart"><svg width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(title)}">{lines}'
+        f'<text x="0" y="{pad - 8}">{y_hi:.4g}</text><text x="0" y="{height - pad + 4}">'
+        f"{y_lo:.4g}</text>"
+        f'<text x="{pad}" y="{height - 6}">step {x_lo:g}</text>'
+        f'<text x="{width - pad - 50}" y="{height - 6}">step {x_hi:g}</text></svg>'
+        f"<figcaption>{html.escape(title)}: {legend}</figcaption></figure>"
+    )
+
+
+def _training_page(engine: Engine, stores: ObjectStores, job: dict[str, Any]) -> str:
+    """A training job: the loss curve, the validation scores over the steps, the newest
+    validation renders, the skipped rows and the settings."""
+    with Session(engine) as session:
+        run = queries.training_summary(session, job_id=job["job_id"])
+    assert run is not None
+    e = html.escape
+    validations = run["validations"]
+    scores = {"CLIP-I": [(v["step"], v["clip_i"]) for v in validations]}
+    if any(v["clip_t"] is not None for v in validations):
+        scores["CLIP-T"] = [(v["step"], v["clip_t"]) for v in validations if v["clip_t"]]
+    samples = []
+    for uri in validations[-1]["samples"] if validations else []:
+        data = _thumbnail(stores, uri)
+        samples.append(
+            f"<figure><img src='{data}' alt='validation'><figcaption>{e(uri)}</figcaption></figure>"
+            if data
+            else f"<figure class='missing'>missing: {e(uri)}</figure>"
+        )
+    skipped = "".join(
+        f"<li>line {s['line']} ({e(str(s['id'] or 'no id'))}): {e(str(s['error']))}</li>"
+        for s in run["skipped"]
+    )
+    settings = "".join(
+        f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in run["settings"].items()
+    )
+    loss = "-" if run["loss"] is None else f"{run['loss']:.4f}"
+    return (
+        f"<h1>{e(run['adapter'])}</h1><div class='muted'>training job {e(job['job_id'])}: "
+        f"{e(job['status'])}, step {run['step']} of {run['total_steps']}, loss {loss}, "
+        f"{run['examples'] or 0} rows, adapter {e(run['adapter_uri'] or '(not yet)')}</div>"
+        "<div class='summary'>"
+        f"{_line_chart({'loss': [(s, v) for s, v, _ in run['curve']]}, 'training loss')}"
+        f"{_line_chart(scores, 'validation') if validations else ''}</div>"
+        f"<h2>validation renders (step {validations[-1]['step'] if validations else '-'})</h2>"
+        f"<div class='thumbs'>{''.join(samples) or '<span class=muted>none yet</span>'}</div>"
+        f"<h2>skipped rows</h2><ul>{skipped or '<li>none</li>'}</ul>"
+        f"<h2>settings</h2><table class='counts'>{settings}</table>"
+    )
+
+
 def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 500) -> str:
     jobs = status.collect(engine, job_id=job_id)
     if not jobs:
         raise LookupError(f"no job {job_id}")
     job = jobs[0]
+    if job["training"] is not None:
+        return (
+            "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>ipbatch training: {html.escape(str(job['name']))}</title>"
+            f"<style>{CSS}</style></head><body>{_training_page(engine, stores, job)}"
+            "</body></html>"
+        )
     loaded = _load(engine, job_id, limit)
     rows, total, images = loaded.rows, loaded.total_items, loaded.total_images
     elapsed = job["elapsed_seconds"]

@@ -44,9 +44,45 @@ def collect(engine: Engine, *, job_id: str | None = None, limit: int = 20) -> li
                 "eta_seconds": (
                     round(left / rate) if rate > 0 and left and job["status"] in ACTIVE else None
                 ),
+                "training": _training(session, job["job_id"], elapsed, job["status"]),
             }
+            if job["training"] is not None:  # a training job has steps, not items
+                run = job["training"]
+                job["percent_done"] = round(100 * run["step"] / max(1, run["total_steps"]), 1)
             jobs.append(job)
     return jobs
+
+
+def _training(session: Session, job_id: str, elapsed: float, status: str) -> Any:
+    """A training job's step, loss and latest scores (without the curve: `report` draws it);
+    steps per second and ETA over the whole run, resumes included."""
+    run = queries.training_summary(session, job_id=job_id)
+    if run is None:
+        return None
+    curve = run.pop("curve")
+    speed = run["step"] / elapsed if elapsed > 0 and curve else 0.0
+    left = run["total_steps"] - run["step"]
+    run["steps_per_second"] = round(speed, 3)
+    run["eta_seconds"] = round(left / speed) if speed > 0 and status in ACTIVE else None
+    run["validation"] = run.pop("validations")[-1:] or None
+    return run
+
+
+def _training_line(run: dict[str, Any]) -> str:
+    loss = "-" if run["loss"] is None else f"{run['loss']:.4f}"
+    line = (
+        f"  train {run['adapter']}: step {run['step']}/{run['total_steps']}, loss {loss}, "
+        f"{run['steps_per_second']:.2f} steps/s, eta {_duration(run['eta_seconds'])}"
+    )
+    if run["checkpoint_step"] is not None:
+        line += f", checkpoint at step {run['checkpoint_step']}"
+    if run["validation"]:
+        [last] = run["validation"]
+        clip_t = "-" if last["clip_t"] is None else f"{last['clip_t']:.3f}"
+        line += f"; CLIP-I {last['clip_i']:.3f} CLIP-T {clip_t} (step {last['step']})"
+    if run["skipped"]:
+        line += f"; {len(run['skipped'])} rows skipped"
+    return line
 
 
 def _duration(seconds: float | None) -> str:
@@ -72,11 +108,23 @@ def table(jobs: list[dict[str, Any]]) -> str:
             lines.append(
                 "  failed: " + ", ".join(f"{n} x {code}" for code, n in j["failures"].items())
             )
+        if j["training"]:
+            lines.append(_training_line(j["training"]))
     return "\n".join(lines)
 
 
 def bars(job: dict[str, Any], width: int = 40) -> str:
-    """One bar per stage, scaled to the job's items."""
+    """One bar per stage, scaled to the job's items (a training job: one bar of steps)."""
+    run = job["training"]
+    if run is not None:
+        filled = round(width * run["step"] / max(1, run["total_steps"]))
+        return "\n".join(
+            [
+                f"job {job['job_id']} ({job['name']}): {job['status']}",
+                f"  steps      {'#' * filled}{'.' * (width - filled)} {run['step']:>8}",
+                _training_line(run),
+            ]
+        )
     total = max(1, int(job["total"]))
     lines = [
         f"job {job['job_id']} ({job['name']}): {job['status']}, {job['percent_done']:.1f}% done, "

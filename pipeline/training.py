@@ -91,7 +91,9 @@ class TrainSettings(BaseModel):
     validate_every: int = Field(0, ge=0, description="0: validate once, at the end")
     validation_rows: int = Field(4, ge=0, le=64, description="the manifest's first rows")
     validation_steps: int = Field(30, ge=1, le=150, description="denoising steps per render")
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(
+        10, ge=1, description="steps per point of the loss curve (their mean) and per heartbeat"
+    )
     save_dtype: Literal["fp16", "fp32"] = "fp16"
 
     @model_validator(mode="after")

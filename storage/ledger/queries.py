@@ -216,3 +216,32 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
     ):
         rows[item_id].inputs.append((role, owner, uri))
     return ReportData(str(manifest_uri), int(total_items), int(total_images), list(rows.values()))
+
+
+def training_summary(session: Session, *, job_id: str) -> dict[str, Any] | None:
+    """Where a training job stands (None for another kind of job): its run's step, loss and
+    learning rate, rows, newest checkpoint, validations, adapter and loss curve."""
+    from storage.ledger import training
+
+    run = training.get(session, job_id=job_id)
+    if run is None:
+        return None
+    checkpoints = training.checkpoints(session, job_id=job_id)
+    return {
+        "name": run.name,
+        "adapter": f"custom:{run.name}",
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "loss": run.loss,
+        "learning_rate": run.learning_rate,
+        "examples": run.examples,
+        "skipped": run.skipped or [],
+        "checkpoint_step": checkpoints[0].step if checkpoints else None,
+        "adapter_uri": run.adapter_uri,
+        "settings": run.settings,
+        "curve": [(r.step, r.loss, r.learning_rate) for r in training.log(session, job_id=job_id)],
+        "validations": [
+            {"step": v.step, "clip_i": v.clip_i, "clip_t": v.clip_t, "samples": v.samples}
+            for v in training.validations(session, job_id=job_id)
+        ],
+    }

@@ -172,8 +172,9 @@ def _train(ctx: StageContext, run: _Run, summary: TrainSummary) -> None:
         result = trainer.train_step(examples)
         pending.append((result.step, result.loss, result.learning_rate))
         last = result.step == settings.steps
-        if result.step % settings.log_every == 0 or last:
-            _heartbeat(ctx, run, pending)
+        if result.step % settings.log_every == 0 or last:  # one point: the window's mean
+            mean = sum(loss for _, loss, _ in pending) / len(pending)
+            _heartbeat(ctx, run, [(result.step, mean, result.learning_rate)])
             pending = []
         if result.step % settings.checkpoint_every == 0 and not last:
             _checkpoint(ctx, run, trainer)
