@@ -97,7 +97,7 @@ def cmd_reaper(args: argparse.Namespace) -> int:
 
     from workers.celery_app import queue_depths
     from workers.stages import jobs
-    from workers.tasks import context, send_ingest_urgent, send_urgent
+    from workers.tasks import context, send_ingest_urgent, send_train, send_urgent
 
     settings = context().settings
     every = args.every if args.every is not None else settings.reaper_every
@@ -110,6 +110,7 @@ def cmd_reaper(args: argparse.Namespace) -> int:
                 send=send_urgent,
                 send_ingest=send_ingest_urgent,
                 queue_depth=lambda queue: queue_depths(broker, [queue])[queue],
+                send_train=send_train,
             )
         except Exception as exc:
             if classify(exc).action is not Action.RETRY:
@@ -130,6 +131,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
     """Failed items again: in one-machine mode (no IPBATCH_DATABASE_URL) run them here and
     now; otherwise queue them for the workers."""
     settings = _settings(args)
+    if _is_training(settings, args.job):
+        return _retry_training(settings, args.job)
     if settings.database_url is None:
         from workers.runner import retry_local
 
@@ -140,6 +143,43 @@ def cmd_retry(args: argparse.Namespace) -> int:
     retried, waiting = jobs.retry(context(), job_id=args.job, send=send)
     print(f"job {args.job}: {retried} failed items queued again", end="")
     print(f"; {waiting} items left waiting queued again too" if waiting else "")
+    return 0
+
+
+def _is_training(settings: Settings, job_id: str) -> bool:
+    from storage.ledger import db, jobs
+    from storage.models import JobKind
+
+    engine = db.make_engine(settings.ledger_url())
+    try:
+        with db.make_sessions(engine).begin() as session:
+            job = jobs.get(session, job_id=job_id)
+            return job is not None and job.kind == JobKind.TRAIN
+    except Exception as exc:  # no ledger yet (one-machine mode): not a training job
+        if classify(exc).action is Action.RETRY and settings.database_url is not None:
+            raise
+        return False
+    finally:
+        engine.dispose()
+
+
+def _retry_training(settings: Settings, job_id: str) -> int:
+    """A failed (or stranded) training run, resumed from its last checkpoint: here in
+    one-machine mode, by a `train` worker otherwise."""
+    if settings.database_url is None:
+        from workers.runner import retry_training_local
+
+        summary = retry_training_local(settings, job_id=job_id)
+        print(f"training job {job_id}: {summary.status} at step {summary.step}")
+        return 0 if summary.status == "succeeded" else 1
+    from storage.ledger import training
+    from workers.tasks import context, send_train
+
+    ctx = context()
+    with ctx.sessions.begin() as session:
+        training.retry(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+    send_train(job_id)
+    print(f"training job {job_id}: queued again; it resumes from its last checkpoint")
     return 0
 
 

@@ -144,7 +144,9 @@ class AdapterTrainer:
         self.device = unet.device
         self.uncond_text = uncond_text.to(self.device)  # [77, cross_dim]: "" encoded
         self.scaling = vae_scaling_factor
-        install(unet, shape)
+        with torch.random.fork_rng(devices=[]):  # a fresh projection's init: the run's seed
+            torch.manual_seed(settings.seed)
+            install(unet, shape)
         if init_weights is not None:
             from_h94(unet, shape, init_weights)
         self.parameters = freeze_all_but_adapter(unet)

@@ -216,6 +216,18 @@ def _release_in_flight(ctx: StageContext, job_id: str) -> None:
             )
 
 
+def retry_training_local(settings: Settings, *, job_id: str) -> train_stage.TrainSummary:
+    """`ipbatch retry` of a training job on one machine: resumed here from its checkpoint."""
+    with local_context(settings) as ctx:
+        _release_in_flight(ctx, job_id)
+        with ctx.sessions.begin() as session:
+            training.retry(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+        summary: train_stage.TrainSummary = _patiently(
+            ctx, functools.partial(train_stage.run, ctx, job_id=job_id)
+        )
+        return summary
+
+
 def train_local(
     settings: Settings, *, manifest: str, name: str, train_settings: Any
 ) -> train_stage.TrainSummary:

@@ -154,11 +154,14 @@ def claim_ingest(
         worker=worker,
         message="ingest started",
         values={**lease, "started_at": now},
+        where=[Job.kind == JobKind.GENERATE],  # a training job has no manifest to ingest
     )
     if started is not None:
         return token
     resumable = and_(
-        Job.total_rows.is_(None), or_(Job.lease_token.is_(None), Job.lease_until < now)
+        Job.kind == JobKind.GENERATE,
+        Job.total_rows.is_(None),
+        or_(Job.lease_token.is_(None), Job.lease_until < now),
     )
     resumed = _move(
         session,
@@ -243,12 +246,16 @@ def waits_for_ingest(job: Job, *, now: datetime) -> bool:
     )
 
 
-def expired_ingests(session: Session, *, now: datetime, limit: int = 100) -> list[str]:
-    """Jobs whose ingest's lease ran out: its worker died or hung mid-manifest."""
+def expired_ingests(
+    session: Session, *, now: datetime, limit: int = 100, kind: JobKind = JobKind.GENERATE
+) -> list[str]:
+    """Jobs whose ingest's lease ran out: its worker died or hung mid-manifest (`kind`
+    train: a training run's worker)."""
     return list(
         session.scalars(
             select(Job.id)
             .where(
+                Job.kind == kind,
                 Job.status == JobStatus.RUNNING,
                 Job.total_rows.is_(None),
                 Job.lease_token.is_not(None),
@@ -261,10 +268,16 @@ def expired_ingests(session: Session, *, now: datetime, limit: int = 100) -> lis
 
 
 def stale_waiting(
-    session: Session, *, idle_seconds: float, now: datetime, limit: int = 100
+    session: Session,
+    *,
+    idle_seconds: float,
+    now: datetime,
+    limit: int = 100,
+    kind: JobKind = JobKind.GENERATE,
 ) -> list[str]:
-    """Jobs waiting for ingest, unmoved for `idle_seconds`: if the ingest queue is empty,
-    their message was lost (a publish that failed after the job was registered, say)."""
+    """Jobs waiting for ingest (`kind` train: for a training worker), unmoved for
+    `idle_seconds`: if the queue is empty, their message was lost (a publish that failed
+    after the job was registered, say)."""
     waiting = or_(
         Job.status == JobStatus.PENDING,
         and_(Job.status == JobStatus.RUNNING, Job.total_rows.is_(None), Job.lease_token.is_(None)),
@@ -272,7 +285,9 @@ def stale_waiting(
     return list(
         session.scalars(
             select(Job.id)
-            .where(waiting, Job.updated_at < now - timedelta(seconds=idle_seconds))
+            .where(
+                Job.kind == kind, waiting, Job.updated_at < now - timedelta(seconds=idle_seconds)
+            )
             .order_by(Job.created_at)
             .limit(limit)
         )

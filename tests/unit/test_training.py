@@ -197,6 +197,18 @@ def test_drops_follow_the_recipe(tiny_models: Path, encoders: TrainingEncoders, 
         assert 0.03 < fraction < 0.07, (image_only, text_only, both)
 
 
+def test_a_fresh_adapter_depends_on_the_seed_only(
+    tiny_models: Path, encoders: TrainingEncoders
+) -> None:
+    torch.manual_seed(1)  # the global generator must not matter
+    a = _trainer(tiny_models, encoders, seed=3)
+    torch.manual_seed(2)
+    b = _trainer(tiny_models, encoders, seed=3)
+    c = _trainer(tiny_models, encoders, seed=4)
+    assert all(torch.equal(p, b.parameters[n]) for n, p in a.parameters.items())
+    assert not all(torch.equal(p, c.parameters[n]) for n, p in a.parameters.items())
+
+
 def test_a_resumed_run_matches_an_uninterrupted_one(
     tiny_models: Path, encoders: TrainingEncoders, examples
 ) -> None:

@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from core.errors import ConfigError
 from storage.ledger import items, jobs
-from storage.lifecycle import INGEST_QUEUE, STAGES, Stage
-from storage.models import ItemStatus, Job, JobStatus
+from storage.lifecycle import INGEST_QUEUE, STAGES, TRAIN_QUEUE, Stage
+from storage.models import ItemStatus, Job, JobKind, JobStatus
 from workers.context import StageContext
 from workers.stages.common import Send, SendJob, chunked, send_waiting
 
@@ -135,6 +135,7 @@ def reap(
     send: Send,
     send_ingest: SendJob,
     queue_depth: Callable[[str], int] | None = None,
+    send_train: SendJob | None = None,
 ) -> Reaped:
     """Recover work nobody is doing. For every stage: items whose worker's lease ran out
     (killed, machine lost, hung past its heartbeat) go back to waiting and are sent again;
@@ -169,6 +170,10 @@ def reap(
                 "queued again by the reaper",
             )
     reaped.jobs += _send_ingest_again(ctx, send_ingest, queue_depth)
+    if send_train is not None:  # training runs whose worker died, or whose message was lost
+        reaped.jobs += _send_ingest_again(
+            ctx, send_train, queue_depth, kind=JobKind.TRAIN, queue=TRAIN_QUEUE
+        )
     return reaped
 
 
@@ -204,19 +209,26 @@ def _send_again(
 
 
 def _send_ingest_again(
-    ctx: StageContext, send_ingest: SendJob, queue_depth: Callable[[str], int] | None
+    ctx: StageContext,
+    send_ingest: SendJob,
+    queue_depth: Callable[[str], int] | None,
+    *,
+    kind: JobKind = JobKind.GENERATE,
+    queue: str = INGEST_QUEUE,
 ) -> int:
     """Jobs whose ingest's lease ran out, and (with the ingest queue empty) jobs that have
-    waited for an ingest for IPBATCH_REQUEUE_AFTER seconds: their ingest is sent again."""
+    waited for an ingest for IPBATCH_REQUEUE_AFTER seconds: their ingest is sent again.
+    (`kind` train: the same for training runs and their `train` queue.)"""
     idle = ctx.settings.requeue_after
     with ctx.sessions.begin() as session:
         now = ctx.clock()
         due: list[tuple[str, float | None]] = [
-            (job_id, None) for job_id in jobs.expired_ingests(session, now=now)
+            (job_id, None) for job_id in jobs.expired_ingests(session, now=now, kind=kind)
         ]
-        if queue_depth is not None and queue_depth(INGEST_QUEUE) == 0:
+        if queue_depth is not None and queue_depth(queue) == 0:
             due += [
-                (job_id, idle) for job_id in jobs.stale_waiting(session, idle_seconds=idle, now=now)
+                (job_id, idle)
+                for job_id in jobs.stale_waiting(session, idle_seconds=idle, now=now, kind=kind)
             ]
     sent = 0
     for job_id, idle_seconds in due:

@@ -97,8 +97,10 @@ def run(ctx: StageContext, *, job_id: str) -> TrainSummary:
             lease_seconds=ctx.settings.lease_seconds,
             now=ctx.clock(),
         )
-        if token is None:
+        if token is None:  # ended (its result stands), or another worker holds it
             summary.status = str(job.status)
+            summary.step, summary.adapter_uri = record.step, record.adapter_uri
+            summary.examples, summary.skipped = record.examples or 0, record.skipped or []
             if job.status == JobStatus.RUNNING and job.lease_until is not None:
                 summary.status = "held"
                 summary.retry_in = max(0.0, (job.lease_until - ctx.clock()).total_seconds())

@@ -1,0 +1,240 @@
+"""`ipbatch train` on one machine (the real command, SQLite and a local folder): the run as a
+job in the ledger, bad rows skipped and listed, checkpoints kept and pruned, validations,
+the adapter used by name in the next manifest, the embed stage's cache shared, and a run
+killed with SIGKILL resuming to the same adapter as an uninterrupted one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from helpers.cli import ipbatch
+from PIL import Image
+from safetensors.torch import load_file
+
+TRAIN_OPTIONS = ["--batch-size", "2", "--resolution", "64", "--learning-rate", "1e-2"]
+
+
+def _pictures(folder: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        pixels = np.zeros((72, 64, 3), np.uint8)
+        pixels[:] = rng.integers(0, 255, 3)
+        pixels[20:50, 12:40] = rng.integers(0, 255, 3)
+        path = folder / f"item-{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def _manifest(path: Path, pictures: list[Path], *, bad: bool = False) -> Path:
+    rows = [
+        {"id": f"item-{i}", "image": str(p), "prompt": f"product {i} on white"}
+        for i, p in enumerate(pictures)
+    ]
+    rows[1]["reference"] = str(pictures[0])  # a reference other than the target
+    if bad:
+        rows += [
+            {"id": "no good", "image": str(pictures[0])},  # the id breaks the pattern
+            {"id": "gone", "image": str(path.parent / "missing.png"), "prompt": "x"},
+            {"id": "extra", "image": str(pictures[0]), "colour": "red"},  # unknown field
+        ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _ledger(home: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{home / 'ipbatch.db'}?mode=ro", uri=True, timeout=30)
+
+
+def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {"IPBATCH_HOME": str(home), "IPBATCH_MODELS": str(tiny_models)}
+    manifest = _manifest(tmp_path / "train.jsonl", _pictures(tmp_path / "pics", 4), bad=True)
+    args = [
+        "train", str(manifest), "--name", "shop", *TRAIN_OPTIONS, "--steps", "12",
+        "--checkpoint-every", "4", "--keep-checkpoints", "1", "--validate-every", "4",
+        "--validation-rows", "2", "--validation-steps", "2", "--log-every", "2",
+    ]  # fmt: skip
+    result = ipbatch(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "succeeded at step 12" in result.stdout
+    assert "rows: 4 trained on, 3 skipped" in result.stdout
+    assert "missing.png does not exist" in result.stdout  # each skipped row says why
+    assert "(extra): line 7: colour: unknown field" in result.stdout
+
+    folder = home / "adapters" / "shop"
+    card = json.loads((folder / "card.json").read_text())
+    data = (folder / "adapter.safetensors").read_bytes()
+    assert card["weights_sha256"] == hashlib.sha256(data).hexdigest()
+    assert card["manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert (card["kind"], card["examples"], card["steps"], card["dtype"]) == ("sd15", 4, 12, "fp16")
+    assert card["trainable_parameters"] == 50_368
+    weights = load_file(folder / "adapter.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    assert sum(k.startswith("ip_adapter.") for k in weights) == 32  # k and v of 16 layers
+
+    with _ledger(home) as db:
+        [(job_id, kind, status)] = db.execute("SELECT id, kind, status FROM jobs").fetchall()
+        assert (kind, status) == ("train", "succeeded")
+        steps = [s for (s,) in db.execute("SELECT step FROM training_log ORDER BY step")]
+        assert steps == [2, 4, 6, 8, 10, 12]
+        checkpoints = db.execute("SELECT step, uri FROM training_checkpoints").fetchall()
+        assert [s for s, _ in checkpoints] == [8]  # one kept; step 4's was deleted
+        assert Path(checkpoints[0][1]).is_file()
+        assert not (folder / "checkpoints" / "step-00000004.safetensors").exists()
+        validations = db.execute(
+            "SELECT step, clip_i, clip_t, samples FROM training_validations ORDER BY step"
+        ).fetchall()
+        assert [v[0] for v in validations] == [4, 8, 12]
+        for _, clip_i, clip_t, samples in validations:
+            assert -1 <= clip_i <= 1 and clip_t is not None
+            assert [Path(s).name for s in json.loads(samples)] == ["item-0.png", "item-1.png"]
+            assert all(Path(s).is_file() for s in json.loads(samples))
+    assert card["scores"]["clip_i"] == validations[-1][1]
+
+    # watched and reported like any job
+    status = json.loads(ipbatch("status", job_id, "--json", env=env).stdout)["jobs"][0]
+    assert status["training"]["step"] == 12 and status["percent_done"] == 100.0
+    report = tmp_path / "report.html"
+    assert ipbatch("report", job_id, "-o", str(report), env=env).returncode == 0
+    page = report.read_text()
+    assert "training loss" in page and "validation" in page and "missing.png" in page
+
+    # the same command again: the same job, nothing retrained
+    again = ipbatch(*args, env=env)
+    assert again.returncode == 0 and "succeeded at step 12" in again.stdout
+    # the name is taken for another manifest
+    other = _manifest(tmp_path / "other.jsonl", _pictures(tmp_path / "pics2", 2))
+    taken = ipbatch("train", str(other), "--name", "shop", "--steps", "2", env=env)
+    assert taken.returncode == 2 and "already trained" in taken.stderr
+
+    # next night's manifest uses it by name; an unknown name fails its row alone
+    gen = tmp_path / "gen.jsonl"
+    reference = str(tmp_path / "pics" / "item-2.png")
+    common = {"reference": reference, "steps": 2, "width": 64, "height": 64}
+    gen.write_text(
+        json.dumps({"id": "ok", "adapter": "custom:shop", **common})
+        + "\n"
+        + json.dumps({"id": "nope", "adapter": "custom:nope", **common})
+        + "\n"
+    )
+    run = ipbatch("run", str(gen), "--no-score", "-q", env=env)
+    assert run.returncode == 1, run.stderr
+    assert (
+        "failed nope: invalid_row" in run.stdout
+        and "no trained adapter 'custom:nope'" in run.stdout
+    )
+    with _ledger(home) as db:
+        params = db.execute("SELECT params FROM items WHERE row_id = 'ok'").fetchone()[0]
+        assert json.loads(params)["adapter"] == "custom:shop"
+        assert db.execute(
+            "SELECT count(*) FROM outputs JOIN items ON items.id = outputs.item_id "
+            "WHERE row_id = 'ok'"
+        ).fetchone() == (1,)
+
+
+def test_training_reads_the_embeddings_generation_cached(tiny_models: Path, tmp_path: Path) -> None:
+    """The reference embedding is the embed stage's cache entry: generation embedded it, the
+    training run finds it (one entry), so both see the very same tensors."""
+    home = tmp_path / "home"
+    env = {"IPBATCH_HOME": str(home), "IPBATCH_MODELS": str(tiny_models)}
+    pictures = _pictures(tmp_path / "pics", 2)
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"id": "g", "reference": str(pictures[0]), "steps": 1}) + "\n")
+    assert ipbatch("run", str(gen), "--no-score", "-q", env=env).returncode == 0
+    sha = hashlib.sha256(pictures[0].read_bytes()).hexdigest()
+    query = "SELECT id, encoder FROM embeddings WHERE content_sha256 = ? AND kind = ?"
+    with _ledger(home) as db:
+        before = db.execute(query, (sha, "clip_image_embeds")).fetchall()
+    assert len(before) == 1
+    manifest = _manifest(tmp_path / "train.jsonl", pictures)
+    result = ipbatch(
+        "train", str(manifest), "--name", "t", *TRAIN_OPTIONS, "--steps", "2",
+        "--validation-rows", "0", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with _ledger(home) as db:
+        assert db.execute(query, (sha, "clip_image_embeds")).fetchall() == before
+        kinds = {k for (k,) in db.execute("SELECT DISTINCT kind FROM embeddings")}
+    assert {"clip_image_embeds", "latent-64", "text"} <= kinds
+
+
+def _train_command(manifest: Path, name: str) -> list[str]:
+    return [
+        sys.executable, "-m", "ipbatch.cli", "train", str(manifest), "--name", name,
+        *TRAIN_OPTIONS, "--steps", "60", "--checkpoint-every", "5", "--log-every", "5",
+        "--validation-rows", "0", "--no-score",
+    ]  # fmt: skip
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(tiny_models: Path, tmp_path: Path) -> None:
+    """SIGKILL after a checkpoint; the same command again resumes from it (the ledger says
+    which) and ends with the adapter an uninterrupted run makes: bitwise, on the CPU (every
+    random draw comes from the run's generator, which the checkpoint holds)."""
+    manifest = _manifest(tmp_path / "train.jsonl", _pictures(tmp_path / "pics", 4))
+    killed_home, straight_home = tmp_path / "killed", tmp_path / "straight"
+    env = {**os.environ, "IPBATCH_MODELS": str(tiny_models)}
+
+    process = subprocess.Popen(
+        _train_command(manifest, "a"),
+        env={**env, "IPBATCH_HOME": str(killed_home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if (killed_home / "ipbatch.db").exists():
+                with _ledger(killed_home) as db:
+                    try:
+                        found = db.execute("SELECT count(*) FROM training_checkpoints").fetchone()
+                    except sqlite3.OperationalError:  # tables not made yet
+                        found = (0,)
+                if found[0]:
+                    break
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before a checkpoint was seen"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    with _ledger(killed_home) as db:
+        [(killed_at,)] = db.execute("SELECT step FROM training_runs").fetchall()
+    assert killed_at < 60
+
+    resumed = subprocess.run(
+        _train_command(manifest, "a"),
+        env={**env, "IPBATCH_HOME": str(killed_home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from the checkpoint of step" in resumed.stdout
+    straight = subprocess.run(
+        _train_command(manifest, "a"),
+        env={**env, "IPBATCH_HOME": str(straight_home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert straight.returncode == 0, straight.stderr
+    a = load_file(killed_home / "adapters" / "a" / "adapter.safetensors")
+    b = load_file(straight_home / "adapters" / "a" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with _ledger(killed_home) as db:
+        events = [m for (m,) in db.execute("SELECT message FROM job_events ORDER BY id")]
+    assert any("released: the previous run was interrupted" in m for m in events)
+    assert any("resumed from its last checkpoint" in m for m in events)
