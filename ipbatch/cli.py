@@ -275,6 +275,84 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary.status == "succeeded" else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """The paper's CLIP-I / CLIP-T protocol for one or more adapters, side by side."""
+    from pipeline.evaluation import EvalSettings, table
+
+    if args.job:  # the table of an evaluation that ran (or runs) on the workers
+        from workers import evaluation
+        from workers.context import StageContext
+
+        settings = _settings(args)
+        local = settings.database_url is None
+        ctx = StageContext.create(settings, mode="local" if local else "distributed")
+        try:
+            scores = evaluation.scores(ctx, job_id=args.job, adapters=args.adapter or [])
+        finally:
+            ctx.close()
+        print(json.dumps([vars(x) for x in scores]) if args.json else table(scores))
+        return 0
+    if not args.manifest or not args.adapter:
+        raise ConfigError("give a MANIFEST and at least one --adapter (or --job JOB)")
+    eval_settings = EvalSettings(
+        samples=args.samples, steps=args.steps, scale=args.scale, size=args.size
+    )
+    manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
+    if args.submit:
+        from workers import evaluation
+        from workers.stages import jobs
+        from workers.tasks import context, send_ingest
+
+        ctx = context()
+        output = args.output or evaluation.default_output(ctx, manifest, args.adapter)
+        prepared = evaluation.prepare(
+            ctx,
+            manifest_uri=manifest,
+            adapters=args.adapter,
+            settings=eval_settings,
+            output_uri=output,
+        )
+        job_id, _ = jobs.submit(
+            ctx,
+            manifest_uri=prepared.manifest_uri,
+            output_uri=output,
+            name=f"eval {' vs '.join(args.adapter)}",
+            send_ingest=send_ingest,
+        )
+        print(job_id)
+        print(f"when it has finished: ipbatch eval --job {job_id}", file=sys.stderr)
+        return 0
+    from workers.runner import eval_local
+
+    summary, scores, prepared = eval_local(
+        _settings(args),
+        manifest=manifest,
+        adapters=args.adapter,
+        eval_settings=eval_settings,
+        output=args.output,
+        progress=not args.quiet,
+    )
+    info = sys.stderr if args.json else sys.stdout  # stdout: the JSON alone
+    print(
+        f"evaluation job {summary.job_id}: {summary.status}, {prepared.pairs} pairs x "
+        f"{len(args.adapter)} adapters x {eval_settings.samples} samples",
+        file=info,
+    )
+    for bad in prepared.skipped[:20]:
+        print(f"  skipped line {bad['line']} ({bad['id'] or 'no id'}): {bad['error']}", file=info)
+    for row_id, code, message in summary.failures:
+        print(f"  failed {row_id or '(no id)'}: {code}: {message}", file=info)
+    if args.json:
+        print(json.dumps({"job_id": summary.job_id, "scores": [vars(x) for x in scores]}))
+    else:
+        print(table(scores))
+    if args.report:
+        print(
+            _write_report(_settings(args), summary.job_id, Path(args.report), limit=500), file=info
+        )
+    return 0 if summary.status == "succeeded" else 1
+
+
 def cmd_producer(args: argparse.Namespace) -> int:
     from workers.producer import watch
     from workers.tasks import context, send_ingest
@@ -383,30 +461,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the job's HTML report (self-contained: thumbnails embedded)."""
+    try:
+        print(_write_report(Settings(), args.job, Path(args.output), limit=args.limit))
+    except LookupError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _write_report(settings: Settings, job_id: str | None, path: Path, *, limit: int) -> str:
+    """The job's report page at `path` (job None: the most recently started job); returns
+    what to say about it."""
     from ipbatch.report import render
     from storage.ledger.db import make_engine
     from storage.objectstore import ObjectStores
 
-    settings = Settings()
     engine = make_engine(settings.ledger_url())
     stores = ObjectStores(s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region)
     try:
-        if args.job is None:  # the most recently started job
+        if job_id is None:
             from ipbatch import status
 
             latest = status.collect(engine, limit=1)
             if not latest:
                 raise LookupError("no jobs yet")
-            args.job = latest[0]["job_id"]
-        page = render(engine, stores, job_id=args.job, limit=args.limit)
-    except LookupError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+            job_id = latest[0]["job_id"]
+        page = render(engine, stores, job_id=job_id, limit=limit)
     finally:
         engine.dispose()
-    Path(args.output).write_text(page, encoding="utf-8")
-    print(f"{args.output}: {len(page) / 1024:.0f} KiB")
-    return 0
+    path.write_text(page, encoding="utf-8")
+    return f"{path}: {len(page) / 1024:.0f} KiB"
 
 
 def cmd_db_recount(args: argparse.Namespace) -> int:
@@ -507,6 +591,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-score", action="store_true", help="no validation scores")
     p.add_argument("--submit", action="store_true", help="queue it for `train` workers")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval", help="the paper's CLIP-I / CLIP-T protocol for adapters, side by side"
+    )
+    p.add_argument("manifest", nargs="?", help="(image, caption) rows: id, image, prompt")
+    p.add_argument(
+        "--adapter", action="append", help="a preset or custom:NAME; give it again to compare"
+    )
+    p.add_argument("--samples", type=int, default=4, help="images per pair (the paper: 4)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--scale", type=float, default=1.0, help="adapter scale (image prompt only)")
+    p.add_argument("--size", type=int, help="width = height (default: native)")
+    p.add_argument("--output", help="where the samples go (default $IPBATCH_HOME/evals/...)")
+    p.add_argument("--report", help="also write the samples' HTML report here")
+    p.add_argument("--submit", action="store_true", help="queue it for the workers")
+    p.add_argument("--job", help="print the table of an evaluation job")
+    p.add_argument("--json", action="store_true", help="the scores as JSON (for scripts)")
+    p.add_argument("--models", help="models folder (one-machine mode)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("producer", help="submit every new manifest under a prefix, once")
     p.add_argument("--watch", required=True, help="s3://bucket/prefix/ to watch")

@@ -245,6 +245,9 @@ class Row(BaseModel):
     id: RowId
     prompt: str = ""
     negative_prompt: str = ""
+    # the text CLIP-T scores the images against (default: the prompt); `ipbatch eval` sets
+    # it to the caption while generating from the image prompt alone, as the paper does
+    caption: str | None = None
     reference: str | list[str] | None = None
     adapter: AdapterName = "sd15"
     scale: Scale = 0.5
@@ -332,6 +335,11 @@ class Row(BaseModel):
                 region=self.region,
             )
         ]
+
+    @property
+    def scored_text(self) -> str:
+        """What CLIP-T scores the outputs against: the caption if given, else the prompt."""
+        return self.prompt if self.caption is None else self.caption
 
     @property
     def effective_strength(self) -> float | None:

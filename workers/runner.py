@@ -248,3 +248,37 @@ def train_local(
         )
         summary.job_id = job_id
         return summary
+
+
+def eval_local(
+    settings: Settings,
+    *,
+    manifest: str,
+    adapters: list[str],
+    eval_settings: Any,
+    output: str | None,
+    progress: bool = True,
+) -> tuple[RunSummary, Any, Any]:
+    """`ipbatch eval` on one machine: the paper's protocol as a generation job, run here.
+    Returns (the job's summary, its scores per adapter, what was prepared)."""
+    from workers import evaluation
+
+    started = time.monotonic()
+    with local_context(settings) as ctx:
+        manifest_uri = manifest if "://" in manifest else str(Path(manifest).expanduser().resolve())
+        output_uri = output or evaluation.default_output(ctx, manifest_uri, adapters)
+        prepared = evaluation.prepare(
+            ctx,
+            manifest_uri=manifest_uri,
+            adapters=adapters,
+            settings=eval_settings,
+            output_uri=output_uri,
+        )
+        summary = run_job(
+            ctx,
+            manifest=prepared.manifest_uri,
+            output=output_uri,
+            progress=progress,
+            started=started,
+        )
+        return summary, evaluation.scores(ctx, job_id=summary.job_id, adapters=adapters), prepared

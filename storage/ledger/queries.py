@@ -245,3 +245,16 @@ def training_summary(session: Session, *, job_id: str) -> dict[str, Any] | None:
             for v in training.validations(session, job_id=job_id)
         ],
     }
+
+
+def output_scores(
+    session: Session, *, job_id: str
+) -> list[tuple[dict[str, Any], float | None, float | None]]:
+    """(the row's params, CLIP-I, CLIP-T) of every output image of a job, in manifest order."""
+    query = (
+        select(Item.params, Output.clip_i, Output.clip_t)
+        .join(Output, Output.item_id == Item.id)
+        .where(Item.job_id == job_id)
+        .order_by(Item.row_index, Output.image_index)
+    )
+    return [(params or {}, ci, ct) for params, ci, ct in session.execute(query)]

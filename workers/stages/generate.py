@@ -263,7 +263,7 @@ def _score(
             kept = scoring.keep_best(
                 result.images,
                 result.seeds,
-                scoring.Judge(scorer, references, p.row.prompt),
+                scoring.Judge(scorer, references, p.row.scored_text),
                 threshold=ctx.settings.score_threshold,
                 tries=ctx.settings.score_tries,
                 again=functools.partial(_again, ctx.generators.get(p.adapters), p.request),
