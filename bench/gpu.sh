@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 4 in one run, about 8 minutes on one H100 / H200:
+# The GPU figures of issue 4 in one run, about 8 minutes on one H100 / H200 (+ the training
+# benchmark of issue 12, about 3 more):
 # full-size random-weight SD1.5 (bench/fullsize.py: the real architecture, so the real cost),
 # 512x512, 30 steps, fp16 (ipbatch's CUDA default), 32 rows with 30% repeated references:
 #   - the plain diffusers loop (one row per call, reference re-encoded every row),
@@ -19,3 +20,9 @@ else
 fi
 "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 time "$PY" bench/generate.py "${args[@]}"
+# training (issue 12): steps/s of `ipbatch train`'s loop, fp32 / fp16 / bf16, +- checkpointing
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    time "$PY" bench/train.py --models tiny --steps 3
+else
+    time "$PY" bench/train.py --models fullsize --batch-size 8 --steps 10
+fi

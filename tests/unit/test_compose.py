@@ -39,6 +39,7 @@ def test_every_service_of_a_deployment_is_there(compose: dict) -> None:
         "producer",
         "embed-worker",
         "generate-worker",
+        "train-worker",
         "reaper",
         "flower",
     }
