@@ -533,6 +533,11 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest_schema(args: argparse.Namespace) -> int:
+    if args.training:  # the rows `ipbatch train` and `ipbatch eval` read
+        from pipeline.training import training_json_schema
+
+        print(json.dumps(training_json_schema(), indent=2))
+        return 0
     from pipeline.manifest import manifest_json_schema
 
     print(json.dumps(manifest_json_schema(), indent=2))
@@ -686,9 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
     manifest = sub.add_parser("manifest", help="manifest tools").add_subparsers(
         dest="manifest_cmd", required=True
     )
-    manifest.add_parser("schema", help="print the manifest row JSON Schema").set_defaults(
-        func=cmd_manifest_schema
+    p = manifest.add_parser("schema", help="print the manifest row JSON Schema")
+    p.add_argument(
+        "--training", action="store_true", help="the training (and eval) manifest's instead"
     )
+    p.set_defaults(func=cmd_manifest_schema)
     return parser
 
 

@@ -3,9 +3,10 @@
 
 A trained adapter is looked for in the models folder (`custom/NAME/`, for adapters shipped
 with the models) and then under IPBATCH_ADAPTERS_URI (`NAME/`, where `ipbatch train` writes);
-from S3 it is fetched once into `$IPBATCH_HOME/adapters-cache/NAME/`. Names are never reused
-(`ipbatch train` refuses a taken name), so what a name meant once it always means: a found
-adapter is kept for the life of the process. Its weights must have the sha256 its card says.
+from S3 it is fetched once into `$IPBATCH_HOME/adapters-cache/<weights sha256>/`. Names are
+never reused (`ipbatch train` refuses a taken name), so what a name meant once it always
+means: a found adapter is kept for the life of the process. Its weights must have the sha256
+its card says.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ class AdapterCatalog:
             return None
         if not is_s3(uri):
             return local_path(uri)
-        local = self.settings.resolved_home() / "adapters-cache" / short
+        # a local copy per weights file (content-addressed by the card's sha256): a copy made
+        # from other weights is never taken for these
+        card = AdapterCard.model_validate_json(store.get(join_uri(uri, CARD_FILE)))
+        local = self.settings.resolved_home() / "adapters-cache" / card.weights_sha256
         if not (local / CARD_FILE).is_file():
             local.mkdir(parents=True, exist_ok=True)
             for file in (WEIGHTS_FILE, CARD_FILE):  # the card last: it marks a whole copy

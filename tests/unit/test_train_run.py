@@ -238,3 +238,33 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_models: Path, tmp_path: P
         events = [m for (m,) in db.execute("SELECT message FROM job_events ORDER BY id")]
     assert any("released: the previous run was interrupted" in m for m in events)
     assert any("resumed from its last checkpoint" in m for m in events)
+
+
+def test_fine_tuning_starts_from_a_published_adapter(tiny_models: Path, tmp_path: Path) -> None:
+    """--init sd15: the run starts from h94's file (after 0 effective steps, lr tiny, the
+    export equals it to fp16 rounding); an --init of another architecture is refused before
+    anything runs; the training schema is printed."""
+    home = tmp_path / "home"
+    env = {"IPBATCH_HOME": str(home), "IPBATCH_MODELS": str(tiny_models)}
+    manifest = _manifest(tmp_path / "train.jsonl", _pictures(tmp_path / "pics", 2))
+    result = ipbatch(
+        "train", str(manifest), "--name", "ft", "--init", "sd15", "--batch-size", "1",
+        "--resolution", "64", "--steps", "1", "--learning-rate", "1e-12", "--weight-decay", "0",
+        "--validation-rows", "0", "--save-dtype", "fp32", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    published = load_file(tiny_models / "IP-Adapter/models/ip-adapter_sd15.safetensors")
+    tuned = load_file(home / "adapters" / "ft" / "adapter.safetensors")
+    assert tuned.keys() == published.keys()
+    for key, value in published.items():
+        torch.testing.assert_close(tuned[key], value.float(), atol=1e-6, rtol=0)
+    assert json.loads((home / "adapters/ft/card.json").read_text())["init"] == "sd15"
+
+    wrong = ipbatch("train", str(manifest), "--name", "w", "--init", "sd15-plus", env=env)
+    assert wrong.returncode == 2 and "needs a linear one" in wrong.stderr
+    missing = ipbatch(
+        "train", str(manifest), "--name", "m", "--init", "/no/such.safetensors", env=env
+    )
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    schema = json.loads(ipbatch("manifest", "schema", "--training", env=env).stdout)
+    assert set(schema["properties"]) == {"id", "image", "prompt", "reference"}

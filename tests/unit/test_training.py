@@ -330,3 +330,44 @@ def test_fp16_export_is_what_h94_ships(tiny_models: Path, encoders: TrainingEnco
     assert {v.dtype for v in exported.values()} == {torch.float16}
     data = save(exported)
     assert load_safetensors(io.BytesIO(data).getvalue()).keys() == exported.keys()
+
+
+def test_mixed_precision_keeps_the_adapter_in_fp32(
+    tiny_models: Path, encoders: TrainingEncoders, examples
+) -> None:
+    """bf16 autocast over a bf16 UNet (what `--mixed-precision bf16` loads): the adapter's
+    parameters, their gradients and AdamW's moments stay fp32."""
+    unet = UNet2DConditionModel.from_pretrained(
+        _base(tiny_models), subfolder="unet", dtype=torch.bfloat16
+    )
+    encoder = CLIPVisionConfig.from_pretrained(tiny_models / "IP-Adapter/models/image_encoder")
+    trainer = AdapterTrainer(
+        unet,
+        DDPMScheduler.from_pretrained(_base(tiny_models), subfolder="scheduler"),
+        shape=ProjectionShape.fresh(Projection.LINEAR, unet, encoder),
+        settings=TrainSettings(batch_size=4, mixed_precision="bf16"),
+        uncond_text=encoders.text(""),
+    )
+    before = {k: p.detach().clone() for k, p in trainer.parameters.items()}
+    result = trainer.train_step(examples)
+    assert np.isfinite(result.loss)
+    assert unet.conv_in.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in trainer.parameters.values()} == {torch.float32}
+    assert {p.grad.dtype for p in trainer.parameters.values() if p.grad is not None} == {
+        torch.float32
+    }
+    assert any(not torch.equal(before[k], p) for k, p in trainer.parameters.items())
+
+
+def test_gradient_checkpointing_changes_no_result(
+    tiny_models: Path, encoders: TrainingEncoders, examples
+) -> None:
+    plain = _trainer(tiny_models, encoders, seed=2)
+    checkpointed = _trainer(tiny_models, encoders, seed=2, gradient_checkpointing=True)
+    assert checkpointed.unet.is_gradient_checkpointing
+    for _ in range(2):
+        assert plain.train_step(examples).loss == pytest.approx(
+            checkpointed.train_step(examples).loss, abs=1e-6
+        )
+    for name, param in plain.parameters.items():
+        torch.testing.assert_close(param, checkpointed.parameters[name], atol=1e-6, rtol=0)
