@@ -75,6 +75,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if cancelled is None:
         print(f"job {args.job} had already ended ({status}): nothing cancelled", file=sys.stderr)
         return 1
+    if _is_training(settings, args.job):
+        print(f"training job {args.job}: cancelled; it stops at its next heartbeat (every ", end="")
+        print("--log-every steps), keeping its checkpoints; no adapter is written")
+        return 0
     print(f"job {args.job}: cancelled; {cancelled} items cancelled now", end="")
     print("; items being generated stop after their batch")
     return 0

@@ -268,3 +268,40 @@ def test_fine_tuning_starts_from_a_published_adapter(tiny_models: Path, tmp_path
     assert missing.returncode == 2 and "no such file" in missing.stderr
     schema = json.loads(ipbatch("manifest", "schema", "--training", env=env).stdout)
     assert set(schema["properties"]) == {"id", "image", "prompt", "reference"}
+
+
+def test_a_cancelled_run_stops_at_its_next_heartbeat(tiny_models: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "IPBATCH_HOME": str(home), "IPBATCH_MODELS": str(tiny_models)}
+    manifest = _manifest(tmp_path / "train.jsonl", _pictures(tmp_path / "pics", 2))
+    command = [
+        sys.executable, "-m", "ipbatch.cli", "train", str(manifest), "--name", "c",
+        *TRAIN_OPTIONS, "--steps", "100000", "--log-every", "2", "--no-score",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        job_id = None
+        deadline = time.monotonic() + 300
+        while job_id is None and time.monotonic() < deadline and process.poll() is None:
+            if (home / "ipbatch.db").exists():
+                with _ledger(home) as db:
+                    try:
+                        found = db.execute("SELECT job_id FROM training_log LIMIT 1").fetchone()
+                    except sqlite3.OperationalError:
+                        found = None
+                job_id = found[0] if found else None
+            time.sleep(0.1)
+        assert job_id is not None, "no step was logged"
+        cancel = ipbatch("cancel", job_id, env={"IPBATCH_HOME": str(home)})
+        assert cancel.returncode == 0 and "stops at its next heartbeat" in cancel.stdout
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1 and "cancelled at step" in out
+    with _ledger(home) as db:
+        assert db.execute("SELECT status FROM jobs").fetchone() == ("cancelled",)
+        [(step,)] = db.execute("SELECT step FROM training_runs").fetchall()
+    assert 0 < step < 100000
+    assert f"cancelled at step {step}" in out  # it stopped at the heartbeat that saw it
+    assert not (home / "adapters" / "c" / "card.json").exists()

@@ -172,6 +172,7 @@ def _train(ctx: StageContext, run: _Run, summary: TrainSummary) -> None:
     pending: list[tuple[int, float, float]] = []
     while trainer.step < settings.steps:
         result = trainer.train_step(examples)
+        summary.step = result.step
         pending.append((result.step, result.loss, result.learning_rate))
         last = result.step == settings.steps
         if result.step % settings.log_every == 0 or last:  # one point: the window's mean
