@@ -13,9 +13,10 @@ def test_json_only_late_acks_prefetch_one() -> None:
     assert conf.result_serializer == "json" and conf.event_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
-    assert {q.name for q in conf.task_queues} == {"ingest", "embed", "generate"}
+    assert {q.name for q in conf.task_queues} == {"ingest", "embed", "generate", "train"}
     assert conf.task_routes["ipbatch.embed"] == {"queue": "embed"}
     assert conf.task_routes["ipbatch.generate"] == {"queue": "generate"}
+    assert conf.task_routes["ipbatch.train"] == {"queue": "train"}
 
 
 def test_redis_broker_gets_fast_redelivery_options() -> None:
