@@ -6,7 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 HOME_DIR := .ipbatch
 
-.PHONY: install services demo test lint typecheck unit bench clean
+PY312 := .venv-py312
+PY312_STAMP := $(PY312)/.installed-stamp
+
+REHEARSAL := .venv-gpu-rehearsal
+
+.PHONY: install services demo test lint typecheck unit bench clean test-py312 gpu-rehearsal
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +22,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Python 3.12 beside 3.11: the registry has only torch 2.13.0's CUDA build for it (a 527 MB
+# wheel + 2.1 GB of NVIDIA runtime packages, which the CPU never uses but `import torch` needs)
+$(PY312_STAMP): pyproject.toml
+	rm -rf $(PY312)
+	$$(scripts/find-python.sh 3.12) -m venv $(PY312)
+	$(PY312)/bin/pip install --quiet --upgrade pip
+	$(PY312)/bin/pip install --quiet torch==2.13.0
+	$(PY312)/bin/pip install --quiet -e '.[dev]'
+	touch $(PY312_STAMP)
 
 services:
 	bash scripts/services.sh
@@ -39,9 +54,30 @@ typecheck: install
 
 test: install services lint typecheck
 	$(BIN)/pytest
+	$(MAKE) test-py312 gpu-rehearsal
+
+# Python 3.12: the unit tests (the one-machine end-to-end runs among them) in their own venv,
+# but for the `numerics` modules (float-for-float equality with diffusers: the same torch gives
+# the same numbers under any interpreter; they run on 3.11 above)
+test-py312: $(PY312_STAMP) services
+	$(PY312)/bin/pytest tests/unit -m "not numerics" -p no:cacheprovider
+
+# The GPU command rehearsed on the CPU before a GPU is ever used: a clean Python 3.12 venv with
+# only the GPU image's packages that ipbatch uses (at the image's versions) plus torch, the
+# wheels bench/gpu-wheels.sh fetches for the rest, and `DRY_RUN=1 bench/gpu.sh` on tiny models
+gpu-rehearsal: install
+	rm -rf $(REHEARSAL) .gpu-rehearsal
+	$$(scripts/find-python.sh 3.12) -m venv $(REHEARSAL)
+	$(REHEARSAL)/bin/pip install --quiet --upgrade pip
+	PY=$(BIN)/python bench/gpu-wheels.sh --image-requirements $(REHEARSAL)/image-packages.txt
+	$(REHEARSAL)/bin/pip install --quiet torch==2.13.0 -r $(REHEARSAL)/image-packages.txt
+	DRY_RUN=1 BUDGET=420 PY=$(REHEARSAL)/bin/python bench/gpu.sh .gpu-rehearsal
+	$(BIN)/python -c "import json, sys; f = json.load(open('.gpu-rehearsal/figures.json')); \
+		sys.exit('rehearsal incomplete: ' + repr(f['stopped']) if f['stopped'] else 0)"
 
 bench: install
 	$(BIN)/python bench/generate.py
 
 clean:
-	rm -rf $(VENV) $(HOME_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PY312) $(REHEARSAL) .gpu-rehearsal .whl $(HOME_DIR) .pytest_cache \
+		.mypy_cache .ruff_cache

@@ -59,6 +59,35 @@ class Figure:
         return self.images / self.seconds
 
 
+class Figures(list[Figure]):
+    """The figures of this run; with a path, each is also appended there as a JSON line as
+    soon as it is measured (a run stopped by a time limit keeps what it measured)."""
+
+    def __init__(self, path: Path | None) -> None:
+        super().__init__()
+        self.path = path
+
+    def _write(self, record: dict[str, object]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def header(self, **settings: object) -> None:
+        self._write({"settings": settings})
+
+    def append(self, figure: Figure) -> None:
+        super().append(figure)
+        self._write(
+            {
+                "label": figure.label,
+                "images": figure.images,
+                "seconds": figure.seconds,
+                "images_per_second": figure.rate,
+                "gpu_busy": figure.busy,
+            }
+        )
+
+
 class GpuBusy:
     """Share of nvidia-smi samples with the GPU busy (utilization.gpu, every 200 ms)."""
 
@@ -330,6 +359,9 @@ def main() -> None:
     parser.add_argument(
         "--mixed", action="store_true", help="ControlNet and inpainting rows, four scales"
     )
+    parser.add_argument(
+        "--json", type=Path, help="also append each figure here as a JSON line once measured"
+    )
     args = parser.parse_args()
 
     from pipeline.generator import default_batch_images
@@ -340,7 +372,7 @@ def main() -> None:
     torch.manual_seed(0)
     device = resolve_device("auto")
     sizes = [int(b) or default_batch_images(device) for b in args.batch_images.split(",")]
-    figures: list[Figure] = []
+    figures = Figures(args.json)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = args.models
@@ -352,13 +384,18 @@ def main() -> None:
             from bench.fullsize import write_fullsize_sd15
 
             models = str(write_fullsize_sd15(root / "models"))
+        figures.header(
+            rows=args.rows, steps=args.steps, size=args.size, adapter=args.adapter,
+            models=args.models, mixed=args.mixed, device=str(device),
+        )  # fmt: skip
         manifest = make_manifest(root, "bench", args.rows, args, seed=0)
         if not args.no_plain or args.bare:
             pipe = load_plain_pipeline(models, args.adapter)
             if not args.no_plain:
                 figures.append(plain_loop(pipe, manifest, root / "plain", models))
             if args.bare:
-                figures += [bare_batched(pipe, manifest, b) for b in sizes]
+                for b in sizes:
+                    figures.append(bare_batched(pipe, manifest, b))
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -14,6 +14,7 @@ fraction of the device's measured matmul peak (bf16 on CUDA, fp32 on the CPU).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--json", type=Path, help="also append each configuration here as a JSON line"
+    )
     args = parser.parse_args()
     args.resolution = args.resolution or (64 if args.models == "tiny" else 512)
     from workers.context import quiet_model_libraries
@@ -168,6 +172,21 @@ def main() -> None:
             speed, flops, memory = measure(models, device, args, **options)
             base = base or speed
             achieved = flops * speed
+            if args.json is not None:
+                record = {
+                    "configuration": name,
+                    "batch_size": args.batch_size,
+                    "resolution": args.resolution,
+                    "steps_per_second": speed,
+                    "images_per_second": speed * args.batch_size,
+                    "tflop_per_step": flops / 1e12,
+                    "achieved_tflops": achieved / 1e12,
+                    "fraction_of_peak": achieved / peak,
+                    "peak_tflops": peak / 1e12,
+                    "peak_memory_gib": memory,
+                }
+                with args.json.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             print(
                 f"{name:26} {speed:8.2f} {speed * args.batch_size:9.1f} {speed / base:7.2f} "
                 f"{flops / 1e12:11.4f} {achieved / 1e12:8.3f} {achieved / peak:8.1%} "

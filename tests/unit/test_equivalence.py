@@ -23,6 +23,10 @@ from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS, BASE_MODELS
 from storage.embcache import CacheKey, deserialize, serialize
 
+# equality with diffusers' own pipelines, number for number: torch's business, not the
+# interpreter's; Python 3.12 runs the rest (`make test-py312`)
+pytestmark = pytest.mark.numerics
+
 CPU = torch.device("cpu")
 CLIP_ADAPTERS = [n for n, p in ADAPTERS.items() if not p.uses_faces]
 
