@@ -28,6 +28,10 @@ from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS, FACE_PACK
 from pipeline.requests import build_request
 
+# equality with diffusers' own pipelines, number for number: torch's business, not the
+# interpreter's; Python 3.12 runs the rest (`make test-py312`)
+pytestmark = pytest.mark.numerics
+
 CPU = torch.device("cpu")
 SEED = 11
 
@@ -279,10 +283,6 @@ from core.errors import ConfigError
 from pipeline.generator import GenerationRequest, Generator
 from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS
-
-# equality with diffusers' own pipelines, number for number: torch's business, not the
-# interpreter's; Python 3.12 runs the rest (`make test-py312`)
-pytestmark = pytest.mark.numerics
 
 models = ModelSource.parse(sys.argv[1])
 pipe = diffusers.StableDiffusionPipeline.from_pretrained(
