@@ -109,8 +109,11 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _subprocess(run: Run, name: str, command: list[str], records: Path) -> list[dict[str, Any]]:
-    """A benchmark in a child process, stopped when the budget runs out; its JSON lines."""
+def _subprocess(
+    run: Run, name: str, command: list[str], records: Path
+) -> tuple[list[dict[str, Any]], float]:
+    """A benchmark in a child process, stopped when the budget runs out: its JSON lines and
+    the seconds it ran."""
     budget = run.left()
     started = time.monotonic()
     log = (run.out / f"{name}.log").open("w")
@@ -122,9 +125,7 @@ def _subprocess(run: Run, name: str, command: list[str], records: Path) -> list[
         run.stopped(name, f"exit status {exc.returncode}: see {name}.log")
     finally:
         log.close()
-    found = _jsonl(records)
-    run.phase(name, time.monotonic() - started, records=found)
-    return found
+    return _jsonl(records), time.monotonic() - started
 
 
 def table(figures: dict[str, Any]) -> str:
@@ -230,7 +231,7 @@ def main() -> None:
             train = ["--batch-size", "8", "--steps", "10", "--resolution", str(size)]
         records = args.out / "generate.jsonl"
         records.unlink(missing_ok=True)
-        figures = _subprocess(
+        figures, seconds = _subprocess(
             run,
             "generate",
             [
@@ -251,12 +252,12 @@ def main() -> None:
                 achieved = record["images_per_second"] * steps * flops
                 record["unet_tflops"] = achieved / 1e12
                 record["fraction_of_peak"] = achieved / peak
-        run.phase("generate", run.figures["phases"]["generate"]["seconds"], records=figures)
+        run.phase("generate", seconds, records=figures)
 
         records = args.out / "train.jsonl"
         records.unlink(missing_ok=True)
         if run.left() > 30:
-            _subprocess(
+            found, seconds = _subprocess(
                 run,
                 "train",
                 [
@@ -270,6 +271,7 @@ def main() -> None:
                 ],  # fmt: skip
                 records,
             )
+            run.phase("train", seconds, records=found)
         else:
             run.stopped("train", "no time left in the budget")
     run.save()

@@ -220,36 +220,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-_TRAIN_OPTIONS = {  # --option -> TrainSettings field
-    "kind": "kind",
-    "init": "init",
-    "steps": "steps",
-    "batch_size": "batch_size",
-    "learning_rate": "learning_rate",
-    "weight_decay": "weight_decay",
-    "drop_image": "drop_image",
-    "drop_text": "drop_text",
-    "drop_both": "drop_both",
-    "mixed_precision": "mixed_precision",
-    "gradient_checkpointing": "gradient_checkpointing",
-    "seed": "seed",
-    "resolution": "resolution",
-    "checkpoint_every": "checkpoint_every",
-    "keep_checkpoints": "keep_checkpoints",
-    "validate_every": "validate_every",
-    "validation_rows": "validation_rows",
-    "validation_steps": "validation_steps",
-    "log_every": "log_every",
-    "save_dtype": "save_dtype",
-}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune an adapter: here and now (one machine), or queued for the `train` workers
     with --submit. Ctrl-C or a crash: the same command resumes from the last checkpoint."""
     from pipeline.training import TrainSettings
 
-    given = {f: getattr(args, o) for o, f in _TRAIN_OPTIONS.items() if getattr(args, o) is not None}
+    # every TrainSettings field is an option of the same name; those not given keep its default
+    fields = TrainSettings.model_fields
+    given = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     train_settings = TrainSettings(**given)
     manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
     if args.submit:

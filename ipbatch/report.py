@@ -191,7 +191,7 @@ def _training_page(engine: Engine, stores: ObjectStores, job: dict[str, Any]) ->
     """A training job: the loss curve, the validation scores over the steps, the newest
     validation renders, the skipped rows and the settings."""
     with Session(engine) as session:
-        run = queries.training_summary(session, job_id=job["job_id"])
+        run = queries.training_summary(session, job_id=job["job_id"], curve=True)
     assert run is not None
     e = html.escape
     validations = run["validations"]

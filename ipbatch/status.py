@@ -59,8 +59,7 @@ def _training(session: Session, job_id: str, elapsed: float, status: str) -> Any
     run = queries.training_summary(session, job_id=job_id)
     if run is None:
         return None
-    curve = run.pop("curve")
-    speed = run["step"] / elapsed if elapsed > 0 and curve else 0.0
+    speed = run["step"] / elapsed if elapsed > 0 else 0.0
     left = run["total_steps"] - run["step"]
     run["steps_per_second"] = round(speed, 3)
     run["eta_seconds"] = round(left / speed) if speed > 0 and status in ACTIVE else None

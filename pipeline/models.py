@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.errors import Action, ConfigError, ItemError, ModelLoadError, classify, short
 from pipeline.presets import (
@@ -172,10 +172,21 @@ def folder_fingerprint(folder: str | Path, patterns: tuple[str, ...]) -> str:
         raise ConfigError(f"no model files in {root}")
     for path in files:
         digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        _feed(digest, path)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    _feed(digest, path)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, path: Path) -> None:
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
 
 
 @contextmanager

@@ -11,14 +11,13 @@ its card says.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from core.config import Settings
 from core.errors import ModelLoadError
 from core.uris import is_s3, join_uri, local_path
 from pipeline.custom import CARD_FILE, WEIGHTS_FILE, AdapterCard, custom_preset
-from pipeline.models import ModelSource
+from pipeline.models import ModelSource, file_sha256
 from pipeline.presets import ADAPTERS, CUSTOM_PREFIX, AdapterPreset, adapter_error, is_custom
 from storage.objectstore import ObjectStores
 
@@ -80,15 +79,12 @@ class AdapterCatalog:
 
 
 def _check_weights(path: Path, card: AdapterCard) -> None:
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        found = file_sha256(path)
     except FileNotFoundError as exc:
         raise ModelLoadError(f"trained adapter {card.name!r} has no {path}") from exc
-    if digest.hexdigest() != card.weights_sha256:
+    if found != card.weights_sha256:
         raise ModelLoadError(
-            f"{path} is not the file its card describes (sha256 {digest.hexdigest()[:12]}, "
+            f"{path} is not the file its card describes (sha256 {found[:12]}, "
             f"card {card.weights_sha256[:12]}): the adapter folder was changed"
         )

@@ -219,13 +219,7 @@ def _release_in_flight(ctx: StageContext, job_id: str) -> None:
 def retry_training_local(settings: Settings, *, job_id: str) -> train_stage.TrainSummary:
     """`ipbatch retry` of a training job on one machine: resumed here from its checkpoint."""
     with local_context(settings) as ctx:
-        _release_in_flight(ctx, job_id)
-        with ctx.sessions.begin() as session:
-            training.retry(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
-        summary: train_stage.TrainSummary = _patiently(
-            ctx, functools.partial(train_stage.run, ctx, job_id=job_id)
-        )
-        return summary
+        return _train_here(ctx, job_id, again=True)
 
 
 def train_local(
@@ -239,15 +233,20 @@ def train_local(
         job_id, created = train_stage.register(
             ctx, manifest_uri=manifest_uri, name=name, settings=train_settings
         )
-        if not created:
-            _release_in_flight(ctx, job_id)
-            with ctx.sessions.begin() as session:  # failed before: the same command retries
-                training.retry(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
-        summary: train_stage.TrainSummary = _patiently(
-            ctx, functools.partial(train_stage.run, ctx, job_id=job_id)
-        )
-        summary.job_id = job_id
-        return summary
+        return _train_here(ctx, job_id, again=not created)
+
+
+def _train_here(ctx: StageContext, job_id: str, *, again: bool) -> train_stage.TrainSummary:
+    """Run the training job in this process; `again`: a job seen before, whose interrupted
+    claim is released (this runner holds the only lock) and which, if it failed, is retried."""
+    if again:
+        _release_in_flight(ctx, job_id)
+        with ctx.sessions.begin() as session:
+            training.retry(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+    summary: train_stage.TrainSummary = _patiently(
+        ctx, functools.partial(train_stage.run, ctx, job_id=job_id)
+    )
+    return summary
 
 
 def eval_local(

@@ -3,8 +3,10 @@
 
 Ingest claims its job like a stage claims items: a lease with a fencing token
 (`claim_ingest`), renewed with every chunk it writes (`hold_ingest`), ended when the manifest
-has been read (`finish_ingest`) or given back (`release_ingest`). A job "waits for ingest"
-while it is pending, or running with its manifest not fully read and nobody holding it.
+has been read (`finish_ingest`) or given back (`release_ingest`). The train stage claims a
+training job the same way (`claim` with its kind; the same hold and release). A job "waits
+for ingest" while it is pending, or running with its manifest not fully read and nobody
+holding it.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def _event(
     )
 
 
-def _move(
+def move(
     session: Session,
     *,
     job_id: str,
@@ -137,44 +139,73 @@ def _lease(token: str, seconds: float, now: datetime) -> dict[str, Any]:
     return {"lease_token": token, "lease_until": now + timedelta(seconds=seconds)}
 
 
-def claim_ingest(
-    session: Session, *, job_id: str, worker: str, lease_seconds: float, now: datetime
+# what a claim's job events say, by the kind of job it takes
+_CLAIMED = {
+    JobKind.GENERATE: ("ingest started", "ingest resumed where the last one stopped"),
+    JobKind.TRAIN: ("training started", "training resumed from its last checkpoint"),
+}
+
+
+def claim(
+    session: Session,
+    *,
+    job_id: str,
+    kind: JobKind,
+    worker: str,
+    lease_seconds: float,
+    now: datetime,
 ) -> str | None:
-    """Take the job for ingest: pending -> running, or resume a running job whose manifest is
-    not fully read and whose last ingest gave it back or let its lease run out. Returns the
-    token every later write of this ingest carries, or None (held, done, or ended)."""
+    """Take a job of `kind` (its ingest, or its training run): pending -> running, or resume a
+    running one whose work is not done (no row count recorded yet) and whose last holder gave
+    it back or let its lease run out. Returns the token every later write of this claim
+    carries, or None (held, done, ended, or another kind of job)."""
     token = uuid.uuid4().hex
     lease = _lease(token, lease_seconds, now)
-    started = _move(
+    started_message, resumed_message = _CLAIMED[kind]
+    started = move(
         session,
         job_id=job_id,
         from_statuses=[JobStatus.PENDING],
         to_status=JobStatus.RUNNING,
         now=now,
         worker=worker,
-        message="ingest started",
+        message=started_message,
         values={**lease, "started_at": now},
-        where=[Job.kind == JobKind.GENERATE],  # a training job has no manifest to ingest
+        where=[Job.kind == kind],  # a training job has no manifest to ingest, and vice versa
     )
     if started is not None:
         return token
     resumable = and_(
-        Job.kind == JobKind.GENERATE,
+        Job.kind == kind,
         Job.total_rows.is_(None),
         or_(Job.lease_token.is_(None), Job.lease_until < now),
     )
-    resumed = _move(
+    resumed = move(
         session,
         job_id=job_id,
         from_statuses=[JobStatus.RUNNING],
         to_status=JobStatus.RUNNING,
         now=now,
         worker=worker,
-        message="ingest resumed where the last one stopped",
+        message=resumed_message,
         values=lease,
         where=[resumable],
     )
     return token if resumed is not None else None
+
+
+def claim_ingest(
+    session: Session, *, job_id: str, worker: str, lease_seconds: float, now: datetime
+) -> str | None:
+    """Take the job for ingest (`claim` of a generation job)."""
+    return claim(
+        session,
+        job_id=job_id,
+        kind=JobKind.GENERATE,
+        worker=worker,
+        lease_seconds=lease_seconds,
+        now=now,
+    )
 
 
 def hold_ingest(
@@ -313,7 +344,7 @@ def requeue_ingest(
     else:
         due = and_(Job.lease_token.is_not(None), Job.lease_until < now)
     for status in JOB_ACTIVE:
-        moved = _move(
+        moved = move(
             session,
             job_id=job_id,
             from_statuses=[status],
@@ -337,7 +368,7 @@ def fail(
 ) -> bool:
     """The job cannot run (its manifest cannot be read): failed, with the reason."""
     return (
-        _move(
+        move(
             session,
             job_id=job_id,
             from_statuses=JOB_ACTIVE,
@@ -371,7 +402,7 @@ def finalize(
         if counts.get(ItemStatus.SUCCEEDED, 0) == sum(counts.values())
         else JobStatus.FAILED
     )
-    moved = _move(
+    moved = move(
         session,
         job_id=job_id,
         from_statuses=[JobStatus.RUNNING],
@@ -392,7 +423,7 @@ def cancel(
     being embedded: nothing of theirs is stored yet). Items being generated finish their batch:
     the generate stage cancels the rest when it sees the job cancelled. Returns how many items
     were cancelled now, or None if the job had already ended."""
-    before = _move(
+    before = move(
         session,
         job_id=job_id,
         from_statuses=JOB_ACTIVE,
@@ -450,7 +481,7 @@ def retry_failed(
             message="retry requested",
         )
     if moved:
-        _move(
+        move(
             session,
             job_id=job_id,
             from_statuses=[JobStatus.FAILED],

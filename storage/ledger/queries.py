@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from storage.ledger import training
 from storage.lifecycle import STAGES
 from storage.models import (
     Item,
@@ -218,11 +219,12 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
     return ReportData(str(manifest_uri), int(total_items), int(total_images), list(rows.values()))
 
 
-def training_summary(session: Session, *, job_id: str) -> dict[str, Any] | None:
+def training_summary(
+    session: Session, *, job_id: str, curve: bool = False
+) -> dict[str, Any] | None:
     """Where a training job stands (None for another kind of job): its run's step, loss and
-    learning rate, rows, newest checkpoint, validations, adapter and loss curve."""
-    from storage.ledger import training
-
+    learning rate, rows, newest checkpoint, validations, adapter, and with `curve` the loss
+    curve (every logged point: the report draws it, status does not read it)."""
     run = training.get(session, job_id=job_id)
     if run is None:
         return None
@@ -239,7 +241,9 @@ def training_summary(session: Session, *, job_id: str) -> dict[str, Any] | None:
         "checkpoint_step": checkpoints[0].step if checkpoints else None,
         "adapter_uri": run.adapter_uri,
         "settings": run.settings,
-        "curve": [(r.step, r.loss, r.learning_rate) for r in training.log(session, job_id=job_id)],
+        "curve": [(r.step, r.loss, r.learning_rate) for r in training.log(session, job_id=job_id)]
+        if curve
+        else None,
         "validations": [
             {"step": v.step, "clip_i": v.clip_i, "clip_t": v.clip_t, "samples": v.samples}
             for v in training.validations(session, job_id=job_id)

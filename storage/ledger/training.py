@@ -10,15 +10,13 @@ nothing.
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from storage.ledger import jobs
-from storage.ledger.jobs import _lease, _move  # the package's one way to move a job
 from storage.models import (
     Job,
     JobKind,
@@ -90,33 +88,14 @@ def claim(
 ) -> str | None:
     """Take the run: pending -> running, or a running one nobody holds (given back, or its
     lease ran out: its worker died). Returns the token of this claim, or None."""
-    token = uuid.uuid4().hex
-    lease = _lease(token, lease_seconds, now)
-    started = _move(
+    return jobs.claim(
         session,
         job_id=job_id,
-        from_statuses=[JobStatus.PENDING],
-        to_status=JobStatus.RUNNING,
-        now=now,
+        kind=JobKind.TRAIN,
         worker=worker,
-        message="training started",
-        values={**lease, "started_at": now},
-    )
-    if started is not None:
-        return token
-    free = or_(Job.lease_token.is_(None), Job.lease_until < now)
-    resumed = _move(
-        session,
-        job_id=job_id,
-        from_statuses=[JobStatus.RUNNING],
-        to_status=JobStatus.RUNNING,
+        lease_seconds=lease_seconds,
         now=now,
-        worker=worker,
-        message="training resumed from its last checkpoint",
-        values=lease,
-        where=[and_(free, Job.kind == JobKind.TRAIN)],
     )
-    return token if resumed is not None else None
 
 
 def holds(session: Session, *, job_id: str, token: str) -> bool:
@@ -237,7 +216,7 @@ def finish(
     worker: str,
 ) -> bool:
     """The adapter is exported: the run succeeded. False if the claim was lost."""
-    moved = _move(
+    moved = jobs.move(
         session,
         job_id=job_id,
         from_statuses=[JobStatus.RUNNING],
@@ -275,7 +254,7 @@ def validations(session: Session, *, job_id: str) -> list[TrainingValidation]:
 def retry(session: Session, *, job_id: str, now: datetime, worker: str | None = None) -> bool:
     """`ipbatch retry` of a failed training job: running again, nobody holding it (the next
     claim resumes from its last checkpoint)."""
-    moved = _move(
+    moved = jobs.move(
         session,
         job_id=job_id,
         from_statuses=[JobStatus.FAILED],

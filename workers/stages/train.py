@@ -68,6 +68,7 @@ class _Run:
     name: str
     token: str
     manifest_uri: str
+    manifest_sha256: str
     output_uri: str
     settings: Any  # TrainSettings
 
@@ -110,6 +111,7 @@ def run(ctx: StageContext, *, job_id: str) -> TrainSummary:
             record.name,
             token,
             job.manifest_uri,
+            job.manifest_sha256,
             job.output_uri,
             TrainSettings.model_validate(record.settings),
         )
@@ -151,22 +153,27 @@ def _train(ctx: StageContext, run: _Run, summary: TrainSummary) -> None:
     # 2. + 3. the rows and their tensors
     encoders = _encoders(ctx, settings.kind)
     resolution = settings.resolution or BASE_MODELS[encoders.family].native_size
-    rows, examples, skipped = _examples(ctx, run, encoders, resolution)
-    summary.examples, summary.skipped = len(examples), skipped
+    data = _examples(ctx, run, encoders, resolution)
+    examples = data.examples
+    summary.examples, summary.skipped = len(examples), data.skipped
     with ctx.sessions.begin() as session:
         training.set_data(
-            session, job_id=run.job_id, examples=len(examples), skipped=skipped, now=ctx.clock()
+            session,
+            job_id=run.job_id,
+            examples=len(examples),
+            skipped=data.skipped,
+            now=ctx.clock(),
         )
     if not examples:
         raise ItemError(ErrorCode.INVALID_ROW, f"no usable rows in {run.manifest_uri}")
     # 4. the trainer, resumed from the newest checkpoint if there is one
     trainer = _trainer(ctx, settings, encoders)
-    rendering = _Rendering(rows[: settings.validation_rows], examples, resolution)
+    count = settings.validation_rows
+    rendering = _Rendering(data.rows[:count], examples[:count], data.references[:count], resolution)
     with ctx.sessions.begin() as session:
         newest = training.checkpoints(session, job_id=run.job_id)[:1]
     if newest:
-        data = ctx.stores.for_uri(newest[0].uri).get(newest[0].uri)
-        trainer.load_state(load_safetensors(data))
+        trainer.load_state(load_safetensors(ctx.stores.for_uri(newest[0].uri).get(newest[0].uri)))
         summary.resumed_from = trainer.step
         log.info("training job %s resumes at step %d", run.job_id, trainer.step)
     pending: list[tuple[int, float, float]] = []
@@ -185,8 +192,9 @@ def _train(ctx: StageContext, run: _Run, summary: TrainSummary) -> None:
             _validate(ctx, run, trainer, rendering)
     summary.step = trainer.step
     # 5. the adapter, its last validation, its card
-    scores = _validate(ctx, run, trainer, rendering)
-    summary.adapter_uri = _export(ctx, run, trainer, encoders, len(examples), scores)
+    adapter = _exported(trainer)
+    scores = _validate(ctx, run, trainer, rendering, adapter)
+    summary.adapter_uri = _export(ctx, run, trainer, encoders, adapter, len(examples), scores)
     summary.status = "succeeded"
 
 
@@ -197,7 +205,6 @@ def _train(ctx: StageContext, run: _Run, summary: TrainSummary) -> None:
 class _Encoders:
     text: TrainingEncoders
     reference: Any  # ReferenceEncoder of the trained kind
-    kind: str
     family: str
 
 
@@ -212,7 +219,7 @@ def _encoders(ctx: StageContext, kind: str) -> _Encoders:
         device=resolve_device(ctx.settings.device),
         local_files_only=ctx.models.local_files_only,
     )
-    return _Encoders(text, ctx.encoder(kind), kind, family)
+    return _Encoders(text, ctx.encoder(kind), family)
 
 
 def _read_rows(ctx: StageContext, uri: str) -> list[ParsedRow[TrainRow]]:
@@ -222,15 +229,22 @@ def _read_rows(ctx: StageContext, uri: str) -> list[ParsedRow[TrainRow]]:
         return list(read_rows(stream, detect_format(uri), TrainRow.model_validate))
 
 
-def _examples(
-    ctx: StageContext, run: _Run, encoders: _Encoders, resolution: int
-) -> tuple[list[TrainRow], list[Example], list[dict[str, Any]]]:
-    """The valid rows and their tensors; the skipped rows with the reason."""
+@dataclass
+class _Data:
+    """The valid rows, their tensors and their references as (sha256, URI); the skipped rows
+    with the reason."""
+
+    rows: list[TrainRow] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
+    references: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _examples(ctx: StageContext, run: _Run, encoders: _Encoders, resolution: int) -> _Data:
     from pipeline.training import Example
 
-    rows: list[TrainRow] = []
-    examples: list[Example] = []
-    skipped: list[dict[str, Any]] = []
+    data = _Data()
+    skipped = data.skipped
     cache_root = ctx.cache_root(run.output_uri)
     for parsed in _read_rows(ctx, run.manifest_uri):
         hashes: dict[str, tuple[str, bytes]] = {}  # this row's images, read once
@@ -273,11 +287,13 @@ def _examples(
             cache_root=cache_root,
             compute=functools.partial(_text, encoders.text, row.prompt),
         )
-        rows.append(row)
-        examples.append(
+        data.rows.append(row)
+        data.examples.append(
             Example(latent["mean"], latent["std"], text["text"], image["pos"], image["neg"])
         )
-    return rows, examples, skipped
+        reference = _resolved(ctx, run, row.reference_uri)
+        data.references.append((hashes[reference][0], reference))
+    return data
 
 
 def _text(encoders: TrainingEncoders, prompt: str) -> dict[str, torch.Tensor]:
@@ -295,8 +311,7 @@ def _cached(
     make: Callable[[bytes, str], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """An image's tensors: from the cache, or made from its bytes (read once per row)."""
-    uri = resolve_reference(written, manifest_uri=run.manifest_uri)
-    check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
+    uri = _resolved(ctx, run, written)
     if uri not in hashes:
         data = read_reference(ctx, uri)
         hashes[uri] = (hashlib.sha256(data).hexdigest(), data)
@@ -439,7 +454,9 @@ class _Rendering:
 
     rows: list[TrainRow]
     examples: list[Example]
+    references: list[tuple[str, str]]  # (sha256, URI)
     resolution: int
+    scored: dict[str, torch.Tensor] = field(default_factory=dict)  # reference embeddings, memo
 
 
 def _exported(trainer: AdapterTrainer) -> bytes:
@@ -453,24 +470,30 @@ def _exported(trainer: AdapterTrainer) -> bytes:
 
 
 def _validate(
-    ctx: StageContext, run: _Run, trainer: AdapterTrainer, rendering: _Rendering
+    ctx: StageContext,
+    run: _Run,
+    trainer: AdapterTrainer,
+    rendering: _Rendering,
+    data: bytes | None = None,
 ) -> dict[str, float | None]:
-    """Export the adapter, load the file through the generation path, render the validation
-    rows (image prompt only, scale 1.0, seed + row), score CLIP-I against each reference and
-    CLIP-T against its prompt, record the means. {} with scoring off or no rows."""
+    """Export the adapter (unless `data` is that export already), load the file through the
+    generation path, render the validation rows (image prompt only, scale 1.0, seed + row),
+    score CLIP-I against each reference and CLIP-T against its prompt (the generate stage's
+    scoring: the references' score embeddings are cached), record the means. {} with scoring
+    off or no rows."""
     import statistics
 
     from pipeline.custom import WEIGHTS_FILE
     from pipeline.generator import AdapterInput, GenerationRequest, Generator
     from pipeline.images import encode_output
     from pipeline.models import resolve_dtype
-    from pipeline.scores import clip_i, clip_t
+    from workers.stages import scoring
 
     scorer = ctx.scorer
     if scorer is None or not rendering.rows:
         return {}
     settings = run.settings
-    data = _exported(trainer)
+    data = _exported(trainer) if data is None else data
     name = f"custom:{run.name}"
     samples: list[str] = []
     image_scores: list[float] = []
@@ -492,8 +515,8 @@ def _validate(
             dtype=resolve_dtype(ctx.settings.dtype, device),
             resolve=lambda _: preset,
         )
-        for index, (row, example) in enumerate(
-            zip(rendering.rows, rendering.examples, strict=False)
+        for index, (row, example, reference) in enumerate(
+            zip(rendering.rows, rendering.examples, rendering.references, strict=True)
         ):
             request = GenerationRequest(
                 prompt="",
@@ -519,17 +542,17 @@ def _validate(
             png = encode_output(image, "png", metadata)
             ctx.stores.for_uri(uri).put(uri, png, content_type="image/png")
             samples.append(uri)
-            reference = decode(
+            references = scoring.reference_embeds(
                 ctx,
-                read_reference(ctx, _resolved(ctx, run, row.reference_uri)),
-                name=row.reference_uri,
+                scorer,
+                [reference],
+                cache_root=ctx.cache_root(run.output_uri),
+                memo=rendering.scored,
             )
-            [embedding] = scorer.image_embeds([image])
-            image_scores.append(clip_i(embedding, scorer.image_embeds([reference])))
-            if row.prompt:
-                score = clip_t(embedding, scorer.text_embeds([row.prompt])[0])
-                assert score is not None
-                text_scores.append(score)
+            [(clip_i, clip_t)] = scoring.Judge(scorer, references, row.prompt)([image])
+            image_scores.append(clip_i)
+            if clip_t is not None:
+                text_scores.append(clip_t)
         del generator
     mean_i = statistics.fmean(image_scores)
     mean_t = statistics.fmean(text_scores) if text_scores else None
@@ -564,22 +587,18 @@ def _export(
     run: _Run,
     trainer: AdapterTrainer,
     encoders: _Encoders,
+    data: bytes,
     examples: int,
     scores: dict[str, float | None],
 ) -> str:
-    """adapter.safetensors, then card.json (its presence marks the adapter complete), then
-    the ledger: succeeded (fenced: a worker that lost its claim records nothing; what it
-    wrote is what the new holder writes too, the run being deterministic)."""
+    """adapter.safetensors (`data`), then card.json (its presence marks the adapter
+    complete), then the ledger: succeeded (fenced: a worker that lost its claim records
+    nothing; what it wrote is what the new holder writes too, the run being deterministic)."""
     from pipeline.custom import CARD_FILE, WEIGHTS_FILE, AdapterCard
     from pipeline.models import folder_fingerprint
 
-    data = _exported(trainer)
     adapter_uri = join_uri(run.output_uri, WEIGHTS_FILE)
     ctx.stores.for_uri(adapter_uri).put(adapter_uri, data)
-    with ctx.sessions.begin() as session:
-        job = jobs.get(session, job_id=run.job_id)
-        assert job is not None
-        manifest_sha256 = job.manifest_sha256
     base = Path(ctx.models.base_model(encoders.family)) / "unet"
     card = AdapterCard(
         name=run.name,
@@ -593,7 +612,7 @@ def _export(
         init=run.settings.init,
         settings=run.settings.model_dump(mode="json"),
         manifest_uri=run.manifest_uri,
-        manifest_sha256=manifest_sha256,
+        manifest_sha256=run.manifest_sha256,
         examples=examples,
         steps=trainer.step,
         scores=scores,
