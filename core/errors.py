@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     REFERENCE_TOO_LARGE = "reference_too_large"
     NO_FACE = "no_face"
     MODEL_ERROR = "model_error"
+    OUTPUT_CONFLICT = "output_conflict"  # the output key holds another picture of the row
     INTERNAL = "internal"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -33,9 +34,82 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     summary = run_local(
-        settings, manifest=args.manifest, output=args.output, progress=not args.quiet
+        settings,
+        manifest=args.manifest,
+        output=args.output,
+        progress=not args.quiet,
+        check=args.verify,
     )
-    return _print_summary(summary)
+    code = _print_summary(summary)
+    if summary.verified is not None:
+        return max(code, _print_verified(summary.verified))
+    return code
+
+
+def _print_verified(verified: Any, *, limit: int = 20) -> int:
+    """`verify`'s findings; 0 if every output is whole, 1 otherwise."""
+    how = "size, sha256, decoding" if verified.deep else "exists, size"
+    print(f"verify {verified.job_id}: {verified.checked} outputs checked ({how}): ", end="")
+    print(f"{len(verified.problems)} problems" if verified.problems else "all whole")
+    for p in verified.problems[:limit]:
+        print(f"  {p.row_id}: {p.uri}: {p.what}")
+    if len(verified.problems) > limit:
+        print(f"  ... and {len(verified.problems) - limit} more (--json lists them all)")
+    return 1 if verified.problems else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Every recorded output of a job is checked against its object; with --repair, the
+    items of the broken ones are made again (here in one-machine mode, by the workers
+    otherwise)."""
+    settings = _settings(args)
+    if settings.database_url is None:
+        from workers.runner import verify_local
+
+        found, summary, after = verify_local(
+            settings,
+            job_id=args.job,
+            deep=args.deep,
+            repair=args.repair,
+            threads=args.threads,
+            progress=False,
+        )
+    else:
+        from workers.stages import verify
+        from workers.tasks import context, send_urgent
+
+        found = verify.verify(context(), job_id=args.job, deep=args.deep, threads=args.threads)
+        if args.repair:
+            verify.repair(context(), verified=found, send=send_urgent)
+        summary = after = None
+    if args.json:
+        print(json.dumps(_verified_json(found, after), indent=2))
+        return 1 if (after or found).problems else 0
+    code = _print_verified(found)
+    if args.repair and found.problems and summary is None:
+        print(f"repair: {len(found.repaired)} items queued for the generate workers; ", end="")
+        print(f"`ipbatch status {args.job}`, then `ipbatch verify {args.job}` again")
+    if summary is not None and after is not None:
+        print(f"repair: {len(found.repaired)} items made again")
+        _print_summary(summary)
+        return _print_verified(after)
+    return code
+
+
+def _verified_json(found: Any, after: Any) -> dict[str, Any]:
+    def one(v: Any) -> dict[str, Any]:
+        return {
+            "job_id": v.job_id,
+            "checked": v.checked,
+            "deep": v.deep,
+            "problems": [dataclasses.asdict(p) for p in v.problems],
+        }
+
+    out = one(found)
+    out["repaired_items"] = found.repaired
+    if after is not None:
+        out["after_repair"] = one(after)
+    return out
 
 
 def _print_summary(summary: Any) -> int:
@@ -539,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-score", action="store_true", help="skip CLIP-I / CLIP-T scores (IPBATCH_SCORE)"
     )
+    p.add_argument(
+        "--verify", action="store_true", help="read every output back at the end (verify --deep)"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="register a job and queue it for the Celery workers")
@@ -650,6 +727,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="models folder (one-machine mode)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("verify", help="check that every recorded output is a complete image")
+    p.add_argument("job")
+    p.add_argument("--deep", action="store_true", help="also read each object: sha256, decoding")
+    p.add_argument("--repair", action="store_true", help="make the broken outputs' items again")
+    p.add_argument("--threads", type=int, default=32, help="requests in flight (default 32)")
+    p.add_argument("--json", action="store_true", help="the findings as JSON (for scripts)")
+    p.add_argument("--models", help="models folder (one-machine mode, --repair)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("report", help="a self-contained HTML page of a job's results")
     p.add_argument("job", nargs="?", help="job id (default: the most recently started job)")

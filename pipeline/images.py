@@ -1,4 +1,4 @@
-"""Reference decoding and output encoding.
+"""Reference decoding, output encoding, and judging an output found at a key.
 
 References come from users: decode them defensively (size and pixel limits before decoding,
 EXIF orientation, first frame of animations, every mode to RGB on white) and turn every
@@ -115,3 +115,49 @@ def encode_output(image: Image.Image, fmt: str, metadata: dict[str, Any]) -> byt
     else:
         raise ValueError(f"unknown output format {fmt!r}")
     return buffer.getvalue()
+
+
+def output_pixels(data: bytes) -> np.ndarray | None:
+    """An output image's RGB pixels (float32), or None where the bytes do not decode whole
+    (empty, cut off, not an image)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+# A stored output "is the same picture" as the one just made when its pixels differ by at
+# most this mean, in levels of 255: rows batched differently round differently (one value in
+# 12,288 by one level on the tiny models in float32; fp16 on a GPU more), a changed model or
+# another seed differs by tens of levels.
+SAME_PICTURE_MEAN_DIFF = 2.0
+
+
+def judge_stored_output(stored: bytes, made: bytes, *, uri: str) -> str:
+    """Why the object found at an output key may be replaced by the image just `made`:
+    "empty", "undecodable" (a cut-off upload), or "another rendering" (the same picture up to
+    float rounding). Another picture raises `ItemError(output_conflict)` naming the key: two
+    different images for one row and seed mean a changed model or a bug, never to be
+    recorded in silence, and the object is left as evidence."""
+    if not stored:
+        return "empty"
+    old_pixels = output_pixels(stored)
+    if old_pixels is None:
+        return "undecodable"
+    new_pixels = output_pixels(made)
+    assert new_pixels is not None, "an image just encoded decodes"
+    if old_pixels.shape == new_pixels.shape:
+        mean = float(np.abs(old_pixels - new_pixels).mean())
+        if mean <= SAME_PICTURE_MEAN_DIFF:
+            return "another rendering"
+        what = f"its pixels differ by {mean:.1f} levels on average"
+    else:
+        what = f"it is {old_pixels.shape[1]}x{old_pixels.shape[0]}"
+    raise ItemError(
+        ErrorCode.OUTPUT_CONFLICT,
+        f"{uri} already holds another picture ({what}) than this row makes with the same "
+        "seed: the models changed since it was written, or generation is not deterministic. "
+        "It is left as it is: delete it (or write to another output) to make the row again",
+    )

@@ -4,7 +4,8 @@ Key = (sha256 of the reference bytes, encoder fingerprint, kind). The tensors li
 safetensors file per key under `{cache_root}/embeddings/{encoder}/{kind}/{aa}/{sha}.safetensors`;
 the `embeddings` table says which keys exist. A reference used by 1,000 rows, or by last
 night's job, is encoded once. The cache heals: a key the ledger knows whose object is gone (a
-bucket lifecycle rule, a wiped store) is computed and written again, never an error.
+bucket lifecycle rule, a wiped store) or cannot be decoded (a write cut off half way) is
+computed and written again, never an error, and never trusted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from core.errors import ObjectNotFound
 from core.uris import join_uri
 from storage.ledger import embeddings
 from storage.objectstore import ObjectStores
+from storage.publish import REPAIRED, publish
 
 if TYPE_CHECKING:  # torch is imported on first use: an ingest-only worker never loads it
     import torch
@@ -113,19 +115,54 @@ class EmbeddingCache:
             computed.update(compute())
             return computed
 
-        cached = self.ensure(key=key, cache_root=cache_root, compute=remember)
-        if computed:
-            return computed, False
-        try:
-            return self.load(cached.uri), True
-        except ObjectNotFound:  # gone between the check and the read: compute it again
-            tensors = compute()
-            self._store(cached.uri, tensors, key)
-            return tensors, False
+        for _ in range(3):
+            cached = self.ensure(key=key, cache_root=cache_root, compute=remember)
+            if computed:
+                return computed, False
+            try:
+                return self.load(cached.uri), True
+            except ObjectNotFound:  # gone (or broken, and removed) since: `ensure` rewrites it
+                continue
+        raise ObjectNotFound(f"cached embedding {key} keeps vanishing after being written")
 
     def load(self, uri: str) -> Tensors:
-        """The tensors stored under `uri` (ObjectNotFound if the object is gone)."""
-        return deserialize(self.stores.for_uri(uri).get(uri))
+        """The tensors stored under `uri`. ObjectNotFound if the object is gone, or cannot be
+        decoded (a write cut off on a server that keeps what it received): such an object is
+        removed here and counted, so that `ensure` computes and writes it again under the
+        key's lock instead of trusting it."""
+        store = self.stores.for_uri(uri)
+        data = store.get(uri)
+        try:
+            return deserialize(data)
+        except Exception as exc:  # safetensors raises its own error, or ValueError, on junk
+            reason = "empty" if not data else "undecodable"
+            log.warning(
+                "cached object %s is %s (%d bytes): removed, to be computed again",
+                uri,
+                reason,
+                len(data),
+            )
+            store.delete(uri)
+            REPAIRED.labels("embedding", reason).inc()
+            raise ObjectNotFound(f"cached object {uri} was {reason}") from exc
 
     def _store(self, uri: str, tensors: Tensors, key: CacheKey) -> None:
-        self.stores.for_uri(uri).put(uri, serialize(tensors, key))  # same key, same bytes
+        """Called under the key's lock: the object ends holding exactly these bytes (one
+        left by a cut-off write, or that does not decode, is replaced and counted)."""
+        publish(
+            self.stores.for_uri(uri),
+            uri,
+            serialize(tensors, key),
+            kind="embedding",
+            inspect=_what_is_stored,
+        )
+
+
+def _what_is_stored(stored: bytes) -> str:
+    if not stored:
+        return "empty"
+    try:
+        deserialize(stored)
+    except Exception:
+        return "undecodable"
+    return "other values"

@@ -8,6 +8,7 @@ not in `ITEM_MOVES` / `JOB_MOVES`.
     pending --embed--> ready --generate--> succeeded
        (embedding)        (running)
     any waiting or working status -> failed | cancelled;  failed -> pending (retry)
+    succeeded -> ready (`ipbatch verify --repair`: an output object missing or broken)
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ ITEM_MOVES: dict[ItemStatus, frozenset[ItemStatus]] = {
         }
     ),
     ItemStatus.FAILED: frozenset({ItemStatus.PENDING}),  # `ipbatch retry`
-    ItemStatus.SUCCEEDED: frozenset(),
+    ItemStatus.SUCCEEDED: frozenset({ItemStatus.READY}),  # `ipbatch verify --repair`
     ItemStatus.CANCELLED: frozenset(),
 }
 
@@ -114,8 +115,8 @@ JOB_MOVES: dict[JobStatus, frozenset[JobStatus]] = {
             JobStatus.CANCELLED,
         }
     ),
-    JobStatus.FAILED: frozenset({JobStatus.RUNNING}),  # `ipbatch retry`
-    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset({JobStatus.RUNNING}),  # `ipbatch retry`, `verify --repair`
+    JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),  # `ipbatch verify --repair`
     JobStatus.CANCELLED: frozenset(),
 }
 JOB_ACTIVE = (JobStatus.PENDING, JobStatus.RUNNING)

@@ -228,6 +228,7 @@ class Output(Base):
     image_index: Mapped[int] = mapped_column(Integer)
     uri: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(BigInteger)  # bytes; NULL before revision 0010
     seed: Mapped[int] = mapped_column(BigInteger)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)

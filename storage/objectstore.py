@@ -2,11 +2,14 @@
 
 URIs name objects: `s3://bucket/key`, or a local path / `file://` URI. `ObjectStores.for_uri`
 picks the backend. Writes are idempotent (same key, same bytes) and local writes are atomic.
+Writing an object whose bytes are known, so that a key is never left holding other bytes
+than those recorded, is `storage.publish`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import io
 import logging
@@ -17,6 +20,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -34,15 +38,33 @@ class ObjectStore(Protocol):
 
     def put(self, uri: str, data: bytes, *, content_type: str = ...) -> None: ...
 
-    def put_new(self, uri: str, data: bytes, *, content_type: str = ...) -> bytes: ...
+    def put_new(self, uri: str, data: bytes, *, content_type: str = ...) -> bool: ...
 
     def exists(self, uri: str) -> bool: ...
+
+    def stat(self, uri: str) -> Stat | None: ...
 
     def list(self, prefix_uri: str) -> Iterator[str]: ...
 
     def probe_writes(self, uri: str) -> bool: ...
 
     def delete(self, uri: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Stat:
+    """What a HEAD says of an object: its size, and its ETag where the store has one (S3:
+    the MD5 of the bytes for a single-part upload without KMS; anything else otherwise)."""
+
+    size: int
+    etag: str | None = None
+
+    def md5_is(self, data: bytes) -> bool | None:
+        """Does the ETag say the object is `data`? None where the ETag is not a plain MD5
+        (a multipart upload's `...-N`, no ETag, KMS): only a read-back can tell then."""
+        if self.etag is None or "-" in self.etag or len(self.etag) != 32:
+            return None
+        return self.etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 class LocalStore:
@@ -86,19 +108,25 @@ class LocalStore:
 
     def put_new(
         self, uri: str, data: bytes, *, content_type: str = "application/octet-stream"
-    ) -> bytes:
-        """Write only if nothing is there yet (first writer wins, atomically); returns the
-        bytes stored under `uri` afterwards: `data`, or what an earlier writer left."""
+    ) -> bool:
+        """Write only if nothing is there yet (first writer wins, atomically): True if this
+        call wrote it, False if something was there (what it is: `storage.publish`)."""
         path = local_path(uri)
         with self._staged(path, data) as tmp:
             try:
                 os.link(tmp, path)  # fails if the name exists: never overwrites
             except FileExistsError:
-                return path.read_bytes()
-        return data
+                return False
+        return True
 
     def exists(self, uri: str) -> bool:
         return local_path(uri).is_file()
+
+    def stat(self, uri: str) -> Stat | None:
+        try:
+            return Stat(size=local_path(uri).stat().st_size)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def list(self, prefix_uri: str) -> Iterator[str]:
         root = local_path(prefix_uri)
@@ -218,9 +246,10 @@ class S3Store:
 
     def put_new(
         self, uri: str, data: bytes, *, content_type: str = "application/octet-stream"
-    ) -> bytes:
-        """A conditional PUT (If-None-Match: *): the first writer wins; returns the bytes
-        stored under `uri` afterwards: `data`, or what an earlier writer left.
+    ) -> bool:
+        """A conditional PUT (If-None-Match: *), the first writer wins: True if this call
+        wrote `data`, False if an object was there (a 412). What that object is, and whether
+        it may stay, is `storage.publish`'s business: an existing key is never trusted.
 
         Some S3-compatible servers ignore the condition: for those (found out once per
         bucket, see `honours_conditional_writes`) a HEAD comes first. Neither closes every
@@ -229,14 +258,14 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         if not self.honours_conditional_writes(uri) and self.exists(uri):
-            return self.get(uri)
+            return False
         try:
             self._put(uri, data, content_type, IfNoneMatch="*")
-            return data
+            return True
         except ClientError as exc:  # raised as it was: only PreconditionFailed is expected
             if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
                 raise
-        return self.get(uri)
+        return False
 
     def honours_conditional_writes(self, uri: str) -> bool:
         """Does the bucket of `uri` refuse a second `If-None-Match: *` PUT of one key? Tried
@@ -285,6 +314,15 @@ class S3Store:
         except ObjectNotFound:
             return False
         return True
+
+    def stat(self, uri: str) -> Stat | None:
+        loc = parse_s3(uri)
+        try:
+            head = self._call(uri, self._client.head_object, Bucket=loc.bucket, Key=loc.key)
+        except ObjectNotFound:
+            return None
+        etag = head.get("ETag")
+        return Stat(size=int(head["ContentLength"]), etag=etag.strip('"') if etag else None)
 
     def delete(self, uri: str) -> None:
         """Remove one object (S3 answers success for a key that is not there)."""

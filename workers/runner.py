@@ -29,7 +29,7 @@ from storage.migrate import upgrade
 from storage.models import ItemStatus, JobStatus
 from workers.backpressure import patiently
 from workers.context import StageContext
-from workers.stages import embed, generate, ingest
+from workers.stages import embed, generate, ingest, verify
 from workers.stages import jobs as job_stage
 from workers.stages import train as train_stage
 from workers.stages.common import chunked, no_send
@@ -48,6 +48,7 @@ class RunSummary:
     database: str
     output_uri: str
     failures: list[tuple[str | None, str | None, str | None]]
+    verified: verify.Verified | None = None  # `ipbatch run --verify`
 
 
 @contextmanager
@@ -75,17 +76,50 @@ def local_context(settings: Settings) -> Iterator[StageContext]:
 
 
 def run_local(
-    settings: Settings, *, manifest: str, output: str | None, progress: bool = True
+    settings: Settings,
+    *,
+    manifest: str,
+    output: str | None,
+    progress: bool = True,
+    check: bool = False,
 ) -> RunSummary:
+    """`ipbatch run`; with `check` (`--verify`), every recorded output read back at the end
+    (sha256 and decoding: `verify --deep`)."""
     started = time.monotonic()
     with local_context(settings) as ctx:
-        return run_job(
+        summary = run_job(
             ctx,
             manifest=manifest,
             output=output or str(settings.resolved_home() / "outputs"),
             progress=progress,
             started=started,
         )
+        if check:
+            summary.verified = verify.verify(ctx, job_id=summary.job_id, deep=True)
+        return summary
+
+
+def verify_local(
+    settings: Settings,
+    *,
+    job_id: str,
+    deep: bool,
+    repair: bool,
+    threads: int = 32,
+    progress: bool = True,
+) -> tuple[verify.Verified, RunSummary | None, verify.Verified | None]:
+    """`ipbatch verify JOB` in one-machine mode: the check; with `repair`, the items of its
+    problems made again here and now, then the check once more. Returns (the first check,
+    the repair run's summary, the second check)."""
+    started = time.monotonic()
+    with local_context(settings) as ctx:
+        found = verify.verify(ctx, job_id=job_id, deep=deep, threads=threads)
+        if not (repair and found.problems):
+            return found, None, None
+        verify.repair(ctx, verified=found, send=no_send)
+        images = _run_stages(ctx, job_id, progress)
+        summary = _summary(ctx, job_id, images=images, started=started)
+        return found, summary, verify.verify(ctx, job_id=job_id, deep=deep, threads=threads)
 
 
 def run_job(

@@ -30,8 +30,8 @@ from storage.models import Item, ItemEvent, ItemStatus
 
 def _new_stage(from_status: ItemStatus, to_status: ItemStatus) -> bool:
     """Does the item enter another stage (or start over)? Its claims are counted afresh."""
-    if from_status == ItemStatus.FAILED:
-        return True  # a retry
+    if from_status in (ItemStatus.FAILED, ItemStatus.SUCCEEDED):
+        return True  # a retry, or a repair
     before = _stage_of(from_status)
     after = _stage_of(to_status)
     return after is not None and before is not None and after != before

@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.ledger import counters
+from storage.ledger import counters, outputs
 from storage.ledger.db import is_postgres
 from storage.ledger.items import iter_id_pages, transition
 from storage.lifecycle import EMBED, JOB_ACTIVE, TERMINAL, WAITING, check_job_move
@@ -489,6 +489,45 @@ def retry_failed(
             now=now,
             worker=worker,
             message=f"retry: {len(moved)} failed items queued again",
+            values={"finished_at": None},
+        )
+    return moved
+
+
+def regenerate(
+    session: Session,
+    *,
+    job_id: str,
+    item_ids: Sequence[int],
+    now: datetime,
+    reason: str,
+    worker: str | None = None,
+) -> list[int]:
+    """Succeeded items whose output objects are missing or broken go back to the generate
+    stage (their outputs rows forgotten in the same transaction) and the job runs again.
+    Returns the ids that moved (those still succeeded)."""
+    moved: list[int] = []
+    for lo in range(0, len(item_ids), 1000):
+        chunk = transition(
+            session,
+            item_ids=list(item_ids[lo : lo + 1000]),
+            from_status=ItemStatus.SUCCEEDED,
+            to_status=ItemStatus.READY,
+            now=now,
+            worker=worker,
+            message=reason,
+        )
+        outputs.forget(session, item_ids=chunk)
+        moved += chunk
+    if moved:
+        move(
+            session,
+            job_id=job_id,
+            from_statuses=[JobStatus.SUCCEEDED, JobStatus.FAILED],
+            to_status=JobStatus.RUNNING,
+            now=now,
+            worker=worker,
+            message=f"repair: {len(moved)} items whose outputs are missing or broken made again",
             values={"finished_at": None},
         )
     return moved

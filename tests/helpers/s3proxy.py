@@ -133,7 +133,8 @@ def _handler(proxy: S3Proxy) -> type[BaseHTTPRequestHandler]:
             for key, value in response.getheaders():
                 if key.lower() not in _HOP:
                     self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))  # HEAD: the object's
             self.end_headers()
             if self.command == "HEAD":
                 return

@@ -6,6 +6,7 @@ ledger; every S3 call goes over HTTP."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +17,19 @@ import pytest
 import sqlalchemy as sa
 from helpers.clock import ManualClock
 from helpers.s3proxy import S3Proxy
+from PIL import Image
+from safetensors.torch import load as safetensors_load
 
 from core.config import Settings
 from core.errors import ConfigError, ObjectNotFound, RetryableError
+from pipeline.images import output_pixels
 from storage.ledger import items
 from storage.ledger import jobs as job_ledger
 from storage.lifecycle import EMBED
 from storage.migrate import upgrade
 from storage.models import Item, ItemEvent, Output
 from storage.objectstore import ObjectStores
+from storage.publish import REPAIRED, Outcome, publish
 from workers.context import StageContext
 from workers.stages import embed, generate, ingest, jobs
 from workers.stages.common import no_send
@@ -262,8 +267,9 @@ def test_whether_the_store_honours_conditional_writes_is_found_out(
         assert not ignoring.honours_conditional_writes(key)  # type: ignore[attr-defined]
     assert "ignores If-None-Match" in caplog.text
     # where the condition is ignored, put_new still keeps the first writer's bytes (a HEAD first)
-    assert ignoring.put_new(key, b"first") == b"first"
-    assert ignoring.put_new(key, b"second") == b"first"
+    assert ignoring.put_new(key, b"first") is True
+    assert ignoring.put_new(key, b"second") is False
+    assert ignoring.get(key) == b"first"
     assert not any(
         obj["Key"].startswith(".ipbatch-probe/")
         for obj in boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
@@ -328,3 +334,143 @@ def test_a_job_cannot_be_submitted_to_a_bucket_that_does_not_exist(
     with ctx.sessions.begin() as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(Item)) == 0
         assert s.scalar(sa.text("SELECT COUNT(*) FROM jobs")) == 0
+
+
+# --- 8. a key that already holds something: kept only if it is the worker's bytes -----------
+
+
+def s3_client(endpoint: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def recorded_output(ctx: StageContext, row_id: str) -> tuple[str, str, int | None]:
+    with ctx.sessions.begin() as s:
+        uri, sha, size = s.execute(
+            sa.select(Output.uri, Output.sha256, Output.size)
+            .join(Item, Item.id == Output.item_id)
+            .where(Item.row_id == row_id)
+        ).one()
+    return uri, sha, size
+
+
+def repaired(kind: str, reason: str) -> float:
+    return float(REPAIRED.labels(kind, reason)._value.get())
+
+
+@pytest.mark.parametrize(
+    ("conditions", "left", "reason"),
+    [
+        ("ignored", "empty", "empty"),
+        ("ignored", "cut", "undecodable"),
+        ("honoured", "empty", "empty"),
+    ],
+)
+def test_an_upload_cut_off_is_replaced_by_the_image_not_recorded(
+    ctx: StageContext,
+    proxy: S3Proxy,
+    bucket: str,
+    s3_endpoint: str,
+    reference_images: dict[str, Path],
+    conditions: str,
+    left: str,
+    reason: str,
+) -> None:
+    """A worker killed while uploading r0's image left what the server kept of it: a 0-byte
+    object (s3rver), or the first bytes of other ones. The item is delivered again. Before:
+    the next worker found the key (HEAD, or a 412), kept "what is there" and recorded its
+    sha256: the ledger said succeeded, the image was empty. Now the object is compared with
+    the bytes made, replaced (while the claim holds), counted; the row records what it made."""
+    proxy.strip_conditions = conditions == "ignored"
+    job_id = submit(ctx, put_manifest(bucket, s3_endpoint, rows(bucket, 2)), bucket)
+    ingest.run(ctx, job_id=job_id, send=no_send)
+    ready = embed.run(ctx, item_ids=pending_of(ctx, job_id)).ready
+    s3 = s3_client(s3_endpoint)
+    junk = b"" if left == "empty" else reference_images["blue"].read_bytes()[:300]
+    s3.put_object(Bucket=bucket, Key=f"out/{job_id}/r0/0.png", Body=junk)
+    before = repaired("output", reason)
+    assert generate.run(ctx, item_ids=ready).succeeded == 2
+    uri, sha, size = recorded_output(ctx, "r0")
+    stored = s3.get_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))["Body"].read()
+    assert stored != junk
+    assert (hashlib.sha256(stored).hexdigest(), len(stored)) == (sha, size)
+    assert output_pixels(stored) is not None  # a whole image
+    assert repaired("output", reason) == before + 1
+
+
+def test_another_picture_at_the_key_fails_the_row_loudly_and_is_left(
+    ctx: StageContext, bucket: str, s3_endpoint: str
+) -> None:
+    """moto honours If-None-Match: the PUT gets a 412. What is there is a whole image, but
+    another picture than the row makes with its seed (a changed model, a bug): the row fails
+    as `output_conflict` naming the key; nothing is recorded, the object is not touched."""
+    job_id = submit(ctx, put_manifest(bucket, s3_endpoint, rows(bucket, 2)), bucket)
+    ingest.run(ctx, job_id=job_id, send=no_send)
+    ready = embed.run(ctx, item_ids=pending_of(ctx, job_id)).ready
+    other = io.BytesIO()
+    Image.new("RGB", (64, 64), (250, 10, 10)).save(other, format="PNG")
+    key = f"out/{job_id}/r0/0.png"
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key=key, Body=other.getvalue())
+    assert generate.run(ctx, item_ids=ready).succeeded == 1
+    [(status, _, code), (status1, _, _)] = state(ctx, ready)
+    assert (status, code, status1) == ("failed", "output_conflict", "succeeded")
+    with ctx.sessions.begin() as s:
+        message = s.scalar(sa.select(Item.error_message).where(Item.id == ready[0]))
+        assert s.scalar(sa.select(sa.func.count()).select_from(Output)) == 1
+    assert message is not None and f"s3://{bucket}/{key} already holds another picture" in message
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == other.getvalue()
+
+
+@pytest.mark.parametrize("conditions", ["honoured", "ignored"])
+def test_publish_keeps_equal_bytes_replaces_others_and_only_under_the_claim(
+    s3_bucket: str, proxy: S3Proxy, conditions: str
+) -> None:
+    proxy.strip_conditions = conditions == "ignored"
+    uri = f"s3://{s3_bucket}/out/{conditions}.bin"
+    store = ObjectStores(s3_endpoint_url=proxy.endpoint).for_uri(uri)
+    assert publish(store, uri, b"image", kind="test").outcome is Outcome.CREATED
+    gets = len(proxy.requests("GET", f"/out/{conditions}.bin"))
+    # the same bytes: the ETag (a single-part upload's MD5) says so, no read-back, no PUT
+    assert publish(store, uri, b"image", kind="test").outcome is Outcome.KEPT
+    assert len(proxy.requests("GET", f"/out/{conditions}.bin")) == gets
+    unconditional = [
+        r for r in proxy.requests("PUT", f"/out/{conditions}.bin") if not r.conditional
+    ]
+    assert unconditional == []
+    # a worker whose claim lapsed leaves other bytes alone; the claim holder replaces them
+    lost = publish(store, uri, b"other", kind="test", still_ours=lambda: False)
+    assert (lost.outcome, store.get(uri)) == (Outcome.NOT_OURS, b"image")
+    done = publish(store, uri, b"other", kind="test")
+    assert (done.outcome, done.reason, store.get(uri)) == (
+        Outcome.REPAIRED,
+        "other bytes",
+        b"other",
+    )
+
+
+def test_a_cached_embedding_cut_short_is_computed_again_not_trusted(
+    ctx: StageContext, bucket: str, s3_endpoint: str
+) -> None:
+    """Every cached object of the job (reference embeddings, score embeddings) cut to its
+    first bytes behind the ledger's back. Before: safetensors' error failed the items as
+    `internal`. Now the broken object is removed, the items go back to embed, which writes
+    it again under the key's lock; then they succeed."""
+    job_id = submit(ctx, put_manifest(bucket, s3_endpoint, rows(bucket, 2)), bucket)
+    ingest.run(ctx, job_id=job_id, send=no_send)
+    ready = embed.run(ctx, item_ids=pending_of(ctx, job_id)).ready
+    s3 = s3_client(s3_endpoint)
+    cached = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=bucket, Prefix="ipbatch-cache/embeddings/")["Contents"]
+    ]
+    for key in cached:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        s3.put_object(Bucket=bucket, Key=key, Body=body[:40])
+    before = repaired("embedding", "undecodable")
+    summary = generate.run(ctx, item_ids=ready)
+    assert (summary.succeeded, summary.embed_again) == (0, ready)
+    assert embed.run(ctx, item_ids=ready).ready == ready
+    assert generate.run(ctx, item_ids=ready).succeeded == 2
+    assert repaired("embedding", "undecodable") > before
+    for key in cached:
+        safetensors_load(s3.get_object(Bucket=bucket, Key=key)["Body"].read())  # whole again

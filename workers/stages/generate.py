@@ -5,7 +5,10 @@ Rows that can share a call (same pipeline and `batch_key`) are batched, up to
 recording one batch (on a second thread) overlaps generating the next. Before anything is
 uploaded for an item, the stage checks it still holds the item's claim (fencing): a worker
 whose lease lapsed and was taken over uploads nothing, whatever the object store does with
-conditional writes.
+conditional writes. A key that already holds something is kept only if it holds exactly the
+bytes made here; a broken object is replaced, another picture fails the item as
+`output_conflict` (`storage.publish`). The `outputs` row records the sha256 and size of the
+bytes made here, never of what was read back.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -21,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import Action, ErrorCode, ObjectNotFound, classify
 from core.uris import join_uri
-from pipeline.images import CONTENT_TYPES, encode_output
+from pipeline.images import CONTENT_TYPES, encode_output, judge_stored_output
 from pipeline.manifest import Row, validate_row
 from pipeline.requests import build_request
 from storage.ledger import embeddings, items, jobs
 from storage.ledger import outputs as output_ledger
 from storage.lifecycle import EMBED, GENERATE
 from storage.models import JobStatus
+from storage.publish import Outcome, publish
 from workers import metrics
 from workers.claims import ClaimedWork, claimed
 from workers.context import StageContext
@@ -311,7 +315,10 @@ def _store_and_record(
         with work.item(m.item.item_id, unexpected=ErrorCode.MODEL_ERROR):
             if not work.still_held([m.item.item_id]):
                 continue  # taken over: the other worker stores and records it
-            stored = _upload(ctx, m)
+            held = functools.partial(_held, work, m.item.item_id)
+            stored = _upload(ctx, m, still_ours=held)
+            if stored is None:
+                continue  # taken over while uploading: the other worker records it
             record = functools.partial(
                 _record,
                 outputs=stored,
@@ -336,6 +343,10 @@ def _store_and_record(
                 )
 
 
+def _held(work: ClaimedWork, item_id: int) -> bool:
+    return bool(work.still_held([item_id]))
+
+
 def _record(
     session: Session,
     moved: list[int],
@@ -355,8 +366,12 @@ def output_uri_for(output_uri: str, job_id: str, row_id: str, k: int, fmt: str) 
     return join_uri(output_uri, job_id, row_id, f"{k}.{fmt}")
 
 
-def _upload(ctx: StageContext, m: _Made) -> list[dict[str, Any]]:
-    """Encode and store every image of the item; the `outputs` rows to record."""
+def _upload(
+    ctx: StageContext, m: _Made, *, still_ours: Callable[[], bool]
+) -> list[dict[str, Any]] | None:
+    """Encode and store every image of the item; the `outputs` rows to record (None if the
+    claim lapsed before a broken object could be replaced). Each row records the sha256 and
+    size of the bytes made here, which `publish` makes the object hold."""
     p, result = m.item, m.result
     stored = []
     for k, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
@@ -380,17 +395,26 @@ def _upload(ctx: StageContext, m: _Made) -> list[dict[str, Any]]:
             metadata["inpaint_mask"] = p.row.inpaint_mask
         data = encode_output(image, p.row.output_format, metadata)
         uri = output_uri_for(p.output_uri, p.job_id, p.row.id, k, p.row.output_format)
-        # first writer wins: after a crash between upload and commit, or a late duplicate,
-        # the stored image is kept and recorded as it is (never two versions of one key)
-        data = ctx.stores.for_uri(uri).put_new(
-            uri, data, content_type=CONTENT_TYPES[p.row.output_format]
+        # first writer wins; an object already there (a crash between upload and commit, a
+        # late duplicate, an upload cut off) stays only if it is these bytes
+        published = publish(
+            ctx.stores.for_uri(uri),
+            uri,
+            data,
+            kind="output",
+            content_type=CONTENT_TYPES[p.row.output_format],
+            inspect=functools.partial(judge_stored_output, made=data, uri=uri),
+            still_ours=still_ours,
         )
+        if published.outcome is Outcome.NOT_OURS:
+            return None
         scores = m.scored.scores[k] if m.scored is not None else (None, None)
         stored.append(
             {
                 "image_index": k,
                 "uri": uri,
                 "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
                 "seed": seed,
                 "width": result.width,
                 "height": result.height,
