@@ -4,7 +4,8 @@ are paused past their lease (SIGSTOP ... SIGCONT), the database's connections ar
 S3 server goes away for a few seconds. Then it checks what ipbatch promises:
 
 - every row ended in exactly one terminal status (here: succeeded; every row is valid);
-- the `outputs` rows are exactly the stored objects, keys and checksums;
+- the `outputs` rows are exactly the stored objects, keys and checksums, and `ipbatch verify
+  --deep` finds every recorded output whole (no cut-off upload was recorded);
 - one `embeddings` row and one object per key, and no embedding computed once it was
   recorded (the cache never bypassed); computations lost to a fault are counted.
 
@@ -31,7 +32,7 @@ import sqlalchemy as sa
 from helpers.cluster import Cluster, FlakyS3
 from helpers.services import terminate_connections
 
-FAULTS = ("kill_pool", "kill_worker", "pause_worker", "cut_database", "s3_outage")
+FAULTS = ("kill_pool", "kill_worker", "pause_worker", "cut_database", "s3_outage", "cut_upload")
 WORKERS = {"w1": "ingest,embed,generate", "w2": "ingest,embed,generate", "gen": "generate"}
 REFERENCES = ("red", "blue", "green")
 
@@ -60,6 +61,7 @@ class Report:
     reclaims: int = 0  # items taken over after a lease ran out (re-claimed, or by the reaper)
     releases: int = 0  # items given back (outages)
     fenced: int = 0  # writes refused to workers that lost their claim
+    cut_uploads: int = 0  # objects left by cut-off uploads (each replaced by its image)
 
     def summary(self) -> str:
         counts = Counter(f for _, f, _ in self.faults)
@@ -67,7 +69,7 @@ class Report:
             f"seed {self.seed}: {len(self.faults)} faults {dict(counts)}; {len(self.jobs)} jobs, "
             f"{self.items} items, {self.images} images in {self.seconds:.0f} s; re-claims "
             f"{self.reclaims}, releases {self.releases}, embeddings computed again "
-            f"{self.recomputed}"
+            f"{self.recomputed}, cut-off uploads replaced {self.cut_uploads}"
         )
 
 
@@ -115,7 +117,7 @@ def run(
     started = time.monotonic()
     while time.monotonic() - started < plan.faults_for and not _all_ended(cluster, report.jobs):
         time.sleep(rng.uniform(*plan.gap))
-        fault = rng.choice(FAULTS)
+        fault = rng.choice(FAULTS) if report.faults else "cut_upload"  # one at least
         target = _inflict(cluster, flaky, fault, rng, plan, database_url, report)
         report.faults.append((round(time.monotonic() - started, 1), fault, target))
     # everything back, then every job must finish
@@ -175,9 +177,43 @@ def _inflict(
         return f"{name} for {pause:.0f} s"
     if fault == "cut_database":
         return f"{terminate_connections(database_url)} connections"
+    if fault == "cut_upload":
+        return _cut_uploads(cluster, rng, report)
     outage = rng.uniform(2, 6)
     flaky.outage(outage)
     return f"{outage:.0f} s"
+
+
+def _cut_uploads(cluster: Cluster, rng: random.Random, report: Report) -> str:
+    """What killed uploads leave on a server that keeps what it received: the first image of
+    up to three items not yet stored becomes a 0-byte or truncated object. Created only where
+    no object is (If-None-Match), as an upload that was cut off would have: a stored image is
+    never overwritten behind the workers' backs."""
+    from botocore.exceptions import ClientError
+
+    with cluster.engine.connect() as conn:
+        waiting = conn.execute(
+            sa.text(
+                "SELECT job_id, row_id FROM items WHERE job_id = ANY(:j)"
+                " AND status IN ('ready', 'running') ORDER BY id"
+            ),
+            {"j": report.jobs},
+        ).all()
+    cut = 0
+    for job_id, row_id in rng.sample(waiting, min(3, len(waiting))):
+        body = b"" if rng.random() < 0.5 else b"\x89PNG\r\n\x1a\n" + rng.randbytes(200)
+        try:
+            cluster.s3.put_object(
+                Bucket=cluster.bucket,
+                Key=f"chaos/{job_id}/{row_id}/0.png",
+                Body=body,
+                IfNoneMatch="*",
+            )
+            cut += 1
+        except ClientError:  # stored meanwhile: nothing to cut off
+            pass
+    report.cut_uploads += cut
+    return f"{cut} uploads"
 
 
 def _check(cluster: Cluster, report: Report) -> None:
@@ -209,6 +245,8 @@ def _check(cluster: Cluster, report: Report) -> None:
         ).all()
     for job_id in report.jobs:
         cluster.assert_one_set_of_outputs(job_id, prefix="chaos", asked=int(asked[job_id]))
+        found = json.loads(cluster.cli("verify", job_id, "--deep", "--json"))
+        assert (found["checked"], found["problems"]) == (int(asked[job_id]), []), found
     report.images = sum(int(n) for n in asked.values())
     report.reclaims = sum(
         1 for f, t, m in events if m and ("re-claimed" in m or m.startswith("lease expired"))

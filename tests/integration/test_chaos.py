@@ -29,3 +29,4 @@ def test_chaos_loses_nothing_and_makes_nothing_twice(
     for when, fault, target in report.faults:
         print(f"  {when:6.1f} s  {fault:13} {target}")
     assert report.faults, "no fault happened: the run proves nothing"
+    assert report.cut_uploads, "no upload was cut off: the first fault found no item waiting"
