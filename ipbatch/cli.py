@@ -1,4 +1,5 @@
-"""The `ipbatch` command. Exit codes: 0 all good, 1 some items failed, 2 usage/config error."""
+"""The `ipbatch` command. Exit codes: 0 all good, 1 some items failed (or, for `verify`, some
+outputs missing or broken), 2 usage/config error."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     items of the broken ones are made again (here in one-machine mode, by the workers
     otherwise)."""
     settings = _settings(args)
+    threads = max(1, min(args.threads, 64))  # the S3 client keeps 64 connections
     if settings.database_url is None:
         from workers.runner import verify_local
 
@@ -71,14 +73,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             job_id=args.job,
             deep=args.deep,
             repair=args.repair,
-            threads=args.threads,
+            threads=threads,
             progress=False,
         )
     else:
         from workers.stages import verify
         from workers.tasks import context, send_urgent
 
-        found = verify.verify(context(), job_id=args.job, deep=args.deep, threads=args.threads)
+        found = verify.verify(context(), job_id=args.job, deep=args.deep, threads=threads)
         if args.repair:
             verify.repair(context(), verified=found, send=send_urgent)
         summary = after = None
@@ -732,7 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--deep", action="store_true", help="also read each object: sha256, decoding")
     p.add_argument("--repair", action="store_true", help="make the broken outputs' items again")
-    p.add_argument("--threads", type=int, default=32, help="requests in flight (default 32)")
+    p.add_argument(
+        "--threads", type=int, default=32, help="requests in flight (default 32, at most 64)"
+    )
     p.add_argument("--json", action="store_true", help="the findings as JSON (for scripts)")
     p.add_argument("--models", help="models folder (one-machine mode, --repair)")
     p.set_defaults(func=cmd_verify)

@@ -167,7 +167,8 @@ class S3Store:
             "s3",
             endpoint_url=endpoint_url,
             region_name=region,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+            # connections for as many requests in flight as `ipbatch verify --threads` sends
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=64),
         )
         self._endpoint = endpoint_url or "AWS S3"
         self._conditional: dict[str, bool] = {}  # bucket -> honours If-None-Match

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers.cli import ipbatch
 from helpers.cli import ipbatch_ok as cli
 from helpers.cluster import REAPER_EVERY, Cluster, FlakyS3
 from helpers.services import restart_postgres, restart_rabbitmq_app
@@ -91,6 +92,26 @@ def test_submit_embed_generate_over_real_services(
         s3.head_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))
     assert attempts == 1  # claims in the last stage: one generate claim each, no redelivery
     check_metrics_and_logs(cluster, job_id, images=len(outputs))
+
+    # verify: one image deleted and one cut short behind the ledger's back are found, and
+    # --repair has the generate workers make them again; the job ends whole
+    first, second = (uri.removeprefix(f"s3://{bucket}/") for uri, *_ in outputs[:2])
+    size = s3.head_object(Bucket=bucket, Key=second)["ContentLength"]
+    s3.delete_object(Bucket=bucket, Key=first)
+    s3.put_object(Bucket=bucket, Key=second, Body=b"\x89PNG\r\n\x1a\n")  # an upload cut off
+    found = ipbatch("verify", job_id, "--json", env=env)
+    assert found.returncode == 1, found.stderr
+    assert sorted(p["what"] for p in json.loads(found.stdout)["problems"]) == [
+        f"8 bytes where {size:,} were recorded",
+        "missing",
+    ]
+    queued = ipbatch("verify", job_id, "--repair", env=env)
+    assert queued.returncode == 1  # the job is not whole until the workers have made them
+    assert "repair: 2 items queued for the generate workers" in queued.stdout
+    assert "Connection pool is full" not in queued.stderr  # a connection per request in flight
+    assert cluster.wait_for_job(job_id)["status"] == "succeeded"
+    assert json.loads(cli("verify", job_id, "--deep", "--json", env=env))["problems"] == []
+    cluster.assert_one_set_of_outputs(job_id, prefix="results", asked=len(outputs))
 
     # the producer: a manifest dropped under a watched prefix is submitted once
     manifest2 = cluster.put_manifest(

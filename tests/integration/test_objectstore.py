@@ -9,6 +9,7 @@ import pytest
 from core.errors import ObjectNotFound
 from core.uris import join_uri
 from storage.objectstore import ObjectStores
+from storage.publish import Outcome, publish
 from workers.stages.generate import output_uri_for
 
 
@@ -36,14 +37,32 @@ def test_put_get_exists_list(root: tuple[ObjectStores, str]) -> None:
 
 
 def test_put_new_never_overwrites(root: tuple[ObjectStores, str]) -> None:
-    """The first writer of a key wins; a later writer is told what is stored there."""
+    """The first writer of a key wins; a later writer is told something is there."""
     stores, base = root
     store = stores.for_uri(base)
     key = join_uri(base, "job", "row", "0.png")
-    assert store.put_new(key, b"first", content_type="image/png") == b"first"
-    assert store.put_new(key, b"second", content_type="image/png") == b"first"
+    assert store.stat(key) is None
+    assert store.put_new(key, b"first", content_type="image/png") is True
+    assert store.put_new(key, b"second", content_type="image/png") is False
     assert store.get(key) == b"first"
+    stat = store.stat(key)
+    assert stat is not None and stat.size == 5
+    assert stat.md5_is(b"first") is (True if base.startswith("s3://") else None)
     assert sorted(store.list(base)) == [key]  # no temporary files left behind
+
+
+def test_publish_leaves_the_key_holding_the_writers_bytes(root: tuple[ObjectStores, str]) -> None:
+    stores, base = root
+    store = stores.for_uri(base)
+    key = join_uri(base, "job", "row", "0.png")
+    assert publish(store, key, b"image", kind="test").outcome is Outcome.CREATED
+    assert publish(store, key, b"image", kind="test").outcome is Outcome.KEPT
+    store.put(key, b"")  # a cut-off upload, as s3rver leaves it
+    again = publish(store, key, b"image", kind="test")
+    assert (again.outcome, again.reason, store.get(key)) == (Outcome.REPAIRED, "empty", b"image")
+    store.put(key, b"imagf")  # same size, other bytes
+    lapsed = publish(store, key, b"image", kind="test", still_ours=lambda: False)
+    assert (lapsed.outcome, store.get(key)) == (Outcome.NOT_OURS, b"imagf")
 
 
 def test_streaming_open_yields_lines(root: tuple[ObjectStores, str]) -> None:

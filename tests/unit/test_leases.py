@@ -18,6 +18,7 @@ from helpers.jobs import ingest_job, local_context, write_manifest
 
 from core.errors import RetryableError
 from storage.ledger import items
+from storage.ledger import jobs as job_ledger
 from storage.lifecycle import EMBED, GENERATE, Stage
 from storage.models import Item, ItemEvent, ItemStatus, Output
 from workers.context import StageContext
@@ -164,27 +165,26 @@ def test_heartbeat_keeps_a_long_batch_claimed(
 def test_an_image_stored_by_an_earlier_attempt_is_kept_and_recorded(
     ctx: StageContext, tmp_path: Path, reference_images: dict[str, Path]
 ) -> None:
-    """A worker died after uploading an image but before recording it: the next attempt finds
-    the key taken, keeps that image and records its checksum; one version per key, always."""
+    """A worker died after uploading its items' images but before recording them. The next
+    attempt makes the same bytes (the same rows in the same call), finds them at the keys and
+    keeps them: no second write, the checksums of what is stored recorded. (Other bytes at a
+    key are replaced or refused: tests/integration/test_s3_failures.py.)"""
     ids = _job(ctx, tmp_path, reference_images["red"], rows=2)
     ready = embed.run(ctx, item_ids=ids).ready
-    with ctx.sessions.begin() as s:
-        [item] = items.load_items(s, item_ids=ready[:1])
-        job_id = item.job_id
-    earlier = tmp_path / "o" / job_id / "r0" / "0.png"
-    earlier.parent.mkdir(parents=True)
-    earlier.write_bytes(b"the image an earlier attempt stored")
     assert generate.run(ctx, item_ids=ready).succeeded == 2
     with ctx.sessions.begin() as s:
-        shas = dict(
-            s.execute(
-                sa.select(Item.row_id, Output.sha256).join(Output, Output.item_id == Item.id)
-            ).all()
-        )
-    assert earlier.read_bytes() == b"the image an earlier attempt stored"
-    assert shas["r0"] == hashlib.sha256(earlier.read_bytes()).hexdigest()
-    other = (tmp_path / "o" / job_id / "r1" / "0.png").read_bytes()
-    assert shas["r1"] == hashlib.sha256(other).hexdigest()
+        stored = dict(s.execute(sa.select(Output.uri, Output.sha256)).all())
+        job_id = items.load_items(s, item_ids=ready[:1])[0].job_id
+        # what the worker killed between upload and commit leaves: images, no record
+        job_ledger.regenerate(s, job_id=job_id, item_ids=ready, now=ctx.clock(), reason="test")
+        assert s.scalar(sa.select(sa.func.count()).select_from(Output)) == 0
+    written = {uri: Path(uri).stat().st_mtime_ns for uri in stored}
+    assert generate.run(ctx, item_ids=ready).succeeded == 2
+    with ctx.sessions.begin() as s:
+        assert dict(s.execute(sa.select(Output.uri, Output.sha256)).all()) == stored
+    assert {uri: Path(uri).stat().st_mtime_ns for uri in stored} == written  # kept, not rewritten
+    for uri, sha in stored.items():
+        assert hashlib.sha256(Path(uri).read_bytes()).hexdigest() == sha
 
 
 def test_reaper_queues_again_items_whose_message_was_lost(
@@ -233,10 +233,10 @@ def test_an_outage_does_not_count_as_a_delivery(
     real_upload = generate._upload
     outage = iter(range(ctx.settings.max_deliveries + 2))
 
-    def upload(*args: Any) -> Any:
+    def upload(*args: Any, **kwargs: Any) -> Any:
         if next(outage, None) is not None:
             raise RetryableError("S3 unreachable (test)", dependency="s3")
-        return real_upload(*args)
+        return real_upload(*args, **kwargs)
 
     monkeypatch.setattr(generate, "_upload", upload)
     for _ in range(ctx.settings.max_deliveries + 2):
