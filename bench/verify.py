@@ -1,49 +1,64 @@
 """`ipbatch verify` at scale: N recorded outputs checked against an S3 server, side by side.
 
-    .venv/bin/python bench/verify.py [--outputs 10000] [--pg URL]
+    .venv/bin/python bench/verify.py [--outputs 5000] [--latency-ms 20] [--pg URL]
 
-Starts moto's S3 server on a free local port (in this process) and a throwaway PostgreSQL
-database, records N outputs of one job (items + outputs rows, 4 KiB objects), then times
-`verify` with 1, 8 and 32 requests in flight and `--deep` with 32, and prints outputs/s,
-the speed-up over one request at a time, the time a job of 1,000,000 images would take at
-that rate, and the process's peak RSS before and after (constant memory is the point of the
-paged ledger reads). moto answers a HEAD in about a millisecond on the same machine; a real
-S3 endpoint takes 10-30 ms, where requests in flight matter more. No assertions.
+Starts moto's S3 server in a process of its own, behind the tests' S3 proxy, which holds every
+request `--latency-ms` (a real S3 endpoint answers a HEAD in 10-30 ms; moto on this machine in
+a few), and a throwaway PostgreSQL database; records N outputs of one job (items + outputs rows,
+~5 KiB PNGs), then times `verify` with 1, 8 and 32 requests in flight and `--deep` with 32.
+Prints outputs/s, the speed-up over one request at a time, the time a job of 1,000,000 images
+would take at that rate, and the process's peak RSS before and after (constant memory is the
+point of the paged ledger reads). No assertions.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import resource
+import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--outputs", type=int, default=10_000)
+    parser.add_argument("--outputs", type=int, default=5_000)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432")
     args = parser.parse_args()
 
     import boto3
+    import numpy as np
     import sqlalchemy as sa
-    from moto.server import ThreadedMotoServer
+    from helpers.cli import free_port
+    from helpers.s3proxy import S3Proxy
+    from PIL import Image
 
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"  # type: ignore[union-attr]
+    port = free_port()
+    moto = subprocess.Popen(  # its own process: its work does not share this one's GIL
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proxy = S3Proxy(f"http://127.0.0.1:{port}")
+    endpoint = proxy.endpoint
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
     bucket = "bench"
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket=bucket)
@@ -66,7 +81,10 @@ def main() -> None:
         upgrade(os.environ["IPBATCH_DATABASE_URL"])
         ctx = tasks.context()
         now = ctx.clock()
-        body = os.urandom(4096)
+        noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        png = io.BytesIO()
+        Image.fromarray(noise).save(png, format="PNG")  # an image (--deep decodes it), ~4.8 KiB
+        body = png.getvalue()
         sha = hashlib.sha256(body).hexdigest()
         with ctx.sessions.begin() as session:
             job_id, _ = job_ledger.create(
@@ -119,6 +137,8 @@ def main() -> None:
         print(
             f"{args.outputs:,} outputs recorded and stored in {time.perf_counter() - started:.0f} s"
         )
+        proxy.delay = args.latency_ms / 1000
+        print(f"every S3 request now held {args.latency_ms:.0f} ms by the proxy")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         base = None
@@ -140,7 +160,8 @@ def main() -> None:
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        server.stop()
+        proxy.close()
+        moto.terminate()
 
 
 if __name__ == "__main__":

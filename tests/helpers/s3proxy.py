@@ -5,7 +5,8 @@
 - `cut(predicate, times)`: send the headers of matching responses with their full length,
   then only half the body, and close the connection (a read that fails half way);
 - `fail(predicate, times)`: close the connection of matching requests without an answer;
-- `down`: close every connection without an answer (an endpoint that went away).
+- `down`: close every connection without an answer (an endpoint that went away);
+- `delay`: seconds every request waits before it is forwarded (a distant endpoint).
 
 Every request is recorded (method, path and whether it carried If-None-Match), so a test can
 count who wrote what.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +41,7 @@ class S3Proxy:
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.strip_conditions = False
         self.down = False
+        self.delay = 0.0
         self.seen: list[Seen] = []
         self._faults: list[list] = []  # [kind, predicate, times left]
         self._lock = threading.Lock()
@@ -115,6 +118,8 @@ def _handler(proxy: S3Proxy) -> type[BaseHTTPRequestHandler]:
             with proxy._lock:
                 proxy.seen.append(Seen(self.command, self.path, conditional))
             fault = proxy._fault(self.command, self.path)
+            if proxy.delay:
+                time.sleep(proxy.delay)
             if proxy.down or fault == "fail":
                 self._hang_up()
                 return
