@@ -10,8 +10,9 @@ PY312 := .venv-py312
 PY312_STAMP := $(PY312)/.installed-stamp
 
 REHEARSAL := .venv-gpu-rehearsal
+REHEARSAL_STAMP := $(REHEARSAL)/.installed-stamp
 
-.PHONY: install services demo test lint typecheck unit bench clean test-py312 gpu-rehearsal
+.PHONY: install services demo test lint typecheck unit bench clean test-py312 gpu-rehearsal py312-envs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,8 +54,15 @@ typecheck: install
 	$(BIN)/mypy
 
 test: install services lint typecheck
-	$(BIN)/pytest --durations=15
+	@# the 3.12 venvs are minutes of downloading and unpacking and little CPU: they are made in
+	@# the background while the 3.11 suite runs (their log: .py312-envs.log)
+	$(MAKE) --no-print-directory py312-envs > .py312-envs.log 2>&1 & envs=$$!; \
+	$(BIN)/pytest --durations=15; tests=$$?; \
+	if ! wait $$envs; then cat .py312-envs.log; echo "making the 3.12 venvs failed"; exit 1; fi; \
+	exit $$tests
 	$(MAKE) test-py312 gpu-rehearsal
+
+py312-envs: $(PY312_STAMP) $(REHEARSAL_STAMP)
 
 # Python 3.12: what an interpreter can change, in a venv of its own: the one-machine end to end,
 # the CLI and the train command as subprocesses, manifest parsing, images, imports and Celery's
@@ -69,12 +77,17 @@ test-py312: $(PY312_STAMP) services
 # The GPU command rehearsed on the CPU before a GPU is ever used: a clean Python 3.12 venv with
 # only the GPU image's packages that ipbatch uses (at the image's versions) plus torch, the
 # wheels bench/gpu-wheels.sh fetches for the rest, and `DRY_RUN=1 bench/gpu.sh` on tiny models
-gpu-rehearsal: install
-	rm -rf $(REHEARSAL) .gpu-rehearsal
+# Its venv is made anew whenever what decides its packages changes
+$(REHEARSAL_STAMP): pyproject.toml bench/gpu_wheels.py bench/gpu-image-packages.txt | $(STAMP)
+	rm -rf $(REHEARSAL)
 	$$(scripts/find-python.sh 3.12) -m venv $(REHEARSAL)
 	$(REHEARSAL)/bin/pip install --quiet --upgrade pip
 	PY=$(BIN)/python bench/gpu-wheels.sh --image-requirements $(REHEARSAL)/image-packages.txt
 	$(REHEARSAL)/bin/pip install --quiet torch==2.13.0 -r $(REHEARSAL)/image-packages.txt
+	touch $@
+
+gpu-rehearsal: $(REHEARSAL_STAMP)
+	rm -rf .gpu-rehearsal
 	DRY_RUN=1 BUDGET=420 PY=$(REHEARSAL)/bin/python bench/gpu.sh .gpu-rehearsal
 	$(BIN)/python -c "import json, sys; f = json.load(open('.gpu-rehearsal/figures.json')); \
 		sys.exit('rehearsal incomplete: ' + repr(f['stopped']) if f['stopped'] else 0)"
@@ -83,5 +96,5 @@ bench: install
 	$(BIN)/python bench/generate.py
 
 clean:
-	rm -rf $(VENV) $(PY312) $(REHEARSAL) .gpu-rehearsal .whl $(HOME_DIR) .pytest_cache \
+	rm -rf $(VENV) $(PY312) $(REHEARSAL) .gpu-rehearsal .whl .py312-envs.log $(HOME_DIR) .pytest_cache \
 		.mypy_cache .ruff_cache
