@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from core.errors import ErrorCode, ItemError
-from pipeline.images import decode_reference, encode_output
+from pipeline.images import decode_reference, encode_output, judge_stored_output
 
 LIMITS = {"max_pixels": 4_000_000, "max_bytes": 5_000_000}
 
@@ -172,3 +172,32 @@ def test_canny_is_the_guides_recipe() -> None:
     expected = np.concatenate([edges, edges, edges], axis=2)
     assert (_prepared(Image.fromarray(picture), "canny-50-150") == expected).all()
     assert expected.any() and not (expected == 255).all()
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_what_an_output_key_holds_is_judged_against_the_image_made(fmt: str) -> None:
+    """Empty or cut short: replaced. The same picture one level off in a few pixels (rows
+    batched differently round differently): another rendering, replaced. Another picture:
+    output_conflict naming the key, never replaced."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 250, (64, 64, 3), dtype=np.uint8)
+    made = encode_output(Image.fromarray(pixels), fmt, {"row_id": "r"})
+    rounded = pixels.copy()
+    rounded[::7, ::5] += 1
+    uri = f"s3://out/job/r/0.{fmt}"
+
+    def judge(stored: bytes) -> str:
+        return judge_stored_output(stored, made, uri=uri)
+
+    assert judge(b"") == "empty"
+    assert judge(made[: len(made) // 2]) == "undecodable"
+    assert judge(encode_output(Image.fromarray(rounded), fmt, {"row_id": "r"})) == (
+        "another rendering"
+    )
+    other = encode_output(Image.fromarray(255 - pixels), fmt, {"row_id": "r"})
+    with pytest.raises(ItemError) as conflict:
+        judge(other)
+    assert conflict.value.code == ErrorCode.OUTPUT_CONFLICT
+    assert f"{uri} already holds another picture" in conflict.value.message
+    with pytest.raises(ItemError, match="it is 32x64"):
+        judge(encode_output(Image.fromarray(pixels[:, :32]), fmt, {"row_id": "r"}))
