@@ -12,7 +12,7 @@ holding it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -469,29 +469,16 @@ def retry_failed(
             .order_by(Item.id)
         )
     )
-    moved: list[int] = []
-    for lo in range(0, len(ids), 1000):
-        moved += transition(
-            session,
-            item_ids=ids[lo : lo + 1000],
-            from_status=ItemStatus.FAILED,
-            to_status=ItemStatus.PENDING,
-            now=now,
-            worker=worker,
-            message="retry requested",
-        )
-    if moved:
-        move(
-            session,
-            job_id=job_id,
-            from_statuses=[JobStatus.FAILED],
-            to_status=JobStatus.RUNNING,
-            now=now,
-            worker=worker,
-            message=f"retry: {len(moved)} failed items queued again",
-            values={"finished_at": None},
-        )
-    return moved
+    return _run_again(
+        session,
+        job_id=job_id,
+        item_ids=ids,
+        moves=(ItemStatus.FAILED, ItemStatus.PENDING),
+        job_from=[JobStatus.FAILED],
+        messages=("retry requested", "retry: {n} failed items queued again"),
+        now=now,
+        worker=worker,
+    )
 
 
 def regenerate(
@@ -506,28 +493,56 @@ def regenerate(
     """Succeeded items whose output objects are missing or broken go back to the generate
     stage (their outputs rows forgotten in the same transaction) and the job runs again.
     Returns the ids that moved (those still succeeded)."""
+    return _run_again(
+        session,
+        job_id=job_id,
+        item_ids=item_ids,
+        moves=(ItemStatus.SUCCEEDED, ItemStatus.READY),
+        job_from=[JobStatus.SUCCEEDED, JobStatus.FAILED],
+        messages=(reason, "repair: {n} items whose outputs are missing or broken made again"),
+        now=now,
+        worker=worker,
+        each=lambda chunk: outputs.forget(session, item_ids=chunk),
+    )
+
+
+def _run_again(
+    session: Session,
+    *,
+    job_id: str,
+    item_ids: Sequence[int],
+    moves: tuple[ItemStatus, ItemStatus],
+    job_from: list[JobStatus],
+    messages: tuple[str, str],
+    now: datetime,
+    worker: str | None,
+    each: Callable[[list[int]], None] | None = None,
+) -> list[int]:
+    """Items of an ended job moved back into a stage (a page of 1,000 at a time, `each` run
+    on every page that moved) and the job running again. Returns the ids that moved."""
     moved: list[int] = []
     for lo in range(0, len(item_ids), 1000):
         chunk = transition(
             session,
             item_ids=list(item_ids[lo : lo + 1000]),
-            from_status=ItemStatus.SUCCEEDED,
-            to_status=ItemStatus.READY,
+            from_status=moves[0],
+            to_status=moves[1],
             now=now,
             worker=worker,
-            message=reason,
+            message=messages[0],
         )
-        outputs.forget(session, item_ids=chunk)
+        if each is not None:
+            each(chunk)
         moved += chunk
     if moved:
         move(
             session,
             job_id=job_id,
-            from_statuses=[JobStatus.SUCCEEDED, JobStatus.FAILED],
+            from_statuses=job_from,
             to_status=JobStatus.RUNNING,
             now=now,
             worker=worker,
-            message=f"repair: {len(moved)} items whose outputs are missing or broken made again",
+            message=messages[1].format(n=len(moved)),
             values={"finished_at": None},
         )
     return moved
