@@ -364,8 +364,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from pipeline.generator import default_batch_images
     from pipeline.models import resolve_device
+    from pipeline.pool import default_batch_images
     from workers.context import quiet_model_libraries
 
     quiet_model_libraries()

@@ -1,158 +1,41 @@
-"""The generator: a warm diffusers pipeline with IP-Adapters, fed precomputed embeddings.
+"""The generator: how a row, or a batch of rows, becomes one diffusers call.
 
 Reads like a diffusers pipeline: `check_request` validates every input before any model work
 (shapes included: CFG-shaped embeddings with guidance <= 1 give no error in diffusers, only a
-wrong image), then numbered steps, then a typed result.
+wrong image), then numbered steps, then a typed result. The request schema is
+`pipeline.requests`, loading is `pipeline.pipelines`, and what reaches into diffusers'
+internals is `pipeline.diffusers_overrides`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, field, fields
-from pathlib import PurePosixPath
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from core.errors import (
-    ConfigError,
-    ErrorCode,
-    ItemError,
-    ModelLoadError,
+from core.errors import ErrorCode, ItemError
+from pipeline.diffusers_overrides import per_slot_control, prebuilt_ip_embeds
+from pipeline.pipelines import WarmPipelines
+from pipeline.requests import (
+    AdapterInput,
+    GenerationRequest,
+    batch_key,
+    direct_arguments,
+    per_slot_scale,
 )
-from pipeline.models import ModelSource, loading
-from pipeline.presets import BASE_MODELS, CONTROLNETS, AdapterPreset, builtin_adapter
 
 log = logging.getLogger(__name__)
-
-
-def shared(description: str = "", default: Any = MISSING) -> Any:
-    """A request field every row of one diffusers call must have equal (it is in `batch_key`)."""
-    return field(default=default, metadata={"batch": "shared", "doc": description})
-
-
-def per_slot(shared_part: Callable[[Any], object] | None = None, default: Any = MISSING) -> Any:
-    """A request field each row of a call may have its own of. `shared_part(obj)` (given the
-    whole input) is what of it must still be equal (a tensor's shape, whether an image is
-    given), and is in `batch_key`."""
-    return field(default=default, metadata={"batch": "per_slot", "shared_part": shared_part})
-
-
-def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
-    return None if tensor is None else tuple(tensor.shape)
-
-
-def _given(value: object) -> bool:
-    return value is not None
-
-
-@dataclass(frozen=True)
-class ControlInput:
-    """One ControlNet on one row: the condition map (any size: diffusers resizes it to the
-    output) and how strong it is, and over which fraction of the steps. Rows of one call may
-    each have their own (a per-slot multiplier of the ControlNet's residuals)."""
-
-    model: str = shared("one ControlNet per position, loaded for the call")
-    image: Image.Image = per_slot()
-    scale: float = per_slot(default=1.0)
-    start: float = per_slot(default=0.0)
-    end: float = per_slot(default=1.0)
-
-
-def _scale_shared(a: AdapterInput) -> object:
-    """An IP-Adapter strength can differ row by row through a per-slot attention mask when it
-    is a plain number and masks do not change how the references are attended (one reference,
-    or regions given anyway); InstantStyle dicts and the rest must be equal."""
-    if isinstance(a.scale, dict):
-        return json.dumps(a.scale, sort_keys=True)
-    return "per slot" if per_slot_scale(a) else a.scale
 
 
 def _plain(scale: float | dict) -> float:
     assert not isinstance(scale, dict), "InstantStyle scales are never per slot"
     return float(scale)
-
-
-def per_slot_scale(a: AdapterInput) -> bool:
-    return not isinstance(a.scale, dict) and (a.pos.shape[0] == 1 or a.regions is not None)
-
-
-@dataclass(frozen=True)
-class AdapterInput:
-    """One adapter's conditioning for one row: `pos`/`neg` shaped [n_refs_or_1, ...].
-
-    FaceID-Plus also takes `clip_pos`/`clip_neg`: CLIP hidden states of the aligned face crop,
-    [1, tokens, hidden], which diffusers reads from the projection layer's `clip_embeds`.
-    `regions`: where the reference applies (white), one mask for all references or one each.
-    """
-
-    adapter: str = shared("which adapter (the pipeline loaded for the call)")
-    scale: float | dict = per_slot(_scale_shared)
-    pos: torch.Tensor = per_slot(lambda a: _shape(a.pos))
-    neg: torch.Tensor = per_slot(lambda a: _shape(a.neg))
-    clip_pos: torch.Tensor | None = per_slot(lambda a: _shape(a.clip_pos), default=None)
-    clip_neg: torch.Tensor | None = per_slot(lambda a: _shape(a.clip_neg), default=None)
-    # FaceID-Plus v2's structure weight (the card's s_scale), state on the projection layer
-    shortcut_scale: float = shared("one value per projection layer and call", default=1.0)
-    # with several references, a mask changes how they are attended (separately, summed): the
-    # presence of regions must be equal in one call, the masks themselves may differ
-    regions: list[Image.Image] | None = per_slot(
-        lambda a: None if a.regions is None else len(a.regions), default=None
-    )
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One row's call. Every field says whether rows batched into one diffusers call may
-    differ in it (`per_slot`) or must share it (`shared`); `batch_key` follows that, and a
-    test fails for a field that says neither."""
-
-    prompt: str = per_slot()
-    # SDXL zeroes an absent negative prompt instead of encoding "": presence is shared
-    negative_prompt: str = per_slot(lambda r: bool(r.negative_prompt))
-    adapters: list[AdapterInput] = per_slot(lambda r: tuple(batch_key(a) for a in r.adapters))
-    num_images: int = per_slot()  # each image is a slot of its own
-    seed: int = per_slot()
-    steps: int = shared("one denoising schedule per call")
-    guidance_scale: float = shared("one CFG rule per call")
-    width: int | None = shared("one latent size per call", default=None)
-    height: int | None = shared("one latent size per call", default=None)
-    controls: tuple[ControlInput, ...] = per_slot(
-        lambda r: tuple(batch_key(c) for c in r.controls), default=()
-    )
-    # image-to-image from `init_image`, inpainting where `mask` is white; one pipeline per mode
-    init_image: Image.Image | None = per_slot(lambda r: _given(r.init_image), default=None)
-    mask: Image.Image | None = per_slot(lambda r: _given(r.mask), default=None)
-    strength: float | None = shared("one noise level per call (a float in diffusers)", None)
-
-    @property
-    def mode(self) -> str:
-        if self.mask is not None:
-            return "inpaint"
-        return "img2img" if self.init_image is not None else "text"
-
-
-def batch_key(request: GenerationRequest | AdapterInput | ControlInput) -> tuple[object, ...]:
-    """Rows with equal keys can share one diffusers call: the shared fields, and the shared
-    part of the per-slot ones, as their fields declare."""
-    key: list[object] = []
-    for f in fields(request):
-        value = getattr(request, f.name)
-        kind = f.metadata.get("batch")
-        if kind == "shared":
-            key.append(json.dumps(value, sort_keys=True) if isinstance(value, dict) else value)
-        elif kind == "per_slot":
-            shared_part = f.metadata["shared_part"]
-            key.append(None if shared_part is None else shared_part(request))
-        else:
-            raise TypeError(f"{type(request).__name__}.{f.name} says neither per_slot nor shared")
-    return tuple(key)
 
 
 @dataclass
@@ -185,22 +68,6 @@ class CallInputs:
                 raise ItemError(ErrorCode.INTERNAL, f"{len(values)} {name} for {self.slots} slots")
 
 
-_PIPELINES = {  # (family, mode, with ControlNet) -> diffusers class
-    ("sd15", "text", False): "StableDiffusionPipeline",
-    ("sd15", "text", True): "StableDiffusionControlNetPipeline",
-    ("sd15", "img2img", False): "StableDiffusionImg2ImgPipeline",
-    ("sd15", "img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
-    ("sd15", "inpaint", False): "StableDiffusionInpaintPipeline",
-    ("sd15", "inpaint", True): "StableDiffusionControlNetInpaintPipeline",
-    ("sdxl", "text", False): "StableDiffusionXLPipeline",
-    ("sdxl", "text", True): "StableDiffusionXLControlNetPipeline",
-    ("sdxl", "img2img", False): "StableDiffusionXLImg2ImgPipeline",
-    ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
-    ("sdxl", "inpaint", False): "StableDiffusionXLInpaintPipeline",
-    ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
-}
-
-
 def _controls_of(request: GenerationRequest) -> Any:
     """A row's control images as a pipeline takes them: one image for one ControlNet, a list
     with one per net for several (a batched call: that, per slot)."""
@@ -208,10 +75,6 @@ def _controls_of(request: GenerationRequest) -> Any:
         return None
     images = [c.image for c in request.controls]
     return images if len(images) > 1 else images[0]
-
-
-def pipeline_class(family: str, mode: str, controlnet: bool) -> str:
-    return _PIPELINES[(family, mode, controlnet)]
 
 
 @dataclass(frozen=True)
@@ -224,116 +87,14 @@ class GenerationResult:
     warning: str | None = None  # e.g. a prompt longer than the text encoder reads
 
 
-@dataclass(frozen=True)
-class Acceleration:
-    """How the pipeline runs on its device (IPBATCH_CHANNELS_LAST, _COMPILE, _VAE_SLICING_ABOVE).
-
-    fp16 (CUDA) / fp32 (CPU) comes from the dtype; attention is PyTorch SDPA, diffusers'
-    default with torch 2 (IP-Adapter's processors are its `*2_0` variants).
-    """
-
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
-    vae_slicing_above: int | None = None  # 0: never; None: 8 on CUDA, never on CPU
-    max_images: int = 16  # the largest call; compile buckets go up to it
-
-
-def compile_buckets(max_images: int) -> list[int]:
-    """Batch sizes a compiled UNet sees: powers of two up to `max_images`, and itself."""
-    sizes, size = [], 1
-    while size < max_images:
-        sizes.append(size)
-        size *= 2
-    return sizes + [max_images]
-
-
 def image_seeds(seed: int, num_images: int) -> list[int]:
     """Image k of a row uses seed + k (wrapping at 2**32, the manifest's seed range)."""
     return [(seed + k) % 2**32 for k in range(num_images)]
 
 
-class Generator:
-    """One warm pipeline for one (base model, adapter set); built in the worker process."""
-
-    def __init__(
-        self,
-        models: ModelSource,
-        adapters: tuple[str, ...],
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        acceleration: Acceleration | None = None,
-        resolve: Callable[[str], AdapterPreset] = builtin_adapter,
-    ) -> None:
-        import diffusers
-
-        presets = [resolve(name) for name in adapters]
-        families = {p.family for p in presets}
-        if len(families) != 1:
-            raise ItemError(ErrorCode.MODEL_ERROR, f"adapters {adapters} need different bases")
-        self.family = families.pop()
-        self.adapters = adapters
-        self.presets = presets
-        self.device = device
-        self.dtype = dtype
-        base = BASE_MODELS[self.family]
-        if any(p.lora for p in presets) and not diffusers.utils.USE_PEFT_BACKEND:
-            # without peft diffusers only logs a warning and skips FaceID's LoRA
-            raise ConfigError("FaceID adapters need the `peft` package for their LoRA")
-        pipeline_class = getattr(diffusers, base.pipeline_class)
-        extra = {"safety_checker": None, "requires_safety_checker": False}
-        # 1. the frozen base model (no safety checker: catalog jobs review outputs themselves)
-        base_folder = models.base_model(self.family)
-        with loading(f"the base model at {base_folder}", base_folder):
-            self.pipe = pipeline_class.from_pretrained(
-                base_folder,
-                dtype=dtype,
-                local_files_only=models.local_files_only,
-                **(extra if self.family == "sd15" else {}),
-            )
-        # 2. the adapters, without their image encoders: embeddings arrive precomputed
-        weights = [models.adapter_weights(preset) for preset in presets]
-        files = [str(PurePosixPath(repo, sub, name)) for repo, sub, name in weights]
-        with loading(f"adapter weights {', '.join(files)}"):
-            self.pipe.load_ip_adapter(
-                [repo for repo, _, _ in weights],
-                subfolder=[sub for _, sub, _ in weights],
-                weight_name=[name for _, _, name in weights],
-                image_encoder_folder=None,
-                local_files_only=models.local_files_only,
-            )
-        # FaceID's LoRA: loaded and ACTIVE (diffusers activates only the last one it loads;
-        # rows with two FaceID adapters are refused by the manifest for that reason)
-        active = set(self.pipe.get_active_adapters()) if any(p.lora for p in presets) else set()
-        for index, (preset, file) in enumerate(zip(presets, files, strict=True)):
-            if preset.lora and f"faceid_{index}" not in active:
-                raise ModelLoadError(f"{preset.name}: the LoRA in {file} is not active")
-        self.pipe.to(device)
-        self.pipe.set_progress_bar_config(disable=True)
-        # 3. device settings: channels_last and the VAE's slicing on CUDA, optional compile
-        self.acceleration = acceleration or Acceleration()
-        if device.type == "cuda" and self.acceleration.channels_last:
-            self.pipe.unet.to(memory_format=torch.channels_last)
-        self.buckets: list[int] = []
-        if self.acceleration.compile:
-            from torch import _dynamo
-
-            self.buckets = compile_buckets(self.acceleration.max_images)
-            # one graph per (bucket, CFG or not, resolution): allow a few dozen
-            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            self.pipe.unet.compile(dynamic=False)
-        self._layers = list(self.pipe.unet.encoder_hid_proj.image_projection_layers)
-        self._projection_shapes = [_embed_shape(layer) for layer in self._layers]
-        # 4. the other modes' pipelines (made on first use, sharing every module) and the
-        #    ControlNets (loaded on first use)
-        self.models = models
-        self._pipes: dict[tuple[str, tuple[str, ...]], Any] = {("text", ()): self.pipe}
-        self._controlnets: dict[str, Any] = {}
-
-    @property
-    def native_size(self) -> tuple[int, int]:
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        return size, size
+class Generator(WarmPipelines):
+    """The warm pipelines of one (base model, adapter set), called for rows; built in the
+    worker process."""
 
     def check_request(self, request: GenerationRequest) -> None:
         names = tuple(a.adapter for a in request.adapters)
@@ -353,6 +114,16 @@ class Generator:
                 _check_shape(spec.adapter, spec.clip_pos, spec.clip_neg, clip_expected)
                 if spec.clip_pos.shape[0] != 1:
                     raise ItemError(ErrorCode.MODEL_ERROR, f"{preset.name} takes one face")
+        if request.clip_skip is not None:
+            # diffusers reads hidden_states[-(clip_skip + 1)] (SDXL: + 2): every encoder must
+            # have that many layers, or the call fails with an IndexError deep inside
+            layers = min(e.config.num_hidden_layers for e in self.text_encoders)
+            if not 1 <= request.clip_skip < layers:
+                raise ItemError(
+                    ErrorCode.INVALID_ROW,
+                    f"clip_skip must be within 1..{layers - 1} for this base model's text "
+                    f"encoder ({layers} layers), got {request.clip_skip}",
+                )
         width, height = self._size(request)
         if width % self.pipe.vae_scale_factor or height % self.pipe.vae_scale_factor:
             raise ItemError(
@@ -400,7 +171,7 @@ class Generator:
         )
 
         # 5. denoise and decode: diffusers' stock path, k images of one prompt
-        self._set_vae_slicing(k)
+        self.set_vae_slicing(k)
         arrays = self._call(
             request,
             prompt=request.prompt,
@@ -435,7 +206,7 @@ class Generator:
         """The one diffusers call both paths make: the per-slot inputs given, every shared
         field taken from `shared` (a row of the call: they are equal in all of them), the
         pipeline of the call's mode (text, img2img, inpaint; with its ControlNets)."""
-        pipe = self._pipe_for(shared)
+        pipe = self.pipe_for(shared.mode, tuple(c.model for c in shared.controls))
         width, height = self._size(shared)
         # strengths: load_ip_adapter resets them, so they are set on every call
         scales = inputs.scales
@@ -458,10 +229,9 @@ class Generator:
                 negative_prompt=negative_prompt,
                 ip_adapter_image_embeds=embeds,
                 num_images_per_prompt=per_prompt,
-                num_inference_steps=shared.steps,
-                guidance_scale=shared.guidance_scale,
                 generator=generators,
                 output_type="np",
+                **direct_arguments(shared),  # steps, guidance, strength, clip_skip...
                 **arguments,
             )
         finally:
@@ -492,54 +262,9 @@ class Generator:
             arguments["control_guidance_end"] = list(end) if several else end[0]
         if inputs.init_images is not None:
             arguments["image"] = inputs.init_images
-            arguments["strength"] = shared.strength
         if inputs.masks is not None:
             arguments["mask_image"] = inputs.masks
         return arguments
-
-    def _pipe_for(self, request: GenerationRequest) -> Any:
-        """The pipeline of the request's mode and ControlNets, made from the warm one with
-        `from_pipe` (the same UNet, VAE, text encoders and IP-Adapters; nothing reloaded). The
-        dtype is passed: without it, from_pipe casts every shared module to float32."""
-        import diffusers
-
-        nets = tuple(c.model for c in request.controls)
-        key = (request.mode, nets)
-        if key not in self._pipes:
-            cls = getattr(diffusers, pipeline_class(self.family, request.mode, bool(nets)))
-            extra: dict[str, Any] = {}
-            if nets:
-                models = [self._controlnet(name) for name in nets]
-                extra["controlnet"] = (
-                    models[0] if len(models) == 1 else diffusers.MultiControlNetModel(models)
-                )
-            pipe = cls.from_pipe(self.pipe, dtype=self.dtype, **extra)
-            pipe.set_progress_bar_config(disable=True)
-            self._pipes[key] = pipe
-        return self._pipes[key]
-
-    def _controlnet(self, name: str) -> Any:
-        from diffusers import ControlNetModel
-
-        if name not in self._controlnets:
-            preset = CONTROLNETS[name]
-            if preset.family != self.family:
-                raise ItemError(
-                    ErrorCode.INVALID_ROW, f"{name} is for {preset.family}, not {self.family}"
-                )
-            folder = self.models.controlnet(name)
-            with loading(f"the ControlNet at {folder}", folder):
-                net = ControlNetModel.from_pretrained(
-                    folder,
-                    variant=preset.variant,
-                    dtype=self.dtype,
-                    local_files_only=self.models.local_files_only,
-                )
-            net.to(self.device)
-            if self.device.type == "cuda" and self.acceleration.channels_last:
-                net.to(memory_format=torch.channels_last)
-            self._controlnets[name] = net
-        return self._controlnets[name]
 
     def _init_image(self, image: Image.Image, width: int, height: int) -> Image.Image:
         """The init image at the output's size, resized as diffusers' image processor does
@@ -634,7 +359,7 @@ class Generator:
         # 3. per-slot strengths and inputs. An adapter whose rows may differ in strength runs
         #    at 1.0 with each slot's strength as a constant mask (times its regions): diffusers
         #    multiplies the adapter's attention output by the mask, as it does by the scale.
-        #    ControlNets run at 1.0 too, their residuals multiplied per slot (_per_slot_control)
+        #    ControlNets run at 1.0 too, their residuals multiplied per slot (per_slot_control)
         scales: list[Any] = []
         ip_masks: list[torch.Tensor | None] = []
         for a in adapters:
@@ -667,11 +392,11 @@ class Generator:
         )
 
         # 4. denoise and decode, with the per-slot embeds passed through unrepeated
-        self._set_vae_slicing(len(slots))
-        pipe = self._pipe_for(first)
+        self.set_vae_slicing(len(slots))
+        pipe = self.pipe_for(first.mode, tuple(c.model for c in first.controls))
         with (
-            _prebuilt_ip_embeds(pipe, embeds, slots=len(slots), do_cfg=do_cfg),
-            _per_slot_control(pipe, rows, do_cfg=do_cfg),
+            prebuilt_ip_embeds(pipe, embeds, slots=len(slots), do_cfg=do_cfg),
+            per_slot_control(pipe, rows, do_cfg=do_cfg),
         ):
             arrays = self._call(
                 first,
@@ -721,16 +446,6 @@ class Generator:
                     )
         return "; ".join(notes) or None
 
-    def _set_vae_slicing(self, images: int) -> None:
-        """Decode one image at a time on big batches (same images, lower memory peak)."""
-        limit = self.acceleration.vae_slicing_above
-        if limit is None:
-            limit = 8 if self.device.type == "cuda" else 0
-        if limit and images > limit:
-            self.pipe.vae.enable_slicing()
-        else:
-            self.pipe.vae.disable_slicing()
-
     def _to_pil(self, arrays: list[np.ndarray]) -> list[Image.Image]:
         """diffusers' own float -> uint8 conversion (what output_type="pil" does)."""
         return list(self.pipe.image_processor.numpy_to_pil(np.stack(arrays)))
@@ -748,101 +463,6 @@ class Generator:
         return tensor.to(device=self.device, dtype=self.dtype)
 
 
-def default_batch_images(device: torch.device) -> int:
-    """Images per call when IPBATCH_BATCH_IMAGES is unset: 16 on CPU (bench/generate.py: 8
-    gave 3.0x the plain loop, 16 gave 3.5x, 32 gave 4.1x on the tiny models); on CUDA by
-    memory (a 512x512 SD1.5 image in fp16 needs well under 1 GB of activations)."""
-    if device.type != "cuda":
-        return 16
-    total = torch.cuda.get_device_properties(device).total_memory
-    return 16 if total >= 40 * 2**30 else 8
-
-
-@contextmanager
-def _prebuilt_ip_embeds(
-    pipe: Any, embeds: list[torch.Tensor], *, slots: int, do_cfg: bool
-) -> Iterator[None]:
-    """The one override of diffusers: for this call, `prepare_ip_adapter_image_embeds` returns
-    our per-slot tensors as they are, instead of tiling the given embeds over the batch
-    (which would make every row attend to every row's reference, silently)."""
-
-    def prebuilt(_image: Any, given: Any, _device: Any, repeat: int, cfg: bool) -> Any:
-        if given is not embeds or repeat != slots or cfg != do_cfg:
-            raise RuntimeError(f"unexpected IP-Adapter call: {repeat} slots, cfg={cfg}")
-        return embeds
-
-    pipe.prepare_ip_adapter_image_embeds = prebuilt
-    try:
-        yield
-    finally:
-        del pipe.prepare_ip_adapter_image_embeds  # the class's method again
-
-
-@contextmanager
-def _per_slot_control(
-    pipe: Any, rows: Sequence[GenerationRequest], *, do_cfg: bool
-) -> Iterator[None]:
-    """Each slot's ControlNet strength and step window in one call. The call runs every
-    ControlNet at scale 1.0 over all steps; here each net's residuals are multiplied, step by
-    step, by a per-slot factor: the row's scale inside its [start, end] fraction of the steps,
-    0 outside, with diffusers' own rule (`1 - (i / n < start or (i + 1) / n > end)`, n the
-    steps the pipeline runs). The second half of a CFG batch repeats the first."""
-    if not rows[0].controls:
-        yield
-        return
-    controlnet = pipe.controlnet
-    nets = list(getattr(controlnet, "nets", [controlnet]))
-    originals = [net.forward for net in nets]
-
-    def wrapped(index: int, original: Any) -> Any:
-        step = iter(range(10**9))
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            i, n = next(step), pipe._num_timesteps
-            factors = [
-                0.0 if (i / n < c.start or (i + 1) / n > c.end) else c.scale
-                for c in (r.controls[index] for r in rows)
-            ]
-            down, mid = original(*args, **kwargs)
-            factor = torch.tensor(
-                factors * (2 if do_cfg else 1), dtype=mid.dtype, device=mid.device
-            )
-            factor = factor.view(-1, 1, 1, 1)
-            return [d * factor for d in down], mid * factor
-
-        return forward
-
-    for index, (net, original) in enumerate(zip(nets, originals, strict=True)):
-        net.forward = wrapped(index, original)
-    try:
-        yield
-    finally:
-        for net in nets:
-            del net.forward  # the class's method again
-
-
-def _embed_shape(layer: torch.nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """Per projection layer type: the trailing shape of the embeds it takes (-1: any number of
-    tokens), and for FaceID-Plus the trailing shape of its face-crop CLIP embeds."""
-    from diffusers.models import embeddings as e
-
-    def width(linear: object) -> int:
-        assert isinstance(linear, torch.nn.Linear)
-        return int(linear.in_features)
-
-    if isinstance(layer, e.ImageProjection):
-        return (width(layer.image_embeds),), None
-    if isinstance(layer, e.IPAdapterFullImageProjection):
-        return (-1, width(layer.ff.net[0].proj)), None
-    if isinstance(layer, e.IPAdapterFaceIDImageProjection):
-        return (width(layer.ff.net[0].proj),), None
-    if isinstance(layer, e.IPAdapterFaceIDPlusImageProjection):
-        return (width(layer.proj.net[0].proj),), (-1, width(layer.proj_in))
-    if isinstance(layer, e.IPAdapterPlusImageProjection):
-        return (-1, width(layer.proj_in)), None
-    raise ConfigError(f"unsupported IP-Adapter projection {type(layer).__name__}")
-
-
 def _check_shape(
     adapter: str, pos: torch.Tensor, neg: torch.Tensor, expected: tuple[int, ...]
 ) -> None:
@@ -856,45 +476,3 @@ def _check_shape(
             f"embedding for adapter {adapter!r} has shape {tuple(pos.shape)}; "
             f"its projection takes [n, {', '.join(map(str, expected))}]",
         )
-
-
-class GeneratorPool:
-    """Warm pipelines of this process, keyed by adapter set; built lazily, evicted LRU."""
-
-    def __init__(
-        self,
-        models: ModelSource,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        capacity: int = 1,
-        acceleration: Acceleration | None = None,
-        resolve: Callable[[str], AdapterPreset] = builtin_adapter,
-    ) -> None:
-        self.models = models
-        self.resolve = resolve  # adapter name -> preset (trained ones: the worker's catalog)
-        self.device = device
-        self.dtype = dtype
-        self.capacity = capacity
-        self.acceleration = acceleration
-        self._pipelines: dict[tuple[str, ...], Generator] = {}
-
-    def get(self, adapters: tuple[str, ...]) -> Generator:
-        if adapters in self._pipelines:
-            self._pipelines[adapters] = self._pipelines.pop(adapters)  # most recent last
-            return self._pipelines[adapters]
-        while len(self._pipelines) >= self.capacity:
-            oldest = next(iter(self._pipelines))
-            del self._pipelines[oldest]
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        log.info("loading pipeline for adapters %s from %s", adapters, self.models.describe())
-        self._pipelines[adapters] = Generator(
-            self.models,
-            adapters,
-            device=self.device,
-            dtype=self.dtype,
-            acceleration=self.acceleration,
-            resolve=self.resolve,
-        )
-        return self._pipelines[adapters]

@@ -1,21 +1,14 @@
-"""The job manifest: one catalog item per line (JSON Lines, or CSV with the same columns).
-
-`Row` is the validated form of one line. `read_manifest` streams a manifest and yields one
-`ParsedRow` per non-blank line, valid or not, so a bad row fails alone and memory stays
-constant however long the manifest is (only the set of ids seen is kept, to refuse duplicates).
+"""The job manifest's schema: `Row` is the validated form of one line (JSON Lines, or CSV with
+the same columns), with its adapter and ControlNet specs. Reading a manifest file is
+`pipeline.manifest_reader`.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
-import io
-import json
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import IO, Annotated, Any, Generic, Literal, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -23,7 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -43,7 +35,6 @@ from pipeline.presets import (
 
 ROW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_SEED = 2**32 - 1
-MAX_LINE_BYTES = 1024 * 1024
 
 RowId = Annotated[str, StringConstraints(pattern=ROW_ID_PATTERN)]
 # An InstantStyle scale: {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": 1.0}}
@@ -263,6 +254,9 @@ class Row(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int = Field(30, ge=1, le=150)
     guidance_scale: float = Field(7.5, ge=0, le=30)
+    # skip the text encoder's last layers (anime-style checkpoints are tuned for 2); the
+    # loaded encoder's depth is checked in the worker (SD1.5 and SDXL's CLIP-L: 12 layers)
+    clip_skip: int | None = Field(None, ge=1, le=11)
     width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     output_format: Literal["png", "webp", "jpeg"] = "png"
@@ -377,26 +371,6 @@ class Row(BaseModel):
         return int.from_bytes(digest[:4], "big")
 
 
-class HasId(Protocol):
-    @property
-    def id(self) -> str: ...
-
-
-R = TypeVar("R", bound=HasId)
-
-
-@dataclass(frozen=True)
-class ParsedRow(Generic[R]):
-    """One non-blank manifest line: `row` when valid, else `error` says what to fix."""
-
-    index: int  # 0-based among non-blank lines
-    line_number: int  # 1-based line in the file (CSV: record number + 1 for the header)
-    row: R | None
-    error: str | None
-    row_id: str | None  # the id as written, when there is a usable one
-    raw: dict[str, Any] | None  # the parsed object, for the ledger's params
-
-
 def manifest_json_schema() -> dict[str, Any]:
     schema = Row.model_json_schema()
     schema["title"] = "ipbatch manifest row"
@@ -407,121 +381,7 @@ def manifest_json_schema() -> dict[str, Any]:
     return schema
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "row"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
-
-
-def detect_format(name: str) -> Literal["jsonl", "csv"]:
-    return "csv" if name.lower().rstrip("/").endswith(".csv") else "jsonl"
-
-
-def _iter_jsonl(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    for line_number, raw_line in enumerate(stream, start=1):
-        if len(raw_line) > MAX_LINE_BYTES:
-            yield line_number, None, f"line is longer than {MAX_LINE_BYTES} bytes"
-            continue
-        try:
-            text = decoder.decode(raw_line, final=True)
-        except UnicodeDecodeError:
-            decoder.reset()
-            yield line_number, None, "line is not valid UTF-8"
-            continue
-        if line_number == 1:
-            text = text.removeprefix("\ufeff")
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield line_number, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
-            continue
-        if not isinstance(obj, dict):
-            yield line_number, None, "each line must be a JSON object"
-            continue
-        yield line_number, obj, None
-
-
-def _csv_value(text: str) -> Any:
-    stripped = text.strip()
-    if stripped.startswith(("[", "{")):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            return text
-    return text
-
-
-def _iter_csv(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
-    reader = csv.DictReader(text)
-    try:
-        for record in reader:
-            line_number = reader.line_num
-            if None in record:
-                yield line_number, None, "more values than header columns"
-                continue
-            obj = {k: _csv_value(v) for k, v in record.items() if v is not None and v != ""}
-            if not obj:
-                continue
-            yield line_number, obj, None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        yield reader.line_num + 1, None, f"unreadable CSV ({exc}); rows after this are skipped"
-    finally:
-        text.detach()
-
-
 def validate_row(obj: Any, adapters: AdapterLookup = builtin_adapter) -> Row:
     """A row checked against the adapters `adapters` resolves (the published ones, and with a
     worker's catalog the trained `custom:` ones)."""
     return Row.model_validate(obj, context={"adapters": adapters})
-
-
-def read_manifest(
-    stream: IO[bytes],
-    fmt: Literal["jsonl", "csv"] = "jsonl",
-    *,
-    adapters: AdapterLookup = builtin_adapter,
-) -> Iterator[ParsedRow[Row]]:
-    """Yield every non-blank row of a manifest, valid or not, in order."""
-    return read_rows(stream, fmt, lambda obj: validate_row(obj, adapters))
-
-
-def read_rows(
-    stream: IO[bytes],
-    fmt: Literal["jsonl", "csv"],
-    validate: Callable[[dict[str, Any]], R],
-) -> Iterator[ParsedRow[R]]:
-    """Every non-blank row of a JSON Lines / CSV file, checked by `validate` (which raises
-    pydantic's ValidationError), ids unique: generation and training manifests alike."""
-    seen_ids: set[str] = set()
-    lines = _iter_csv(stream) if fmt == "csv" else _iter_jsonl(stream)
-    for index, (line_number, obj, parse_error) in enumerate(lines):
-        raw_id = obj.get("id") if obj is not None else None
-        row_id = (
-            raw_id if isinstance(raw_id, str) and re.fullmatch(ROW_ID_PATTERN, raw_id) else None
-        )
-        if parse_error is not None or obj is None:
-            yield ParsedRow(
-                index, line_number, None, f"line {line_number}: {parse_error}", None, None
-            )
-            continue
-        try:
-            row = validate(obj)
-        except ValidationError as exc:
-            message = f"line {line_number}: {describe_validation_error(exc)}"
-            yield ParsedRow(index, line_number, None, message, row_id, obj)
-            continue
-        if row.id in seen_ids:
-            message = f"line {line_number}: id: {row.id!r} is used by an earlier row"
-            yield ParsedRow(index, line_number, None, message, row.id, obj)
-            continue
-        seen_ids.add(row.id)
-        yield ParsedRow(index, line_number, row, None, row.id, obj)

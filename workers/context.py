@@ -27,7 +27,7 @@ from workers.adapters import AdapterCatalog
 if TYPE_CHECKING:  # the model stack (torch, diffusers, transformers) loads on first use
     from pipeline.embedder import ClipEmbedder, ReferenceEncoder
     from pipeline.faces import FaceEmbedder
-    from pipeline.generator import GeneratorPool
+    from pipeline.pool import GeneratorPool
     from pipeline.scores import ClipScorer
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,8 @@ class StageContext:
 
     @property
     def generators(self) -> GeneratorPool:
-        from pipeline.generator import Acceleration, GeneratorPool
+        from pipeline.pipelines import Acceleration
+        from pipeline.pool import GeneratorPool
 
         if self._pool is None:
             quiet_model_libraries()
@@ -174,7 +175,7 @@ class StageContext:
     @property
     def batch_images(self) -> int:
         """Images per diffusers call: the setting, or a default by device and memory."""
-        from pipeline.generator import default_batch_images
+        from pipeline.pool import default_batch_images
 
         if self.settings.batch_images:
             return self.settings.batch_images

@@ -17,7 +17,7 @@ from typing import Any
 
 from core.uris import join_uri
 from pipeline.evaluation import AdapterScores, EvalSettings, generation_rows, summarize
-from pipeline.manifest import detect_format, read_rows
+from pipeline.manifest_reader import detect_format, read_rows
 from pipeline.sources import resolve_reference
 from storage.ledger import queries
 from workers.context import StageContext

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.generator import AdapterInput, GenerationRequest, Generator
+from pipeline.generator import Generator
+from pipeline.requests import AdapterInput, GenerationRequest
 
 
 def sample(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:

@@ -98,7 +98,7 @@ def test_file_uris_and_unknown_schemes(tmp_path: Path) -> None:
 
 
 def test_csv_manifest_streams_from_s3(s3_endpoint: str, s3_bucket: str) -> None:
-    from pipeline.manifest import read_manifest
+    from pipeline.manifest_reader import read_manifest
 
     stores = ObjectStores(s3_endpoint_url=s3_endpoint)
     uri = f"s3://{s3_bucket}/jobs/catalog.csv"

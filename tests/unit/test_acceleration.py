@@ -10,8 +10,9 @@ import pytest
 import torch
 from helpers.requests import requests_for
 
-from pipeline.generator import Acceleration, Generator, compile_buckets
+from pipeline.generator import Generator
 from pipeline.models import ModelSource
+from pipeline.pipelines import Acceleration, compile_buckets
 
 CPU = torch.device("cpu")
 

@@ -3,24 +3,18 @@ compatibility and size; out-of-memory splits a batch instead of failing it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers.requests import requests_for
-from PIL import Image
 
 from core.errors import ItemError
-from pipeline.generator import (
-    AdapterInput,
-    ControlInput,
-    GenerationRequest,
-    Generator,
-    batch_key,
-)
+from pipeline.generator import Generator
 from pipeline.models import ModelSource
+from pipeline.requests import GenerationRequest, batch_key
 
 # equality with diffusers' own pipelines, number for number: torch's business, not the
 # interpreter's; Python 3.12 runs the rest (`make test-py312`)
@@ -139,85 +133,6 @@ def test_plan_batches_groups_compatible_rows_up_to_the_image_budget(tiny_models:
         prepared.append(Prepared(i, "job", row, "/out", [], request))
     batches = plan_batches(prepared, max_images=4)
     assert [[p.item_id for p in b] for b in batches] == [[0, 1], [2], [4], [5], [3]]
-
-
-def _must_differ(obj: object, changed: object, name: str) -> bool:
-    """What a field's declaration says about two inputs differing only in that field."""
-    f = next(f for f in fields(obj) if f.name == name)  # type: ignore[arg-type]
-    if f.metadata["batch"] == "shared":
-        return True
-    part = f.metadata["shared_part"]
-    return part is not None and part(obj) != part(changed)
-
-
-def test_every_request_field_is_per_slot_or_in_batch_key(tiny_models: Path) -> None:
-    """A field rows of one call may not differ in must be in `batch_key`, or the batch would
-    silently take the first row's value. Every field declares which it is; a new field that
-    declares nothing makes `batch_key` raise, and must be added to `different` below."""
-    generator = Generator(
-        ModelSource.parse(str(tiny_models)), ("sd15",), device=CPU, dtype=torch.float32
-    )
-    [a] = requests_for(generator, num_images=[1])
-    spec = a.adapters[0]
-    picture = Image.new("RGB", (64, 64), (10, 20, 30))
-    control = ControlInput("sd15-canny", picture, 0.8, 0.1, 0.9)
-    different: dict[str, object] = {
-        "prompt": "another product",
-        "negative_prompt": "blurry",
-        "adapters": [replace(spec, pos=spec.pos + 1)],
-        "num_images": 3,
-        "seed": 99,
-        "steps": 5,
-        "guidance_scale": 3.0,
-        "width": 64,
-        "height": 128,
-        "controls": (control,),
-        "init_image": picture,
-        "mask": picture,
-        "strength": 0.6,
-    }
-    assert set(different) == {f.name for f in fields(GenerationRequest)}
-    for f in fields(GenerationRequest):
-        changed = replace(a, **{f.name: different[f.name]})
-        must = _must_differ(a, changed, f.name)
-        assert (batch_key(changed) != batch_key(a)) == must, f.name
-    adapter_different = {
-        "adapter": "sd15-plus",
-        "scale": 0.9,  # one reference: the strength may differ per slot
-        "pos": spec.pos[:, :8],
-        "neg": spec.neg + 1,
-        "clip_pos": spec.pos,
-        "clip_neg": spec.pos,
-        "shortcut_scale": 2.0,
-        "regions": [picture],
-    }
-    assert set(adapter_different) == {f.name for f in fields(AdapterInput)}
-    for f in fields(AdapterInput):
-        changed_spec = replace(spec, **{f.name: adapter_different[f.name]})
-        must = _must_differ(spec, changed_spec, f.name)
-        assert (batch_key(changed_spec) != batch_key(spec)) == must, f.name
-    # several references joined: their strength must be equal in a call
-    two = replace(spec, pos=torch.cat([spec.pos, spec.pos]), neg=torch.cat([spec.neg, spec.neg]))
-    assert batch_key(replace(two, scale=0.9)) != batch_key(two)
-    other_control = {
-        "model": "sd15-depth",
-        "image": picture.rotate(90),
-        "scale": 0.3,
-        "start": 0.5,
-        "end": 0.6,
-    }
-    assert set(other_control) == {f.name for f in fields(ControlInput)}
-    for f in fields(ControlInput):
-        changed_control = replace(control, **{f.name: other_control[f.name]})
-        must = _must_differ(control, changed_control, f.name)
-        assert (batch_key(changed_control) != batch_key(control)) == must, f.name
-
-    @dataclass(frozen=True)
-    class Undeclared(GenerationRequest):
-        reference_weight: float = 0.8  # says neither: rows would silently share the first's
-
-    with pytest.raises(TypeError, match="reference_weight says neither"):
-        batch_key(Undeclared(**a.__dict__))
 
 
 def test_per_slot_negative_prompts_are_each_rows_own(tiny_models: Path) -> None:

@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
-from pipeline.generator import AdapterInput, GenerationRequest, Generator
+from pipeline.generator import Generator
 from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS, BASE_MODELS
+from pipeline.requests import AdapterInput, GenerationRequest
 from storage.embcache import CacheKey, deserialize, serialize
 
 # equality with diffusers' own pipelines, number for number: torch's business, not the

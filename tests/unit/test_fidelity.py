@@ -21,12 +21,12 @@ from transformers import CLIPImageProcessorPil
 from core.config import Settings
 from pipeline.embedder import ClipEmbedder, FaceReferenceEncoder
 from pipeline.faces import FaceEmbedder
-from pipeline.generator import GenerationRequest, Generator
+from pipeline.generator import Generator
 from pipeline.images import decode_reference
 from pipeline.manifest import Row
 from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS, FACE_PACK
-from pipeline.requests import build_request
+from pipeline.requests import GenerationRequest, build_request
 
 # equality with diffusers' own pipelines, number for number: torch's business, not the
 # interpreter's; Python 3.12 runs the rest (`make test-py312`)
@@ -280,7 +280,8 @@ sys.modules["peft"] = None  # `import peft` fails, as where it is not installed
 
 import diffusers, torch
 from core.errors import ConfigError
-from pipeline.generator import GenerationRequest, Generator
+from pipeline.generator import Generator
+from pipeline.requests import GenerationRequest
 from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS
 

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from pipeline.manifest import Row, read_manifest
+from pipeline.manifest import Row
+from pipeline.manifest_reader import read_manifest
 
 
 def _save(path: Path, image: Image.Image, fmt: str, **kwargs: object) -> Path:

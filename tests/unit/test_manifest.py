@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from pipeline.manifest import Row, manifest_json_schema, read_manifest
+from pipeline.manifest import Row, manifest_json_schema
+from pipeline.manifest_reader import read_manifest
 
 
 def rows_of(text: str, fmt: str = "jsonl") -> list:

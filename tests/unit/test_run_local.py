@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 from helpers.cli import ipbatch
 from helpers.jobs import ingest_job, local_context
+from PIL import Image
 
 ROWS = [
     {"id": "red-1", "prompt": "a red shoe", "reference": "refs/red.png", "steps": 2},
@@ -21,6 +22,7 @@ ROWS = [
         "steps": 2,
         "num_images": 3,
         "seed": 40,
+        "clip_skip": 1,  # rows with and without it: separate calls, same run
     },
     {
         "id": "blue-1",
@@ -95,6 +97,14 @@ def test_run_end_to_end_then_rerun_redoes_nothing(job_dir: tuple[Path, dict[str,
     assert len(files) == IMAGES_ASKED
     assert {p.suffix for p in files} == {".png", ".webp", ".jpeg"}
     assert sorted(s for _, _, s, r, _ in outputs if r == "red-2") == [40, 41, 42]
+    # each PNG records its row's call inputs (the declared ones)
+    meta = {
+        row_id: json.loads(Image.open(uri).text["ipbatch"])
+        for uri, _, _, row_id, k in outputs
+        if k == 0 and uri.endswith(".png")
+    }
+    assert meta["red-2"]["clip_skip"] == 1 and "clip_skip" not in meta["red-1"]
+    assert (meta["red-2"]["steps"], meta["red-2"]["seed"]) == (2, 40)
     [(status, pct)] = query(db, "SELECT status, percent_done FROM job_progress")
     assert (status, float(pct)) == ("failed", 100.0)
 

@@ -19,9 +19,10 @@ from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image, ImageDraw
 
 from core.errors import ItemError
-from pipeline.generator import AdapterInput, ControlInput, GenerationRequest, Generator
+from pipeline.generator import Generator
 from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS, CONTROLNETS
+from pipeline.requests import AdapterInput, ControlInput, GenerationRequest
 
 # equality with diffusers' own pipelines, number for number: torch's business, not the
 # interpreter's; Python 3.12 runs the rest (`make test-py312`)
@@ -360,7 +361,7 @@ def test_from_pipe_shares_the_warm_modules_and_keeps_their_dtype(models: ModelSo
         strength=1.0,
     )
     generator.generate(r)
-    pipe = generator._pipe_for(r)
+    pipe = generator.pipe_for(r.mode, tuple(c.model for c in r.controls))
     assert pipe is not generator.pipe and pipe.unet is generator.pipe.unet
     assert pipe.vae is generator.pipe.vae and pipe.text_encoder is generator.pipe.text_encoder
     assert {p.dtype for p in generator.pipe.unet.parameters()} == {F64}

@@ -26,7 +26,7 @@ from core.errors import Action, ErrorCode, ObjectNotFound, classify
 from core.uris import join_uri
 from pipeline.images import CONTENT_TYPES, encode_output, judge_stored_output
 from pipeline.manifest import Row, validate_row
-from pipeline.requests import build_request
+from pipeline.requests import build_request, image_metadata
 from storage.ledger import embeddings, items, jobs
 from storage.ledger import outputs as output_ledger
 from storage.lifecycle import EMBED, GENERATE
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     import torch
     from sqlalchemy.orm import Session
 
-    from pipeline.generator import GenerationRequest, GenerationResult, Generator
+    from pipeline.generator import GenerationResult, Generator
+    from pipeline.requests import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def _prefetch(ctx: StageContext, uris: set[str]) -> dict[str, dict[str, torch.Te
 def plan_batches(prepared: Sequence[Prepared], *, max_images: int) -> list[list[Prepared]]:
     """Group rows that can share a diffusers call (same pipeline and `batch_key`), in manifest
     order within a group, into batches of at most `max_images` images (a bigger row: alone)."""
-    from pipeline.generator import batch_key
+    from pipeline.requests import batch_key
 
     groups: dict[tuple[object, ...], list[Prepared]] = {}
     for p in prepared:  # the key names the adapters: one warm pipeline per group
@@ -380,19 +381,8 @@ def _upload(
             "row_id": p.row.id,
             "image_index": k,
             "seed": seed,
-            "prompt": p.row.prompt,
-            "negative_prompt": p.row.negative_prompt,
-            "steps": p.row.steps,
-            "guidance_scale": p.row.guidance_scale,
-            "adapters": [s.model_dump(mode="json") for s in p.row.adapter_specs()],
+            **image_metadata(p.row),  # the row's call inputs, as requests.py declares them
         }
-        if p.row.control:
-            metadata["control"] = [c.model_dump(mode="json") for c in p.row.control]
-        if p.row.init_image is not None:
-            metadata["init_image"] = p.row.init_image
-            metadata["strength"] = p.row.effective_strength
-        if p.row.inpaint_mask is not None:
-            metadata["inpaint_mask"] = p.row.inpaint_mask
         data = encode_output(image, p.row.output_format, metadata)
         uri = output_uri_for(p.output_uri, p.job_id, p.row.id, k, p.row.output_format)
         # first writer wins; an object already there (a crash between upload and commit, a

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from core.errors import Action, ConfigError, ErrorCode, ObjectNotFound, classify
-from pipeline.manifest import ParsedRow, Row, detect_format, read_manifest
+from pipeline.manifest import Row
+from pipeline.manifest_reader import ParsedRow, detect_format, read_manifest
 from storage.ledger import bulk, items, jobs
 from storage.lifecycle import EMBED
 from storage.models import ItemStatus, JobStatus

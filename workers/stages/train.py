@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import Action, ConfigError, ErrorCode, ItemError, ObjectNotFound, classify
 from core.uris import join_uri
-from pipeline.manifest import ParsedRow, detect_format, read_rows
+from pipeline.manifest_reader import ParsedRow, detect_format, read_rows
 from pipeline.models import resolve_device
 from pipeline.presets import ADAPTERS, BASE_MODELS, RepoPath, is_custom
 from pipeline.sources import check_allowed, resolve_reference
@@ -484,9 +484,10 @@ def _validate(
     import statistics
 
     from pipeline.custom import WEIGHTS_FILE
-    from pipeline.generator import AdapterInput, GenerationRequest, Generator
+    from pipeline.generator import Generator
     from pipeline.images import encode_output
     from pipeline.models import resolve_dtype
+    from pipeline.requests import AdapterInput, GenerationRequest
     from workers.stages import scoring
 
     scorer = ctx.scorer

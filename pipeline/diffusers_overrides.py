@@ -1,0 +1,124 @@
+"""Where ipbatch reaches into diffusers' internals: the part a diffusers upgrade can break.
+
+Written against diffusers 0.42.1 (pyproject pins it); re-check each function here, and run
+tests/unit/test_batching.py and test_structure.py, before moving the pin:
+
+- `prebuilt_ip_embeds`: the per-row fix of diffusers#9813 (still open): for one call,
+  `prepare_ip_adapter_image_embeds` returns the per-slot embeds as given instead of tiling them
+  over the batch (which makes every row attend to every row's reference, silently).
+- `per_slot_control`: each slot's ControlNet strength and step window in one call, by
+  multiplying the ControlNet's residuals (diffusers takes one scale per net per call).
+- `embed_shape`: the embeds each IP-Adapter projection class takes, read from its layers.
+- `clip_skip_on_flat_clip`: diffusers' SD1.5 `clip_skip` reads `text_encoder.text_model`, which
+  transformers >= 5.6 no longer has (diffusers#14124, fix proposed in #14043).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.requests import GenerationRequest
+
+
+@contextmanager
+def prebuilt_ip_embeds(
+    pipe: Any, embeds: list[torch.Tensor], *, slots: int, do_cfg: bool
+) -> Iterator[None]:
+    """For this call, `prepare_ip_adapter_image_embeds` returns
+    our per-slot tensors as they are, instead of tiling the given embeds over the batch
+    (which would make every row attend to every row's reference, silently)."""
+
+    def prebuilt(_image: Any, given: Any, _device: Any, repeat: int, cfg: bool) -> Any:
+        if given is not embeds or repeat != slots or cfg != do_cfg:
+            raise RuntimeError(f"unexpected IP-Adapter call: {repeat} slots, cfg={cfg}")
+        return embeds
+
+    pipe.prepare_ip_adapter_image_embeds = prebuilt
+    try:
+        yield
+    finally:
+        del pipe.prepare_ip_adapter_image_embeds  # the class's method again
+
+
+@contextmanager
+def per_slot_control(
+    pipe: Any, rows: Sequence[GenerationRequest], *, do_cfg: bool
+) -> Iterator[None]:
+    """Each slot's ControlNet strength and step window in one call. The call runs every
+    ControlNet at scale 1.0 over all steps; here each net's residuals are multiplied, step by
+    step, by a per-slot factor: the row's scale inside its [start, end] fraction of the steps,
+    0 outside, with diffusers' own rule (`1 - (i / n < start or (i + 1) / n > end)`, n the
+    steps the pipeline runs). The second half of a CFG batch repeats the first."""
+    if not rows[0].controls:
+        yield
+        return
+    controlnet = pipe.controlnet
+    nets = list(getattr(controlnet, "nets", [controlnet]))
+    originals = [net.forward for net in nets]
+
+    def wrapped(index: int, original: Any) -> Any:
+        step = iter(range(10**9))
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            i, n = next(step), pipe._num_timesteps
+            factors = [
+                0.0 if (i / n < c.start or (i + 1) / n > c.end) else c.scale
+                for c in (r.controls[index] for r in rows)
+            ]
+            down, mid = original(*args, **kwargs)
+            factor = torch.tensor(
+                factors * (2 if do_cfg else 1), dtype=mid.dtype, device=mid.device
+            )
+            factor = factor.view(-1, 1, 1, 1)
+            return [d * factor for d in down], mid * factor
+
+        return forward
+
+    for index, (net, original) in enumerate(zip(nets, originals, strict=True)):
+        net.forward = wrapped(index, original)
+    try:
+        yield
+    finally:
+        for net in nets:
+            del net.forward  # the class's method again
+
+
+def embed_shape(layer: torch.nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Per projection layer type: the trailing shape of the embeds it takes (-1: any number of
+    tokens), and for FaceID-Plus the trailing shape of its face-crop CLIP embeds."""
+    from diffusers.models import embeddings as e
+
+    def width(linear: object) -> int:
+        assert isinstance(linear, torch.nn.Linear)
+        return int(linear.in_features)
+
+    if isinstance(layer, e.ImageProjection):
+        return (width(layer.image_embeds),), None
+    if isinstance(layer, e.IPAdapterFullImageProjection):
+        return (-1, width(layer.ff.net[0].proj)), None
+    if isinstance(layer, e.IPAdapterFaceIDImageProjection):
+        return (width(layer.ff.net[0].proj),), None
+    if isinstance(layer, e.IPAdapterFaceIDPlusImageProjection):
+        return (width(layer.proj.net[0].proj),), (-1, width(layer.proj_in))
+    if isinstance(layer, e.IPAdapterPlusImageProjection):
+        return (-1, width(layer.proj_in)), None
+    raise ConfigError(f"unsupported IP-Adapter projection {type(layer).__name__}")
+
+
+def clip_skip_on_flat_clip(text_encoder: torch.nn.Module) -> None:
+    """transformers 5.6 flattened `CLIPTextModel` (its `final_layer_norm` is on the model, the
+    `text_model` wrapper is gone); diffusers 0.42.1's SD1.5 `encode_prompt` still applies
+    `text_encoder.text_model.final_layer_norm` when `clip_skip` is set, an AttributeError. The
+    fix diffusers#14043 proposes is to use the encoder itself there: `text_model` is made to
+    name the encoder (a plain attribute, not a registered submodule: no cycle in the module
+    tree, no weights twice). Encoders that still wrap a `text_model` are left as they are."""
+    if "text_model" in text_encoder._modules or "final_layer_norm" not in text_encoder._modules:
+        return
+    object.__setattr__(text_encoder, "text_model", text_encoder)

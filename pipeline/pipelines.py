@@ -1,0 +1,208 @@
+"""The warm diffusers pipelines of one (base model, adapter set), loaded in the worker process:
+the base model and its IP-Adapters (with FaceID's LoRA), device settings and compile, the
+pipeline of each mode made from the warm one on first use, and the ControlNets.
+
+`pipeline.generator.Generator` is this plus how a row (or a batch of rows) is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+
+from core.errors import ConfigError, ErrorCode, ItemError, ModelLoadError
+from pipeline.diffusers_overrides import clip_skip_on_flat_clip, embed_shape
+from pipeline.models import ModelSource, loading
+from pipeline.presets import BASE_MODELS, CONTROLNETS, AdapterPreset, builtin_adapter
+
+_PIPELINES = {  # (family, mode, with ControlNet) -> diffusers class
+    ("sd15", "text", False): "StableDiffusionPipeline",
+    ("sd15", "text", True): "StableDiffusionControlNetPipeline",
+    ("sd15", "img2img", False): "StableDiffusionImg2ImgPipeline",
+    ("sd15", "img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
+    ("sd15", "inpaint", False): "StableDiffusionInpaintPipeline",
+    ("sd15", "inpaint", True): "StableDiffusionControlNetInpaintPipeline",
+    ("sdxl", "text", False): "StableDiffusionXLPipeline",
+    ("sdxl", "text", True): "StableDiffusionXLControlNetPipeline",
+    ("sdxl", "img2img", False): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("sdxl", "inpaint", False): "StableDiffusionXLInpaintPipeline",
+    ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
+}
+
+
+def pipeline_class(family: str, mode: str, controlnet: bool) -> str:
+    return _PIPELINES[(family, mode, controlnet)]
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How the pipeline runs on its device (IPBATCH_CHANNELS_LAST, _COMPILE, _VAE_SLICING_ABOVE).
+
+    fp16 (CUDA) / fp32 (CPU) comes from the dtype; attention is PyTorch SDPA, diffusers'
+    default with torch 2 (IP-Adapter's processors are its `*2_0` variants).
+    """
+
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    vae_slicing_above: int | None = None  # 0: never; None: 8 on CUDA, never on CPU
+    max_images: int = 16  # the largest call; compile buckets go up to it
+
+
+def compile_buckets(max_images: int) -> list[int]:
+    """Batch sizes a compiled UNet sees: powers of two up to `max_images`, and itself."""
+    sizes, size = [], 1
+    while size < max_images:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_images]
+
+
+class WarmPipelines:
+    """One warm pipeline for one (base model, adapter set), and its other modes' pipelines."""
+
+    def __init__(
+        self,
+        models: ModelSource,
+        adapters: tuple[str, ...],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        acceleration: Acceleration | None = None,
+        resolve: Callable[[str], AdapterPreset] = builtin_adapter,
+    ) -> None:
+        import diffusers
+
+        presets = [resolve(name) for name in adapters]
+        families = {p.family for p in presets}
+        if len(families) != 1:
+            raise ItemError(ErrorCode.MODEL_ERROR, f"adapters {adapters} need different bases")
+        self.family = families.pop()
+        self.adapters = adapters
+        self.presets = presets
+        self.device = device
+        self.dtype = dtype
+        base = BASE_MODELS[self.family]
+        if any(p.lora for p in presets) and not diffusers.utils.USE_PEFT_BACKEND:
+            # without peft diffusers only logs a warning and skips FaceID's LoRA
+            raise ConfigError("FaceID adapters need the `peft` package for their LoRA")
+        pipeline_class = getattr(diffusers, base.pipeline_class)
+        extra = {"safety_checker": None, "requires_safety_checker": False}
+        # 1. the frozen base model (no safety checker: catalog jobs review outputs themselves)
+        base_folder = models.base_model(self.family)
+        with loading(f"the base model at {base_folder}", base_folder):
+            self.pipe = pipeline_class.from_pretrained(
+                base_folder,
+                dtype=dtype,
+                local_files_only=models.local_files_only,
+                **(extra if self.family == "sd15" else {}),
+            )
+        # 2. the adapters, without their image encoders: embeddings arrive precomputed
+        weights = [models.adapter_weights(preset) for preset in presets]
+        files = [str(PurePosixPath(repo, sub, name)) for repo, sub, name in weights]
+        with loading(f"adapter weights {', '.join(files)}"):
+            self.pipe.load_ip_adapter(
+                [repo for repo, _, _ in weights],
+                subfolder=[sub for _, sub, _ in weights],
+                weight_name=[name for _, _, name in weights],
+                image_encoder_folder=None,
+                local_files_only=models.local_files_only,
+            )
+        # FaceID's LoRA: loaded and ACTIVE (diffusers activates only the last one it loads;
+        # rows with two FaceID adapters are refused by the manifest for that reason)
+        active = set(self.pipe.get_active_adapters()) if any(p.lora for p in presets) else set()
+        for index, (preset, file) in enumerate(zip(presets, files, strict=True)):
+            if preset.lora and f"faceid_{index}" not in active:
+                raise ModelLoadError(f"{preset.name}: the LoRA in {file} is not active")
+        for encoder in self.text_encoders:
+            clip_skip_on_flat_clip(encoder)
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        # 3. device settings: channels_last and the VAE's slicing on CUDA, optional compile
+        self.acceleration = acceleration or Acceleration()
+        if device.type == "cuda" and self.acceleration.channels_last:
+            self.pipe.unet.to(memory_format=torch.channels_last)
+        self.buckets: list[int] = []
+        if self.acceleration.compile:
+            from torch import _dynamo
+
+            self.buckets = compile_buckets(self.acceleration.max_images)
+            # one graph per (bucket, CFG or not, resolution): allow a few dozen
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            self.pipe.unet.compile(dynamic=False)
+        self._layers = list(self.pipe.unet.encoder_hid_proj.image_projection_layers)
+        self._projection_shapes = [embed_shape(layer) for layer in self._layers]
+        # 4. the other modes' pipelines (made on first use, sharing every module) and the
+        #    ControlNets (loaded on first use)
+        self.models = models
+        self._pipes: dict[tuple[str, tuple[str, ...]], Any] = {("text", ()): self.pipe}
+        self._controlnets: dict[str, Any] = {}
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        """The base model's text encoders (SD1.5: one; SDXL: two)."""
+        found = self.pipe.components.items()
+        return [m for name, m in found if name.startswith("text_encoder") and m is not None]
+
+    def pipe_for(self, mode: str, nets: tuple[str, ...]) -> Any:
+        """The pipeline of a mode (text, img2img, inpaint) with these ControlNets, made from the
+        warm one with `from_pipe` (the same UNet, VAE, text encoders and IP-Adapters; nothing
+        reloaded). The dtype is passed: without it, from_pipe casts every shared module to
+        float32."""
+        import diffusers
+
+        key = (mode, nets)
+        if key not in self._pipes:
+            cls = getattr(diffusers, pipeline_class(self.family, mode, bool(nets)))
+            extra: dict[str, Any] = {}
+            if nets:
+                models = [self._controlnet(name) for name in nets]
+                extra["controlnet"] = (
+                    models[0] if len(models) == 1 else diffusers.MultiControlNetModel(models)
+                )
+            pipe = cls.from_pipe(self.pipe, dtype=self.dtype, **extra)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[key] = pipe
+        return self._pipes[key]
+
+    def _controlnet(self, name: str) -> Any:
+        from diffusers import ControlNetModel
+
+        if name not in self._controlnets:
+            preset = CONTROLNETS[name]
+            if preset.family != self.family:
+                raise ItemError(
+                    ErrorCode.INVALID_ROW, f"{name} is for {preset.family}, not {self.family}"
+                )
+            folder = self.models.controlnet(name)
+            with loading(f"the ControlNet at {folder}", folder):
+                net = ControlNetModel.from_pretrained(
+                    folder,
+                    variant=preset.variant,
+                    dtype=self.dtype,
+                    local_files_only=self.models.local_files_only,
+                )
+            net.to(self.device)
+            if self.device.type == "cuda" and self.acceleration.channels_last:
+                net.to(memory_format=torch.channels_last)
+            self._controlnets[name] = net
+        return self._controlnets[name]
+
+    def set_vae_slicing(self, images: int) -> None:
+        """Decode one image at a time on big batches (same images, lower memory peak)."""
+        limit = self.acceleration.vae_slicing_above
+        if limit is None:
+            limit = 8 if self.device.type == "cuda" else 0
+        if limit and images > limit:
+            self.pipe.vae.enable_slicing()
+        else:
+            self.pipe.vae.disable_slicing()
