@@ -106,7 +106,7 @@ def _examples(models: Path, resolution: int, n: int) -> list:
 def measure(models: Path, device: torch.device, args: argparse.Namespace, **options: object):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.training import TrainSettings
+    from pipeline.train_schema import TrainSettings
 
     settings = TrainSettings(batch_size=args.batch_size, resolution=args.resolution, **options)
     trainer = _trainer(models, device, settings)

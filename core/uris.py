@@ -40,6 +40,14 @@ def local_path(uri: str) -> Path:
     return Path(uri).expanduser()
 
 
+def absolute_uri(uri: str) -> str:
+    """A manifest or output location as the ledger records it: a URI with a scheme as given,
+    a path made absolute (`~` expanded), so that a job means the same files from any folder."""
+    if "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
 def join_uri(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for part in parts:

@@ -17,6 +17,7 @@ from pydantic_settings import SettingsError
 
 from core.config import Settings, redact_url
 from core.errors import Action, ConfigError, IpbatchError, classify, short
+from core.uris import absolute_uri
 
 log = logging.getLogger("ipbatch")
 
@@ -267,7 +268,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from workers.stages import jobs
     from workers.tasks import context, send_ingest
 
-    manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
+    manifest = absolute_uri(args.manifest)
     registered: list[str] = []
 
     def send(job_id: str) -> None:
@@ -299,13 +300,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune an adapter: here and now (one machine), or queued for the `train` workers
     with --submit. Ctrl-C or a crash: the same command resumes from the last checkpoint."""
-    from pipeline.training import TrainSettings
+    from pipeline.train_schema import TrainSettings
 
     # every TrainSettings field is an option of the same name; those not given keep its default
     fields = TrainSettings.model_fields
     given = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     train_settings = TrainSettings(**given)
-    manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
+    manifest = absolute_uri(args.manifest)
     if args.submit:
         from workers.stages import train as train_stage
         from workers.tasks import context, send_train
@@ -355,7 +356,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eval_settings = EvalSettings(
         samples=args.samples, steps=args.steps, scale=args.scale, size=args.size
     )
-    manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
+    manifest = absolute_uri(args.manifest)
     if args.submit:
         from workers import evaluation
         from workers.stages import jobs
@@ -530,7 +531,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _write_report(settings: Settings, job_id: str | None, path: Path, *, limit: int) -> str:
     """The job's report page at `path` (job None: the most recently started job); returns
     what to say about it."""
-    from ipbatch.report import render
+    from ipbatch.report import Thumbnails, render
     from storage.ledger.db import make_engine
     from storage.objectstore import ObjectStores
 
@@ -544,7 +545,8 @@ def _write_report(settings: Settings, job_id: str | None, path: Path, *, limit: 
             if not latest:
                 raise LookupError("no jobs yet")
             job_id = latest[0]["job_id"]
-        page = render(engine, stores, job_id=job_id, limit=limit)
+        thumbnails = Thumbnails(stores, settings.max_image_pixels, settings.max_reference_bytes)
+        page = render(engine, thumbnails, job_id=job_id, limit=limit)
     finally:
         engine.dispose()
     path.write_text(page, encoding="utf-8")
@@ -592,7 +594,7 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
 def cmd_manifest_schema(args: argparse.Namespace) -> int:
     if args.training:  # the rows `ipbatch train` and `ipbatch eval` read
-        from pipeline.training import training_json_schema
+        from pipeline.train_schema import training_json_schema
 
         print(json.dumps(training_json_schema(), indent=2))
         return 0

@@ -16,9 +16,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -29,18 +29,30 @@ from storage.objectstore import ObjectStores
 THUMB = 160
 
 
-def _thumbnail(stores: ObjectStores, uri: str) -> str | None:
-    """A JPEG data URI of the image at `uri`, or None if it cannot be read."""
-    try:
-        with Image.open(io.BytesIO(stores.for_uri(uri).get(uri))) as image:
-            image.seek(0)
-            thumb = image.convert("RGB")
+@dataclass(frozen=True)
+class Thumbnails:
+    """JPEG data URIs of the pictures a report shows, read with the limits every reader of a
+    user's picture applies (bytes, pixels, decompression bombs: `pipeline.images`)."""
+
+    stores: ObjectStores
+    max_pixels: int
+    max_bytes: int
+
+    def __call__(self, uri: str) -> str | None:
+        """The thumbnail of the picture at `uri`; None if it cannot be read or is refused."""
+        from pipeline.images import decode_reference
+
+        try:
+            data = self.stores.for_uri(uri).get(uri)
+            thumb = decode_reference(
+                data, name=uri, max_pixels=self.max_pixels, max_bytes=self.max_bytes
+            )
             thumb.thumbnail((THUMB, THUMB))
-    except Exception:  # a missing or broken reference: the row says why it failed
-        return None
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        except Exception:  # a missing, broken or refused picture: the row says why it failed
+            return None
+        buffer = io.BytesIO()
+        thumb.save(buffer, format="JPEG", quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _named_references(params: dict[str, Any], manifest_uri: str) -> list[str]:
@@ -187,7 +199,7 @@ def _line_chart(series: dict[str, list[tuple[float, float]]], title: str) -> str
     )
 
 
-def _training_page(engine: Engine, stores: ObjectStores, job: dict[str, Any]) -> str:
+def _training_page(engine: Engine, thumbnail: Thumbnails, job: dict[str, Any]) -> str:
     """A training job: the loss curve, the validation scores over the steps, the newest
     validation renders, the skipped rows and the settings."""
     with Session(engine) as session:
@@ -200,7 +212,7 @@ def _training_page(engine: Engine, stores: ObjectStores, job: dict[str, Any]) ->
         scores["CLIP-T"] = [(v["step"], v["clip_t"]) for v in validations if v["clip_t"]]
     samples = []
     for uri in validations[-1]["samples"] if validations else []:
-        data = _thumbnail(stores, uri)
+        data = thumbnail(uri)
         samples.append(
             f"<figure><img src='{data}' alt='validation'><figcaption>{e(uri)}</figcaption></figure>"
             if data
@@ -228,7 +240,7 @@ def _training_page(engine: Engine, stores: ObjectStores, job: dict[str, Any]) ->
     )
 
 
-def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 500) -> str:
+def render(engine: Engine, thumbnail: Thumbnails, *, job_id: str, limit: int = 500) -> str:
     jobs = status.collect(engine, job_id=job_id)
     if not jobs:
         raise LookupError(f"no job {job_id}")
@@ -237,7 +249,7 @@ def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 50
         return (
             "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>ipbatch training: {html.escape(str(job['name']))}</title>"
-            f"<style>{CSS}</style></head><body>{_training_page(engine, stores, job)}"
+            f"<style>{CSS}</style></head><body>{_training_page(engine, thumbnail, job)}"
             "</body></html>"
         )
     loaded = _load(engine, job_id, limit)
@@ -266,7 +278,7 @@ def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 50
     for r in rows:
         refs = []
         for uri in r.references:
-            data = _thumbnail(stores, uri)
+            data = thumbnail(uri)
             refs.append(
                 f"<figure><img src='{data}' alt='reference'><figcaption>{e(uri)}</figcaption>"
                 "</figure>"
@@ -274,7 +286,7 @@ def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 50
                 else f"<figure class='missing'>unreadable: {e(uri)}</figure>"
             )
         for label, uri in _input_labels(r):
-            data = _thumbnail(stores, uri)
+            data = thumbnail(uri)
             refs.append(
                 f"<figure class='input'><img src='{data}' alt='{e(label)}'>"
                 f"<figcaption>{e(label)}: {e(uri)}</figcaption></figure>"
@@ -283,7 +295,7 @@ def render(engine: Engine, stores: ObjectStores, *, job_id: str, limit: int = 50
             )
         outs = []
         for o in r.outputs:
-            data = _thumbnail(stores, o["uri"])
+            data = thumbnail(o["uri"])
             scores = " ".join(
                 f"{name} {o[key]:.3f}"
                 for name, key in (("CLIP-I", "clip_i"), ("CLIP-T", "clip_t"))

@@ -244,3 +244,22 @@ def from_h94(unet: Any, shape: ProjectionShape, state: dict[str, torch.Tensor]) 
     extra = sorted(set(layers) - expected)
     if extra:
         raise ValueError(f"the adapter file has weights this UNet has no place for: {extra[:4]}")
+
+
+def read_h94_file(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """An adapter file in h94's layout as one flat float32 state (`image_proj.*`,
+    `ip_adapter.*`): safetensors, or h94's pickled `.bin` read as tensors only (never code)."""
+    import io
+
+    from safetensors.torch import load as load_safetensors
+
+    if name.endswith(".bin"):
+        nested = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = {
+            f"{part}.{k}": v
+            for part in ("image_proj", "ip_adapter")
+            for k, v in nested[part].items()
+        }
+    else:
+        state = load_safetensors(data)
+    return {k: v.float() for k, v in state.items()}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.training import TrainRow
+from pipeline.train_schema import TrainRow
 
 PAPER_TABLE_1 = {"clip_i": 0.828, "clip_t": 0.588}  # IP-Adapter, SD1.5, COCO 2017 val
 

@@ -102,22 +102,8 @@ class WarmPipelines:
                 **(extra if self.family == "sd15" else {}),
             )
         # 2. the adapters, without their image encoders: embeddings arrive precomputed
-        weights = [models.adapter_weights(preset) for preset in presets]
-        files = [str(PurePosixPath(repo, sub, name)) for repo, sub, name in weights]
-        with loading(f"adapter weights {', '.join(files)}"):
-            self.pipe.load_ip_adapter(
-                [repo for repo, _, _ in weights],
-                subfolder=[sub for _, sub, _ in weights],
-                weight_name=[name for _, _, name in weights],
-                image_encoder_folder=None,
-                local_files_only=models.local_files_only,
-            )
-        # FaceID's LoRA: loaded and ACTIVE (diffusers activates only the last one it loads;
-        # rows with two FaceID adapters are refused by the manifest for that reason)
-        active = set(self.pipe.get_active_adapters()) if any(p.lora for p in presets) else set()
-        for index, (preset, file) in enumerate(zip(presets, files, strict=True)):
-            if preset.lora and f"faceid_{index}" not in active:
-                raise ModelLoadError(f"{preset.name}: the LoRA in {file} is not active")
+        self.models = models
+        self._load_adapters()
         for encoder in self.text_encoders:
             clip_skip_on_flat_clip(encoder)
         self.pipe.to(device)
@@ -134,13 +120,46 @@ class WarmPipelines:
             # one graph per (bucket, CFG or not, resolution): allow a few dozen
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
             self.pipe.unet.compile(dynamic=False)
-        self._layers = list(self.pipe.unet.encoder_hid_proj.image_projection_layers)
-        self._projection_shapes = [embed_shape(layer) for layer in self._layers]
         # 4. the other modes' pipelines (made on first use, sharing every module) and the
         #    ControlNets (loaded on first use)
-        self.models = models
         self._pipes: dict[tuple[str, tuple[str, ...]], Any] = {("text", ()): self.pipe}
         self._controlnets: dict[str, Any] = {}
+
+    def _load_adapters(self) -> None:
+        """`self.presets`' weights into the UNet (attention processors, projection layers)."""
+        weights = [self.models.adapter_weights(preset) for preset in self.presets]
+        files = [str(PurePosixPath(repo, sub, name)) for repo, sub, name in weights]
+        with loading(f"adapter weights {', '.join(files)}"):
+            self.pipe.load_ip_adapter(
+                [repo for repo, _, _ in weights],
+                subfolder=[sub for _, sub, _ in weights],
+                weight_name=[name for _, _, name in weights],
+                image_encoder_folder=None,
+                local_files_only=self.models.local_files_only,
+            )
+        # FaceID's LoRA: loaded and ACTIVE (diffusers activates only the last one it loads;
+        # rows with two FaceID adapters are refused by the manifest for that reason)
+        active = (
+            set(self.pipe.get_active_adapters()) if any(p.lora for p in self.presets) else set()
+        )
+        for index, (preset, file) in enumerate(zip(self.presets, files, strict=True)):
+            if preset.lora and f"faceid_{index}" not in active:
+                raise ModelLoadError(f"{preset.name}: the LoRA in {file} is not active")
+        self._layers = list(self.pipe.unet.encoder_hid_proj.image_projection_layers)
+        self._projection_shapes = [embed_shape(layer) for layer in self._layers]
+
+    def reload_adapters(self, presets: list[AdapterPreset]) -> None:
+        """New weights for the same adapters, on this warm pipeline: training's validation
+        renders each export of the adapter it trains without loading the base model again.
+        The same names and architectures only, and no LoRA (unloading keeps FaceID's)."""
+        same = [(p.name, p.projection) for p in presets] == [
+            (p.name, p.projection) for p in self.presets
+        ]
+        if not same or any(p.lora for p in [*presets, *self.presets]):
+            raise ValueError(f"cannot reload {self.adapters} as {[p.name for p in presets]}")
+        self.pipe.unload_ip_adapter()
+        self.presets = presets
+        self._load_adapters()
 
     @property
     def native_size(self) -> tuple[int, int]:

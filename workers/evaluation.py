@@ -46,7 +46,7 @@ def prepare(
     settings: EvalSettings,
     output_uri: str,
 ) -> Prepared:
-    from pipeline.training import TrainRow
+    from pipeline.train_schema import TrainRow
 
     pairs: list[TrainRow] = []
     skipped: list[dict[str, Any]] = []

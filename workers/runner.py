@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from core.config import Settings
+from core.uris import absolute_uri
 from pipeline.requests import adapter_set
 from storage.ledger import counters, items, jobs, queries, training
 from storage.lifecycle import GENERATE, STAGES, Stage
@@ -128,8 +129,8 @@ def run_job(
     """Register (or resume), ingest, embed and generate one job with `ctx`, in-process.
     `run_local` wraps it; benchmarks call it with a context whose models are already warm."""
     # 1. the job: the same manifest and output give the same job, resumed
-    manifest_uri = manifest if "://" in manifest else str(Path(manifest).expanduser().resolve())
-    output_uri = output if "://" in output else str(Path(output).expanduser().resolve())
+    manifest_uri = absolute_uri(manifest)
+    output_uri = absolute_uri(output)
     job_id, created = job_stage.register(ctx, manifest_uri=manifest_uri, output_uri=output_uri)
     if not created:
         _release_in_flight(ctx, job_id)
@@ -263,7 +264,7 @@ def train_local(
     manifest and settings resume where an interrupted run's last checkpoint left it) and
     train here, in-process."""
     with local_context(settings) as ctx:
-        manifest_uri = manifest if "://" in manifest else str(Path(manifest).expanduser().resolve())
+        manifest_uri = absolute_uri(manifest)
         job_id, created = train_stage.register(
             ctx, manifest_uri=manifest_uri, name=name, settings=train_settings
         )
@@ -298,7 +299,7 @@ def eval_local(
 
     started = time.monotonic()
     with local_context(settings) as ctx:
-        manifest_uri = manifest if "://" in manifest else str(Path(manifest).expanduser().resolve())
+        manifest_uri = absolute_uri(manifest)
         output_uri = output or evaluation.default_output(ctx, manifest_uri, adapters)
         prepared = evaluation.prepare(
             ctx,

@@ -77,3 +77,24 @@ def test_report_renders_rows_images_scores_and_errors(
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000
     assert cli("report", "no-such-job", "-o", str(tmp_path / "x.html")).returncode == 2
+
+
+def test_thumbnails_apply_the_limits_every_picture_reader_applies(tmp_path: Path) -> None:
+    """The report reads users' pictures too: past the byte or pixel limits (a decompression
+    bomb), or not a picture, it shows none instead of decoding it."""
+    from PIL import Image
+
+    from ipbatch.report import Thumbnails
+    from storage.objectstore import ObjectStores
+
+    picture = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(picture)
+    (tmp_path / "text.png").write_text("not a picture")
+    stores = ObjectStores()
+    generous = Thumbnails(stores, max_pixels=60_000, max_bytes=10**6)
+    thumb = generous(str(picture))
+    assert thumb is not None and thumb.startswith("data:image/jpeg;base64,")
+    assert Thumbnails(stores, max_pixels=59_999, max_bytes=10**6)(str(picture)) is None
+    assert Thumbnails(stores, max_pixels=60_000, max_bytes=100)(str(picture)) is None
+    assert generous(str(tmp_path / "text.png")) is None
+    assert generous(str(tmp_path / "missing.png")) is None

@@ -124,10 +124,27 @@ def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_pat
     gen = tmp_path / "gen.jsonl"
     reference = str(tmp_path / "pics" / "item-2.png")
     common = {"reference": reference, "steps": 2, "width": 64, "height": 64}
+    # the last validation's sample of item-1 is what a job makes of the row `ipbatch eval`
+    # writes for that pair: the image prompt alone at scale 1.0, guidance 7.5, the seed from
+    # the pair's id (the protocol, written out here)
+    eval_row = {
+        "id": "item-1-as-eval",
+        "adapter": "custom:shop",
+        "reference": str(tmp_path / "pics" / "item-0.png"),  # item-1's reference
+        "scale": 1.0,
+        "prompt": "",
+        "seed": int.from_bytes(hashlib.sha256(b"eval:item-1").digest()[:4], "big"),
+        "steps": 2,
+        "guidance_scale": 7.5,
+        "width": 64,
+        "height": 64,
+    }
     gen.write_text(
         json.dumps({"id": "ok", "adapter": "custom:shop", **common})
         + "\n"
         + json.dumps({"id": "nope", "adapter": "custom:nope", **common})
+        + "\n"
+        + json.dumps(eval_row)
         + "\n"
     )
     run = ipbatch("run", str(gen), "--no-score", "-q", env=env)
@@ -143,6 +160,16 @@ def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_pat
             "SELECT count(*) FROM outputs JOIN items ON items.id = outputs.item_id "
             "WHERE row_id = 'ok'"
         ).fetchone() == (1,)
+        [[uri]] = db.execute(
+            "SELECT uri FROM outputs JOIN items ON items.id = outputs.item_id "
+            "WHERE row_id = 'item-1-as-eval'"
+        ).fetchall()
+    sample = json.loads(validations[-1][3])[1]
+    made = np.asarray(Image.open(uri), dtype=np.int16)
+    validated = np.asarray(Image.open(sample), dtype=np.int16)
+    # the validation batched its two rows: float32 rounds differently per batch size (at most
+    # a level here and there, never another picture)
+    assert np.abs(made - validated).max() <= 1 and np.abs(made - validated).mean() < 0.01
 
 
 def test_training_reads_the_embeddings_generation_cached(tiny_models: Path, tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from transformers import CLIPVisionConfig
 from pipeline.adapter_weights import ProjectionShape, from_h94, install, to_h94
 from pipeline.embedder import ClipEmbedder
 from pipeline.presets import EmbedKind, Projection
-from pipeline.training import AdapterTrainer, Example, TrainingEncoders, TrainSettings
+from pipeline.train_schema import TrainSettings
+from pipeline.training import AdapterTrainer, Example, TrainingEncoders
 
 CPU = torch.device("cpu")
 

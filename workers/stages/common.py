@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from core.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound
 from pipeline.images import decode_reference
+from pipeline.sources import check_allowed, resolve_reference
 from storage.ledger import items, jobs
 from storage.lifecycle import Stage
 from storage.models import ItemStatus
+from workers import metrics
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
+    from storage.embcache import Cached, CacheKey
     from workers.context import StageContext
+
+log = logging.getLogger(__name__)
 
 # Send items on to a stage's workers (a Celery message per chunk; nothing on one machine).
 Send = Callable[[Stage, list[int]], None]
@@ -44,6 +53,54 @@ def read_reference(ctx: StageContext, uri: str) -> bytes:
             f"{uri} cannot be read ({exc}); check the URI, the bucket policy or the workers' "
             "credentials, then `ipbatch retry`",
         ) from exc
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    uri: str  # as resolved against the manifest
+    sha256: str  # of the picture's bytes
+    cached: Cached  # the cache entry of what was made of it
+
+
+def cache_image(
+    ctx: StageContext,
+    written: str,
+    *,
+    manifest_uri: str,
+    cache_root: str,
+    seen: dict[str, str],
+    key_of: Callable[[str], CacheKey],
+    make: Callable[[bytes, str], dict[str, torch.Tensor]],
+    keep: dict[str, bytes] | None = None,
+) -> CachedImage:
+    """One picture a row names, through the content-addressed cache (the embed stage's and
+    training's one way): resolved against the manifest, allowed or refused, read once (`seen`
+    memoises its hash; `keep`, where given, its bytes too, for a caller that makes several
+    things of one picture), and what `make(data, uri)` makes of it found under
+    `key_of(sha256)` or made and stored now (under the key's lock: workers that miss the same
+    key at once make it once)."""
+    uri = resolve_reference(written, manifest_uri=manifest_uri)
+    check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
+    data = None if keep is None else keep.get(uri)
+    if uri not in seen:
+        data = read_reference(ctx, uri)
+        seen[uri] = hashlib.sha256(data).hexdigest()
+        if keep is not None:
+            keep[uri] = data
+    key = key_of(seen[uri])
+
+    def compute() -> dict[str, torch.Tensor]:
+        log.info(
+            "computing %s of %s",
+            key.kind,
+            uri,
+            extra={"key": f"{key.content_sha256}/{key.encoder}/{key.kind}", "worker": ctx.worker},
+        )
+        return make(data if data is not None else read_reference(ctx, uri), uri)
+
+    cached = ctx.cache.ensure(key=key, cache_root=cache_root, compute=compute)
+    metrics.CACHE.labels("hit" if cached.hit else "miss").inc()
+    return CachedImage(uri, seen[uri], cached)
 
 
 def decode(ctx: StageContext, data: bytes, *, name: str) -> Image.Image:

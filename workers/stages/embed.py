@@ -10,7 +10,6 @@ has gone missing is computed and written again.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import inputs
 from pipeline.manifest import Row, validate_row
-from pipeline.sources import check_allowed, resolve_reference
 from storage.embcache import CacheKey
 from storage.ledger import embeddings, items, jobs
 from storage.lifecycle import EMBED, GENERATE
 from workers import metrics
 from workers.claims import claimed
 from workers.context import StageContext
-from workers.stages.common import decode, finalize_jobs, read_reference
+from workers.stages.common import cache_image, decode, finalize_jobs
 
 if TYPE_CHECKING:
     import torch
@@ -162,33 +160,21 @@ def _ensure_cached(
     key_of: Callable[[str], CacheKey],
     make: Callable[[bytes, str], dict[str, torch.Tensor]],
 ) -> tuple[int, str]:
-    """The cache entry of one image the row names, as (embedding id, resolved URI): found,
-    or made from the image's bytes by `make(data, uri)` and stored. The image is read once
-    per call (`seen` memoises its hash) and only when needed."""
-    uri = resolve_reference(written, manifest_uri=entry.manifest_uri)
-    check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
-    data: bytes | None = None
-    if uri not in seen:
-        data = read_reference(ctx, uri)
-        seen[uri] = hashlib.sha256(data).hexdigest()
-    key = key_of(seen[uri])
-
-    def compute() -> dict[str, torch.Tensor]:
-        log.info(
-            "computing %s of %s",
-            key.kind,
-            uri,
-            extra={"key": f"{key.content_sha256}/{key.encoder}/{key.kind}", "worker": ctx.worker},
-        )
-        return make(data if data is not None else read_reference(ctx, uri), uri)
-
-    cached = ctx.cache.ensure(key=key, cache_root=ctx.cache_root(entry.output_uri), compute=compute)
-    if cached.hit:
+    """The cache entry of one image the row names, as (embedding id, resolved URI)."""
+    found = cache_image(
+        ctx,
+        written,
+        manifest_uri=entry.manifest_uri,
+        cache_root=ctx.cache_root(entry.output_uri),
+        seen=seen,
+        key_of=key_of,
+        make=make,
+    )
+    if found.cached.hit:
         summary.cached += 1
     else:
         summary.computed += 1
-    metrics.CACHE.labels("hit" if cached.hit else "miss").inc()
-    return cached.embedding_id, uri
+    return found.cached.embedding_id, found.uri
 
 
 def _input_key(kind: str, content_sha256: str) -> CacheKey:
