@@ -45,30 +45,32 @@ class TrainSettings(BaseModel):
     init: str = Field(
         "fresh", description="fresh (the paper's init), an adapter preset, or a weight file"
     )
-    steps: int = Field(1000, ge=1, le=10_000_000)
-    batch_size: int = Field(8, ge=1, le=1024)
-    learning_rate: float = Field(1e-4, gt=0, le=1)
-    weight_decay: float = Field(0.01, ge=0, le=1)
+    steps: int = Field(1000, ge=1, le=10_000_000, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, le=1024, description="rows per step")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW's learning rate")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW's weight decay")
     drop_image: float = Field(0.05, ge=0, le=1, description="image embedding dropped alone")
     drop_text: float = Field(0.05, ge=0, le=1, description="text dropped alone")
     drop_both: float = Field(0.05, ge=0, le=1, description="both dropped")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="autocast for the frozen UNet; the adapter stays fp32"
     )
-    gradient_checkpointing: bool = False
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, same result"
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds every random draw of the run")
     resolution: int | None = Field(
         None, ge=64, le=2048, multiple_of=8, description="square training size (native)"
     )
-    checkpoint_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="the newest checkpoints kept")
     validate_every: int = Field(0, ge=0, description="0: validate once, at the end")
     validation_rows: int = Field(4, ge=0, le=64, description="the manifest's first rows")
     validation_steps: int = Field(30, ge=1, le=150, description="denoising steps per render")
     log_every: int = Field(
         10, ge=1, description="steps per point of the loss curve (their mean) and per heartbeat"
     )
-    save_dtype: Literal["fp16", "fp32"] = "fp16"
+    save_dtype: Literal["fp16", "fp32"] = Field("fp16", description="the adapter file's precision")
 
     @model_validator(mode="after")
     def _drops(self) -> TrainSettings:

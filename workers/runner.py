@@ -24,10 +24,11 @@ from tqdm import tqdm
 from core.config import Settings
 from core.uris import absolute_uri
 from pipeline.requests import adapter_set
+from pipeline.train_schema import TrainSettings
 from storage.ledger import counters, items, jobs, queries, training
 from storage.lifecycle import GENERATE, STAGES, Stage
 from storage.migrate import upgrade
-from storage.models import ItemStatus, JobStatus
+from storage.models import ItemStatus, JobKind, JobStatus
 from workers.backpressure import patiently
 from workers.context import StageContext
 from workers.stages import embed, generate, ingest, verify
@@ -251,6 +252,13 @@ def _release_in_flight(ctx: StageContext, job_id: str) -> None:
             )
 
 
+def job_kind_local(settings: Settings, *, job_id: str) -> JobKind | None:
+    """In one-machine mode: what kind of job `job_id` is (None: no such job)."""
+    with local_context(settings) as ctx:
+        found = job_stage.describe(ctx, job_id=job_id)
+    return None if found is None else found[0]
+
+
 def retry_training_local(settings: Settings, *, job_id: str) -> train_stage.TrainSummary:
     """`ipbatch retry` of a training job on one machine: resumed here from its checkpoint."""
     with local_context(settings) as ctx:
@@ -258,7 +266,7 @@ def retry_training_local(settings: Settings, *, job_id: str) -> train_stage.Trai
 
 
 def train_local(
-    settings: Settings, *, manifest: str, name: str, train_settings: Any
+    settings: Settings, *, manifest: str, name: str, train_settings: TrainSettings
 ) -> train_stage.TrainSummary:
     """`ipbatch train` on one machine: register the run (or find it again: the same name,
     manifest and settings resume where an interrupted run's last checkpoint left it) and

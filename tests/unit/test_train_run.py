@@ -332,3 +332,23 @@ def test_a_cancelled_run_stops_at_its_next_heartbeat(tiny_models: Path, tmp_path
     assert 0 < step < 100000
     assert f"cancelled at step {step}" in out  # it stopped at the heartbeat that saw it
     assert not (home / "adapters" / "c" / "card.json").exists()
+
+
+def test_retry_runs_a_failed_training_job_again(tiny_models: Path, tmp_path: Path) -> None:
+    """`ipbatch retry` of a training job (one machine) resumes the run here: a manifest whose
+    pictures were all missing fails the job; once they are there, retry trains it."""
+    home = tmp_path / "home"
+    env = {"IPBATCH_HOME": str(home), "IPBATCH_MODELS": str(tiny_models)}
+    pictures = [tmp_path / "later" / f"item-{i}.png" for i in range(2)]
+    manifest = _manifest(tmp_path / "train.jsonl", pictures)
+    args = ["train", str(manifest), "--name", "r", *TRAIN_OPTIONS, "--steps", "2"]
+    failed = ipbatch(*args, "--validation-rows", "0", env=env)
+    assert failed.returncode == 1 and "training job" in failed.stdout and "failed" in failed.stdout
+    with _ledger(home) as db:
+        [(job_id, status)] = db.execute("SELECT id, status FROM jobs").fetchall()
+    assert status == "failed"
+    _pictures(tmp_path / "later", 2)  # the pictures arrive
+    retried = ipbatch("retry", job_id, env=env)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert f"training job {job_id}: succeeded at step 2" in retried.stdout
+    assert (home / "adapters" / "r" / "card.json").is_file()

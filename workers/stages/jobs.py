@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from sqlalchemy.orm import Session
 
 from core.errors import ConfigError
-from storage.ledger import items, jobs
+from storage.ledger import counters, items, jobs, queries
 from storage.lifecycle import INGEST_QUEUE, STAGES, TRAIN_QUEUE, Stage
 from storage.models import ItemStatus, Job, JobKind, JobStatus
 from workers.context import StageContext
@@ -111,6 +111,23 @@ def retry(ctx: StageContext, *, job_id: str, send: Send) -> tuple[int, int]:
         for stage in STAGES
     )
     return len(retried), sent - len(retried)
+
+
+def describe(ctx: StageContext, *, job_id: str) -> tuple[JobKind, JobStatus] | None:
+    """A job's kind and status; None if there is no such job."""
+    with ctx.sessions.begin() as session:
+        job = jobs.get(session, job_id=job_id)
+        return None if job is None else (JobKind(job.kind), JobStatus(job.status))
+
+
+def recount(ctx: StageContext, *, job_id: str | None = None) -> dict[str, dict[ItemStatus, int]]:
+    """Rebuild the status counters behind job_progress from the items (after hand edits), of
+    one job or of every job; ConfigError for a job that does not exist."""
+    with ctx.sessions.begin() as session:
+        if job_id is not None:
+            _job_or_error(session, job_id)
+        job_ids = [job_id] if job_id else queries.job_ids(session)
+        return {one: counters.recount(session, job_id=one) for one in job_ids}
 
 
 def _job_or_error(session: Session, job_id: str) -> Job:

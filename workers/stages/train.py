@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
@@ -366,3 +367,12 @@ def register(
             )
     except training.NameTaken as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def requeue(ctx: StageContext, *, job_id: str, send_train: Callable[[str], None]) -> None:
+    """`ipbatch retry` of a training job on the workers: a failed run back to running with
+    nobody holding it, and its message sent again (a stranded run's too); the next claim
+    resumes from the last checkpoint."""
+    with ctx.sessions.begin() as session:
+        training.retry(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+    send_train(job_id)

@@ -1,0 +1,85 @@
+"""Maintenance commands: db (upgrade, recount), models (tiny), manifest (schema)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from core.config import Settings, redact_url
+
+Subparsers = Any  # argparse's private _SubParsersAction
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from storage.migrate import upgrade
+
+    url = Settings().ledger_url()
+    upgrade(url)
+    print(f"ledger at {redact_url(url)} is up to date")
+    return 0
+
+
+def cmd_db_recount(args: argparse.Namespace) -> int:
+    """Rebuild the status counters behind job_progress from the items (after hand edits)."""
+    from workers.context import StageContext
+    from workers.stages import jobs
+
+    settings = Settings()
+    local = settings.database_url is None
+    ctx = StageContext.create(settings, mode="local" if local else "distributed")
+    try:
+        recounted = jobs.recount(ctx, job_id=args.job)
+    finally:
+        ctx.close()
+    for job_id, counts in recounted.items():
+        summary = ", ".join(f"{k.value} {v}" for k, v in sorted(counts.items()))
+        print(f"{job_id}: {summary or 'no items'}")
+    return 0
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    from pipeline.tiny import write_tiny_models
+    from workers.context import quiet_model_libraries
+
+    quiet_model_libraries()
+    root = write_tiny_models(Path(args.dir))
+    print(f"tiny random-weight models written to {root}")
+    return 0
+
+
+def cmd_manifest_schema(args: argparse.Namespace) -> int:
+    if args.training:  # the rows `ipbatch train` and `ipbatch eval` read
+        from pipeline.train_schema import training_json_schema
+
+        print(json.dumps(training_json_schema(), indent=2))
+        return 0
+    from pipeline.manifest import manifest_json_schema
+
+    print(json.dumps(manifest_json_schema(), indent=2))
+    return 0
+
+
+def add_parsers(sub: Subparsers) -> None:
+    db = sub.add_parser("db", help="ledger maintenance").add_subparsers(dest="db", required=True)
+    db.add_parser("upgrade", help="run the Alembic migrations").set_defaults(func=cmd_db_upgrade)
+    p = db.add_parser("recount", help="rebuild job_progress's counters from the items")
+    p.add_argument("job", nargs="?", help="one job id (default: every job)")
+    p.set_defaults(func=cmd_db_recount)
+
+    models = sub.add_parser("models", help="model folders").add_subparsers(
+        dest="models_cmd", required=True
+    )
+    p = models.add_parser("tiny", help="write tiny random-weight models for offline runs")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_models_tiny)
+
+    manifest = sub.add_parser("manifest", help="manifest tools").add_subparsers(
+        dest="manifest_cmd", required=True
+    )
+    p = manifest.add_parser("schema", help="print the manifest row JSON Schema")
+    p.add_argument(
+        "--training", action="store_true", help="the training (and eval) manifest's instead"
+    )
+    p.set_defaults(func=cmd_manifest_schema)

@@ -1,0 +1,271 @@
+"""Job commands: run (one machine), submit, status, cancel, retry, verify, report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.config import Settings
+from core.errors import ConfigError
+from core.uris import absolute_uri
+from ipbatch.cli.common import print_summary, print_verified, settings_from, write_report
+
+Subparsers = Any  # argparse's private _SubParsersAction
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workers.runner import run_local
+
+    summary = run_local(
+        settings_from(args),
+        manifest=args.manifest,
+        output=args.output,
+        progress=not args.quiet,
+        check=args.verify,
+    )
+    code = print_summary(summary)
+    if summary.verified is not None:
+        return max(code, print_verified(summary.verified))
+    return code
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from core.errors import Action, classify
+    from workers.stages import jobs
+    from workers.tasks import context, send_ingest
+
+    registered: list[str] = []
+
+    def send(job_id: str) -> None:
+        registered.append(job_id)
+        send_ingest(job_id)
+
+    try:
+        job_id, _ = jobs.submit(
+            context(),
+            manifest_uri=absolute_uri(args.manifest),
+            output_uri=args.output,
+            name=args.name,
+            send_ingest=send,
+        )
+    except Exception as exc:
+        if not registered or classify(exc).action is not Action.RETRY:
+            raise
+        print(
+            f"ipbatch: error: job {registered[0]} is registered, but its ingest could not be "
+            f"sent ({classify(exc).message}). Submit the same manifest again once the broker "
+            "answers, or let `ipbatch reaper` send it (after IPBATCH_REQUEUE_AFTER).",
+            file=sys.stderr,
+        )
+        return 2
+    print(job_id)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ipbatch import status
+    from storage.ledger.db import make_engine
+
+    engine = make_engine(Settings().ledger_url())
+    try:
+        if args.watch:
+            if not args.job:
+                raise ConfigError("--watch needs a job id")
+            return status.watch(engine, job_id=args.job, interval=args.interval)
+        found = status.collect(engine, job_id=args.job, limit=args.limit)
+    finally:
+        engine.dispose()
+    if args.job and not found:
+        print(f"no job {args.job}", file=sys.stderr)
+        return 2
+    if args.json:
+        failures = (
+            [{"error_code": code, "n": n} for code, n in found[0]["failures"].items()]
+            if args.job
+            else []
+        )
+        print(json.dumps({"jobs": found, "failures": failures}, default=str, indent=2))
+        return 0
+    print(status.bars(found[0]) if args.job else status.table(found))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from storage.models import JobKind
+    from workers.context import StageContext
+    from workers.stages import jobs
+
+    settings = Settings()
+    local = settings.database_url is None
+    ctx = StageContext.create(settings, mode="local" if local else "distributed")
+    try:
+        cancelled = jobs.cancel(ctx, job_id=args.job)
+        found = jobs.describe(ctx, job_id=args.job)
+    finally:
+        ctx.close()
+    if cancelled is None:
+        status = "unknown" if found is None else str(found[1])
+        print(f"job {args.job} had already ended ({status}): nothing cancelled", file=sys.stderr)
+        return 1
+    if found is not None and found[0] is JobKind.TRAIN:
+        print(f"training job {args.job}: cancelled; it stops at its next heartbeat (every ", end="")
+        print("--log-every steps), keeping its checkpoints; no adapter is written")
+        return 0
+    print(f"job {args.job}: cancelled; {cancelled} items cancelled now", end="")
+    print("; items being generated stop after their batch")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Failed items again (a training job: resumed from its last checkpoint): in one-machine
+    mode (no IPBATCH_DATABASE_URL) here and now; otherwise queued for the workers."""
+    from storage.models import JobKind
+
+    settings = settings_from(args)
+    if settings.database_url is None:
+        from workers.runner import job_kind_local, retry_local, retry_training_local
+
+        if job_kind_local(settings, job_id=args.job) is JobKind.TRAIN:
+            trained = retry_training_local(settings, job_id=args.job)
+            print(f"training job {args.job}: {trained.status} at step {trained.step}")
+            return 0 if trained.status == "succeeded" else 1
+        return print_summary(retry_local(settings, job_id=args.job, progress=not args.quiet))
+    from workers.stages import jobs, train
+    from workers.tasks import context, send, send_train
+
+    found = jobs.describe(context(), job_id=args.job)
+    if found is not None and found[0] is JobKind.TRAIN:
+        train.requeue(context(), job_id=args.job, send_train=send_train)
+        print(f"training job {args.job}: queued again; it resumes from its last checkpoint")
+        return 0
+    retried, waiting = jobs.retry(context(), job_id=args.job, send=send)
+    print(f"job {args.job}: {retried} failed items queued again", end="")
+    print(f"; {waiting} items left waiting queued again too" if waiting else "")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Every recorded output of a job is checked against its object; with --repair, the
+    items of the broken ones are made again (here in one-machine mode, by the workers
+    otherwise)."""
+    settings = settings_from(args)
+    threads = max(1, min(args.threads, 64))  # the S3 client keeps 64 connections
+    if settings.database_url is None:
+        from workers.runner import verify_local
+
+        found, summary, after = verify_local(
+            settings,
+            job_id=args.job,
+            deep=args.deep,
+            repair=args.repair,
+            threads=threads,
+            progress=False,
+        )
+    else:
+        from workers.stages import verify
+        from workers.tasks import context, send_urgent
+
+        found = verify.verify(context(), job_id=args.job, deep=args.deep, threads=threads)
+        if args.repair:
+            verify.repair(context(), verified=found, send=send_urgent)
+        summary = after = None
+    if args.json:
+        print(json.dumps(_verified_json(found, after), indent=2))
+        return 1 if (after or found).problems else 0
+    code = print_verified(found)
+    if args.repair and found.problems and summary is None:
+        print(f"repair: {len(found.repaired)} items queued for the generate workers; ", end="")
+        print(f"`ipbatch status {args.job}`, then `ipbatch verify {args.job}` again")
+    if summary is not None and after is not None:
+        print(f"repair: {len(found.repaired)} items made again")
+        print_summary(summary)
+        return print_verified(after)
+    return code
+
+
+def _verified_json(found: Any, after: Any) -> dict[str, Any]:
+    def one(v: Any) -> dict[str, Any]:
+        return {
+            "job_id": v.job_id,
+            "checked": v.checked,
+            "deep": v.deep,
+            "problems": [dataclasses.asdict(p) for p in v.problems],
+        }
+
+    out = one(found)
+    out["repaired_items"] = found.repaired
+    if after is not None:
+        out["after_repair"] = one(after)
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the job's HTML report (self-contained: thumbnails embedded)."""
+    try:
+        print(write_report(Settings(), args.job, Path(args.output), limit=args.limit))
+    except LookupError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_parsers(sub: Subparsers) -> None:
+    p = sub.add_parser("run", help="run a whole job on this machine (SQLite + local folder)")
+    p.add_argument("manifest", help="manifest path or s3:// URI (.jsonl or .csv)")
+    p.add_argument("--output", help="output folder or s3:// URI (default $IPBATCH_HOME/outputs)")
+    p.add_argument("--models", help="models folder, or `hub` (default $IPBATCH_MODELS)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-score", action="store_true", help="skip CLIP-I / CLIP-T scores (IPBATCH_SCORE)"
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="read every output back at the end (verify --deep)"
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="register a job and queue it for the Celery workers")
+    p.add_argument("manifest", help="s3://bucket/key of the manifest (or a shared path)")
+    p.add_argument("--output", required=True, help="s3://bucket/prefix for the images")
+    p.add_argument("--name", help="job name (default: the manifest's file name)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="progress, rate, ETA and failures of jobs")
+    p.add_argument("job", nargs="?", help="one job (default: the most recent ones)")
+    p.add_argument("--json", action="store_true", help="for scripts")
+    p.add_argument("--watch", action="store_true", help="live bars per stage until the job ends")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between --watch redraws")
+    p.add_argument("--limit", type=int, default=20, help="jobs listed without a job id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "cancel", help="cancel a job: queued items now, running ones after their batch"
+    )
+    p.add_argument("job")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("retry", help="run a job's failed items again (not invalid rows)")
+    p.add_argument("job")
+    p.add_argument("--models", help="models folder (one-machine mode)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("verify", help="check that every recorded output is a complete image")
+    p.add_argument("job")
+    p.add_argument("--deep", action="store_true", help="also read each object: sha256, decoding")
+    p.add_argument("--repair", action="store_true", help="make the broken outputs' items again")
+    p.add_argument(
+        "--threads", type=int, default=32, help="requests in flight (default 32, at most 64)"
+    )
+    p.add_argument("--json", action="store_true", help="the findings as JSON (for scripts)")
+    p.add_argument("--models", help="models folder (one-machine mode, --repair)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("report", help="a self-contained HTML page of a job's results")
+    p.add_argument("job", nargs="?", help="job id (default: the most recently started job)")
+    p.add_argument("-o", "--output", default="report.html", help="the HTML file to write")
+    p.add_argument("--limit", type=int, default=500, help="rows shown, in manifest order")
+    p.set_defaults(func=cmd_report)
