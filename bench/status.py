@@ -71,7 +71,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from core.clock import utcnow
-    from storage.ledger import bulk, counters, db, jobs
+    from storage.ledger import bulk, counters, db, job_claims, jobs
+    from storage.lifecycle import INGEST
     from storage.migrate import upgrade
     from storage.models import ItemStatus
 
@@ -94,7 +95,9 @@ def main() -> None:
                 output_uri="o",
                 now=utcnow(),
             )
-            jobs.claim_ingest(s, job_id=job_id, worker="bench", lease_seconds=3600, now=utcnow())
+            job_claims.claim(
+                s, job_id=job_id, stage=INGEST, worker="bench", lease_seconds=3600, now=utcnow()
+            )
         for lo in range(0, args.items, 50_000):
             rows = [
                 {

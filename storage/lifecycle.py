@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage.models import ItemStatus, JobStatus
+from storage.models import ItemStatus, JobKind, JobStatus
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,47 @@ GENERATE = Stage(
     next=ItemStatus.SUCCEEDED,
 )
 STAGES: tuple[Stage, ...] = (EMBED, GENERATE)
-INGEST_QUEUE = "ingest"  # jobs, not items: ingest claims the job itself
-TRAIN_QUEUE = "train"  # training jobs (no items): the train stage claims the job itself
-QUEUES: tuple[str, ...] = (INGEST_QUEUE, *(stage.queue for stage in STAGES), TRAIN_QUEUE)
+
+
+@dataclass(frozen=True)
+class JobStage:
+    """A stage that takes a whole job, not items: it claims the job row itself (a lease with
+    a fencing token, renewed as it works: `storage.ledger.job_claims`), works, and ends the
+    claim. It takes jobs of `kind`; messages for it go to `queue`; `label` names it in the
+    job's events and messages."""
+
+    name: str
+    kind: JobKind
+    queue: str
+    label: str
+    started: str  # the job event of a claim that starts the job
+    resumed: str  # ... and of one that takes a job back up
+
+
+INGEST = JobStage(
+    name="ingest",
+    kind=JobKind.GENERATE,
+    queue="ingest",
+    label="ingest",
+    started="ingest started",
+    resumed="ingest resumed where the last one stopped",
+)
+TRAIN = JobStage(
+    name="train",
+    kind=JobKind.TRAIN,
+    queue="train",
+    label="training",
+    started="training started",
+    resumed="training resumed from its last checkpoint",
+)
+JOB_STAGES: tuple[JobStage, ...] = (INGEST, TRAIN)
+QUEUES: tuple[str, ...] = (INGEST.queue, *(stage.queue for stage in STAGES), TRAIN.queue)
+
+
+def job_stage_for(kind: JobKind) -> JobStage:
+    """The stage that takes a job of `kind` (its ingest, or its training run)."""
+    return next(stage for stage in JOB_STAGES if stage.kind == kind)
+
 
 WAITING = tuple(stage.waiting for stage in STAGES)
 WORKING = tuple(stage.working for stage in STAGES)

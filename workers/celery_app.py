@@ -18,7 +18,7 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from core.config import Settings
-from storage.lifecycle import INGEST_QUEUE, QUEUES, STAGES, TRAIN_QUEUE
+from storage.lifecycle import INGEST, JOB_STAGES, QUEUES, STAGES
 
 MAX_PRIORITY = 9
 
@@ -52,11 +52,10 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_queues=[
             Queue(name, queue_arguments={"x-max-priority": MAX_PRIORITY}) for name in QUEUES
         ],
-        task_default_queue=INGEST_QUEUE,
+        task_default_queue=INGEST.queue,
         task_default_priority=priority(broker, urgent=False),
         task_routes={
-            "ipbatch.ingest": {"queue": INGEST_QUEUE},
-            "ipbatch.train": {"queue": TRAIN_QUEUE},
+            **{f"ipbatch.{stage.name}": {"queue": stage.queue} for stage in JOB_STAGES},
             **{f"ipbatch.{stage.name}": {"queue": stage.queue} for stage in STAGES},
         },
     )

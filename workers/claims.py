@@ -19,6 +19,18 @@ No stage writes a release path of its own.
 Every write for a claimed item carries the token: a worker whose lease lapsed and whose items
 another worker took over (a long pause, a stopped VM that came back) writes nothing; that is
 logged and counted (`ipbatch_fenced_writes_total`).
+
+A job stage (ingest, train) takes a whole job the same way, with `claimed_job`:
+
+    with claimed_job(ctx, INGEST, job_id) as claim:
+        if claim is None:
+            return                       # held elsewhere, done, or ended
+        ...                              # writes carry claim.token and hold the claim
+
+On the way out: `StopJob` (the claim was lost, or the job cancelled) ends the block quietly;
+`JobInputError` (the job's own input is unusable) or an error `classify` calls FAIL fails the
+job; an outage, a configuration error or a stop gives the job back (it waits for its stage
+again) and goes on to the caller.
 """
 
 from __future__ import annotations
@@ -27,12 +39,13 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from core.errors import Action, Decision, ErrorCode, classify, short
-from storage.ledger import items
-from storage.lifecycle import Stage
-from storage.models import ItemStatus
+from storage.ledger import items, job_claims, jobs
+from storage.lifecycle import JobStage, Stage
+from storage.models import ItemStatus, JobStatus
 from workers import metrics
 
 if TYPE_CHECKING:
@@ -298,3 +311,98 @@ class _Heartbeat:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+
+
+# --- a whole job ----------------------------------------------------------------------------
+
+
+class StopJob(Exception):  # noqa: N818 (not an error: the work ends quietly)
+    """The job's claim was lost (another worker holds it now) or the job was cancelled:
+    stop quietly, write nothing more."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status  # "lost" or "cancelled"
+
+
+class JobInputError(Exception):
+    """The job's own input cannot be used (a manifest that is not there, or may not be read):
+    the job fails, not the worker."""
+
+
+@dataclass
+class JobClaim:
+    """A job stage's claim on a job; after the block, how it ended (`stopped`, `failed`)."""
+
+    job_id: str
+    stage: JobStage
+    token: str
+    stopped: str | None = None  # "lost" or "cancelled"
+    failed: str | None = None  # the message the job failed with
+
+
+@contextmanager
+def claimed_job(ctx: StageContext, stage: JobStage, job_id: str) -> Iterator[JobClaim | None]:
+    """Take the job for `stage` (None: another worker holds it, its work is done, or it has
+    ended) and settle the claim however the block ends (see the module's docstring)."""
+    with ctx.sessions.begin() as session:
+        token = job_claims.claim(
+            session,
+            job_id=job_id,
+            stage=stage,
+            worker=ctx.worker,
+            lease_seconds=ctx.settings.lease_seconds,
+            now=ctx.clock(),
+        )
+    if token is None:
+        yield None
+        return
+    claim = JobClaim(job_id, stage, token)
+    try:
+        yield claim
+    except StopJob as stop:
+        claim.stopped = stop.status
+        log.warning("job %s: %s %s; this worker stops", job_id, stage.label, stop.status)
+    except JobInputError as exc:
+        _fail_job(ctx, claim, str(exc))
+    except BaseException as exc:
+        decision = classify(exc)
+        if decision.action is Action.FAIL:
+            log.error("%s of job %s failed", stage.label, job_id, exc_info=exc)
+            _fail_job(ctx, claim, f"{stage.label} failed: {decision.message}")
+            return
+        try:
+            with ctx.sessions.begin() as session:
+                job_claims.end(
+                    session,
+                    job_id=job_id,
+                    token=token,
+                    now=ctx.clock(),
+                    worker=ctx.worker,
+                    message=f"{stage.label} given back: {decision.message}",
+                )
+        except Exception:
+            log.warning("could not give job %s back; its %s lease will lapse", job_id, stage.label)
+        raise
+
+
+def hold_job(ctx: StageContext, session: Session, claim: JobClaim) -> JobStatus:
+    """Before a write under the claim, in the write's transaction: the job row locked, the
+    claim checked and renewed. Returns the job's status (running, or cancelled meanwhile);
+    StopJob("lost") if another worker holds the job now."""
+    status = job_claims.hold(
+        session,
+        job_id=claim.job_id,
+        token=claim.token,
+        lease_seconds=ctx.settings.lease_seconds,
+        now=ctx.clock(),
+    )
+    if status is None:
+        raise StopJob("lost")
+    return status
+
+
+def _fail_job(ctx: StageContext, claim: JobClaim, message: str) -> None:
+    claim.failed = message
+    with ctx.sessions.begin() as session:
+        jobs.fail(session, job_id=claim.job_id, message=message, now=ctx.clock(), worker=ctx.worker)

@@ -25,19 +25,19 @@ from core.config import Settings
 from core.uris import absolute_uri
 from pipeline.requests import adapter_set
 from pipeline.train_schema import TrainSettings
-from storage.ledger import counters, items, jobs, queries, training
+from storage.ledger import counters, items, job_claims, jobs, queries, training
 from storage.lifecycle import GENERATE, STAGES, Stage
 from storage.migrate import upgrade
 from storage.models import ItemStatus, JobKind, JobStatus
 from workers.backpressure import patiently
 from workers.context import StageContext
-from workers.stages import embed, generate, ingest, verify
+from workers.stages import ingest, verify
 from workers.stages import jobs as job_stage
 from workers.stages import train as train_stage
 from workers.stages.common import chunked, no_send
+from workers.stages.runs import RUNS
 
 MAX_FAILURES_SHOWN = 20
-STAGE_RUNS: dict[str, Callable[..., Any]] = {"embed": embed.run, "generate": generate.run}
 
 
 @dataclass
@@ -184,7 +184,7 @@ def _run_stage(ctx: StageContext, stage: Stage, job_id: str, progress: bool) -> 
     bar = tqdm(total=len(waiting), desc=stage.name, unit="item", disable=not progress)
     images = 0
     for ids in chunked(waiting, size):
-        summary = _patiently(ctx, functools.partial(STAGE_RUNS[stage.name], ctx, item_ids=ids))
+        summary = _patiently(ctx, functools.partial(RUNS[stage.name], ctx, item_ids=ids))
         images += summary.images
         bar.update(len(ids))
     bar.close()
@@ -241,15 +241,10 @@ def _release_in_flight(ctx: StageContext, job_id: str) -> None:
         items.release_all_held(
             session, job_id=job_id, worker=ctx.worker, message=message, now=ctx.clock()
         )
-        if job.lease_token is not None:  # its ingest's claim, or its training run's
-            jobs.release_ingest(
-                session,
-                job_id=job_id,
-                token=job.lease_token,
-                now=ctx.clock(),
-                worker=ctx.worker,
-                message=message,
-            )
+        # its ingest's claim, or its training run's
+        job_claims.end_any(
+            session, job_id=job_id, now=ctx.clock(), worker=ctx.worker, message=message
+        )
 
 
 def job_kind_local(settings: Settings, *, job_id: str) -> JobKind | None:

@@ -26,15 +26,12 @@ from celery.exceptions import Reject
 
 from core.config import Settings
 from core.errors import Action, Decision, classify
-from storage.lifecycle import EMBED, GENERATE, Stage
+from storage.lifecycle import EMBED, GENERATE, INGEST, TRAIN, JobStage, Stage
 from workers.backpressure import OutOfPatience, patiently
 from workers.celery_app import app, priority
 from workers.context import StageContext
-from workers.stages import embed as embed_stage
-from workers.stages import generate as generate_stage
-from workers.stages import ingest as ingest_stage
-from workers.stages import train as train_stage
 from workers.stages.common import chunked
+from workers.stages.runs import RUNS
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +92,13 @@ def _stop_consuming(task: Task, decision: Decision) -> None:
 
 @app.task(name="ipbatch.ingest", bind=True)
 def ingest(self: Task, job_id: str) -> None:
-    summary = _run(self, functools.partial(ingest_stage.run, context(), job_id=job_id, send=send))
+    summary = _run(self, functools.partial(RUNS[INGEST.name], context(), job_id=job_id, send=send))
     log.info("job %s ingested: %s", job_id, summary, extra={"job_id": job_id})
 
 
 @app.task(name="ipbatch.embed", bind=True)
 def embed(self: Task, item_ids: list[int]) -> None:
-    summary = _run(self, functools.partial(embed_stage.run, context(), item_ids=item_ids))
+    summary = _run(self, functools.partial(RUNS[EMBED.name], context(), item_ids=item_ids))
     for batch in chunked(summary.ready, context().settings.generate_batch):
         send(GENERATE, batch)
     if summary.held:  # another worker's claim: if that worker died, take over when it lapses
@@ -110,7 +107,7 @@ def embed(self: Task, item_ids: list[int]) -> None:
 
 @app.task(name="ipbatch.generate", bind=True)
 def generate(self: Task, item_ids: list[int]) -> None:
-    summary = _run(self, functools.partial(generate_stage.run, context(), item_ids=item_ids))
+    summary = _run(self, functools.partial(RUNS[GENERATE.name], context(), item_ids=item_ids))
     for batch in chunked(summary.embed_again, context().settings.generate_batch):
         send(EMBED, batch, urgent=True)
     if summary.held:
@@ -121,20 +118,23 @@ def generate(self: Task, item_ids: list[int]) -> None:
 def train(self: Task, job_id: str) -> None:
     """A training run on a GPU worker (queue `train`). Held by another worker: sent again
     when that worker's lease runs out (if it died, this one resumes from its checkpoint)."""
-    summary = _run(self, functools.partial(train_stage.run, context(), job_id=job_id))
+    summary = _run(self, functools.partial(RUNS[TRAIN.name], context(), job_id=job_id))
     log.info("training job %s: %s at step %d", job_id, summary.status, summary.step)
     if summary.status == "held":
         send_train(job_id, countdown=summary.retry_in + 1)
 
 
 def send_train(job_id: str, *, countdown: float = 0) -> None:
-    broker = context().settings.broker_url.get_secret_value()
-    train.apply_async(
-        (job_id,), priority=priority(broker, urgent=bool(countdown)), countdown=countdown or None
-    )
+    send_job(TRAIN, job_id, countdown=countdown)
 
 
-TASKS: dict[str, Any] = {EMBED.name: embed, GENERATE.name: generate}
+# each stage's task, by stage name (what each runs: `workers.stages.runs.RUNS`)
+TASKS: dict[str, Any] = {
+    INGEST.name: ingest,
+    EMBED.name: embed,
+    GENERATE.name: generate,
+    TRAIN.name: train,
+}
 
 
 def send(stage: Stage, item_ids: list[int], *, urgent: bool = False, countdown: float = 0) -> None:
@@ -151,9 +151,23 @@ def send_urgent(stage: Stage, item_ids: list[int]) -> None:
     send(stage, item_ids, urgent=True)
 
 
-def send_ingest(job_id: str, *, urgent: bool = False) -> None:
+def send_job(stage: JobStage, job_id: str, *, urgent: bool = False, countdown: float = 0) -> None:
+    """One message of `job_id` for a job stage (ingest, train); urgent ones (work sent again,
+    or a held job tried again later) go first."""
     broker = context().settings.broker_url.get_secret_value()
-    ingest.apply_async((job_id,), priority=priority(broker, urgent=urgent))
+    TASKS[stage.name].apply_async(
+        (job_id,),
+        priority=priority(broker, urgent=urgent or bool(countdown)),
+        countdown=countdown or None,
+    )
+
+
+def send_job_urgent(stage: JobStage, job_id: str) -> None:
+    send_job(stage, job_id, urgent=True)
+
+
+def send_ingest(job_id: str, *, urgent: bool = False) -> None:
+    send_job(INGEST, job_id, urgent=urgent)
 
 
 def send_ingest_urgent(job_id: str) -> None:

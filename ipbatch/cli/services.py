@@ -89,7 +89,7 @@ def cmd_reaper(args: argparse.Namespace) -> int:
 
     from workers.celery_app import queue_depths
     from workers.stages import jobs
-    from workers.tasks import context, send_ingest_urgent, send_train, send_urgent
+    from workers.tasks import context, send_job_urgent, send_urgent
 
     settings = context().settings
     every = args.every if args.every is not None else settings.reaper_every
@@ -100,9 +100,8 @@ def cmd_reaper(args: argparse.Namespace) -> int:
             reaped = jobs.reap(
                 context(),
                 send=send_urgent,
-                send_ingest=send_ingest_urgent,
+                send_job=send_job_urgent,
                 queue_depth=lambda queue: queue_depths(broker, [queue])[queue],
-                send_train=send_train,
             )
         except Exception as exc:
             if classify(exc).action is not Action.RETRY:
@@ -112,9 +111,9 @@ def cmd_reaper(args: argparse.Namespace) -> int:
             log.warning("reaper: pass skipped (%s); next in %g s", short(exc), every)
             reaped = jobs.Reaped()
         if reaped.items or reaped.jobs:
-            log.warning("reaper: %d items and %d ingests sent again", reaped.items, reaped.jobs)
+            log.warning("reaper: %d items and %d jobs sent again", reaped.items, reaped.jobs)
         if args.once:
-            print(f"{reaped.items} items and {reaped.jobs} ingests queued again")
+            print(f"{reaped.items} items and {reaped.jobs} jobs queued again")
             return 0
         time.sleep(every)
 

@@ -1,22 +1,17 @@
 """Jobs: registering them, their guarded moves (`lifecycle.JOB_MOVES`, each one recorded in
-`job_events`), the ingest's claim on a job, cancel and retry, and what the reaper looks for.
-
-Ingest claims its job like a stage claims items: a lease with a fencing token
-(`claim_ingest`), renewed with every chunk it writes (`hold_ingest`), ended when the manifest
-has been read (`finish_ingest`) or given back (`release_ingest`). The train stage claims a
-training job the same way (`claim` with its kind; the same hold and release). A job "waits
-for ingest" while it is pending, or running with its manifest not fully read and nobody
-holding it.
+`job_events`), cancel and retry, and what the reaper looks for. The claim a job stage (ingest,
+train) holds on a job is `storage.ledger.job_claims`. A job "waits for ingest" while it is
+pending, or running with its manifest not fully read and nobody holding it.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, insert, or_, select, update
+from sqlalchemy import ColumnElement, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -69,7 +64,7 @@ def create(
         existing = session.scalar(same)
         assert existing is not None
         return existing, False
-    _event(session, job_id, None, JobStatus.PENDING, now, worker, "registered")
+    record_event(session, job_id, None, JobStatus.PENDING, now, worker, "registered")
     return job_id, True
 
 
@@ -77,7 +72,7 @@ def get(session: Session, *, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-def _event(
+def record_event(
     session: Session,
     job_id: str,
     from_status: JobStatus | None,
@@ -128,236 +123,8 @@ def move(
         .where(Job.id == job_id)
         .values(status=to_status, updated_at=now, **(values or {}))
     )
-    _event(session, job_id, before, to_status, now, worker, message)
+    record_event(session, job_id, before, to_status, now, worker, message)
     return before
-
-
-# --- the ingest's claim --------------------------------------------------------------------
-
-
-def _lease(token: str, seconds: float, now: datetime) -> dict[str, Any]:
-    return {"lease_token": token, "lease_until": now + timedelta(seconds=seconds)}
-
-
-# what a claim's job events say, by the kind of job it takes
-_CLAIMED = {
-    JobKind.GENERATE: ("ingest started", "ingest resumed where the last one stopped"),
-    JobKind.TRAIN: ("training started", "training resumed from its last checkpoint"),
-}
-
-
-def claim(
-    session: Session,
-    *,
-    job_id: str,
-    kind: JobKind,
-    worker: str,
-    lease_seconds: float,
-    now: datetime,
-) -> str | None:
-    """Take a job of `kind` (its ingest, or its training run): pending -> running, or resume a
-    running one whose work is not done (no row count recorded yet) and whose last holder gave
-    it back or let its lease run out. Returns the token every later write of this claim
-    carries, or None (held, done, ended, or another kind of job)."""
-    token = uuid.uuid4().hex
-    lease = _lease(token, lease_seconds, now)
-    started_message, resumed_message = _CLAIMED[kind]
-    started = move(
-        session,
-        job_id=job_id,
-        from_statuses=[JobStatus.PENDING],
-        to_status=JobStatus.RUNNING,
-        now=now,
-        worker=worker,
-        message=started_message,
-        values={**lease, "started_at": now},
-        where=[Job.kind == kind],  # a training job has no manifest to ingest, and vice versa
-    )
-    if started is not None:
-        return token
-    resumable = and_(
-        Job.kind == kind,
-        Job.total_rows.is_(None),
-        or_(Job.lease_token.is_(None), Job.lease_until < now),
-    )
-    resumed = move(
-        session,
-        job_id=job_id,
-        from_statuses=[JobStatus.RUNNING],
-        to_status=JobStatus.RUNNING,
-        now=now,
-        worker=worker,
-        message=resumed_message,
-        values=lease,
-        where=[resumable],
-    )
-    return token if resumed is not None else None
-
-
-def claim_ingest(
-    session: Session, *, job_id: str, worker: str, lease_seconds: float, now: datetime
-) -> str | None:
-    """Take the job for ingest (`claim` of a generation job)."""
-    return claim(
-        session,
-        job_id=job_id,
-        kind=JobKind.GENERATE,
-        worker=worker,
-        lease_seconds=lease_seconds,
-        now=now,
-    )
-
-
-def hold_ingest(
-    session: Session, *, job_id: str, token: str, lease_seconds: float, now: datetime
-) -> JobStatus | None:
-    """Before an ingest writes a chunk: lock the job row for this transaction (a cancel waits
-    for the chunk, or the chunk sees the cancel), check the claim is still ours and renew it.
-    Returns the job's status (running, or cancelled meanwhile), or None if the claim is lost."""
-    locked = select(Job.status, Job.lease_token).where(Job.id == job_id)
-    if is_postgres(session):
-        locked = locked.with_for_update()
-    row = session.execute(locked).one_or_none()
-    if row is None or row.lease_token != token:
-        return None
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
-    )
-    return JobStatus(row.status)
-
-
-def finish_ingest(
-    session: Session, *, job_id: str, token: str, total_rows: int, now: datetime, worker: str
-) -> bool:
-    """The manifest is read: record its row count (the job may finish from now on) and end
-    the claim. False if the claim was lost (another ingest finishes instead)."""
-    message = f"manifest read: {total_rows} rows"
-    return _end_ingest(session, job_id, token, now, worker, message, {"total_rows": total_rows})
-
-
-def release_ingest(
-    session: Session, *, job_id: str, token: str, now: datetime, worker: str, message: str
-) -> bool:
-    """Give the claim back (an outage): the job waits for ingest again."""
-    return _end_ingest(session, job_id, token, now, worker, message, {})
-
-
-def _end_ingest(
-    session: Session,
-    job_id: str,
-    token: str,
-    now: datetime,
-    worker: str,
-    message: str,
-    values: dict[str, Any],
-) -> bool:
-    status = session.scalar(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_token == token)
-        .values(lease_token=None, lease_until=None, updated_at=now, **values)
-        .returning(Job.status)
-    )
-    if status is None:
-        return False
-    _event(session, job_id, status, status, now, worker, message)
-    return True
-
-
-def waits_for_ingest(job: Job, *, now: datetime) -> bool:
-    """Pending, or running with its manifest not fully read and nobody holding it (given
-    back, or its lease ran out): an ingest message should be on its way."""
-    if job.status == JobStatus.PENDING:
-        return True
-    return (
-        job.status == JobStatus.RUNNING
-        and job.total_rows is None
-        and (job.lease_token is None or job.lease_until is None or job.lease_until < now)
-    )
-
-
-def expired_ingests(
-    session: Session, *, now: datetime, limit: int = 100, kind: JobKind = JobKind.GENERATE
-) -> list[str]:
-    """Jobs whose ingest's lease ran out: its worker died or hung mid-manifest (`kind`
-    train: a training run's worker)."""
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(
-                Job.kind == kind,
-                Job.status == JobStatus.RUNNING,
-                Job.total_rows.is_(None),
-                Job.lease_token.is_not(None),
-                Job.lease_until < now,
-            )
-            .order_by(Job.created_at)
-            .limit(limit)
-        )
-    )
-
-
-def stale_waiting(
-    session: Session,
-    *,
-    idle_seconds: float,
-    now: datetime,
-    limit: int = 100,
-    kind: JobKind = JobKind.GENERATE,
-) -> list[str]:
-    """Jobs waiting for ingest (`kind` train: for a training worker), unmoved for
-    `idle_seconds`: if the queue is empty, their message was lost (a publish that failed
-    after the job was registered, say)."""
-    waiting = or_(
-        Job.status == JobStatus.PENDING,
-        and_(Job.status == JobStatus.RUNNING, Job.total_rows.is_(None), Job.lease_token.is_(None)),
-    )
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(
-                Job.kind == kind, waiting, Job.updated_at < now - timedelta(seconds=idle_seconds)
-            )
-            .order_by(Job.created_at)
-            .limit(limit)
-        )
-    )
-
-
-def requeue_ingest(
-    session: Session,
-    *,
-    job_id: str,
-    now: datetime,
-    worker: str,
-    message: str,
-    idle_seconds: float | None = None,
-) -> bool:
-    """Record that the job's ingest is queued again (once per `idle_seconds` for a waiting
-    job; at once for one whose ingest lease ran out, fencing that ingest off). True if this
-    call did it: the caller then sends the message."""
-    if idle_seconds is not None:
-        due = and_(
-            Job.lease_token.is_(None), Job.updated_at < now - timedelta(seconds=idle_seconds)
-        )
-    else:
-        due = and_(Job.lease_token.is_not(None), Job.lease_until < now)
-    for status in JOB_ACTIVE:
-        moved = move(
-            session,
-            job_id=job_id,
-            from_statuses=[status],
-            to_status=status,
-            now=now,
-            worker=worker,
-            message=message,
-            values={"lease_token": None, "lease_until": None},
-            where=[due, Job.total_rows.is_(None)],
-        )
-        if moved is not None:
-            return True
-    return False
 
 
 # --- the rest of a job's life --------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from storage.ledger import jobs
+from storage.ledger import job_claims, jobs
 from storage.models import (
     Job,
     JobKind,
@@ -83,21 +83,6 @@ def by_name(session: Session, *, name: str) -> TrainingRun | None:
     return session.scalar(select(TrainingRun).where(TrainingRun.name == name))
 
 
-def claim(
-    session: Session, *, job_id: str, worker: str, lease_seconds: float, now: datetime
-) -> str | None:
-    """Take the run: pending -> running, or a running one nobody holds (given back, or its
-    lease ran out: its worker died). Returns the token of this claim, or None."""
-    return jobs.claim(
-        session,
-        job_id=job_id,
-        kind=JobKind.TRAIN,
-        worker=worker,
-        lease_seconds=lease_seconds,
-        now=now,
-    )
-
-
 def holds(session: Session, *, job_id: str, token: str) -> bool:
     return session.scalar(select(Job.lease_token).where(Job.id == job_id)) == token
 
@@ -114,7 +99,7 @@ def progress(
     """The heartbeat: renew the claim and record the steps logged since the last one
     ((step, loss, learning rate) each). Returns the job's status (running, or cancelled
     meanwhile), or None if the claim is lost (nothing is written then)."""
-    status = jobs.hold_ingest(
+    status = job_claims.hold(
         session, job_id=job_id, token=token, lease_seconds=lease_seconds, now=now
     )
     if status is None or not log:

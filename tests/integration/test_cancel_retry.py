@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import utcnow
-from storage.ledger import bulk, items, jobs
-from storage.lifecycle import EMBED, GENERATE
+from storage.ledger import bulk, items, job_claims, jobs
+from storage.lifecycle import EMBED, GENERATE, INGEST
 from storage.models import ItemStatus, JobStatus
 
 
@@ -16,7 +16,7 @@ def test_cancel_stops_what_has_not_started(sessions: sessionmaker[Session]) -> N
         job_id, _ = jobs.create(
             s, name="j", manifest_uri="m", manifest_sha256="e" * 64, output_uri="/o", now=now
         )
-        jobs.claim_ingest(s, job_id=job_id, worker="ingest", lease_seconds=60, now=now)
+        job_claims.claim(s, job_id=job_id, stage=INGEST, worker="ingest", lease_seconds=60, now=now)
         rows = [
             {"row_id": f"r{i}", "row_index": i, "status": ItemStatus.PENDING, "params": {}}
             for i in range(6)

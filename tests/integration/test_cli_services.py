@@ -29,7 +29,7 @@ def test_reaper_once(tmp_path: Path) -> None:
     assert ipbatch("db", "upgrade", env=env).returncode == 0
     result = ipbatch("reaper", "--once", env=env)
     assert result.returncode == 0, result.stderr
-    assert "0 items and 0 ingests queued again" in result.stdout
+    assert "0 items and 0 jobs queued again" in result.stdout
     env["IPBATCH_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:{free_port()}//"  # nobody there
     result = ipbatch("reaper", "--once", env=env)
     assert result.returncode == 2 and "database or broker unreachable" in result.stderr

@@ -12,10 +12,11 @@ import sqlalchemy as sa
 from helpers.clock import ManualClock
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.ledger import bulk, counters, db, items, jobs
+from storage.ledger import bulk, counters, db, items, job_claims, jobs
 from storage.lifecycle import (
     EMBED,
     GENERATE,
+    INGEST,
     ITEM_MOVES,
     STAGES,
     IllegalTransition,
@@ -33,6 +34,18 @@ from storage.models import (
 CLOCK = ManualClock()
 
 
+def _finish_ingest(s: Session, *, job_id: str, token: str, total_rows: int, **when: object) -> bool:
+    """The ingest's end of its claim: the manifest read, its row count recorded."""
+    return job_claims.end(
+        s,
+        job_id=job_id,
+        token=token,
+        message="manifest read",
+        values={"total_rows": total_rows},
+        **when,  # type: ignore[arg-type]
+    )
+
+
 def new_job(
     sessions: sessionmaker[Session], n_valid: int = 3, n_invalid: int = 1
 ) -> tuple[str, list[int]]:
@@ -47,7 +60,9 @@ def new_job(
             now=CLOCK(),
         )
         assert created
-        assert jobs.claim_ingest(s, job_id=job_id, worker="ingest", lease_seconds=60, now=CLOCK())
+        assert job_claims.claim(
+            s, job_id=job_id, stage=INGEST, worker="ingest", lease_seconds=60, now=CLOCK()
+        )
         rows = [
             {
                 "row_id": f"r{i}",
@@ -214,7 +229,7 @@ def test_finish_once_and_finalize(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as s:  # a late duplicate changes nothing
         assert move(s, ids[:1], GENERATE.working, GENERATE.next, token=token) == []
         assert (
-            jobs.finish_ingest(
+            _finish_ingest(
                 s, job_id=job_id, token="not-the-ingest's", total_rows=3, now=CLOCK(), worker="x"
             )
             is False
@@ -222,7 +237,7 @@ def test_finish_once_and_finalize(sessions: sessionmaker[Session]) -> None:
         ingest_token = s.scalar(
             sa.text("SELECT lease_token FROM jobs WHERE id = :j"), {"j": job_id}
         )
-        assert jobs.finish_ingest(
+        assert _finish_ingest(
             s, job_id=job_id, token=ingest_token, total_rows=3, now=CLOCK(), worker="ingest"
         )
         assert jobs.finalize(s, job_id=job_id, now=CLOCK()) is None  # ids[1] still running
@@ -453,30 +468,30 @@ def test_the_ingest_claims_its_job(sessions: sessionmaker[Session]) -> None:
             s, name="j", manifest_uri="m", manifest_sha256="9" * 64, output_uri="/o", now=CLOCK()
         )
         job = jobs.get(s, job_id=job_id)
-        assert job is not None and jobs.waits_for_ingest(job, now=CLOCK())
-    take = functools.partial(jobs.claim_ingest, job_id=job_id, lease_seconds=10)
-    hold = functools.partial(jobs.hold_ingest, job_id=job_id, lease_seconds=10)
+        assert job is not None and job_claims.waits(job, now=CLOCK())
+    take = functools.partial(job_claims.claim, job_id=job_id, stage=INGEST, lease_seconds=10)
+    hold = functools.partial(job_claims.hold, job_id=job_id, lease_seconds=10)
     with sessions.begin() as s:
         first = take(s, worker="a", now=CLOCK())
         assert first and take(s, worker="b", now=CLOCK()) is None
-        assert not jobs.waits_for_ingest(jobs.get(s, job_id=job_id), now=CLOCK())  # type: ignore[arg-type]
+        assert not job_claims.waits(jobs.get(s, job_id=job_id), now=CLOCK())  # type: ignore[arg-type]
     CLOCK.advance(11)
     with sessions.begin() as s:
-        assert jobs.expired_ingests(s, now=CLOCK()) == [job_id]
+        assert job_claims.expired(s, stage=INGEST, now=CLOCK()) == [job_id]
         second = take(s, worker="b", now=CLOCK())
         assert second and second != first
         assert hold(s, token=first, now=CLOCK()) is None  # fenced off
         assert hold(s, token=second, now=CLOCK()) == JobStatus.RUNNING
-        assert jobs.release_ingest(
+        assert job_claims.end(
             s, job_id=job_id, token=second, now=CLOCK(), worker="b", message="outage"
         )
-        assert jobs.waits_for_ingest(jobs.get(s, job_id=job_id), now=CLOCK())  # type: ignore[arg-type]
+        assert job_claims.waits(jobs.get(s, job_id=job_id), now=CLOCK())  # type: ignore[arg-type]
         third = take(s, worker="c", now=CLOCK())
-        assert third and jobs.finish_ingest(
+        assert third and _finish_ingest(
             s, job_id=job_id, token=third, total_rows=0, now=CLOCK(), worker="c"
         )
         assert take(s, worker="d", now=CLOCK()) is None  # read already
-        assert not jobs.waits_for_ingest(jobs.get(s, job_id=job_id), now=CLOCK())  # type: ignore[arg-type]
+        assert not job_claims.waits(jobs.get(s, job_id=job_id), now=CLOCK())  # type: ignore[arg-type]
 
 
 def test_jobs_waiting_for_ingest_are_requeued_once_per_period(
@@ -487,16 +502,16 @@ def test_jobs_waiting_for_ingest_are_requeued_once_per_period(
             s, name="j", manifest_uri="m", manifest_sha256="8" * 64, output_uri="/o", now=CLOCK()
         )
     requeue = functools.partial(
-        jobs.requeue_ingest, job_id=job_id, worker="reaper", message="lost", idle_seconds=60
+        job_claims.requeue, job_id=job_id, worker="reaper", message="lost", idle_seconds=60
     )
     with sessions.begin() as s:
-        assert jobs.stale_waiting(s, idle_seconds=60, now=CLOCK()) == []
+        assert job_claims.stale_waiting(s, idle_seconds=60, now=CLOCK(), stage=INGEST) == []
         assert not requeue(s, now=CLOCK())
     CLOCK.advance(61)
     with sessions.begin() as s:
-        assert jobs.stale_waiting(s, idle_seconds=60, now=CLOCK()) == [job_id]
+        assert job_claims.stale_waiting(s, idle_seconds=60, now=CLOCK(), stage=INGEST) == [job_id]
         assert requeue(s, now=CLOCK())
         assert not requeue(s, now=CLOCK())  # once per period
-        assert jobs.stale_waiting(s, idle_seconds=60, now=CLOCK()) == []
+        assert job_claims.stale_waiting(s, idle_seconds=60, now=CLOCK(), stage=INGEST) == []
         events = s.scalars(sa.select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
     assert events == ["registered", "lost"]

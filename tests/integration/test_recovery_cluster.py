@@ -68,7 +68,7 @@ def test_a_job_whose_ingest_publish_failed_is_finished_by_a_resubmit_or_the_reap
     assert cluster.cli("submit", first, "--output", output).strip() == job_a  # sent this time
     assert cluster.wait_for_job(job_a)["status"] == "succeeded"
     time.sleep(1.5)  # job b has now waited longer than IPBATCH_REQUEUE_AFTER (1 s)
-    assert "1 ingests queued again" in cluster.cli("reaper", "--once")
+    assert "1 jobs queued again" in cluster.cli("reaper", "--once")
     assert cluster.wait_for_job(job_b)["status"] == "succeeded"
     with cluster.engine.connect() as conn:
         events = (
@@ -81,7 +81,7 @@ def test_a_job_whose_ingest_publish_failed_is_finished_by_a_resubmit_or_the_reap
         )
     assert events[:2] == [
         "registered",
-        "no ingest for 1 s and the ingest queue is empty: queued again by the reaper",
+        "no ingest message for 1 s and the ingest queue is empty: queued again by the reaper",
     ]
 
 

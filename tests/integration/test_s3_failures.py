@@ -23,7 +23,7 @@ from safetensors.torch import load as safetensors_load
 from core.config import Settings
 from core.errors import ConfigError, ObjectNotFound, RetryableError
 from pipeline.images import output_pixels
-from storage.ledger import items
+from storage.ledger import items, job_claims
 from storage.ledger import jobs as job_ledger
 from storage.lifecycle import EMBED
 from storage.migrate import upgrade
@@ -132,7 +132,7 @@ def test_a_manifest_read_cut_off_half_way_is_retried_not_stranded(
         ingest.run(ctx, job_id=job_id, send=no_send)
     with ctx.sessions.begin() as s:
         job = job_ledger.get(s, job_id=job_id)
-        assert job is not None and job_ledger.waits_for_ingest(job, now=ctx.clock())
+        assert job is not None and job_claims.waits(job, now=ctx.clock())
         recorded = items.max_row_index(s, job_id=job_id) + 1
     summary = ingest.run(ctx, job_id=job_id, send=no_send)
     assert (summary.rows, summary.skipped) == (3000, recorded)

@@ -9,7 +9,8 @@ import sqlalchemy as sa
 
 from core.clock import utcnow
 from ipbatch import status
-from storage.ledger import bulk, db, items, jobs
+from storage.ledger import bulk, db, items, job_claims, jobs
+from storage.lifecycle import INGEST
 from storage.models import ItemStatus, Job
 
 
@@ -20,7 +21,7 @@ def test_rate_and_eta_of_a_running_job(ledger_engine: sa.Engine) -> None:
         job_id, _ = jobs.create(
             s, name="night", manifest_uri="m", manifest_sha256="f" * 64, output_uri="/o", now=now
         )
-        jobs.claim_ingest(s, job_id=job_id, worker="w", lease_seconds=60, now=now)
+        job_claims.claim(s, job_id=job_id, stage=INGEST, worker="w", lease_seconds=60, now=now)
         s.execute(
             sa.update(Job)
             .where(Job.id == job_id)

@@ -100,7 +100,7 @@ def test_reaper_requeues_only_what_dead_workers_held(
             )
     clock.advance(2)
     sent = Sent()
-    reaped = jobs.reap(ctx, send=sent, send_ingest=sent.jobs.append)
+    reaped = jobs.reap(ctx, send=sent, send_job=lambda stage, job_id: sent.jobs.append(job_id))
     assert (reaped.items, reaped.jobs) == (3, 0)
     assert sent.items == {"embed": [ids[2:3]], "generate": [ids[:2]]}
     with ctx.sessions.begin() as s:
@@ -118,7 +118,10 @@ def test_reaper_requeues_only_what_dead_workers_held(
         ItemStatus.PENDING,
     ]
     assert reaped_events == 3
-    assert jobs.reap(ctx, send=sent, send_ingest=sent.jobs.append).items == 0
+    assert (
+        jobs.reap(ctx, send=sent, send_job=lambda stage, job_id: sent.jobs.append(job_id)).items
+        == 0
+    )
     # the requeued items run to the end like any other
     ready = embed.run(ctx, item_ids=ids[2:3] + ids[4:]).ready
     assert generate.run(ctx, item_ids=ids[:2] + ready).succeeded == 4
@@ -197,9 +200,18 @@ def test_reaper_queues_again_items_whose_message_was_lost(
     ready = embed.run(ctx, item_ids=ids[1:2]).ready  # moves now: not stale
     assert ready == ids[1:2]
     sent = Sent()
-    queues = {"ingest": 0, "embed": 2, "generate": 5}  # messages waiting: maybe these items'
+    queues = {
+        "ingest": 0,
+        "embed": 2,
+        "generate": 5,
+        "train": 0,
+    }  # messages waiting: maybe these items'
     reap = functools.partial(
-        jobs.reap, ctx, send=sent, send_ingest=sent.jobs.append, queue_depth=queues.__getitem__
+        jobs.reap,
+        ctx,
+        send=sent,
+        send_job=lambda stage, job_id: sent.jobs.append(job_id),
+        queue_depth=queues.__getitem__,
     )
     assert reap().items == 0 and sent.items == {"embed": [], "generate": []}
     queues["embed"] = 0
@@ -251,3 +263,39 @@ def test_an_outage_does_not_count_as_a_delivery(
             )
         )
     assert (item.status, item.attempts, claims) == (ItemStatus.SUCCEEDED, 1, 8)
+
+
+def test_the_reaper_sends_each_job_stage_its_own_dead_claims(
+    ctx: StageContext, tmp_path: Path, reference_images: dict[str, Path], clock: ManualClock
+) -> None:
+    """Job stages are in the stage table: a training run whose worker died is sent again to
+    the `train` stage and its event says so (it used to say "ingest lease expired")."""
+    from storage.ledger import job_claims, training
+    from storage.lifecycle import INGEST, TRAIN, JobStage
+    from storage.models import JobEvent
+
+    with ctx.sessions.begin() as s:
+        job_id, _ = training.register(
+            s,
+            name="shop",
+            manifest_uri=str(tmp_path / "train.jsonl"),
+            manifest_sha256="0" * 64,
+            output_uri=str(tmp_path / "adapters" / "shop"),
+            settings={},
+            total_steps=10,
+            now=clock(),
+        )
+        assert job_claims.claim(
+            s, job_id=job_id, stage=INGEST, worker="w", lease_seconds=LEASE, now=clock()
+        ) is None  # a training job is no ingest's
+        assert job_claims.claim(
+            s, job_id=job_id, stage=TRAIN, worker="w", lease_seconds=LEASE, now=clock()
+        )
+    clock.advance(LEASE + 1)  # the training worker died
+    sent: list[tuple[JobStage, str]] = []
+    reaped = jobs.reap(ctx, send=Sent(), send_job=lambda stage, job: sent.append((stage, job)))
+    assert reaped.jobs == 1 and sent == [(TRAIN, job_id)]
+    with ctx.sessions.begin() as s:
+        messages = s.scalars(sa.select(JobEvent.message).where(JobEvent.job_id == job_id)).all()
+    assert "training lease expired: train queued again by the reaper" in messages
+    assert not any(m.startswith("ingest") for m in messages)

@@ -93,7 +93,7 @@ def test_a_job_whose_ingest_was_never_sent_is_not_stranded(
         jobs.reap,
         ctx,
         send=lambda stage, ids: None,
-        send_ingest=sent.append,
+        send_job=lambda stage, job_id: sent.append(job_id),
         queue_depth=lambda q: 0,
     )
     assert reap().jobs == 0  # not waited long enough yet

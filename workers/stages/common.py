@@ -12,7 +12,7 @@ from core.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound
 from pipeline.images import decode_reference
 from pipeline.sources import check_allowed, resolve_reference
 from storage.ledger import items, jobs
-from storage.lifecycle import Stage
+from storage.lifecycle import JobStage, Stage
 from storage.models import ItemStatus
 from workers import metrics
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Send items on to a stage's workers (a Celery message per chunk; nothing on one machine).
 Send = Callable[[Stage, list[int]], None]
 SendJob = Callable[[str], None]  # a job's ingest
+SendJobStage = Callable[[JobStage, str], None]  # a job to a job stage (ingest, train)
 
 
 def no_send(stage: Stage, item_ids: list[int]) -> None:

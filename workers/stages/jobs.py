@@ -1,7 +1,8 @@
 """What happens to whole jobs: submit, cancel, retry, and the reaper that recovers work.
 
 Each function works the same under Celery and on one machine: what it sends goes through
-the `send` / `send_ingest` it is given (Celery messages, or nothing for the runner).
+the `send` / `send_ingest` / `send_job` it is given (Celery messages, or nothing for the
+runner).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pathlib import PurePosixPath
 from sqlalchemy.orm import Session
 
 from core.errors import ConfigError
-from storage.ledger import counters, items, jobs, queries
-from storage.lifecycle import INGEST_QUEUE, STAGES, TRAIN_QUEUE, Stage
+from storage.ledger import counters, items, job_claims, jobs, queries
+from storage.lifecycle import JOB_STAGES, STAGES, JobStage, Stage
 from storage.models import ItemStatus, Job, JobKind, JobStatus
 from workers.context import StageContext
-from workers.stages.common import Send, SendJob, chunked, send_waiting
+from workers.stages.common import Send, SendJob, SendJobStage, chunked, send_waiting
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def submit(
     with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=job_id)
         assert job is not None
-        waiting = jobs.waits_for_ingest(job, now=ctx.clock())
+        waiting = job_claims.waits(job, now=ctx.clock())
     if created or waiting:
         send_ingest(job_id)
     return job_id, created
@@ -143,26 +144,26 @@ def _job_or_error(session: Session, job_id: str) -> Job:
 @dataclass
 class Reaped:
     items: int = 0  # items sent again
-    jobs: int = 0  # ingests sent again
+    jobs: int = 0  # jobs sent again to their stage (ingest, train)
 
 
 def reap(
     ctx: StageContext,
     *,
     send: Send,
-    send_ingest: SendJob,
+    send_job: SendJobStage,
     queue_depth: Callable[[str], int] | None = None,
-    send_train: SendJob | None = None,
 ) -> Reaped:
     """Recover work nobody is doing. For every stage: items whose worker's lease ran out
-    (killed, machine lost, hung past its heartbeat) go back to waiting and are sent again;
-    with `queue_depth` (messages waiting in a queue), items waiting for a stage whose queue is
-    empty, unmoved for IPBATCH_REQUEUE_AFTER seconds, lost their message (a broker restart, a
-    publish that failed for good) and are sent again too. The same for jobs and their ingest.
+        (killed, machine lost, hung past its heartbeat) go back to waiting and are sent again;
+        with `queue_depth` (messages waiting in a queue), items waiting for a stage whose queue is
+        empty, unmoved for IPBATCH_REQUEUE_AFTER seconds, lost their message (a broker restart, a
+        publish that failed for good) and are sent again too. The same for every job stage (ingest,
+    train: `lifecycle.JOB_STAGES`) and the jobs it claims.
 
-    Safe to run anywhere, any number of times: moves are guarded transitions, a live worker's
-    claim is never touched, and a duplicate message finds nothing to claim. What it sends
-    should go to the front of the queue (the caller's `send`)."""
+        Safe to run anywhere, any number of times: moves are guarded transitions, a live worker's
+        claim is never touched, and a duplicate message finds nothing to claim. What it sends
+        should go to the front of the queue (the caller's `send`)."""
     idle = ctx.settings.requeue_after
     reaped = Reaped()
     for stage in STAGES:
@@ -186,11 +187,8 @@ def reap(
                 why=f"no message for {idle:g} s and the {stage.queue} queue is empty: "
                 "queued again by the reaper",
             )
-    reaped.jobs += _send_ingest_again(ctx, send_ingest, queue_depth)
-    if send_train is not None:  # training runs whose worker died, or whose message was lost
-        reaped.jobs += _send_ingest_again(
-            ctx, send_train, queue_depth, kind=JobKind.TRAIN, queue=TRAIN_QUEUE
-        )
+    for job_stage in JOB_STAGES:
+        reaped.jobs += _send_job_again(ctx, job_stage, send_job, queue_depth)
     return reaped
 
 
@@ -225,38 +223,38 @@ def _send_again(
             return total
 
 
-def _send_ingest_again(
+def _send_job_again(
     ctx: StageContext,
-    send_ingest: SendJob,
+    stage: JobStage,
+    send_job: SendJobStage,
     queue_depth: Callable[[str], int] | None,
-    *,
-    kind: JobKind = JobKind.GENERATE,
-    queue: str = INGEST_QUEUE,
 ) -> int:
-    """Jobs whose ingest's lease ran out, and (with the ingest queue empty) jobs that have
-    waited for an ingest for IPBATCH_REQUEUE_AFTER seconds: their ingest is sent again.
-    (`kind` train: the same for training runs and their `train` queue.)"""
+    """Jobs whose claim for `stage` ran out (its worker died mid manifest, mid training run),
+    and (with the stage's queue empty) jobs that have waited for it for IPBATCH_REQUEUE_AFTER
+    seconds: their message is sent again."""
     idle = ctx.settings.requeue_after
     with ctx.sessions.begin() as session:
         now = ctx.clock()
         due: list[tuple[str, float | None]] = [
-            (job_id, None) for job_id in jobs.expired_ingests(session, now=now, kind=kind)
+            (job_id, None) for job_id in job_claims.expired(session, stage=stage, now=now)
         ]
-        if queue_depth is not None and queue_depth(queue) == 0:
+        if queue_depth is not None and queue_depth(stage.queue) == 0:
             due += [
                 (job_id, idle)
-                for job_id in jobs.stale_waiting(session, idle_seconds=idle, now=now, kind=kind)
+                for job_id in job_claims.stale_waiting(
+                    session, idle_seconds=idle, now=now, stage=stage
+                )
             ]
     sent = 0
     for job_id, idle_seconds in due:
         why = (
-            "ingest lease expired: ingest queued again by the reaper"
+            f"{stage.label} lease expired: {stage.name} queued again by the reaper"
             if idle_seconds is None
-            else f"no ingest for {idle:g} s and the ingest queue is empty: queued again by "
-            "the reaper"
+            else f"no {stage.name} message for {idle:g} s and the {stage.queue} queue is empty: "
+            "queued again by the reaper"
         )
         with ctx.sessions.begin() as session:
-            requeued = jobs.requeue_ingest(
+            requeued = job_claims.requeue(
                 session,
                 job_id=job_id,
                 now=ctx.clock(),
@@ -265,6 +263,6 @@ def _send_ingest_again(
                 idle_seconds=idle_seconds,
             )
         if requeued:
-            send_ingest(job_id)
+            send_job(stage, job_id)
             sent += 1
     return sent

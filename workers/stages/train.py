@@ -26,13 +26,15 @@ from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.errors import Action, ConfigError, ErrorCode, ItemError, ObjectNotFound, classify
+from core.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound
 from core.uris import join_uri
 from pipeline.models import resolve_device
 from pipeline.presets import ADAPTERS, BASE_MODELS, is_custom
 from pipeline.train_schema import TrainSettings
 from storage.ledger import jobs, training
+from storage.lifecycle import TRAIN
 from storage.models import JobStatus
+from workers.claims import JobClaim, StopJob, claimed_job
 from workers.context import StageContext
 from workers.stages.train_data import Encoders, TrainRun, load_encoders, read_examples
 from workers.stages.train_validation import Rendering, exported, validate
@@ -57,77 +59,51 @@ class TrainSummary:
     adapter_uri: str | None = None
 
 
-class _Stop(Exception):
-    """The claim was lost or the job cancelled: stop quietly, write nothing more."""
-
-    def __init__(self, status: str) -> None:
-        super().__init__(status)
-        self.status = status
-
-
 def run(ctx: StageContext, *, job_id: str) -> TrainSummary:
-    from pipeline.train_schema import TrainSettings
-
     summary = TrainSummary(job_id=job_id)
-    # 1. the claim
-    with ctx.sessions.begin() as session:
-        job = jobs.get(session, job_id=job_id)
-        record = training.get(session, job_id=job_id)
-        if job is None or record is None:
-            raise KeyError(f"no training job {job_id}")
-        token = training.claim(
-            session,
-            job_id=job_id,
-            worker=ctx.worker,
-            lease_seconds=ctx.settings.lease_seconds,
-            now=ctx.clock(),
-        )
-        if token is None:  # ended (its result stands), or another worker holds it
-            summary.status = str(job.status)
-            summary.step, summary.adapter_uri = record.step, record.adapter_uri
-            summary.examples, summary.skipped = record.examples or 0, record.skipped or []
-            if job.status == JobStatus.RUNNING and job.lease_until is not None:
-                summary.status = "held"
-                summary.retry_in = max(0.0, (job.lease_until - ctx.clock()).total_seconds())
+    # 1. the claim (`claimed_job`: a lost claim or a cancel ends the run quietly, a failure
+    #    fails the job, an outage or a configuration error gives it back to be resumed)
+    with claimed_job(ctx, TRAIN, job_id) as claim:
+        if claim is None:  # ended (its result stands), or another worker holds it
+            _as_it_stands(ctx, job_id, summary)
             return summary
-        run_ = TrainRun(
-            job_id,
+        _train(ctx, _claimed_run(ctx, claim), summary)
+    if claim.stopped is not None:
+        summary.status = claim.stopped
+    elif claim.failed is not None:
+        summary.status = "failed"
+    return summary
+
+
+def _claimed_run(ctx: StageContext, claim: JobClaim) -> TrainRun:
+    with ctx.sessions.begin() as session:
+        job = jobs.get(session, job_id=claim.job_id)
+        record = training.get(session, job_id=claim.job_id)
+        assert job is not None and record is not None, "a claimed training job has its run"
+        return TrainRun(
+            claim.job_id,
             record.name,
-            token,
+            claim.token,
             job.manifest_uri,
             job.manifest_sha256,
             job.output_uri,
             TrainSettings.model_validate(record.settings),
         )
-    try:
-        _train(ctx, run_, summary)
-    except _Stop as stop:
-        summary.status = stop.status
-    except BaseException as exc:
-        decision = classify(exc)
-        with ctx.sessions.begin() as session:
-            if decision.action is Action.FAIL:
-                jobs.fail(
-                    session,
-                    job_id=job_id,
-                    message=f"training failed: {decision.message}",
-                    now=ctx.clock(),
-                    worker=ctx.worker,
-                )
-                log.error("training job %s failed: %s", job_id, decision.message, exc_info=True)
-                summary.status = "failed"
-                return summary
-            # an outage, a configuration error, a stop: given back, resumed by the next claim
-            jobs.release_ingest(
-                session,
-                job_id=job_id,
-                token=token,
-                now=ctx.clock(),
-                worker=ctx.worker,
-                message=f"training given back: {decision.message}",
-            )
-        raise
-    return summary
+
+
+def _as_it_stands(ctx: StageContext, job_id: str, summary: TrainSummary) -> None:
+    """A run this worker did not claim: how it stands (held: when the holder's lease ends)."""
+    with ctx.sessions.begin() as session:
+        job = jobs.get(session, job_id=job_id)
+        record = training.get(session, job_id=job_id)
+        if job is None or record is None:
+            raise KeyError(f"no training job {job_id}")
+        summary.status = str(job.status)
+        summary.step, summary.adapter_uri = record.step, record.adapter_uri
+        summary.examples, summary.skipped = record.examples or 0, record.skipped or []
+        if job.status == JobStatus.RUNNING and job.lease_until is not None:
+            summary.status = "held"
+            summary.retry_in = max(0.0, (job.lease_until - ctx.clock()).total_seconds())
 
 
 def _train(ctx: StageContext, run: TrainRun, summary: TrainSummary) -> None:
@@ -174,13 +150,13 @@ def _train(ctx: StageContext, run: TrainRun, summary: TrainSummary) -> None:
             _checkpoint(ctx, run, trainer)
         if settings.validate_every and result.step % settings.validate_every == 0 and not last:
             if validate(ctx, run, trainer, rendering) is None:
-                raise _Stop("lost")
+                raise StopJob("lost")
     summary.step = trainer.step
     # 5. the adapter, its last validation, its card
     adapter = exported(trainer)
     scores = validate(ctx, run, trainer, rendering, adapter)
     if scores is None:
-        raise _Stop("lost")
+        raise StopJob("lost")
     rendering.generator = None  # its memory back before the export
     summary.adapter_uri = _export(ctx, run, trainer, encoders, adapter, len(examples), scores)
     summary.status = "succeeded"
@@ -243,9 +219,9 @@ def _heartbeat(ctx: StageContext, run: TrainRun, log_rows: list[tuple[int, float
             now=ctx.clock(),
         )
     if status is None:
-        raise _Stop("lost")  # another worker holds the run now (our lease ran out)
+        raise StopJob("lost")  # another worker holds the run now (our lease ran out)
     if status == JobStatus.CANCELLED:
-        raise _Stop("cancelled")
+        raise StopJob("cancelled")
 
 
 def _checkpoint(ctx: StageContext, run: TrainRun, trainer: AdapterTrainer) -> None:
@@ -266,7 +242,7 @@ def _checkpoint(ctx: StageContext, run: TrainRun, trainer: AdapterTrainer) -> No
             now=ctx.clock(),
         )
     if old is None:
-        raise _Stop("lost")
+        raise StopJob("lost")
     for stale in old:
         ctx.stores.for_uri(stale).delete(stale)
 
@@ -326,7 +302,7 @@ def _export(
             worker=ctx.worker,
         )
     if not finished:
-        raise _Stop("lost")
+        raise StopJob("lost")
     return adapter_uri
 
 
