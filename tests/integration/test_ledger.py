@@ -40,7 +40,7 @@ def _finish_ingest(s: Session, *, job_id: str, token: str, total_rows: int, **wh
         s,
         job_id=job_id,
         token=token,
-        message="manifest read",
+        message=f"manifest read: {total_rows} rows",
         values={"total_rows": total_rows},
         **when,  # type: ignore[arg-type]
     )

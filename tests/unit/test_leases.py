@@ -285,9 +285,12 @@ def test_the_reaper_sends_each_job_stage_its_own_dead_claims(
             total_steps=10,
             now=clock(),
         )
-        assert job_claims.claim(
-            s, job_id=job_id, stage=INGEST, worker="w", lease_seconds=LEASE, now=clock()
-        ) is None  # a training job is no ingest's
+        assert (
+            job_claims.claim(
+                s, job_id=job_id, stage=INGEST, worker="w", lease_seconds=LEASE, now=clock()
+            )
+            is None
+        )  # a training job is no ingest's
         assert job_claims.claim(
             s, job_id=job_id, stage=TRAIN, worker="w", lease_seconds=LEASE, now=clock()
         )
