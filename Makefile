@@ -12,7 +12,7 @@ PY312_STAMP := $(PY312)/.installed-stamp
 REHEARSAL := .venv-gpu-rehearsal
 REHEARSAL_STAMP := $(REHEARSAL)/.installed-stamp
 
-.PHONY: install services demo test lint typecheck unit bench clean test-py312 gpu-rehearsal py312-envs
+.PHONY: install services demo test check lint typecheck unit bench clean test-py312 gpu-rehearsal py312-envs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,13 +53,21 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The inner loop for work in progress (no services, no 3.12 leg, no rehearsal; under 5 minutes)
+check: install lint typecheck
+	OMP_NUM_THREADS=1 $(BIN)/pytest tests/unit -n 2 --dist worksteal -q --durations=10
+
 test: install services lint typecheck
 	@# the 3.12 venvs are minutes of downloading and unpacking and little CPU: they are made in
-	@# the background while the 3.11 suite runs (their log: .py312-envs.log)
+	@# the background while the 3.11 suite runs (their log: .py312-envs.log). The unit tests are
+	@# mostly single-threaded (subprocesses, Python): two at a time, one per core, each with one
+	@# torch thread (two threads each oversubscribe the cores: 6m45s instead of 5m04s); the
+	@# integration tests run real workers and services, one test at a time
 	$(MAKE) --no-print-directory py312-envs > .py312-envs.log 2>&1 & envs=$$!; \
-	$(BIN)/pytest --durations=15; tests=$$?; \
+	OMP_NUM_THREADS=1 $(BIN)/pytest tests/unit -n 2 --dist worksteal --durations=15; unit=$$?; \
+	$(BIN)/pytest tests/integration --durations=15; integration=$$?; \
 	if ! wait $$envs; then cat .py312-envs.log; echo "making the 3.12 venvs failed"; exit 1; fi; \
-	exit $$tests
+	exit $$((unit || integration))
 	$(MAKE) test-py312 gpu-rehearsal
 
 py312-envs: $(PY312_STAMP) $(REHEARSAL_STAMP)
@@ -72,7 +80,8 @@ PY312_TESTS := tests/unit/test_run_local.py tests/unit/test_cli.py tests/unit/te
 	tests/unit/test_verify.py tests/unit/test_manifest.py tests/unit/test_hostile_input.py \
 	tests/unit/test_images.py tests/unit/test_imports.py tests/unit/test_celery_config.py
 test-py312: $(PY312_STAMP) services
-	$(PY312)/bin/pytest $(PY312_TESTS) -p no:cacheprovider --durations=10
+	OMP_NUM_THREADS=1 $(PY312)/bin/pytest $(PY312_TESTS) -n 2 --dist worksteal -p no:cacheprovider \
+		--durations=10
 
 # The GPU command rehearsed on the CPU before a GPU is ever used: a clean Python 3.12 venv with
 # only the GPU image's packages that ipbatch uses (at the image's versions) plus torch, the
