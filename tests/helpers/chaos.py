@@ -41,10 +41,10 @@ REFERENCES = ("red", "blue", "green")
 class Plan:
     seed: int
     jobs: int = 2
-    rows: int = 16  # per job
+    rows: int = 20  # per job
     steps: int = 4
     faults_for: float = 60.0  # seconds during which faults happen (each kind once, first)
-    gap: tuple[float, float] = (3.0, 7.0)  # seconds between two faults
+    gap: tuple[float, float] = (2.0, 5.0)  # seconds between two faults
     lease: int = 6
     finish_within: float = 300.0  # after the faults
 
