@@ -53,9 +53,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# The inner loop for work in progress (no services, no 3.12 leg, no rehearsal; under 5 minutes)
+# The inner loop for work in progress: lint, types and the unit tests but the `slow` ones (a
+# compile, whole runs through the command); no services, no 3.12 leg, no rehearsal
 check: install lint typecheck
-	OMP_NUM_THREADS=1 $(BIN)/pytest tests/unit -n 2 --dist worksteal -q --durations=10
+	OMP_NUM_THREADS=1 $(BIN)/pytest tests/unit -m "not slow" -n 2 --dist worksteal -q --durations=10
 
 test: install services lint typecheck
 	@# the 3.12 venvs are minutes of downloading and unpacking and little CPU: they are made in

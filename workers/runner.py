@@ -26,14 +26,14 @@ from core.uris import absolute_uri
 from pipeline.requests import adapter_set
 from pipeline.train_schema import TrainSettings
 from storage.ledger import counters, items, job_claims, jobs, queries, training
-from storage.lifecycle import GENERATE, STAGES, Stage
+from storage.lifecycle import GENERATE, INGEST, STAGES, TRAIN, Stage
 from storage.migrate import upgrade
 from storage.models import ItemStatus, JobKind, JobStatus
 from workers.backpressure import patiently
 from workers.context import StageContext
-from workers.stages import ingest, verify
 from workers.stages import jobs as job_stage
 from workers.stages import train as train_stage
+from workers.stages import verify
 from workers.stages.common import chunked, no_send
 from workers.stages.runs import RUNS
 
@@ -136,7 +136,7 @@ def run_job(
     if not created:
         _release_in_flight(ctx, job_id)
     # 2. ingest, 3. every stage in turn
-    _patiently(ctx, functools.partial(ingest.run, ctx, job_id=job_id, send=no_send))
+    _patiently(ctx, functools.partial(RUNS[INGEST.name], ctx, job_id=job_id, send=no_send))
     images = _run_stages(ctx, job_id, progress)
     return _summary(ctx, job_id, images=images, started=started)
 
@@ -282,7 +282,7 @@ def _train_here(ctx: StageContext, job_id: str, *, again: bool) -> train_stage.T
         with ctx.sessions.begin() as session:
             training.retry(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
     summary: train_stage.TrainSummary = _patiently(
-        ctx, functools.partial(train_stage.run, ctx, job_id=job_id)
+        ctx, functools.partial(RUNS[TRAIN.name], ctx, job_id=job_id)
     )
     return summary
 

@@ -122,6 +122,8 @@ def run(
         time.sleep(rng.uniform(*plan.gap))
         fault = first.pop(0) if first else rng.choice(FAULTS)
         target = _inflict(cluster, flaky, fault, rng, plan, database_url, report)
+        if fault == "cut_upload" and not report.cut_uploads:  # every item stored meanwhile
+            first.insert(0, "cut_upload")  # tried again after the next gap
         report.faults.append((round(time.monotonic() - started, 1), fault, target))
     # everything back, then every job must finish
     for job_id in report.jobs:
@@ -197,13 +199,18 @@ def _cut_uploads(cluster: Cluster, rng: random.Random, report: Report) -> str:
     with cluster.engine.connect() as conn:
         waiting = conn.execute(
             sa.text(
-                "SELECT job_id, row_id FROM items WHERE job_id = ANY(:j)"
+                "SELECT job_id, row_id, status FROM items WHERE job_id = ANY(:j)"
                 " AND status IN ('ready', 'running') ORDER BY id"
             ),
             {"j": report.jobs},
         ).all()
+    # items not yet claimed by a generate worker first: a running one may be stored already
+    ready = [(j, r) for j, r, status in waiting if status == "ready"]
+    running = [(j, r) for j, r, status in waiting if status == "running"]
+    picked = rng.sample(ready, min(3, len(ready)))
+    picked += rng.sample(running, min(3 - len(picked), len(running)))
     cut = 0
-    for job_id, row_id in rng.sample(waiting, min(3, len(waiting))):
+    for job_id, row_id in picked:
         body = b"" if rng.random() < 0.5 else b"\x89PNG\r\n\x1a\n" + rng.randbytes(200)
         try:
             cluster.s3.put_object(

@@ -66,6 +66,7 @@ def test_vae_slicing_above_the_limit_gives_the_same_images(
             assert np.abs(x - y).max() < 1e-8
 
 
+@pytest.mark.slow
 # raised from inside torch's own compile machinery, not from ipbatch
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_unet_pads_batches_to_fixed_sizes(tiny_models: Path) -> None:

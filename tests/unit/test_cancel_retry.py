@@ -37,6 +37,7 @@ def _db(tmp: Path) -> sa.Engine:
     return sa.create_engine(f"sqlite:///{tmp / 'home' / 'ipbatch.db'}")
 
 
+@pytest.mark.slow
 def test_retry_runs_failed_items_again_and_nothing_else(
     local_job: tuple[Path, dict[str, str]], reference_images: dict[str, Path]
 ) -> None:

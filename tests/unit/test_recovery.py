@@ -130,6 +130,7 @@ def _models_with_copy(tmp_path: Path, tiny_models: Path, folder: str) -> Path:
         ("clip-vit-large-patch14", "model.safetensors"),  # the scoring model
     ],
 )
+@pytest.mark.slow
 def test_a_model_that_does_not_load_gives_its_items_back(
     tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path], folder: str, file: str
 ) -> None:
@@ -219,6 +220,7 @@ def test_a_worker_that_lost_its_claim_mid_batch_writes_nothing(
 # --- 8. a cached embedding that vanished ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_cached_embedding_that_vanished_is_computed_again(
     tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path]
 ) -> None:

@@ -66,6 +66,7 @@ def job(tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path]) ->
     }
 
 
+@pytest.mark.slow
 def test_every_output_is_scored_and_no_score_turns_it_off(
     tmp_path: Path, job: dict[str, str]
 ) -> None:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from helpers.cli import ipbatch
 from PIL import Image
@@ -58,6 +59,7 @@ def _ledger(home: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{home / 'ipbatch.db'}?mode=ro", uri=True, timeout=30)
 
 
+@pytest.mark.slow
 def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {"IPBATCH_HOME": str(home), "IPBATCH_MODELS": str(tiny_models)}
@@ -172,6 +174,7 @@ def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_pat
     assert np.abs(made - validated).max() <= 1 and np.abs(made - validated).mean() < 0.01
 
 
+@pytest.mark.slow
 def test_training_reads_the_embeddings_generation_cached(tiny_models: Path, tmp_path: Path) -> None:
     """The reference embedding is the embed stage's cache entry: generation embedded it, the
     training run finds it (one entry), so both see the very same tensors."""
@@ -206,6 +209,7 @@ def _train_command(manifest: Path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_adapter(tiny_models: Path, tmp_path: Path) -> None:
     """SIGKILL after a checkpoint; the same command again resumes from it (the ledger says
     which) and ends with the adapter an uninterrupted run makes: bitwise, on the CPU (every
@@ -334,6 +338,7 @@ def test_a_cancelled_run_stops_at_its_next_heartbeat(tiny_models: Path, tmp_path
     assert not (home / "adapters" / "c" / "card.json").exists()
 
 
+@pytest.mark.slow
 def test_retry_runs_a_failed_training_job_again(tiny_models: Path, tmp_path: Path) -> None:
     """`ipbatch retry` of a training job (one machine) resumes the run here: a manifest whose
     pictures were all missing fails the job; once they are there, retry trains it."""

@@ -59,6 +59,7 @@ def outputs(db: Path) -> dict[tuple[str, int], tuple[Path, str, int]]:
     return {(r, k): (Path(uri), sha, size) for r, k, uri, sha, size in rows}
 
 
+@pytest.mark.slow
 def test_verify_finds_what_changed_behind_the_ledger_and_repair_makes_it_again_bitwise(
     job: tuple[Path, dict[str, str]],
 ) -> None:
