@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Settings, redact_url
+from ipbatch.cli.common import stage_context
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -23,16 +24,10 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_db_recount(args: argparse.Namespace) -> int:
     """Rebuild the status counters behind job_progress from the items (after hand edits)."""
-    from workers.context import StageContext
     from workers.stages import jobs
 
-    settings = Settings()
-    local = settings.database_url is None
-    ctx = StageContext.create(settings, mode="local" if local else "distributed")
-    try:
+    with stage_context(Settings()) as ctx:
         recounted = jobs.recount(ctx, job_id=args.job)
-    finally:
-        ctx.close()
     for job_id, counts in recounted.items():
         summary = ", ".join(f"{k.value} {v}" for k, v in sorted(counts.items()))
         print(f"{job_id}: {summary or 'no items'}")

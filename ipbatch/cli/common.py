@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.config import Settings, redact_url
+
+if TYPE_CHECKING:
+    from workers.context import StageContext
 
 log = logging.getLogger("ipbatch")
 
@@ -21,6 +26,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "no_score", False):
         overrides["score"] = False
     return Settings(**overrides)
+
+
+@contextmanager
+def stage_context(settings: Settings) -> Iterator[StageContext]:
+    """A context on the ledger the settings name (one-machine mode without
+    IPBATCH_DATABASE_URL), closed after the block."""
+    from workers.context import StageContext
+
+    local = settings.database_url is None
+    ctx = StageContext.create(settings, mode="local" if local else "distributed")
+    try:
+        yield ctx
+    finally:
+        ctx.close()
 
 
 def print_summary(summary: Any) -> int:

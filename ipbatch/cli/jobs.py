@@ -12,7 +12,13 @@ from typing import Any
 from core.config import Settings
 from core.errors import ConfigError
 from core.uris import absolute_uri
-from ipbatch.cli.common import print_summary, print_verified, settings_from, write_report
+from ipbatch.cli.common import (
+    print_summary,
+    print_verified,
+    settings_from,
+    stage_context,
+    write_report,
+)
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -96,17 +102,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from storage.models import JobKind
-    from workers.context import StageContext
     from workers.stages import jobs
 
-    settings = Settings()
-    local = settings.database_url is None
-    ctx = StageContext.create(settings, mode="local" if local else "distributed")
-    try:
+    with stage_context(Settings()) as ctx:
         cancelled = jobs.cancel(ctx, job_id=args.job)
         found = jobs.describe(ctx, job_id=args.job)
-    finally:
-        ctx.close()
     if cancelled is None:
         status = "unknown" if found is None else str(found[1])
         print(f"job {args.job} had already ended ({status}): nothing cancelled", file=sys.stderr)

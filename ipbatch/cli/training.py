@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from core.errors import ConfigError
 from core.uris import absolute_uri
-from ipbatch.cli.common import settings_from, write_report
+from ipbatch.cli.common import settings_from, stage_context, write_report
 from pipeline.evaluation import EvalSettings
 from pipeline.train_schema import TrainSettings
 
@@ -73,15 +73,9 @@ def _eval_table(args: argparse.Namespace) -> int:
     """The table of an evaluation that ran (or runs) on the workers."""
     from pipeline.evaluation import table
     from workers import evaluation
-    from workers.context import StageContext
 
-    settings = settings_from(args)
-    local = settings.database_url is None
-    ctx = StageContext.create(settings, mode="local" if local else "distributed")
-    try:
+    with stage_context(settings_from(args)) as ctx:
         scores = evaluation.scores(ctx, job_id=args.job, adapters=args.adapter or [])
-    finally:
-        ctx.close()
     print(json.dumps([vars(x) for x in scores]) if args.json else table(scores))
     return 0
 
