@@ -85,6 +85,20 @@ def alpha_mask(image: Image.Image, *, name: str) -> Image.Image:
     return Image.fromarray(255 - alpha, mode="L")
 
 
+def mask_levels(image: Image.Image) -> Image.Image:
+    """A drawn mask's grey levels (L): transparent pixels are not selected, so they count as
+    black (keep, outside the region), partly transparent ones as their opacity times their
+    grey. A person draws a mask as a white stripe on a transparent layer; on white (the rule
+    for pictures) it would select everything. Opaque masks are read as they are."""
+    if image.mode in ("P", "PA"):  # a palette's transparency becomes alpha
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    return to_rgb(image).convert("L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image

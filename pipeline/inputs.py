@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from pipeline.images import alpha_mask, open_image, to_rgb
+from pipeline.images import alpha_mask, mask_levels, open_image, to_rgb
 from pipeline.manifest import Row
 
 if TYPE_CHECKING:
     import torch
 
-# The cache's "encoder" for prepared inputs: bump it when `prepare` changes what it makes.
-ENCODER = "inputs-v1"
+# The cache's "encoder" for prepared inputs: bump it when `prepare` changes what it makes
+# (v2: a mask's transparent pixels are black, not white)
+ENCODER = "inputs-v2"
 CONTROL, REGION, INIT, MASK = "control", "region", "init", "mask"
 
 
@@ -73,8 +74,8 @@ def prepare(
     elif kind.startswith("canny-"):
         low, high = (int(v) for v in kind.removeprefix("canny-").split("-"))
         pixels = canny(to_rgb(image), low, high)
-    elif kind == "mask":  # grey levels; a transparent mask is read on white, like a reference
-        pixels = np.asarray(to_rgb(image).convert("L"))[:, :, None]
+    elif kind == "mask":  # grey levels; transparent = not selected (black)
+        pixels = np.asarray(mask_levels(image))[:, :, None]
     elif kind == "alpha":
         pixels = np.asarray(alpha_mask(image, name=name))[:, :, None]
     else:

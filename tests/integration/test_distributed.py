@@ -367,7 +367,7 @@ def test_structure_rows_over_real_services(cluster: Cluster, tmp_path: Path) -> 
     assert linked[0][4] == linked[1][4]  # one canny map for both rows, prepared once
     for *_, uri in linked:  # the prepared pixels are in the bucket, under the cache
         key = uri.removeprefix(f"s3://{bucket}/")
-        assert "/embeddings/inputs-v1/" in uri and s3.head_object(Bucket=bucket, Key=key)
+        assert "/embeddings/inputs-v2/" in uri and s3.head_object(Bucket=bucket, Key=key)
     assert sorted(outputs) == ["background", "garment", "masked", "pose-1", "pose-2", "variation"]
     body = s3.get_object(Bucket=bucket, Key=outputs["masked"].removeprefix(f"s3://{bucket}/"))
     png = Image.open(io.BytesIO(body["Body"].read()))

@@ -444,3 +444,48 @@ def test_every_controlnet_preset_is_written_in_its_repository_layout(
     assert net.config.cross_attention_dim == base.config.cross_attention_dim
     assert all(torch.count_nonzero(block.weight) for block in net.controlnet_down_blocks)
     assert torch.count_nonzero(net.controlnet_mid_block.weight)
+
+
+def _drawn(background: tuple[int, int, int, int]) -> Image.Image:
+    """A mask as a person draws one: a white stripe (a quarter of the picture) on a transparent
+    layer whose pixels are `background`."""
+    image = Image.new("RGBA", (64, 64), background)
+    ImageDraw.Draw(image).rectangle((0, 16, 63, 31), fill=(255, 255, 255, 255))
+    return image
+
+
+def _prepared_mask(image: Image.Image) -> Image.Image:
+    """The mask as the embed stage prepares and caches it, and generate reads it back."""
+    import io
+
+    from pipeline.inputs import prepare, to_image
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    prepared = prepare(
+        buffer.getvalue(), "mask", name="mask.png", max_pixels=10**6, max_bytes=10**7
+    )
+    return to_image(prepared)
+
+
+def test_masks_drawn_on_transparency_select_only_what_is_drawn(models: ModelSource) -> None:
+    """inpaint_mask and region: transparent pixels are not selected (black). diffusers reads the
+    usual transparent-black PNG that way; a transparent-white layer reads the same here. (Read
+    on white, the rule for pictures, both selected everything: the whole image repainted, the
+    adapter everywhere.)"""
+    black, white = _drawn((0, 0, 0, 0)), _drawn((255, 255, 255, 0))
+    mask = _prepared_mask(black)
+    assert (np.asarray(mask) > 127).mean() == 0.25  # the stripe, and nothing else
+    assert np.array_equal(np.asarray(mask), np.asarray(_prepared_mask(white)))
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    # inpainting: diffusers' inpaint pipeline given the drawn PNG, as its docs pass a mask
+    inpaint = row(generator, 0, init_image=picture(90, (64, 64)), mask=mask, strength=1.0)
+    pipe = reference_pipeline(models, ("sd15",), "inpaint", ())
+    theirs = solo(pipe, replace(inpaint, mask=black))
+    assert np.abs(generator.generate(inpaint).arrays[0] - theirs).max() < EXACT
+    # a region: IPAdapterMaskProcessor given the drawn PNG
+    spec = row(generator, 1).adapters[0]
+    regional = row(generator, 1, adapters=[replace(spec, regions=[mask])])
+    pipe = reference_pipeline(models, ("sd15",), "text", ())
+    theirs = solo(pipe, replace(regional, adapters=[replace(spec, regions=[black])]))
+    assert np.abs(generator.generate(regional).arrays[0] - theirs).max() < EXACT

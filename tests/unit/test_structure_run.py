@@ -253,7 +253,7 @@ def test_each_mode_comes_out_as_the_diffusers_docs_make_it(
         ).all()
         prepared = conn.execute(
             sa.text(
-                "SELECT kind, COUNT(*) FROM embeddings WHERE encoder = 'inputs-v1' GROUP BY kind"
+                "SELECT kind, COUNT(*) FROM embeddings WHERE encoder = 'inputs-v2' GROUP BY kind"
             )
         ).all()
     engine.dispose()
