@@ -144,7 +144,8 @@ def test_alpha_mask_of_an_image_without_transparency_fails(
 
 
 def test_inputs_follow_the_reference_rules() -> None:
-    """Upright by EXIF, on white, within the limits, a clear code when not an image."""
+    """Upright by EXIF, within the limits, a clear code when not an image; a mask's transparent
+    pixels are not selected (black)."""
     wide = np.zeros((10, 30, 3), dtype=np.uint8)
     wide[:, :5] = 255
     exif = Image.Exif()
@@ -152,7 +153,7 @@ def test_inputs_follow_the_reference_rules() -> None:
     control = _prepared(Image.fromarray(wide), "rgb", "PNG", exif=exif)
     assert control.shape == (30, 10, 3)  # upright, as the user sees it
     transparent_mask = _prepared(Image.new("LA", (8, 8), (0, 0)), "mask")
-    assert transparent_mask.shape == (8, 8, 1) and (transparent_mask == 255).all()  # on white
+    assert transparent_mask.shape == (8, 8, 1) and (transparent_mask == 0).all()  # not selected
     from pipeline.inputs import prepare
 
     with pytest.raises(ItemError) as failed:
