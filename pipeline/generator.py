@@ -206,7 +206,7 @@ class Generator(WarmPipelines):
         """The one diffusers call both paths make: the per-slot inputs given, every shared
         field taken from `shared` (a row of the call: they are equal in all of them), the
         pipeline of the call's mode (text, img2img, inpaint; with its ControlNets)."""
-        pipe = self.pipe_for(shared.mode, tuple(c.model for c in shared.controls))
+        pipe = self._pipe_of(shared)
         width, height = self._size(shared)
         # strengths: load_ip_adapter resets them, so they are set on every call
         scales = inputs.scales
@@ -265,6 +265,10 @@ class Generator(WarmPipelines):
         if inputs.masks is not None:
             arguments["mask_image"] = inputs.masks
         return arguments
+
+    def _pipe_of(self, request: GenerationRequest) -> Any:
+        """The pipeline of the request's mode with its ControlNets (made on first use)."""
+        return self.pipe_for(request.mode, tuple(c.model for c in request.controls))
 
     def _init_image(self, image: Image.Image, width: int, height: int) -> Image.Image:
         """The init image at the output's size, resized as diffusers' image processor does
@@ -393,7 +397,7 @@ class Generator(WarmPipelines):
 
         # 4. denoise and decode, with the per-slot embeds passed through unrepeated
         self.set_vae_slicing(len(slots))
-        pipe = self.pipe_for(first.mode, tuple(c.model for c in first.controls))
+        pipe = self._pipe_of(first)
         with (
             prebuilt_ip_embeds(pipe, embeds, slots=len(slots), do_cfg=do_cfg),
             per_slot_control(pipe, rows, do_cfg=do_cfg),

@@ -168,7 +168,3 @@ def send_job_urgent(stage: JobStage, job_id: str) -> None:
 
 def send_ingest(job_id: str, *, urgent: bool = False) -> None:
     send_job(INGEST, job_id, urgent=urgent)
-
-
-def send_ingest_urgent(job_id: str) -> None:
-    send_ingest(job_id, urgent=True)
