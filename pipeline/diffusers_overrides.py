@@ -7,7 +7,8 @@ tests/unit/test_batching.py and test_structure.py, before moving the pin:
   `prepare_ip_adapter_image_embeds` returns the per-slot embeds as given instead of tiling them
   over the batch (which makes every row attend to every row's reference, silently).
 - `per_slot_control`: each slot's ControlNet strength and step window in one call, by
-  multiplying the ControlNet's residuals (diffusers takes one scale per net per call).
+  multiplying each ControlNet position's residuals (diffusers takes one scale per net per
+  call); a MultiControlNet's positions are swapped for per-position modules during the call.
 - `embed_shape`: the embeds each IP-Adapter projection class takes, read from its layers.
 - `clip_skip_on_flat_clip`: diffusers' SD1.5 `clip_skip` reads `text_encoder.text_model`, which
   transformers >= 5.6 no longer has (diffusers#14124, fix proposed in #14043).
@@ -52,19 +53,20 @@ def per_slot_control(
     pipe: Any, rows: Sequence[GenerationRequest], *, do_cfg: bool
 ) -> Iterator[None]:
     """Each slot's ControlNet strength and step window in one call. The call runs every
-    ControlNet at scale 1.0 over all steps; here each net's residuals are multiplied, step by
-    step, by a per-slot factor: the row's scale inside its [start, end] fraction of the steps,
-    0 outside, with diffusers' own rule (`1 - (i / n < start or (i + 1) / n > end)`, n the
-    steps the pipeline runs). The second half of a CFG batch repeats the first."""
+    ControlNet at scale 1.0 over all steps; here each position's residuals are multiplied,
+    step by step, by a per-slot factor: the row's scale inside its [start, end] fraction of
+    the steps, 0 outside, with diffusers' own rule (`1 - (i / n < start or (i + 1) / n >
+    end)`, n the steps the pipeline runs). The second half of a CFG batch repeats the first.
+
+    The override is per position, not per module: a row may use the same ControlNet twice
+    (two canny maps at two scales), and a MultiControlNet then holds one module at two
+    positions. Each position gets a `_Position` of its own in `nets` for the call."""
     if not rows[0].controls:
         yield
         return
-    controlnet = pipe.controlnet
-    nets = list(getattr(controlnet, "nets", [controlnet]))
-    originals = [net.forward for net in nets]
 
-    def wrapped(index: int, original: Any) -> Any:
-        step = iter(range(10**9))
+    def scaled(index: int, call: Any) -> Any:
+        step = iter(range(10**9))  # this position's step counter
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             i, n = next(step), pipe._num_timesteps
@@ -72,7 +74,7 @@ def per_slot_control(
                 0.0 if (i / n < c.start or (i + 1) / n > c.end) else c.scale
                 for c in (r.controls[index] for r in rows)
             ]
-            down, mid = original(*args, **kwargs)
+            down, mid = call(*args, **kwargs)
             factor = torch.tensor(
                 factors * (2 if do_cfg else 1), dtype=mid.dtype, device=mid.device
             )
@@ -81,13 +83,40 @@ def per_slot_control(
 
         return forward
 
-    for index, (net, original) in enumerate(zip(nets, originals, strict=True)):
-        net.forward = wrapped(index, original)
+    controlnet = pipe.controlnet
+    nets = getattr(controlnet, "nets", None)
+    if nets is None:  # one ControlNet: the pipeline checks its class, so its forward is wrapped
+        controlnet.forward = scaled(0, controlnet.forward)
+        try:
+            yield
+        finally:
+            del controlnet.forward  # the class's method again
+        return
+    originals = list(nets)
+    for index, net in enumerate(originals):
+        nets[index] = _Position(net, scaled(index, net))
     try:
         yield
     finally:
-        for net in nets:
-            del net.forward  # the class's method again
+        for index, net in enumerate(originals):
+            nets[index] = net
+
+
+class _Position(torch.nn.Module):
+    """One position of a MultiControlNet during a batched call: its ControlNet (shared with
+    other positions if the row names it twice) called through this position's factors."""
+
+    def __init__(self, net: torch.nn.Module, forward: Any) -> None:
+        super().__init__()
+        self.net = net
+        self._scaled = forward
+
+    @property
+    def config(self) -> Any:  # the pipeline reads nets[0].config.global_pool_conditions
+        return self.net.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._scaled(*args, **kwargs)
 
 
 def embed_shape(layer: torch.nn.Module) -> tuple[tuple[int, ...], tuple[int, ...] | None]:

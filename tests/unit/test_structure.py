@@ -89,12 +89,13 @@ def reference_pipeline(
     if family == "sd15":
         extra |= {"safety_checker": None, "requires_safety_checker": False}
     if nets:
-        loaded = [
-            diffusers.ControlNetModel.from_pretrained(
+        by_name = {
+            n: diffusers.ControlNetModel.from_pretrained(
                 models.controlnet(n), variant=CONTROLNETS[n].variant, dtype=F64
             )
-            for n in nets
-        ]
+            for n in set(nets)
+        }
+        loaded = [by_name[n] for n in nets]  # a net named twice: one model at two positions
         extra["controlnet"] = loaded[0] if len(loaded) == 1 else loaded
     pipe = cls.from_pretrained(models.base_model(family), dtype=F64, **extra)
     pipe.set_progress_bar_config(disable=True)
@@ -208,6 +209,32 @@ def test_two_controlnets_in_one_call(models: ModelSource) -> None:
         for i in range(2)
     ]
     check_rows(models, generator, rows)
+
+
+def test_the_same_controlnet_twice_in_one_row(models: ModelSource) -> None:
+    """Two canny maps at two scales and windows: one module at two positions of the
+    MultiControlNet. Each position keeps its own scale, window and step count, batched (and
+    alone on the slot path a compiled pipeline takes) as in diffusers' MultiControlNet of the
+    same model twice."""
+    generator = Generator(models, ("sd15",), device=CPU, dtype=F64)
+    rows = [
+        row(
+            generator,
+            i,
+            controls=(
+                ControlInput("sd15-canny", picture(i), 1.2 - 0.3 * i, 0.0, 0.7),
+                ControlInput("sd15-canny", picture(20 + i), 0.4 + 0.2 * i, 0.3, 1.0),
+            ),
+        )
+        for i in range(2)
+    ]
+    check_rows(models, generator, rows)
+    pipe = reference_pipeline(models, ("sd15",), "text", ("sd15-canny", "sd15-canny"))
+    alone = generator._generate_slots(rows[:1])[0].arrays[0]
+    assert np.abs(alone - solo(pipe, rows[0])).max() < EXACT
+    # both positions are back as they were: the next call (one map) runs unwrapped
+    nets = generator._pipe_of(rows[0]).controlnet.nets
+    assert nets[0] is nets[1] and "forward" not in vars(nets[0])
 
 
 def test_sdxl_controlnet(models: ModelSource) -> None:
