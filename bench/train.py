@@ -68,9 +68,8 @@ def _trainer(models: Path, device: torch.device, settings: object) -> object:
     from pipeline.training import AdapterTrainer
 
     base = models / "stable-diffusion-v1-5"
-    precision = settings.mixed_precision  # type: ignore[attr-defined]
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", dtype=dtype).to(device)
+    # fp32 in every precision, as load_trainer loads it (autocast runs it in fp16 / bf16)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").to(device)
     scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     encoder = CLIPVisionConfig.from_pretrained(models / "IP-Adapter/models/image_encoder")
     shape = ProjectionShape.fresh(Projection.LINEAR, unet, encoder)

@@ -73,6 +73,8 @@ def _training_line(run: dict[str, Any]) -> str:
         f"  train {run['adapter']}: step {run['step']}/{run['total_steps']}, loss {loss}, "
         f"{run['steps_per_second']:.2f} steps/s, eta {_duration(run['eta_seconds'])}"
     )
+    if run["skipped_steps"]:
+        line += f", {run['skipped_steps']} steps skipped (fp16 overflow)"
     if run["checkpoint_step"] is not None:
         line += f", checkpoint at step {run['checkpoint_step']}"
     if run["validation"]:

@@ -53,7 +53,9 @@ class TrainSettings(BaseModel):
     drop_text: float = Field(0.05, ge=0, le=1, description="text dropped alone")
     drop_both: float = Field(0.05, ge=0, le=1, description="both dropped")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="autocast for the frozen UNet; the adapter stays fp32"
+        "no",
+        description="autocast for the frozen UNet (its weights and the adapter stay fp32); "
+        "fp16 scales the loss and skips steps whose gradients overflow",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, same result"

@@ -5,6 +5,10 @@ tutorial_train.py / tutorial_train_plus.py), on diffusers' own classes.
   projection and the new key/value projections of every cross-attention layer (22,319,616
   parameters for SD1.5 base), kept in fp32 whatever precision the UNet runs in.
 - Loss: the noise-prediction MSE of the UNet conditioned on the text and the image tokens.
+- Mixed precision (tencent trains through accelerate): the UNet stays fp32 and runs under
+  autocast; fp16 scales the loss (torch.amp.GradScaler, accelerate's scaled backward) so the
+  adapter's small gradients do not flush to zero, and skips the steps whose gradients
+  overflow (counted: `skipped_steps`); bf16 has fp32's range and runs unscaled.
 - Classifier-free guidance: one u ~ U(0, 1) per sample; u < 0.05 drops the image (zeros for
   the base adapter, the encoder output of an all-zero image for plus: the negative half the
   embed stage caches), u < 0.10 drops the text ("" through the text encoder), u < 0.15 both.
@@ -54,11 +58,12 @@ class StepResult:
     step: int  # steps done after this one
     loss: float
     learning_rate: float
+    skipped: bool = False  # fp16: the gradients overflowed, the optimizer did not step
 
 
 class AdapterTrainer:
-    """The adapter on a frozen UNet, an AdamW over its parameters, the step counter and the
-    run's random generator: everything a checkpoint holds."""
+    """The adapter on a frozen UNet, an AdamW over its parameters, the loss scale (fp16),
+    the step counter and the run's random generator: everything a checkpoint holds."""
 
     def __init__(
         self,
@@ -70,6 +75,7 @@ class AdapterTrainer:
         uncond_text: torch.Tensor,
         init_weights: dict[str, torch.Tensor] | None = None,
         vae_scaling_factor: float = 0.18215,
+        loss_scale: float = 2.0**16,
     ) -> None:
         self.unet = unet
         self.scheduler = scheduler  # a DDPMScheduler: add_noise and the training timesteps
@@ -91,8 +97,14 @@ class AdapterTrainer:
             lr=settings.learning_rate,
             weight_decay=settings.weight_decay,
         )
+        # fp16: the loss times a scale (halved after an overflow, doubled after 2000 clean
+        # steps: torch's defaults, which accelerate uses); disabled, it is a plain backward
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, init_scale=loss_scale, enabled=settings.mixed_precision == "fp16"
+        )
         self.rng = torch.Generator().manual_seed(settings.seed)
         self.step = 0
+        self.skipped_steps = 0
 
     @property
     def trainable_count(self) -> int:
@@ -184,13 +196,17 @@ class AdapterTrainer:
         self.unet.train()
         loss = self.loss(self._draw(examples))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # unscales the gradients; no step if any is inf/NaN
+        self.scaler.update()
+        skipped = self.scaler.get_scale() < scale  # an overflow halves the scale
+        self.skipped_steps += skipped
         self.step += 1
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss is {value} at step {self.step}")
-        return StepResult(self.step, value, self.optimizer.param_groups[0]["lr"])
+        return StepResult(self.step, value, self.optimizer.param_groups[0]["lr"], skipped)
 
     # --- checkpoints: the adapter, AdamW's moments, the generator and the step, as tensors
     def state(self) -> dict[str, torch.Tensor]:
@@ -198,7 +214,12 @@ class AdapterTrainer:
         out: dict[str, torch.Tensor] = {
             "step": torch.tensor(self.step, dtype=torch.int64),
             "rng": self.rng.get_state(),
+            "skipped_steps": torch.tensor(self.skipped_steps, dtype=torch.int64),
         }
+        if self.scaler.is_enabled():
+            scaler = self.scaler.state_dict()
+            out["scaler.scale"] = torch.tensor(scaler["scale"], dtype=torch.float64)
+            out["scaler.growth_tracker"] = torch.tensor(scaler["_growth_tracker"])
         for index, (name, param) in enumerate(self.parameters.items()):
             out[f"param.{name}"] = param.detach().cpu().clone()
             moments = self.optimizer.state.get(param, {})
@@ -225,6 +246,12 @@ class AdapterTrainer:
                     }
         self.rng.set_state(state["rng"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", torch.tensor(0)))
+        if self.scaler.is_enabled() and "scaler.scale" in state:
+            scaler = self.scaler.state_dict()
+            scaler["scale"] = float(state["scaler.scale"])
+            scaler["_growth_tracker"] = int(state["scaler.growth_tracker"])
+            self.scaler.load_state_dict(scaler)
 
 
 class TrainingEncoders:
@@ -302,20 +329,17 @@ def load_trainer(
     device: torch.device,
     local_files_only: bool,
 ) -> AdapterTrainer:
-    """The frozen UNet (in the autocast precision; the adapter is made fp32 by
-    freeze_all_but_adapter) and the DDPM scheduler of the base model, with a fresh adapter of
+    """The frozen UNet (fp32 in every precision, as tencent's script keeps it: autocast
+    runs it in fp16/bf16) and the DDPM scheduler of the base model, with a fresh adapter of
     `projection` shaped for the image encoder, or `init`'s (an h94-layout state)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPVisionConfig
 
     from pipeline.models import loading
 
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        settings.mixed_precision
-    ]
     with loading(f"the base model at {base_folder}", base_folder):
         unet = UNet2DConditionModel.from_pretrained(
-            base_folder, subfolder="unet", dtype=dtype, local_files_only=local_files_only
+            base_folder, subfolder="unet", local_files_only=local_files_only
         )
         scheduler = DDPMScheduler.from_pretrained(
             base_folder, subfolder="scheduler", local_files_only=local_files_only

@@ -283,6 +283,7 @@ class TrainingRun(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float)  # the last logged one
     learning_rate: Mapped[float | None] = mapped_column(Float)
+    skipped_steps: Mapped[int] = mapped_column(Integer, default=0)  # fp16 overflows, in all
     examples: Mapped[int | None] = mapped_column(Integer)  # valid rows trained on
     skipped: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)  # bad rows: line, id, error
     adapter_uri: Mapped[str | None] = mapped_column(Text)  # the exported adapter.safetensors
@@ -291,7 +292,8 @@ class TrainingRun(Base):
 
 
 class TrainingLog(Base):
-    """The loss and learning rate every `log_every` steps (the loss curve)."""
+    """The loss and learning rate every `log_every` steps (the loss curve), and how many
+    of those steps the optimizer skipped (fp16: their gradients overflowed)."""
 
     __tablename__ = "training_log"
 
@@ -299,6 +301,7 @@ class TrainingLog(Base):
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     loss: Mapped[float] = mapped_column(Float)
     learning_rate: Mapped[float] = mapped_column(Float)
+    skipped_steps: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 

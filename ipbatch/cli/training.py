@@ -46,6 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     resumed = summary.resumed_from
     print(f" (resumed from the checkpoint of step {resumed})" if resumed is not None else "")
     print(f"rows: {summary.examples} trained on, {len(summary.skipped)} skipped")
+    if train_settings.mixed_precision == "fp16":
+        print(f"fp16: {summary.skipped_steps} steps skipped (their scaled gradients overflowed)")
     for bad in summary.skipped[:20]:
         print(f"  skipped line {bad['line']} ({bad['id'] or 'no id'}): {bad['error']}")
     if summary.adapter_uri:

@@ -236,6 +236,7 @@ def training_summary(
         "total_steps": run.total_steps,
         "loss": run.loss,
         "learning_rate": run.learning_rate,
+        "skipped_steps": run.skipped_steps or 0,
         "examples": run.examples,
         "skipped": run.skipped or [],
         "checkpoint_step": checkpoints[0].step if checkpoints else None,

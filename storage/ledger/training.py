@@ -92,34 +92,43 @@ def progress(
     *,
     job_id: str,
     token: str,
-    log: list[tuple[int, float, float]],
+    log: list[tuple[int, float, float, int]],
+    skipped_steps: int = 0,
     lease_seconds: float,
     now: datetime,
 ) -> JobStatus | None:
-    """The heartbeat: renew the claim and record the steps logged since the last one
-    ((step, loss, learning rate) each). Returns the job's status (running, or cancelled
+    """The heartbeat: renew the claim and record the points logged since the last one
+    ((step, loss, learning rate, steps skipped since the previous point) each) and the
+    run's skipped steps in all. Returns the job's status (running, or cancelled
     meanwhile), or None if the claim is lost (nothing is written then)."""
     status = job_claims.hold(
         session, job_id=job_id, token=token, lease_seconds=lease_seconds, now=now
     )
     if status is None or not log:
         return status
-    steps = [step for step, _, _ in log]  # a resumed run logs again the steps after its
+    steps = [step for step, *_ in log]  # a resumed run logs again the steps after its
     session.execute(  # checkpoint: the new values replace the old
         delete(TrainingLog).where(TrainingLog.job_id == job_id, TrainingLog.step.in_(steps))
     )
     session.execute(
         insert(TrainingLog),
         [
-            {"job_id": job_id, "step": s, "loss": loss, "learning_rate": lr, "created_at": now}
-            for s, loss, lr in log
+            {
+                "job_id": job_id,
+                "step": s,
+                "loss": loss,
+                "learning_rate": lr,
+                "skipped_steps": skipped,
+                "created_at": now,
+            }
+            for s, loss, lr, skipped in log
         ],
     )
-    step, loss, lr = log[-1]
+    step, loss, lr, _ = log[-1]
     session.execute(
         update(TrainingRun)
         .where(TrainingRun.job_id == job_id)
-        .values(step=step, loss=loss, learning_rate=lr, updated_at=now)
+        .values(step=step, loss=loss, learning_rate=lr, skipped_steps=skipped_steps, updated_at=now)
     )
     return status
 

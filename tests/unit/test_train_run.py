@@ -68,10 +68,13 @@ def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_pat
         "train", str(manifest), "--name", "shop", *TRAIN_OPTIONS, "--steps", "12",
         "--checkpoint-every", "4", "--keep-checkpoints", "1", "--validate-every", "4",
         "--validation-rows", "2", "--validation-steps", "2", "--log-every", "2",
+        "--mixed-precision", "fp16",
     ]  # fmt: skip
     result = ipbatch(*args, env=env)
     assert result.returncode == 0, result.stderr
     assert "succeeded at step 12" in result.stdout
+    [skipped_line] = [line for line in result.stdout.splitlines() if line.startswith("fp16: ")]
+    skipped = int(skipped_line.split()[1])
     assert "rows: 4 trained on, 3 skipped" in result.stdout
     assert "missing.png does not exist" in result.stdout  # each skipped row says why
     assert "(extra): line 7: colour: unknown field" in result.stdout
@@ -92,6 +95,10 @@ def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_pat
         assert (kind, status) == ("train", "succeeded")
         steps = [s for (s,) in db.execute("SELECT step FROM training_log ORDER BY step")]
         assert steps == [2, 4, 6, 8, 10, 12]
+        # the skipped steps (fp16 overflows): per logged point, and in all on the run
+        [(total,)] = db.execute("SELECT skipped_steps FROM training_runs").fetchall()
+        [(points,)] = db.execute("SELECT SUM(skipped_steps) FROM training_log").fetchall()
+        assert total == points == skipped
         checkpoints = db.execute("SELECT step, uri FROM training_checkpoints").fetchall()
         assert [s for s, _ in checkpoints] == [8]  # one kept; step 4's was deleted
         assert Path(checkpoints[0][1]).is_file()

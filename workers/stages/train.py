@@ -42,7 +42,7 @@ from workers.stages.train_validation import Rendering, exported, validate
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.training import AdapterTrainer
+    from pipeline.training import AdapterTrainer, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class TrainSummary:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     retry_in: float = 0.0  # held: seconds until the other worker's lease runs out
     adapter_uri: str | None = None
+    skipped_steps: int = 0  # fp16: optimizer steps skipped for overflowing gradients
 
 
 def run(ctx: StageContext, *, job_id: str) -> TrainSummary:
@@ -100,6 +101,7 @@ def _as_it_stands(ctx: StageContext, job_id: str, summary: TrainSummary) -> None
             raise KeyError(f"no training job {job_id}")
         summary.status = str(job.status)
         summary.step, summary.adapter_uri = record.step, record.adapter_uri
+        summary.skipped_steps = record.skipped_steps or 0
         summary.examples, summary.skipped = record.examples or 0, record.skipped or []
         if job.status == JobStatus.RUNNING and job.lease_until is not None:
             summary.status = "held"
@@ -136,15 +138,17 @@ def _train(ctx: StageContext, run: TrainRun, summary: TrainSummary) -> None:
         trainer.load_state(load_safetensors(ctx.stores.for_uri(newest[0].uri).get(newest[0].uri)))
         summary.resumed_from = trainer.step
         log.info("training job %s resumes at step %d", run.job_id, trainer.step)
-    pending: list[tuple[int, float, float]] = []
+    pending: list[StepResult] = []
     while trainer.step < settings.steps:
         result = trainer.train_step(examples)
         summary.step = result.step
-        pending.append((result.step, result.loss, result.learning_rate))
+        pending.append(result)
         last = result.step == settings.steps
         if result.step % settings.log_every == 0 or last:  # one point: the window's mean
-            mean = sum(loss for _, loss, _ in pending) / len(pending)
-            _heartbeat(ctx, run, [(result.step, mean, result.learning_rate)])
+            mean = sum(r.loss for r in pending) / len(pending)
+            skipped = sum(r.skipped for r in pending)  # fp16 overflows in the window
+            point = (result.step, mean, result.learning_rate, skipped)
+            _heartbeat(ctx, run, [point], trainer.skipped_steps)
             pending = []
         if result.step % settings.checkpoint_every == 0 and not last:
             _checkpoint(ctx, run, trainer)
@@ -152,6 +156,7 @@ def _train(ctx: StageContext, run: TrainRun, summary: TrainSummary) -> None:
             if validate(ctx, run, trainer, rendering) is None:
                 raise StopJob("lost")
     summary.step = trainer.step
+    summary.skipped_steps = trainer.skipped_steps
     # 5. the adapter, its last validation, its card
     adapter = exported(trainer)
     scores = validate(ctx, run, trainer, rendering, adapter)
@@ -208,13 +213,19 @@ def init_weights(ctx: StageContext, init: str, kind: str) -> dict[str, torch.Ten
     return read_h94_file(data, uri)
 
 
-def _heartbeat(ctx: StageContext, run: TrainRun, log_rows: list[tuple[int, float, float]]) -> None:
+def _heartbeat(
+    ctx: StageContext,
+    run: TrainRun,
+    log_rows: list[tuple[int, float, float, int]],
+    skipped_steps: int,
+) -> None:
     with ctx.sessions.begin() as session:
         status = training.progress(
             session,
             job_id=run.job_id,
             token=run.token,
             log=log_rows,
+            skipped_steps=skipped_steps,
             lease_seconds=ctx.settings.lease_seconds,
             now=ctx.clock(),
         )
