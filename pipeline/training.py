@@ -254,6 +254,22 @@ class AdapterTrainer:
             self.scaler.load_state_dict(scaler)
 
 
+def training_crop(
+    width: int, height: int, resolution: int
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """tencent's `transforms.Resize(resolution)` + `CenterCrop(resolution)` with torchvision's
+    arithmetic (not imported: see facts.md): the shorter side becomes `resolution`, the longer
+    `int(resolution * long / short)` (truncated); the crop starts at `int(round((side -
+    resolution) / 2))` (Python's round: halves to even). Returns the resized (width, height)
+    and the crop box (left, top, right, bottom)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resolution * long / short)
+    size = (resolution, new_long) if width <= height else (new_long, resolution)
+    left = int(round((size[0] - resolution) / 2.0))
+    top = int(round((size[1] - resolution) / 2.0))
+    return size, (left, top, left + resolution, top + resolution)
+
+
 class TrainingEncoders:
     """The frozen parts of the base model that make the training tensors: the VAE (latent
     mean/std of a target image) and the tokenizer + text encoder (a prompt's embedding)."""
@@ -291,14 +307,10 @@ class TrainingEncoders:
         from PIL import Image
 
         rgb = image.convert("RGB")
-        scale = resolution / min(rgb.size)
-        size = (
-            max(resolution, round(rgb.width * scale)),
-            max(resolution, round(rgb.height * scale)),
-        )
-        rgb = rgb.resize(size, Image.Resampling.BILINEAR)
-        left, top = (rgb.width - resolution) // 2, (rgb.height - resolution) // 2
-        rgb = rgb.crop((left, top, left + resolution, top + resolution))
+        size, box = training_crop(rgb.width, rgb.height, resolution)
+        if size != rgb.size:
+            rgb = rgb.resize(size, Image.Resampling.BILINEAR)
+        rgb = rgb.crop(box)
         pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)
         pixels = pixels.permute(2, 0, 1)[None].to(self.device, self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist

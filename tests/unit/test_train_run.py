@@ -205,7 +205,7 @@ def test_training_reads_the_embeddings_generation_cached(tiny_models: Path, tmp_
     with _ledger(home) as db:
         assert db.execute(query, (sha, "clip_image_embeds")).fetchall() == before
         kinds = {k for (k,) in db.execute("SELECT DISTINCT kind FROM embeddings")}
-    assert {"clip_image_embeds", "latent-64", "text"} <= kinds
+    assert {"clip_image_embeds", "latent-v2-64", "text"} <= kinds
 
 
 def _train_command(manifest: Path, name: str) -> list[str]:

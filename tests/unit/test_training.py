@@ -25,7 +25,13 @@ from pipeline.adapter_weights import ProjectionShape, from_h94, install, to_h94
 from pipeline.embedder import ClipEmbedder
 from pipeline.presets import EmbedKind, Projection
 from pipeline.train_schema import TrainSettings
-from pipeline.training import AdapterTrainer, Example, TrainingEncoders, load_trainer
+from pipeline.training import (
+    AdapterTrainer,
+    Example,
+    TrainingEncoders,
+    load_trainer,
+    training_crop,
+)
 
 CPU = torch.device("cpu")
 
@@ -429,6 +435,60 @@ def test_bf16_trains_unscaled_with_the_adapter_in_fp32(
     moments = [trainer.optimizer.state[p]["exp_avg"] for p in trainer.parameters.values()]
     assert {m.dtype for m in moments} == {torch.float32}
     assert any(not torch.equal(before[k], p) for k, p in trainer.parameters.items())
+
+
+def torchvision_resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """tutorial_train.py's `transforms.Resize(size, BILINEAR)` + `CenterCrop(size)` on a PIL
+    image, written out from torchvision's source: `functional.resize` ->
+    `_compute_resized_output_size` (the longer side `int(size * long / short)`; no resize when
+    the size is unchanged), `functional.center_crop` (`int(round((h - size) / 2.0))`)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if [h, w] != [new_h, new_w]:
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    crop_top = int(round((new_h - size) / 2.0))
+    crop_left = int(round((new_w - size) / 2.0))
+    return image.crop((crop_left, crop_top, crop_left + size, crop_top + size))
+
+
+COCO_SIZES = [  # (width, height): common COCO shapes, both orientations, and a square
+    (640, 480), (640, 427), (640, 424), (640, 426), (500, 375), (640, 360), (612, 612),
+    (480, 640), (427, 640), (333, 500), (640, 429), (375, 500),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("resolution", [512, 1024, 64])
+def test_the_training_crop_is_torchvisions(resolution: int) -> None:
+    for width, height in COCO_SIZES:
+        short, long = min(width, height), max(width, height)
+        new_long = int(resolution * long / short)
+        new_w, new_h = (resolution, new_long) if width <= height else (new_long, resolution)
+        left = int(round((new_w - resolution) / 2.0))
+        top = int(round((new_h - resolution) / 2.0))
+        expected = ((new_w, new_h), (left, top, left + resolution, top + resolution))
+        assert training_crop(width, height, resolution) == expected, (width, height)
+    # the two the audit found off by one (683 wide; left 127)
+    assert training_crop(640, 480, 512)[0] == (682, 512)
+    assert training_crop(640, 427, 512)[1][0] == 128
+
+
+def test_the_training_latent_is_of_torchvisions_crop(encoders: TrainingEncoders) -> None:
+    """The VAE sees the pixels of torchvision's Resize + CenterCrop, scaled to [-1, 1] as
+    ToTensor + Normalize([0.5], [0.5]) do. 80x57 at 64: torchvision resizes to 89 wide and
+    crops from 12 (rounding 12.5 to even); rounding the width gives 90 and 13."""
+    rng = np.random.default_rng(5)
+    for size in [(80, 57), (57, 80), (64, 64), (96, 64)]:
+        picture = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        crop = torchvision_resize_and_center_crop(picture, 64)
+        pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0)
+        pixels = ((pixels - 0.5) / 0.5).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            expected = encoders.vae.encode(pixels).latent_dist.mean[0]
+        torch.testing.assert_close(
+            encoders.latent(picture, 64)["mean"], expected, atol=1e-6, rtol=0
+        )
 
 
 def test_gradient_checkpointing_changes_no_result(

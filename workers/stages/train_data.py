@@ -24,6 +24,11 @@ from workers.context import StageContext
 from workers.stages.common import CachedImage, cache_image, decode
 from workers.stages.embed import embed_image, reference_key
 
+# The latent cache's version: bump it when `TrainingEncoders.latent` changes what it makes
+# (v2: torchvision's crop arithmetic, `training_crop`; v1 rounded the longer side and floored
+# the crop's offset)
+LATENT_VERSION = "v2"
+
 if TYPE_CHECKING:
     import torch
 
@@ -110,7 +115,7 @@ def read_examples(ctx: StageContext, run: TrainRun, encoders: Encoders, resoluti
             _, latent = through(
                 row.image,
                 key_of=lambda sha: CacheKey(
-                    sha, encoders.text.vae_fingerprint, f"latent-{resolution}"
+                    sha, encoders.text.vae_fingerprint, f"latent-{LATENT_VERSION}-{resolution}"
                 ),
                 make=lambda data, uri: encoders.text.latent(
                     decode(ctx, data, name=uri), resolution
