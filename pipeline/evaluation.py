@@ -1,14 +1,17 @@
 """The IP-Adapter paper's evaluation protocol (section 4.2), as generation rows.
 
 For each (image, caption) pair: the image is the image prompt (no text prompt, adapter scale
-1.0), N samples are drawn (the paper: 4), and every sample is scored with CLIP ViT-L/14:
+1.0), N samples are drawn (the paper: 4) with the paper's sampler (DDIM, 50 steps, guidance
+7.5; section 4.1.2), and every sample is scored with CLIP ViT-L/14:
 CLIP-I, the cosine of its image embedding with the image prompt's, and CLIP-T, the CLIPScore
 of it against the caption. Every adapter compared sees the same rows with the same seeds.
 The paper's Table 1 row for IP-Adapter (COCO 2017 val, 5,000 pairs x 4): CLIP-T 0.588,
 CLIP-I 0.828.
 
 The rows are an ordinary generation manifest (the caption rides in `caption`, which CLIP-T
-scores against), so an evaluation is batched, cached and resumable like any job.
+scores against), so an evaluation is batched, cached and resumable like any job. Its rows say
+`regenerate: false`: a score threshold set on the workers would keep the best of several
+images, and the table would score a selection instead of what the adapter makes.
 """
 
 from __future__ import annotations
@@ -26,11 +29,48 @@ PAPER_TABLE_1 = {"clip_i": 0.828, "clip_t": 0.588}  # IP-Adapter, SD1.5, COCO 20
 
 @dataclass(frozen=True)
 class EvalSettings:
+    """The protocol's settings; the defaults are the paper's."""
+
     samples: int = 4
-    steps: int = 30
+    steps: int = 50
     guidance_scale: float = 7.5
+    scheduler: str = "ddim"  # presets.SCHEDULERS
     scale: float = 1.0  # the image prompt alone, at full strength
     size: int | None = None  # width = height; None: the base model's native size
+
+    @classmethod
+    def of_row(cls, params: dict[str, Any]) -> EvalSettings:
+        """The settings a generation row of `generation_rows` was made with."""
+        return cls(
+            samples=int(params.get("num_images", 1)),
+            steps=int(params.get("steps", 30)),
+            guidance_scale=float(params.get("guidance_scale", 7.5)),
+            scheduler=str(params.get("scheduler", "default")),
+            scale=float(params.get("scale", 0.5)),
+            size=params.get("width"),
+        )
+
+    def check(self) -> None:
+        """ValueError naming what a generation row could not take (steps 1..150, ...), so a
+        bad setting is said once and not as a failure of every row."""
+        from pydantic import ValidationError
+
+        from pipeline.manifest import Row
+
+        [row] = generation_rows([TrainRow(id="check", image="x.png")], ["sd15"], self, resolve=str)
+        try:
+            Row.model_validate(row)
+        except ValidationError as exc:
+            problems = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"the evaluation's settings: {problems}") from None
+
+    def describe(self) -> str:
+        size = f"{self.size}x{self.size}" if self.size else "native size"
+        return (
+            f"{self.scheduler} sampler, {self.steps} steps, guidance {self.guidance_scale:g}, "
+            f"adapter scale {self.scale:g}, no text prompt, {self.samples} samples per pair, "
+            f"{size}"
+        )
 
 
 def row_id(row: str, adapter: str) -> str:
@@ -65,6 +105,8 @@ def generation_rows(
                 "seed": row_seed(row.id),
                 "steps": settings.steps,
                 "guidance_scale": settings.guidance_scale,
+                "scheduler": settings.scheduler,
+                "regenerate": False,  # every image as made, whatever the score threshold
             }
             if settings.size is not None:
                 generated |= {"width": settings.size, "height": settings.size}
@@ -104,8 +146,12 @@ def summarize(
     return out
 
 
-def table(scores: Sequence[AdapterScores]) -> str:
-    """The side-by-side table `ipbatch eval` prints, with the paper's row for reference."""
+PAPER_SETTINGS = EvalSettings(size=512)  # section 4.1.2: DDIM, 50 steps, guidance 7.5
+
+
+def table(scores: Sequence[AdapterScores], settings: EvalSettings | None = None) -> str:
+    """The side-by-side table `ipbatch eval` prints, with the paper's row for reference and
+    the settings of both."""
 
     def cell(mean: float | None, std: float | None) -> str:
         return "-" if mean is None else f"{mean:.4f} ± {std or 0.0:.4f}"
@@ -122,4 +168,7 @@ def table(scores: Sequence[AdapterScores]) -> str:
         f"{'IP-Adapter (paper)':{width}}  {'':>6}  {paper['clip_i']:>17.3f}  "
         f"{paper['clip_t']:>17.3f}   (COCO 2017 val, 5,000 x 4, real weights)"
     )
+    if settings is not None:
+        lines.append(f"settings: {settings.describe()}")
+    lines.append(f"the paper: {PAPER_SETTINGS.describe()}")
     return "\n".join(lines)

@@ -207,6 +207,7 @@ class Generator(WarmPipelines):
         field taken from `shared` (a row of the call: they are equal in all of them), the
         pipeline of the call's mode (text, img2img, inpaint; with its ControlNets)."""
         pipe = self._pipe_of(shared)
+        pipe.scheduler = self.scheduler(shared.scheduler)  # set on every call, like strengths
         width, height = self._size(shared)
         # strengths: load_ip_adapter resets them, so they are set on every call
         scales = inputs.scales

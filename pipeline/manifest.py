@@ -28,6 +28,7 @@ from pipeline.presets import (
     AdapterPreset,
     BaseModelPreset,
     EmbedKind,
+    SchedulerName,
     adapter_error,
     builtin_adapter,
     controlnet_error,
@@ -257,9 +258,13 @@ class Row(BaseModel):
     # skip the text encoder's last layers (anime-style checkpoints are tuned for 2); the
     # loaded encoder's depth is checked in the worker (SD1.5 and SDXL's CLIP-L: 12 layers)
     clip_skip: int | None = Field(None, ge=1, le=11)
+    scheduler: SchedulerName = "default"  # the sampler (presets.SCHEDULERS)
     width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     output_format: Literal["png", "webp", "jpeg"] = "png"
+    # with IPBATCH_SCORE_THRESHOLD, an image below it is made again; False keeps every image
+    # as first made (`ipbatch eval` rows: an evaluation must not pick its best images)
+    regenerate: bool = True
 
     @model_validator(mode="before")
     @classmethod

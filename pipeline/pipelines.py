@@ -17,7 +17,7 @@ import torch
 from core.errors import ConfigError, ErrorCode, ItemError, ModelLoadError
 from pipeline.diffusers_overrides import clip_skip_on_flat_clip, embed_shape
 from pipeline.models import ModelSource, loading
-from pipeline.presets import BASE_MODELS, CONTROLNETS, AdapterPreset, builtin_adapter
+from pipeline.presets import BASE_MODELS, CONTROLNETS, SCHEDULERS, AdapterPreset, builtin_adapter
 
 _PIPELINES = {  # (family, mode, with ControlNet) -> diffusers class
     ("sd15", "text", False): "StableDiffusionPipeline",
@@ -124,6 +124,7 @@ class WarmPipelines:
         #    ControlNets (loaded on first use)
         self._pipes: dict[tuple[str, tuple[str, ...]], Any] = {("text", ()): self.pipe}
         self._controlnets: dict[str, Any] = {}
+        self._schedulers: dict[str, Any] = {"default": self.pipe.scheduler}
 
     def _load_adapters(self) -> None:
         """`self.presets`' weights into the UNet (attention processors, projection layers)."""
@@ -192,6 +193,17 @@ class WarmPipelines:
             pipe.set_progress_bar_config(disable=True)
             self._pipes[key] = pipe
         return self._pipes[key]
+
+    def scheduler(self, name: str) -> Any:
+        """The sampler a row names (`presets.SCHEDULERS`), made as the diffusers docs swap
+        one: `from_config` of the model folder's scheduler's config (made once; a call sets
+        its timesteps afresh)."""
+        import diffusers
+
+        if name not in self._schedulers:
+            cls = getattr(diffusers, SCHEDULERS[name] or "")
+            self._schedulers[name] = cls.from_config(self._schedulers["default"].config)
+        return self._schedulers[name]
 
     def _controlnet(self, name: str) -> Any:
         from diffusers import ControlNetModel

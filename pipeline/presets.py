@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal, get_args
 
 
 class EmbedKind(StrEnum):
@@ -306,6 +307,18 @@ CONTROLNETS: dict[str, ControlNetPreset] = {
         ),
     )
 }
+
+# A row's sampler (`scheduler`): the diffusers scheduler class, made with
+# `from_config(<the model folder's scheduler>.config)` as the diffusers docs swap schedulers
+# (the same betas and timestep spacing; SD1.5's folder gives the DDIM of tencent's demos)
+SchedulerName = Literal["default", "ddim", "euler", "dpm++"]
+SCHEDULERS: dict[str, str | None] = {
+    "default": None,  # the model folder's own (SD1.5: PNDM; SDXL: Euler)
+    "ddim": "DDIMScheduler",  # the IP-Adapter paper's sampler
+    "euler": "EulerDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",  # DPM-Solver++ (2M), diffusers' defaults
+}
+assert tuple(SCHEDULERS) == get_args(SchedulerName)
 
 FACE_PACK = "buffalo_l"
 FACE_PACK_FOLDER = "insightface"  # MODELS/insightface/models/buffalo_l

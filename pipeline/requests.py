@@ -42,6 +42,7 @@ NOT_CALL_INPUTS = {
     "id": "names the item and its output keys",
     "caption": "what CLIP-T scores the images against, after generation",
     "output_format": "how the images are encoded after generation",
+    "regenerate": "whether an image below the score threshold is made again, after scoring",
 }
 
 
@@ -282,6 +283,13 @@ class GenerationRequest:
         recorded=True,
         direct=True,
         default=None,
+    )
+    scheduler: str = shared(
+        "one sampler per call (the pipeline's scheduler)",
+        feeds="pipe.scheduler",
+        row="scheduler",
+        recorded=True,
+        default="default",
     )
 
     @property

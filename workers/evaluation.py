@@ -70,10 +70,14 @@ def prepare(
     return Prepared(generated, output_uri, len(pairs), skipped)
 
 
-def scores(ctx: StageContext, *, job_id: str, adapters: Sequence[str] = ()) -> list[AdapterScores]:
-    """Mean and spread of CLIP-I / CLIP-T per adapter over the job's outputs."""
+def scores(
+    ctx: StageContext, *, job_id: str, adapters: Sequence[str] = ()
+) -> tuple[list[AdapterScores], EvalSettings | None]:
+    """Mean and spread of CLIP-I / CLIP-T per adapter over the job's outputs (every image
+    it made: its rows never regenerate), and the settings its rows were made with."""
     with ctx.sessions.begin() as session:
         found = queries.output_scores(session, job_id=job_id)
     scored = [(str(params.get("adapter")), ci, ct) for params, ci, ct in found]
     order = list(adapters) or list(dict.fromkeys(adapter for adapter, _, _ in scored))
-    return summarize(scored, order)
+    settings = EvalSettings.of_row(found[0][0]) if found else None
+    return summarize(scored, order), settings

@@ -318,4 +318,5 @@ def eval_local(
             progress=progress,
             started=started,
         )
-        return summary, evaluation.scores(ctx, job_id=summary.job_id, adapters=adapters), prepared
+        scores, _ = evaluation.scores(ctx, job_id=summary.job_id, adapters=adapters)
+        return summary, scores, prepared

@@ -13,6 +13,7 @@ from core.errors import ConfigError
 from core.uris import absolute_uri
 from ipbatch.cli.common import settings_from, stage_context, write_report
 from pipeline.evaluation import EvalSettings
+from pipeline.presets import SCHEDULERS
 from pipeline.train_schema import TrainSettings
 
 Subparsers = Any  # argparse's private _SubParsersAction
@@ -64,8 +65,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.manifest or not args.adapter:
         raise ConfigError("give a MANIFEST and at least one --adapter (or --job JOB)")
     protocol = EvalSettings(
-        samples=args.samples, steps=args.steps, scale=args.scale, size=args.size
+        samples=args.samples,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        scheduler=args.scheduler,
+        scale=args.scale,
+        size=args.size,
     )
+    try:
+        protocol.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if args.submit:
         return _eval_submit(args, protocol)
     return _eval_here(args, protocol)
@@ -77,8 +87,11 @@ def _eval_table(args: argparse.Namespace) -> int:
     from workers import evaluation
 
     with stage_context(settings_from(args)) as ctx:
-        scores = evaluation.scores(ctx, job_id=args.job, adapters=args.adapter or [])
-    print(json.dumps([vars(x) for x in scores]) if args.json else table(scores))
+        scores, protocol = evaluation.scores(ctx, job_id=args.job, adapters=args.adapter or [])
+    if args.json:
+        print(json.dumps([vars(x) for x in scores]))
+    else:
+        print(table(scores, protocol))
     return 0
 
 
@@ -130,9 +143,10 @@ def _eval_here(args: argparse.Namespace, protocol: EvalSettings) -> int:
     for row_id, code, message in summary.failures:
         print(f"  failed {row_id or '(no id)'}: {code}: {message}", file=info)
     if args.json:
-        print(json.dumps({"job_id": summary.job_id, "scores": [vars(x) for x in scores]}))
+        described = {"job_id": summary.job_id, "settings": vars(protocol)}
+        print(json.dumps(described | {"scores": [vars(x) for x in scores]}))
     else:
-        print(table(scores))
+        print(table(scores, protocol))
     if args.report:
         page = write_report(settings_from(args), summary.job_id, Path(args.report), limit=500)
         print(page, file=info)
@@ -180,7 +194,21 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument(
         "--samples", type=int, default=defaults.samples, help="images per pair (the paper: 4)"
     )
-    p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
+    p.add_argument(
+        "--steps", type=int, default=defaults.steps, help="denoising steps (the paper: 50)"
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        default=defaults.scheduler,
+        help="the sampler (the paper: ddim; default: the model folder's own)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=defaults.guidance_scale,
+        help="classifier-free guidance scale (the paper: 7.5)",
+    )
     p.add_argument(
         "--scale", type=float, default=defaults.scale, help="adapter scale (image prompt only)"
     )

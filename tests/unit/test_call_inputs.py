@@ -145,6 +145,7 @@ ROW_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "width": (BASE_ROW, {"width": 640}),
     "height": (BASE_ROW, {"height": 640}),
     "clip_skip": (BASE_ROW, {"clip_skip": 2}),
+    "scheduler": (BASE_ROW, {"scheduler": "ddim"}),
 }
 
 
@@ -194,6 +195,7 @@ class Recorded:
     arguments: dict[str, Any]
     ip_scales: list[Any]
     projection_state: list[tuple[Any, ...]]
+    scheduler: str
 
 
 @pytest.fixture
@@ -221,6 +223,7 @@ def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[Recorded]:
                         )
                         for layer in layers
                     ],
+                    scheduler=type(self.scheduler).__name__,
                 )
             )
             size = len(arguments["generator"])
@@ -279,6 +282,7 @@ def changes(request: GenerationRequest) -> dict[str, dict[str, Any]]:
             "mask": picture(5).convert("L"),
             "strength": 0.9,
             "clip_skip": 1,
+            "scheduler": "ddim",
         },
         "adapter": {
             "adapter": "sd15-plus",
@@ -352,7 +356,14 @@ def call_wide(call: Recorded) -> Any:
         k: slot_shape(v) if k in per_slot else fingerprint(v) for k, v in call.arguments.items()
     }
     clip = [None if c is None else (c[1][1:], shortcut) for c, shortcut in call.projection_state]
-    return (call.pipeline, call.controlnet, sorted(arguments.items()), call.ip_scales, clip)
+    return (
+        call.pipeline,
+        call.controlnet,
+        call.scheduler,
+        sorted(arguments.items()),
+        call.ip_scales,
+        clip,
+    )
 
 
 @pytest.mark.parametrize("adapter", ["sd15", "sd15-faceid-plusv2"])

@@ -17,6 +17,8 @@ from helpers.cli import ipbatch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
+from pipeline.evaluation import row_seed
+
 
 def _pairs(folder: Path) -> Path:
     rng = np.random.default_rng(5)
@@ -35,8 +37,15 @@ def _pairs(folder: Path) -> Path:
 
 @torch.no_grad()
 def test_eval_table_equals_a_direct_computation(tiny_models: Path, tmp_path: Path) -> None:
+    """Run with a score threshold no image can reach (CLIP-I <= 1): an evaluation still keeps
+    every image as first made (seed + k, one attempt each) and scores all of them."""
     home = tmp_path / "home"
-    env = {"IPBATCH_HOME": str(home), "IPBATCH_MODELS": str(tiny_models)}
+    env = {
+        "IPBATCH_HOME": str(home),
+        "IPBATCH_MODELS": str(tiny_models),
+        "IPBATCH_SCORE_THRESHOLD": "1.5",
+        "IPBATCH_SCORE_TRIES": "3",
+    }
     manifest = _pairs(tmp_path / "pairs")
     adapters = ["sd15", "sd15-plus"]
     args = ["eval", str(manifest), "--samples", "2", "--steps", "2", "--size", "64", "--json"]
@@ -59,6 +68,10 @@ def test_eval_table_equals_a_direct_computation(tiny_models: Path, tmp_path: Pat
         seeds.setdefault(row_id.split(".")[0], []).append(seed)
     for pair, found in seeds.items():  # both adapters drew the same seeds for a pair
         assert found[:2] == found[2:], pair
+        assert found[:2] == [row_seed(pair), row_seed(pair) + 1], pair  # as first made
+    with sqlite3.connect(home / "ipbatch.db") as db:
+        retried = db.execute("SELECT COUNT(*) FROM output_attempts WHERE attempt > 0")
+        assert retried.fetchone() == (0,)
 
     folder = str(tiny_models / "clip-vit-large-patch14")
     model = CLIPModel.from_pretrained(folder).eval()
@@ -95,9 +108,13 @@ def test_eval_table_equals_a_direct_computation(tiny_models: Path, tmp_path: Pat
     # the generation rows: the image prompt alone at scale 1, the caption scored
     params = [json.loads(p) for _, p, _, _ in outputs]
     assert {(p["prompt"], p["scale"], p["num_images"]) for p in params} == {("", 1.0, 2)}
+    assert {(p["scheduler"], p["steps"], p["guidance_scale"]) for p in params} == {("ddim", 2, 7.5)}
+    assert printed["settings"]["scheduler"] == "ddim"
     # the same evaluation again is the same job, and --job prints its table
     again = ipbatch(*args, *[x for a in adapters for x in ("--adapter", a)], "-q", env=env)
     assert json.loads(again.stdout)["job_id"] == printed["job_id"]
     shown = ipbatch("eval", "--job", printed["job_id"], env=env)
     assert shown.returncode == 0 and "IP-Adapter (paper)" in shown.stdout
+    assert "settings: ddim sampler, 2 steps, guidance 7.5, adapter scale 1," in shown.stdout
+    assert "the paper: ddim sampler, 50 steps, guidance 7.5" in shown.stdout
     assert f"{printed['scores'][0]['clip_i']:.4f}" in shown.stdout

@@ -253,8 +253,8 @@ def _score(
     ctx: StageContext, work: ClaimedWork, made: list[tuple[Prepared, GenerationResult]]
 ) -> list[_Made]:
     """CLIP-I and CLIP-T of every image (none with scoring off); with a score threshold,
-    images below it are made again with the next seed. Runs here: regenerating needs the
-    GPU."""
+    images below it are made again with the next seed, unless the row says `regenerate:
+    false` (an evaluation's rows). Runs here: regenerating needs the GPU."""
     scorer = ctx.scorer
     if scorer is None:
         return [_Made(p, result, None) for p, result in made]
@@ -269,7 +269,7 @@ def _score(
                 result.images,
                 result.seeds,
                 scoring.Judge(scorer, references, p.row.scored_text),
-                threshold=ctx.settings.score_threshold,
+                threshold=ctx.settings.score_threshold if p.row.regenerate else None,
                 tries=ctx.settings.score_tries,
                 again=functools.partial(_again, ctx.generators.get(p.adapters), p.request),
             )
