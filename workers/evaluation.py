@@ -31,10 +31,14 @@ class Prepared:
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
-def default_output(ctx: StageContext, manifest_uri: str, adapters: Sequence[str]) -> str:
-    """$IPBATCH_HOME/evals/<digest of the manifest and the adapters>: the same evaluation
-    again is the same job (it resumes, or shows its finished table)."""
-    digest = hashlib.sha256(json.dumps([manifest_uri, list(adapters)]).encode()).hexdigest()
+def default_output(
+    ctx: StageContext, manifest_uri: str, adapters: Sequence[str], settings: EvalSettings
+) -> str:
+    """$IPBATCH_HOME/evals/<digest of the manifest, the adapters and the settings>: the same
+    evaluation again is the same job (it resumes, or shows its finished table); other
+    settings are another evaluation, in a folder of its own."""
+    key = [manifest_uri, list(adapters), vars(settings)]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return join_uri(str(ctx.settings.resolved_home()), "evals", digest[:16])
 
 

@@ -303,7 +303,7 @@ def eval_local(
     started = time.monotonic()
     with local_context(settings) as ctx:
         manifest_uri = absolute_uri(manifest)
-        output_uri = output or evaluation.default_output(ctx, manifest_uri, adapters)
+        output_uri = output or evaluation.default_output(ctx, manifest_uri, adapters, eval_settings)
         prepared = evaluation.prepare(
             ctx,
             manifest_uri=manifest_uri,

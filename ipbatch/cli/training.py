@@ -103,7 +103,7 @@ def _eval_submit(args: argparse.Namespace, protocol: EvalSettings) -> int:
 
     ctx = context()
     manifest = absolute_uri(args.manifest)
-    output = args.output or evaluation.default_output(ctx, manifest, args.adapter)
+    output = args.output or evaluation.default_output(ctx, manifest, args.adapter, protocol)
     prepared = evaluation.prepare(
         ctx, manifest_uri=manifest, adapters=args.adapter, settings=protocol, output_uri=output
     )
