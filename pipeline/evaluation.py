@@ -40,13 +40,14 @@ class EvalSettings:
 
     @classmethod
     def of_row(cls, params: dict[str, Any]) -> EvalSettings:
-        """The settings a generation row of `generation_rows` was made with."""
+        """The settings a generation row of `generation_rows` was made with (rows written
+        before the sampler was a setting ran the model folder's own)."""
         return cls(
-            samples=int(params.get("num_images", 1)),
-            steps=int(params.get("steps", 30)),
-            guidance_scale=float(params.get("guidance_scale", 7.5)),
+            samples=int(params["num_images"]),
+            steps=int(params["steps"]),
+            guidance_scale=float(params["guidance_scale"]),
             scheduler=str(params.get("scheduler", "default")),
-            scale=float(params.get("scale", 0.5)),
+            scale=float(params["scale"]),
             size=params.get("width"),
         )
 

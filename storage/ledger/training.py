@@ -93,7 +93,7 @@ def progress(
     job_id: str,
     token: str,
     log: list[tuple[int, float, float, int]],
-    skipped_steps: int = 0,
+    skipped_steps: int,
     lease_seconds: float,
     now: datetime,
 ) -> JobStatus | None:
