@@ -134,8 +134,8 @@ def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_pat
     reference = str(tmp_path / "pics" / "item-2.png")
     common = {"reference": reference, "steps": 2, "width": 64, "height": 64}
     # the last validation's sample of item-1 is what a job makes of the row `ipbatch eval`
-    # writes for that pair: the image prompt alone at scale 1.0, guidance 7.5, the seed from
-    # the pair's id (the protocol, written out here)
+    # writes for that pair: the image prompt alone at scale 1.0, guidance 7.5, DDIM, the seed
+    # from the pair's id (the protocol, written out here)
     eval_row = {
         "id": "item-1-as-eval",
         "adapter": "custom:shop",
@@ -145,6 +145,7 @@ def test_train_then_generate_with_the_adapter_by_name(tiny_models: Path, tmp_pat
         "seed": int.from_bytes(hashlib.sha256(b"eval:item-1").digest()[:4], "big"),
         "steps": 2,
         "guidance_scale": 7.5,
+        "scheduler": "ddim",
         "width": 64,
         "height": 64,
     }
