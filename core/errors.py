@@ -138,6 +138,9 @@ def _third_party(exc: BaseException) -> Decision | None:
     kinds = _kinds()
     if isinstance(exc, kinds.config):
         return Decision(Action.CONFIG, f"{type(exc).__name__}: {short(exc)}")
+    refused = _refused(exc, kinds)
+    if refused is not None:
+        return refused
     if isinstance(exc, kinds.schema):
         return Decision(
             Action.CONFIG,
@@ -151,6 +154,39 @@ def _third_party(exc: BaseException) -> Decision | None:
             return Decision(
                 Action.RETRY, f"{dependency} unreachable: {short(exc)}", dependency=dependency
             )
+    return None
+
+
+# a database connection that no retry will make: the URL names the wrong user, password,
+# database or host (psycopg gives these no SQLSTATE; its message says which)
+_DATABASE_REFUSED = (
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "failed to resolve host",
+    "could not translate host name",
+)
+_DATABASE_MISSING = ("FATAL:", "does not exist")  # a role or database that is not there
+
+
+def _refused(exc: BaseException, kinds: _Kinds) -> Decision | None:
+    """A service that answers and says no: wrong credentials, a user without the right to
+    write, a database or host that does not exist. A configuration error, named by its
+    setting, not an outage to wait out."""
+    text = short(exc)
+    if isinstance(exc, kinds.database_refusals):
+        if any(p in text for p in _DATABASE_REFUSED) or all(p in text for p in _DATABASE_MISSING):
+            return Decision(
+                Action.CONFIG, f"the database refused the connection (IPBATCH_DATABASE_URL): {text}"
+            )
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(exc, "sqlstate", None)
+    if state == "42501":  # insufficient_privilege
+        return Decision(
+            Action.CONFIG,
+            "permission denied: the database user of IPBATCH_DATABASE_URL may not do this "
+            f"(the read-only role reads; use the writing user): {text}",
+        )
+    if isinstance(exc, kinds.broker_refusals):
+        return Decision(Action.CONFIG, f"the broker refused the login (IPBATCH_BROKER_URL): {text}")
     return None
 
 
@@ -176,6 +212,8 @@ class _Kinds:
     config: tuple[type[BaseException], ...]
     schema: tuple[type[BaseException], ...]
     client_error: type[BaseException] | None
+    database_refusals: tuple[type[BaseException], ...]  # checked by message (`_refused`)
+    broker_refusals: tuple[type[BaseException], ...]  # a login refused
 
 
 @functools.cache
@@ -188,6 +226,7 @@ def _kinds() -> _Kinds:
     config: list[type[BaseException]] = []
     schema: list[type[BaseException]] = []
     client_error: type[BaseException] | None = None
+    broker_refusals: list[type[BaseException]] = []
     try:
         from sqlalchemy import exc as sa
 
@@ -239,12 +278,14 @@ def _kinds() -> _Kinds:
         import amqp.exceptions
 
         broker += [amqp.exceptions.ConnectionError, amqp.exceptions.RecoverableConnectionError]
+        broker_refusals.append(amqp.exceptions.AccessRefused)
     except ImportError:
         pass
     try:
         import redis.exceptions
 
         broker += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+        broker_refusals.append(redis.exceptions.AuthenticationError)
     except ImportError:
         pass
     return _Kinds(
@@ -257,4 +298,6 @@ def _kinds() -> _Kinds:
         config=tuple(config),
         schema=tuple(schema),
         client_error=client_error,
+        database_refusals=tuple(database),
+        broker_refusals=tuple(broker_refusals),
     )

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from storage.ledger import queries
-from storage.lifecycle import JOB_ACTIVE, STAGES, TERMINAL
+from storage.ledger import queries, workers
+from storage.lifecycle import INGEST, JOB_ACTIVE, STAGES, TERMINAL, TRAIN
 
 # the bars, in the order of an item's life: each stage's waiting and working status, then the end
 STATUSES = tuple(str(s) for stage in STAGES for s in (stage.waiting, stage.working)) + tuple(
@@ -30,6 +30,8 @@ def collect(engine: Engine, *, job_id: str | None = None, limit: int = 20) -> li
     now = datetime.now(UTC)
     jobs = []
     with Session(engine) as session:
+        # a deployment's workers (one machine has none): which queues someone takes work from
+        consumers = workers.consumers(session, now=now) if workers.known(session) else None
         for job in queries.progress(session, job_id=job_id, limit=limit):
             counts = queries.status_counts(session, job_id=job["job_id"])
             started, finished = job["started_at"], job["finished_at"]
@@ -49,8 +51,27 @@ def collect(engine: Engine, *, job_id: str | None = None, limit: int = 20) -> li
             if job["training"] is not None:  # a training job has steps, not items
                 run = job["training"]
                 job["percent_done"] = round(100 * run["step"] / max(1, run["total_steps"]), 1)
+            job["unattended"] = _unattended(job, counts, consumers)
             jobs.append(job)
     return jobs
+
+
+def _unattended(
+    job: dict[str, Any], counts: dict[str, int], consumers: dict[str, int] | None
+) -> list[str]:
+    """The queues this job waits on that no live worker takes work from."""
+    if consumers is None or job["status"] not in ACTIVE:
+        return []
+    waiting = [stage.queue for stage in STAGES if counts[str(stage.waiting)]]
+    if job["training"] is not None:
+        waiting = [TRAIN.queue]
+    elif job["status"] == "pending":
+        waiting = [INGEST.queue]
+    return [queue for queue in waiting if not consumers.get(queue)]
+
+
+def _nobody(job: dict[str, Any]) -> list[str]:
+    return [f"  no worker is consuming {queue}: `ipbatch workers`" for queue in job["unattended"]]
 
 
 def _training(session: Session, job_id: str, elapsed: float, status: str) -> Any:
@@ -111,6 +132,7 @@ def table(jobs: list[dict[str, Any]]) -> str:
             )
         if j["training"]:
             lines.append(_training_line(j["training"]))
+        lines += _nobody(j)
     return "\n".join(lines)
 
 
@@ -124,6 +146,7 @@ def bars(job: dict[str, Any], width: int = 40) -> str:
                 f"job {job['job_id']} ({job['name']}): {job['status']}",
                 f"  steps      {'#' * filled}{'.' * (width - filled)} {run['step']:>8}",
                 _training_line(run),
+                *_nobody(job),
             ]
         )
     total = max(1, int(job["total"]))
@@ -137,7 +160,7 @@ def bars(job: dict[str, Any], width: int = 40) -> str:
         lines.append(f"  {stage:10} {'#' * filled}{'.' * (width - filled)} {n:>8}")
     for code, n in job["failures"].items():
         lines.append(f"  failed: {n} x {code}")
-    return "\n".join(lines)
+    return "\n".join(lines + _nobody(job))
 
 
 def watch(engine: Engine, *, job_id: str, interval: float) -> int:

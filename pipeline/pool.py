@@ -46,6 +46,10 @@ class GeneratorPool:
         self.acceleration = acceleration
         self._pipelines: dict[tuple[str, ...], Generator] = {}
 
+    def loaded(self) -> list[tuple[str, ...]]:
+        """The adapter sets warm now, least recently used first."""
+        return list(self._pipelines)
+
     def get(self, adapters: tuple[str, ...]) -> Generator:
         if adapters in self._pipelines:
             self._pipelines[adapters] = self._pipelines.pop(adapters)  # most recent last

@@ -117,8 +117,11 @@ class Job(Base):
     lease_token: Mapped[str | None] = mapped_column(String(32))
     lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # run N of this manifest and output (`ipbatch rerun`), and the run it repeats
+    run: Mapped[int] = mapped_column(Integer, default=1)
+    rerun_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
 
-    __table_args__ = (UniqueConstraint("manifest_sha256", "output_uri"),)
+    __table_args__ = (UniqueConstraint("manifest_sha256", "output_uri", "run"),)
 
 
 class Item(Base):
@@ -328,3 +331,22 @@ class TrainingValidation(Base):
     clip_t: Mapped[float | None] = mapped_column(Float)
     samples: Mapped[list[str]] = mapped_column(JSON)  # the rendered images' URIs
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Worker(Base):
+    """A worker process as it last said it was (`ipbatch workers`): its queues, what it is
+    doing, what it has loaded, and its heartbeat. `state`: ready (taking work), waiting (a
+    service it needs is away), stopped (exited; `problem` says why when it was a
+    configuration error). Live: a heartbeat within `storage.ledger.workers.LIVE_SECONDS`."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's --hostname
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    pid: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    problem: Mapped[str | None] = mapped_column(Text)
+    models: Mapped[list[str] | None] = mapped_column(JSON)  # warm adapter sets
+    current: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the message at work
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime())

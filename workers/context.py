@@ -150,6 +150,11 @@ class StageContext:
         return self._encoders[adapter]
 
     @property
+    def has_generators(self) -> bool:
+        """Whether this process has made its generator pool (generate workers)."""
+        return self._pool is not None
+
+    @property
     def generators(self) -> GeneratorPool:
         from pipeline.pipelines import Acceleration
         from pipeline.pool import GeneratorPool

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,8 +49,9 @@ FENCED = Counter(
 
 
 class LedgerAndQueues(Collector):
-    """Gauges read when Prometheus scrapes: items by status, the backlog of each stage (both
-    from the ledger), messages waiting per queue (the broker)."""
+    """Gauges read when Prometheus scrapes: items by status, the backlog of each stage, live
+    workers taking work per queue and workers stopped by a configuration error (all from the
+    ledger), messages waiting per queue (the broker)."""
 
     def __init__(self, database_url: str, broker_url: str, queues: tuple[str, ...]) -> None:
         self.database_url = database_url
@@ -59,15 +61,33 @@ class LedgerAndQueues(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from sqlalchemy.orm import Session
 
-        from storage.ledger import db, queries
+        from core.clock import utcnow
+        from storage.ledger import db, queries, workers
 
         engine = db.make_engine(self.database_url, pooled=False)
         try:
             with Session(engine) as session:
                 by_status = queries.items_of_running_jobs(session)
                 backlog = queries.backlog(session)
+                consumers = workers.consumers(session, now=utcnow())
+                stopped = workers.stopped_by_configuration(session, now=utcnow())
         finally:
             engine.dispose()
+        live = GaugeMetricFamily(
+            "ipbatch_queue_consumers",
+            "Live workers taking work from each queue (from the ledger's heartbeats); alert "
+            "on 0 while the stage has a backlog",
+            labels=["queue"],
+        )
+        for queue in self.queues:
+            live.add_metric([queue], float(consumers.get(queue, 0)))
+        yield live
+        yield GaugeMetricFamily(
+            "ipbatch_workers_stopped_by_configuration",
+            "Workers that exited on a configuration error and have not come back "
+            "(`ipbatch workers` says which and why)",
+            value=float(len(stopped)),
+        )
         items = GaugeMetricFamily(
             "ipbatch_items", "Items of running jobs, by status (from the ledger)", labels=["status"]
         )
@@ -94,14 +114,50 @@ class LedgerAndQueues(Collector):
         yield depth
 
 
-def serve(port: int, *, database_url: str, broker_url: str, queues: tuple[str, ...]) -> None:
-    """Serve /metrics on `port` from this (the Celery parent) process."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+def serve(
+    port: int,
+    *,
+    database_url: str,
+    broker_url: str,
+    queues: tuple[str, ...],
+    health: Callable[[str], tuple[int, str] | None] | None = None,
+) -> None:
+    """Serve /metrics on `port` from this (the Celery parent) process, and `health`'s
+    answers (/healthz, /readyz: `workers.lifeline`)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        generate_latest,
+        multiprocess,
+    )
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     registry.register(LedgerAndQueues(database_url, broker_url, queues))
-    start_http_server(port, registry=registry)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            answer = health(path) if health is not None else None
+            if answer is not None:
+                status, body, kind = answer[0], answer[1].encode(), "text/plain; charset=utf-8"
+            elif path in ("/", "/metrics"):
+                status, body, kind = 200, generate_latest(registry), CONTENT_TYPE_LATEST
+            else:
+                status, body, kind = 404, b"not found\n", "text/plain; charset=utf-8"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # no line per scrape
+            return
+
+    server = ThreadingHTTPServer(("", port), Handler)
+    threading.Thread(target=server.serve_forever, name="ipbatch-http", daemon=True).start()
 
 
 class JsonFormatter(logging.Formatter):

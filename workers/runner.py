@@ -151,6 +151,18 @@ def retry_local(settings: Settings, *, job_id: str, progress: bool = True) -> Ru
         return _summary(ctx, job_id, images=images, started=started)
 
 
+def rerun_local(
+    settings: Settings, *, job_id: str, name: str | None = None, progress: bool = True
+) -> RunSummary:
+    """`ipbatch rerun JOB` in one-machine mode: a new run of the ended job, run here."""
+    started = time.monotonic()
+    with local_context(settings) as ctx:
+        again = job_stage.rerun(ctx, job_id=job_id, send_ingest=lambda _: None, name=name)
+        _patiently(ctx, functools.partial(RUNS[INGEST.name], ctx, job_id=again, send=no_send))
+        images = _run_stages(ctx, again, progress)
+        return _summary(ctx, again, images=images, started=started)
+
+
 def _patiently(ctx: StageContext, work: Callable[[], Any]) -> Any:
     return patiently(
         work,

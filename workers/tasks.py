@@ -7,8 +7,10 @@ What happens on an error is decided once (`core.errors.classify`):
   dependency answers, then runs it again (`workers.backpressure`); past IPBATCH_OUTAGE_PATIENCE
   the message goes back to the front of its queue;
 - a configuration error (a models folder, credentials): the items are given back, the message
-  goes back to its queue for a healthy worker, and this worker stops consuming that queue and
-  says so in its log, until it is fixed and restarted.
+  goes back to its queue for a healthy worker, and this worker says why in its log and exits
+  with code 2 (`workers.lifeline`), so that a supervisor sees it;
+- the worker asked to stop (SIGTERM) while it waits out an outage: the wait ends at once and
+  the message goes back to its queue.
 
 The stage context (database engine, S3 client, models) is built on the first task a worker
 process runs, never at import and never in the prefork parent.
@@ -18,18 +20,24 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 from celery.exceptions import Reject
 
+from core.clock import utcnow
 from core.config import Settings
 from core.errors import Action, Decision, classify
 from storage.lifecycle import EMBED, GENERATE, INGEST, TRAIN, JobStage, Stage
 from workers.backpressure import OutOfPatience, patiently
 from workers.celery_app import app, priority
 from workers.context import StageContext
+from workers.lifeline import PARENT_PID, STOP_FILE, WORKER_NAME
 from workers.stages.common import chunked
 from workers.stages.runs import RUNS
 
@@ -38,7 +46,39 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def context() -> StageContext:
-    return StageContext.create(Settings(), mode="distributed")
+    return StageContext.create(Settings(), mode="distributed", worker=os.environ.get(WORKER_NAME))
+
+
+# --- stopping: a pool process learns that its worker is shutting down ----------------------
+
+STOPPING = threading.Event()  # set in a pool process when its worker shuts down
+
+
+class Stopping(Exception):
+    """The worker is shutting down while this message waits out an outage."""
+
+
+def _sleep_unless_stopping(seconds: float) -> None:
+    if STOPPING.wait(seconds):
+        raise Stopping("the worker is shutting down")
+
+
+@signals.worker_process_init.connect
+def _listen_for_shutdown(**_: Any) -> None:
+    """In each pool process: SIGUSR2 (sent by the parent below) ends an outage wait."""
+    signal.signal(signal.SIGUSR2, lambda *_: STOPPING.set())
+
+
+@signals.worker_shutting_down.connect
+def _tell_the_pool(**_: Any) -> None:
+    """In the worker (parent) process, on SIGTERM: its pool processes stop waiting."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == os.getpid():
+                os.kill(int(stat.parent.name), signal.SIGUSR2)
+        except (OSError, IndexError, ValueError):
+            continue
 
 
 def _broker_answers() -> bool:
@@ -59,32 +99,70 @@ def _probe(decision: Decision) -> bool:
 def _run(task: Task, work: Callable[[], Any]) -> Any:
     """Run one message's work with the error policy above."""
     settings = context().settings
+    since = utcnow().isoformat(timespec="seconds")
+    _working_on(task, {"task": task.name, "args": _describe(task.request.args), "since": since})
     try:
         return patiently(
             work,
             probe=_probe,
             patience=settings.outage_patience,
             backoff_max=settings.backoff_max,
+            sleep=_sleep_unless_stopping,
         )
-    except OutOfPatience as exc:
+    except (OutOfPatience, Stopping) as exc:
         log.error("giving message %s back to its queue: %s", task.request.id, exc)
         raise Reject(str(exc), requeue=True) from exc
     except Exception as exc:
         decision = classify(exc)
         if decision.action is not Action.CONFIG:
             raise
-        _stop_consuming(task, decision)
+        _stop_worker(task, decision)
         raise Reject(decision.message, requeue=True) from exc
+    finally:
+        _working_on(task, None)
 
 
-def _stop_consuming(task: Task, decision: Decision) -> None:
+def _describe(args: Any) -> Any:
+    """A message's arguments as `ipbatch workers` shows them: a job id, or item ids (the
+    first few and how many)."""
+    if args and isinstance(args[0], list):
+        ids = args[0]
+        return {"items": len(ids), "first": ids[:3]}
+    return {"job_id": args[0]} if args else None
+
+
+def _working_on(task: Task, current: dict[str, Any] | None) -> None:
+    """Record what this worker is doing (None: between messages) and the pipelines it keeps
+    warm. Best effort: the ledger may be what is away."""
+    from storage.ledger import workers
+
+    name = os.environ.get(WORKER_NAME) or task.request.hostname
+    try:
+        ctx = context()
+        models = ["+".join(key) for key in ctx.generators.loaded()] if ctx.has_generators else None
+        with ctx.sessions.begin() as session:
+            workers.working_on(session, name=name, current=current, models=models)
+    except Exception as exc:
+        log.debug("could not record the current work: %s", exc)
+
+
+def _stop_worker(task: Task, decision: Decision) -> None:
+    """A configuration error: say so, leave it for the worker process, and ask it to stop
+    (it exits 2 once this message is back in its queue)."""
     queue = (task.request.delivery_info or {}).get("routing_key") or task.queue
     log.error(
-        "CONFIGURATION ERROR, this worker stops taking %s work until it is fixed and restarted: %s",
+        "CONFIGURATION ERROR, this worker stops (exit code 2) and its %s message goes back to "
+        "the queue; fix it and start the worker again: %s",
         queue,
         decision.message,
     )
-    try:
+    stop_file, parent = os.environ.get(STOP_FILE), os.environ.get(PARENT_PID)
+    if stop_file:
+        Path(stop_file).write_text(f"{queue}: {decision.message}\n")
+    if parent:
+        os.kill(int(parent), signal.SIGTERM)
+        return
+    try:  # not started by `ipbatch worker`: at least stop taking this queue's work
         app.control.cancel_consumer(queue, destination=[task.request.hostname], reply=False)
     except Exception:  # the broker is away too: the next message fails the same way
         log.warning("could not stop consuming %s", queue, exc_info=True)

@@ -1,5 +1,7 @@
-"""The `ipbatch` command. Exit codes: 0 all good, 1 some items failed (or, for `verify`, some
-outputs missing or broken), 2 usage/config error.
+"""The `ipbatch` command. Exit codes: 0 all good; 1 some items failed (`verify`: some outputs
+missing or broken); 2 usage or configuration error (a setting, a file, credentials a service
+refused; `ipbatch worker` too, at start or later); 3 a service (the database, the broker, S3)
+could not be reached.
 
 One module per command group, each with its parsers next to its commands: `jobs` (run,
 submit, status, cancel, retry, verify, report), `training` (train, eval), `services` (worker,
@@ -17,8 +19,9 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from core.errors import Action, ConfigError, IpbatchError, classify
+from core.errors import Action, ConfigError, IpbatchError, RetryableError, classify
 from ipbatch.cli import admin, jobs, services, training
+from ipbatch.cli.common import EXIT_CONFIG, EXIT_UNREACHABLE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,19 +42,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
+    except RetryableError as exc:
+        print(f"ipbatch: error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except (ConfigError, IpbatchError) as exc:
         print(f"ipbatch: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except (ValidationError, SettingsError) as exc:
         print(f"ipbatch: error: bad IPBATCH_* setting: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except SystemExit:
         raise
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # an outage (the database, the broker, S3): said, not a trace
+    except Exception as exc:  # a service away or refusing (database, broker, S3): one line
         decision = classify(exc)
         if decision.action not in (Action.RETRY, Action.CONFIG):
             raise
         print(f"ipbatch: error: {decision.message}", file=sys.stderr)
-        return 2
+        return EXIT_UNREACHABLE if decision.action is Action.RETRY else EXIT_CONFIG

@@ -18,6 +18,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipbatch")
 
 
+# exit codes (README, "Exit codes")
+EXIT_OK = 0
+EXIT_FAILED = 1  # some items failed (`verify`: some outputs missing or broken)
+EXIT_CONFIG = 2  # usage or configuration: a setting, a file, credentials a service refused
+EXIT_UNREACHABLE = 3  # a service (database, broker, S3) did not answer: try again later
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """The settings, with the options that override them (`--models`, `--no-score`)."""
     overrides: dict[str, Any] = {}

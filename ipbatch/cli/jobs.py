@@ -13,6 +13,8 @@ from core.config import Settings
 from core.errors import ConfigError
 from core.uris import absolute_uri
 from ipbatch.cli.common import (
+    EXIT_CONFIG,
+    EXIT_UNREACHABLE,
     print_summary,
     print_verified,
     settings_from,
@@ -51,24 +53,66 @@ def cmd_submit(args: argparse.Namespace) -> int:
         send_ingest(job_id)
 
     try:
-        job_id, _ = jobs.submit(
+        job_id, created = jobs.submit(
             context(),
             manifest_uri=absolute_uri(args.manifest),
             output_uri=args.output,
             name=args.name,
             send_ingest=send,
+            rerun_ended=args.rerun,
         )
     except Exception as exc:
-        if not registered or classify(exc).action is not Action.RETRY:
+        decision = classify(exc)
+        if not registered or decision.action not in (Action.RETRY, Action.CONFIG):
             raise
+        then = (
+            "once the broker answers, or let `ipbatch reaper` send it (after IPBATCH_REQUEUE_AFTER)"
+            if decision.action is Action.RETRY
+            else "once IPBATCH_BROKER_URL is fixed"
+        )
         print(
             f"ipbatch: error: job {registered[0]} is registered, but its ingest could not be "
-            f"sent ({classify(exc).message}). Submit the same manifest again once the broker "
-            "answers, or let `ipbatch reaper` send it (after IPBATCH_REQUEUE_AFTER).",
+            f"sent ({decision.message}). Submit the same manifest again {then}: that sends it.",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_UNREACHABLE if decision.action is Action.RETRY else EXIT_CONFIG
+    if not created:
+        _say_existing(context(), job_id, args.name)
     print(job_id)
+    return 0
+
+
+def _say_existing(ctx: Any, job_id: str, name: str | None) -> None:
+    """A submit that returned the job this manifest and output already have: say so (and
+    that --name did not rename it); an ended one is run again with `ipbatch rerun`."""
+    from storage.ledger import jobs as ledger_jobs
+
+    with ctx.sessions.begin() as session:
+        job = ledger_jobs.get(session, job_id=job_id)
+        assert job is not None
+        status, existing = str(job.status), job.name
+    line = f"job {job_id} ({existing!r}, {status}) already has this manifest and output"
+    if name and name != existing:
+        line += f"; --name {name!r} is ignored"
+    if status in ("succeeded", "failed", "cancelled"):
+        line += f"; `ipbatch rerun {job_id}` (or submit --rerun) runs it again"
+    print(line, file=sys.stderr)
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """A new run of an ended job (its manifest and output; a new id and its own outputs):
+    in one-machine mode here and now, otherwise queued for the workers."""
+    settings = settings_from(args)
+    if settings.database_url is None:
+        from workers.runner import rerun_local
+
+        summary = rerun_local(settings, job_id=args.job, name=args.name, progress=not args.quiet)
+        return print_summary(summary)
+    from workers.stages import jobs
+    from workers.tasks import context, send_ingest
+
+    again = jobs.rerun(context(), job_id=args.job, send_ingest=send_ingest, name=args.name)
+    print(again)
     return 0
 
 
@@ -231,7 +275,19 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("manifest", help="s3://bucket/key of the manifest (or a shared path)")
     p.add_argument("--output", required=True, help="s3://bucket/prefix for the images")
     p.add_argument("--name", help="job name (default: the manifest's file name)")
+    p.add_argument(
+        "--rerun",
+        action="store_true",
+        help="if this manifest and output already ran (ended), run them again as a new job",
+    )
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("rerun", help="run an ended job again: a new job, its own outputs")
+    p.add_argument("job")
+    p.add_argument("--name", help="the new job's name (default: the job's)")
+    p.add_argument("--models", help="models folder (one-machine mode)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("status", help="progress, rate, ETA and failures of jobs")
     p.add_argument("job", nargs="?", help="one job (default: the most recent ones)")

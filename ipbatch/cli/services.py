@@ -7,16 +7,22 @@ import logging
 from typing import Any
 
 from core.config import Settings
-from core.errors import Action, ConfigError, IpbatchError, classify, short
-from ipbatch.cli.common import configure_logging
+from core.errors import Action, ConfigError, RetryableError, classify, short
+from ipbatch.cli.common import EXIT_CONFIG, configure_logging
 
 log = logging.getLogger("ipbatch")
 Subparsers = Any  # argparse's private _SubParsersAction
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker for `--queues`, that says when it cannot work: it checks what its
+    queues need first (a configuration error: each problem on one line naming the setting,
+    exit 2; an outage: it waits), beats in the ledger while it runs, and exits 2 when a
+    configuration error stops it later (`workers.lifeline`)."""
     import os
     import tempfile
+
+    from celery.utils.nodenames import default_nodename, host_format
 
     settings = Settings()
     port = args.metrics_port or settings.metrics_port
@@ -27,12 +33,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, args.loglevel)
 
     from storage.lifecycle import QUEUES
-    from workers.celery_app import app
+    from workers import lifeline
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = set(queues) - set(QUEUES)
     if unknown:
         raise ConfigError(f"unknown queue(s) {sorted(unknown)}; queues are {', '.join(QUEUES)}")
+    name = host_format(args.hostname or default_nodename(None))
+    life = lifeline.Lifeline(settings, name=name, queues=queues)
+    problems = life.wait_until_able()
+    if problems:
+        for problem in problems:
+            log.error("worker %s cannot start: %s", name, problem.line())
+        life.stopped([p.line() for p in problems])
+        return EXIT_CONFIG
     if port:
         from workers.metrics import serve
 
@@ -41,22 +55,32 @@ def cmd_worker(args: argparse.Namespace) -> int:
             database_url=settings.ledger_url(),
             broker_url=settings.broker_url.get_secret_value(),
             queues=QUEUES,
+            health=life.health,
         )
-    argv = [
-        "worker",
-        "-Q",
-        ",".join(queues),
-        "--concurrency",
-        str(args.concurrency),
-        "--loglevel",
-        args.loglevel,
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    if args.hostname:
-        argv += ["-n", args.hostname]
-    app.worker_main(argv)
-    return 0
+    stop_file = os.path.join(tempfile.mkdtemp(prefix="ipbatch-worker-"), "stopped")
+    os.environ.update(
+        {
+            lifeline.STOP_FILE: stop_file,
+            lifeline.PARENT_PID: str(os.getpid()),
+            lifeline.WORKER_NAME: name,
+        }
+    )
+    from workers.celery_app import app
+
+    argv = ["worker", "-Q", ",".join(queues), "--concurrency", str(args.concurrency)]
+    argv += ["--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "-n", name]
+    life.start_beating()
+    code = 0
+    try:
+        app.worker_main(argv)
+    except SystemExit as exc:  # celery's own exit code
+        code = exc.code if isinstance(exc.code, int) else 1
+    stopped_for = lifeline.stop_file_problem(stop_file)
+    life.stopped([stopped_for] if stopped_for else [])
+    if stopped_for:
+        log.error("worker %s stopped on a configuration error: %s", name, stopped_for)
+        return EXIT_CONFIG
+    return code
 
 
 def cmd_producer(args: argparse.Namespace) -> int:
@@ -107,7 +131,9 @@ def cmd_reaper(args: argparse.Namespace) -> int:
             if classify(exc).action is not Action.RETRY:
                 raise
             if args.once:
-                raise IpbatchError(f"reaper: database or broker unreachable: {short(exc)}") from exc
+                raise RetryableError(
+                    f"reaper: database or broker unreachable: {short(exc)}"
+                ) from exc
             log.warning("reaper: pass skipped (%s); next in %g s", short(exc), every)
             reaped = jobs.Reaped()
         if reaped.items or reaped.jobs:
@@ -118,7 +144,45 @@ def cmd_reaper(args: argparse.Namespace) -> int:
         time.sleep(every)
 
 
+def cmd_workers(args: argparse.Namespace) -> int:
+    """Every worker the ledger knows: live ones with their queues, state, what they are
+    doing and what they keep loaded; stopped ones with the configuration error they stopped
+    on; gone ones (no heartbeat for a while: killed, their machine down)."""
+    import json
+    from dataclasses import asdict
+
+    from ipbatch.cli.common import settings_from, stage_context
+    from storage.ledger import workers
+
+    with stage_context(settings_from(args)) as ctx, ctx.sessions.begin() as session:
+        now = ctx.clock()
+        views = workers.listing(session, now=now)
+    if args.json:
+        print(json.dumps([asdict(v) for v in views], default=str))
+        return 0
+    if not views:
+        print("no worker has reported to this ledger")
+        return 0
+    for v in views:
+        age = (now - v.heartbeat_at).total_seconds()
+        print(
+            f"{v.name}  {v.state}  queues {','.join(v.queues)}  pid {v.pid}  beat {age:.0f} s ago"
+        )
+        if v.current:
+            current = v.current
+            print(f"    working on {current['task']} {current['args']} since {current['since']}")
+        if v.models:
+            print(f"    loaded: {', '.join(v.models)}")
+        if v.problem:
+            print(f"    {v.problem}")
+    return 0
+
+
 def add_parsers(sub: Subparsers) -> None:
+    p = sub.add_parser("workers", help="the workers: queues, state, current work, heartbeat")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_workers)
+
     p = sub.add_parser("producer", help="submit every new manifest under a prefix, once")
     p.add_argument("--watch", required=True, help="s3://bucket/prefix/ to watch")
     p.add_argument("--output", help="where jobs write images (default s3://<bucket>/outputs)")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, or_, select, update
+from sqlalchemy import ColumnElement, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,39 +33,92 @@ def create(
     worker: str | None = None,
     kind: JobKind = JobKind.GENERATE,
 ) -> tuple[str, bool]:
-    """Register a job; the same manifest bytes and output again return the same job.
+    """Register a job; the same manifest bytes and output again return the same job (its
+    newest run: `rerun` makes another).
 
     Returns (job_id, created).
     """
-    same = select(Job.id).where(
-        Job.manifest_sha256 == manifest_sha256, Job.output_uri == output_uri
+    same = (
+        select(Job.id)
+        .where(Job.manifest_sha256 == manifest_sha256, Job.output_uri == output_uri)
+        .order_by(Job.run.desc())
+        .limit(1)
     )
     existing = session.scalar(same)
     if existing is not None:
         return existing, False
-    job_id = uuid.uuid4().hex
-    try:
-        with session.begin_nested():
-            session.add(
-                Job(
-                    id=job_id,
-                    name=name,
-                    manifest_uri=manifest_uri,
-                    manifest_sha256=manifest_sha256,
-                    output_uri=output_uri,
-                    kind=kind,
-                    status=JobStatus.PENDING,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            session.flush()
-    except IntegrityError:  # a concurrent submit of the same manifest won
+    job = Job(
+        id=uuid.uuid4().hex,
+        name=name,
+        manifest_uri=manifest_uri,
+        manifest_sha256=manifest_sha256,
+        output_uri=output_uri,
+        kind=kind,
+        status=JobStatus.PENDING,
+        run=1,
+        created_at=now,
+        updated_at=now,
+    )
+    if not _added(session, job):  # a concurrent submit of the same manifest won
         existing = session.scalar(same)
         assert existing is not None
         return existing, False
-    record_event(session, job_id, None, JobStatus.PENDING, now, worker, "registered")
-    return job_id, True
+    record_event(session, job.id, None, JobStatus.PENDING, now, worker, "registered")
+    return job.id, True
+
+
+def _added(session: Session, job: Job) -> bool:
+    """Insert `job`; False if its (manifest, output, run) is taken meanwhile."""
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        return False
+    return True
+
+
+def rerun(
+    session: Session, *, job_id: str, name: str | None, now: datetime, worker: str | None = None
+) -> str:
+    """A new run of an ended job: the same manifest (its bytes then, at the same URI) and
+    output, a new id and its own outputs, linked to the run it repeats. ValueError for a job
+    still running or a training job (a trained adapter's name is never reused)."""
+
+    job = session.get(Job, job_id)
+    if job is None:
+        raise KeyError(job_id)
+    if job.kind != JobKind.GENERATE:
+        raise ValueError(
+            f"job {job_id} is a training run: train again under a new --name (a trained "
+            "adapter's name always means the same weights)"
+        )
+    if job.status in JOB_ACTIVE:
+        raise ValueError(f"job {job_id} is still {job.status}: cancel it first, or wait")
+    while True:
+        last = session.scalar(
+            select(func.max(Job.run)).where(
+                Job.manifest_sha256 == job.manifest_sha256, Job.output_uri == job.output_uri
+            )
+        )
+        again = Job(
+            id=uuid.uuid4().hex,
+            name=name or job.name,
+            manifest_uri=job.manifest_uri,
+            manifest_sha256=job.manifest_sha256,
+            output_uri=job.output_uri,
+            kind=job.kind,
+            status=JobStatus.PENDING,
+            run=int(last or 1) + 1,
+            rerun_of=job.id,
+            created_at=now,
+            updated_at=now,
+        )
+        if _added(session, again):
+            break
+    message = f"registered: run {again.run}, again of job {job.id}"
+    record_event(session, again.id, None, JobStatus.PENDING, now, worker, message)
+    return again.id
 
 
 def get(session: Session, *, job_id: str) -> Job | None:

@@ -48,3 +48,28 @@ def test_cancel_stops_what_has_not_started(sessions: sessionmaker[Session]) -> N
         assert items.transition(s, item_ids=ids[1:2], token=running.token, **finish) == ids[1:2]
         assert jobs.finalize(s, job_id=job_id, now=now) is None
         assert jobs.get(s, job_id=job_id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+
+
+def test_runs_of_a_job(sessions: sessionmaker[Session]) -> None:
+    """A running job cannot be run again; an ended one can, as run 2, 3...: each with its own
+    id, linked to the run it repeats; registering the manifest again returns the newest."""
+    import pytest
+
+    now = utcnow()
+    key = {"manifest_uri": "m", "manifest_sha256": "f" * 64, "output_uri": "/o", "now": now}
+    with sessions.begin() as s:
+        first, created = jobs.create(s, name="night", **key)
+        assert created
+        with pytest.raises(ValueError, match="still pending: cancel it first"):
+            jobs.rerun(s, job_id=first, name=None, now=now)
+        jobs.cancel(s, job_id=first, worker="me", now=now)
+        second = jobs.rerun(s, job_id=first, name=None, now=now)
+        third = jobs.rerun(s, job_id=first, name="again", now=now)  # an older run, again
+    with sessions.begin() as s:
+        made = {j: jobs.get(s, job_id=j) for j in (first, second, third)}
+        assert [(made[j].run, made[j].rerun_of, made[j].name) for j in (second, third)] == [
+            (2, first, "night"),
+            (3, first, "again"),
+        ]
+        assert made[second].status == JobStatus.PENDING
+        assert jobs.create(s, name="x", **key) == (third, False)  # the newest run

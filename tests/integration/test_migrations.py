@@ -11,6 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from core.errors import Action, classify
 from storage.migrate import alembic_config, downgrade, upgrade
 from storage.models import Base
 
@@ -54,6 +55,7 @@ def test_upgrade_downgrade_upgrade(empty_db: str) -> None:
         "training_log",
         "training_checkpoints",
         "training_validations",
+        "workers",
         "alembic_version",
     }
     assert _tables(empty_db) == expected
@@ -139,9 +141,13 @@ def test_reader_role_reads_and_cannot_write(fresh_pg_url: str) -> None:
                 "job_progress",
             ):
                 conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar()
-        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied") as caught:
             with reader.begin() as conn:
                 conn.execute(sa.text("DELETE FROM items"))
+        # said as what it is (not "the schema does not match: run ipbatch db upgrade")
+        decision = classify(caught.value)
+        assert decision.action is Action.CONFIG and "db upgrade" not in decision.message
+        assert "permission denied: the database user of IPBATCH_DATABASE_URL" in decision.message
     finally:
         reader.dispose()
         with admin.connect() as conn:

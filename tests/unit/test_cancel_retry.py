@@ -129,3 +129,34 @@ def test_retry_also_queues_items_left_waiting(local_job: tuple[Path, dict[str, s
     ctx.close()
     assert (retried, waiting) == (1, 4)
     assert sent["embed"] == [pending[4]] and sorted(sent["generate"]) == sorted(ready)
+
+
+def test_a_cancelled_job_is_run_again_as_a_new_job(local_job: tuple[Path, dict[str, str]]) -> None:
+    """`ipbatch rerun`: a new job of the same manifest and output (run 2, linked to the first,
+    its own id, name and outputs); `retry` of a cancelled job points to it; `run` of the same
+    manifest then resumes the newest run."""
+    tmp, env = local_job
+    ctx = local_context(tmp / "home", Path(env["IPBATCH_MODELS"]))
+    job_id, _ = ingest_job(ctx, manifest=tmp / "m.jsonl", output=tmp / "out")
+    ctx.close()
+    assert ipbatch("cancel", job_id, env=env, cwd=tmp).returncode == 0
+    refused = ipbatch("retry", job_id, env=env, cwd=tmp)
+    assert refused.returncode == 2 and f"`ipbatch rerun {job_id}`" in refused.stderr
+
+    again = ipbatch("rerun", "-q", job_id, "--name", "second night", env=env, cwd=tmp)
+    assert again.returncode == 1, again.stderr  # `late` (no file) and `bad` fail again
+    new_id = again.stdout.split()[1].rstrip(":")
+    engine = _db(tmp)
+    with engine.connect() as conn:
+        jobs = conn.execute(
+            sa.text("SELECT id, run, rerun_of, name, status FROM jobs ORDER BY run")
+        ).all()
+    engine.dispose()
+    assert jobs == [
+        (job_id, 1, None, "m.jsonl", "cancelled"),
+        (new_id, 2, job_id, "second night", "failed"),
+    ]
+    assert len(list((tmp / "out" / new_id).rglob("*.png"))) == 4
+    assert not (tmp / "out" / job_id).exists()
+    resumed = ipbatch("run", "-q", "m.jsonl", "--output", "out", env=env, cwd=tmp)
+    assert f"job {new_id}: failed" in resumed.stdout and "images this run: 0" in resumed.stdout

@@ -104,6 +104,44 @@ def _cases() -> list[tuple[str, BaseException, Action, str | None]]:
         ("a bug", ValueError("unexpected"), Action.FAIL, "internal"),
         ("missing object", ObjectNotFound("no such object: s3://b/k"), Action.FAIL, "internal"),
         ("Ctrl-C", KeyboardInterrupt(), Action.STOP, None),
+        # services that answer no: a configuration error, named by its setting
+        (
+            "database login refused",
+            sa.OperationalError(
+                "connect",
+                {},
+                psycopg.OperationalError(
+                    'connection failed: connection to server at "db", port 5432 failed: '
+                    'FATAL:  password authentication failed for user "ipbatch"'
+                ),
+            ),
+            Action.CONFIG,
+            "IPBATCH_DATABASE_URL",
+        ),
+        (
+            "no such database",
+            psycopg.OperationalError('connection failed: FATAL:  database "x" does not exist'),
+            Action.CONFIG,
+            "IPBATCH_DATABASE_URL",
+        ),
+        (
+            "no such database host",
+            psycopg.OperationalError("failed to resolve host 'db.typo': Name or service not known"),
+            Action.CONFIG,
+            "IPBATCH_DATABASE_URL",
+        ),
+        (
+            "broker login refused",
+            amqp.exceptions.AccessRefused("(0, 0): (403) ACCESS_REFUSED - Login was refused"),
+            Action.CONFIG,
+            "IPBATCH_BROKER_URL",
+        ),
+        (
+            "redis login refused",
+            redis.exceptions.AuthenticationError("invalid username-password pair"),
+            Action.CONFIG,
+            "IPBATCH_BROKER_URL",
+        ),
     ]
 
 
@@ -116,6 +154,8 @@ def test_classify(case: tuple[str, BaseException, Action, str | None]) -> None:
         assert decision.code is not None and decision.code.value == detail
     if action is Action.RETRY:
         assert decision.dependency == detail
+    if action is Action.CONFIG and detail is not None:
+        assert detail in decision.message  # the setting to fix
     assert decision.message
 
 

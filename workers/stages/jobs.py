@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.errors import ConfigError
 from storage.ledger import counters, items, job_claims, jobs, queries
-from storage.lifecycle import JOB_STAGES, STAGES, JobStage, Stage
+from storage.lifecycle import JOB_ACTIVE, JOB_STAGES, STAGES, JobStage, Stage
 from storage.models import ItemStatus, Job, JobKind, JobStatus
 from workers.context import StageContext
 from workers.stages.common import Send, SendJob, SendJobStage, chunked, send_waiting
@@ -62,13 +62,15 @@ def submit(
     output_uri: str,
     send_ingest: SendJob,
     name: str | None = None,
+    rerun_ended: bool = False,
 ) -> tuple[str, bool]:
     """Register the job and send its ingest. Submitting the same manifest again returns the
     same job, and sends its ingest again if the job still waits for one (its first message
     was never sent, or lost): a job is never stranded by a failed publish. A duplicate
-    ingest message does nothing. The output must be writable first: a bucket that does not
-    exist (ipbatch never creates buckets) or may not be written is said now, not by every
-    worker later. Returns (job id, created)."""
+    ingest message does nothing. With `rerun_ended`, an ended job of the same manifest and
+    output is run again instead (`rerun`). The output must be writable first: a bucket that
+    does not exist (ipbatch never creates buckets) or may not be written is said now, not by
+    every worker later. Returns (job id, created)."""
     if not ctx.stores.for_uri(output_uri).probe_writes(output_uri):
         log.warning(
             "%s ignores conditional writes: an image is stored once because each worker checks "
@@ -80,9 +82,28 @@ def submit(
         job = jobs.get(session, job_id=job_id)
         assert job is not None
         waiting = job_claims.waits(job, now=ctx.clock())
+        ended = job.status not in JOB_ACTIVE
+    if rerun_ended and not created and ended:
+        return rerun(ctx, job_id=job_id, send_ingest=send_ingest, name=name), True
     if created or waiting:
         send_ingest(job_id)
     return job_id, created
+
+
+def rerun(ctx: StageContext, *, job_id: str, send_ingest: SendJob, name: str | None = None) -> str:
+    """Run an ended generation job again (`ipbatch rerun`): a new job of the same manifest
+    and output, with its own id and outputs, linked to the one it repeats; its ingest sent.
+    ConfigError for a job that does not exist, still runs, or is a training run."""
+    with ctx.sessions.begin() as session:
+        _job_or_error(session, job_id)
+        try:
+            again = jobs.rerun(
+                session, job_id=job_id, name=name, now=ctx.clock(), worker=ctx.worker
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    send_ingest(again)
+    return again
 
 
 # --- cancel and retry -----------------------------------------------------------------------
@@ -105,7 +126,9 @@ def retry(ctx: StageContext, *, job_id: str, send: Send) -> tuple[int, int]:
     with ctx.sessions.begin() as session:
         job = _job_or_error(session, job_id)
         if job.status == JobStatus.CANCELLED:
-            raise ConfigError(f"job {job_id} was cancelled; submit its manifest as a new job")
+            raise ConfigError(
+                f"job {job_id} was cancelled: `ipbatch rerun {job_id}` runs its manifest again"
+            )
         retried = jobs.retry_failed(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
     sent = sum(
         send_waiting(ctx, job_id=job_id, stage=stage, send=send, statuses=[stage.waiting])
