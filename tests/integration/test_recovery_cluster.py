@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -194,6 +195,40 @@ def test_an_s3_outage_is_waited_out_without_churning_claims(
     }
     print(f"claims per item and stage: max {max(claims.values())}; releases: {releases}")
     assert max(claims.values()) <= 2 and max(releases.values(), default=0) <= 1
+
+
+def test_sigterm_during_an_outage_stops_the_worker_at_once(
+    outage_cluster: Cluster, flaky_s3: FlakyS3, reference_images: dict[str, Path]
+) -> None:
+    """A worker waiting out an S3 outage with a message in hand is asked to stop (SIGTERM to
+    the worker process, as a supervisor sends it): the wait ends at once instead of after
+    IPBATCH_OUTAGE_PATIENCE (600 s), the message goes back to its queue, and another worker
+    finishes the job once S3 answers."""
+    cluster = outage_cluster
+    cluster.upload_references(reference_images)
+    job_id = cluster.submit("jobs/sigterm.jsonl", rows(cluster.bucket, 8, steps=3), "out")
+    deadline = time.monotonic() + 240
+    cluster.wait_until_generating(job_id, succeeded=1, deadline=deadline)
+    flaky_s3.stop()
+    try:
+        waiting = (
+            "SELECT COUNT(*) FROM item_events e JOIN items i ON i.id = e.item_id WHERE i.job_id"
+            " = :j AND e.message LIKE 'retrying: S3 unreachable%' AND e.worker LIKE 'generator@%'"
+        )
+        limit = time.monotonic() + 60
+        while cluster.count(waiting, j=job_id) == 0:
+            assert time.monotonic() < limit, cluster.log_tail()
+            time.sleep(0.5)
+        generator = cluster.processes.pop("generator")
+        generator.send_signal(signal.SIGTERM)
+        assert generator.wait(timeout=30) == 0, cluster.log_tail()
+    finally:
+        flaky_s3.restart()
+    assert "back to its queue: the worker is shutting down" in cluster.logs["generator"].read_text()
+    cluster.start_worker("generator-2", "generate")
+    progress = cluster.wait_for_job(job_id, timeout=max(180.0, deadline - time.monotonic()))
+    assert (progress["status"], progress["succeeded"]) == ("succeeded", 8)
+    cluster.assert_one_set_of_outputs(job_id, prefix="out", asked=8)
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq", "redis"], indirect=True)
