@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from ipbatch.exits import job_exit
 from storage.ledger import queries, workers
 from storage.lifecycle import INGEST, JOB_ACTIVE, STAGES, TERMINAL, TRAIN
 
@@ -126,6 +127,8 @@ def table(jobs: list[dict[str, Any]]) -> str:
             f"{j['succeeded']:>7}  {j['failed']:>6}  {j['items_per_second']:8.2f}  "
             f"{_duration(j['eta_seconds']):>7}  {j['name']}"
         )
+        if j["error"]:
+            lines.append(f"  {j['error']}")
         if j["failures"]:
             lines.append(
                 "  failed: " + ", ".join(f"{n} x {code}" for code, n in j["failures"].items())
@@ -158,6 +161,8 @@ def bars(job: dict[str, Any], width: int = 40) -> str:
         n = job["stages"][stage]
         filled = round(width * n / total)
         lines.append(f"  {stage:10} {'#' * filled}{'.' * (width - filled)} {n:>8}")
+    if job["error"]:
+        lines.append(f"  {job['error']}")
     for code, n in job["failures"].items():
         lines.append(f"  failed: {n} x {code}")
     return "\n".join(lines + _nobody(job))
@@ -172,8 +177,8 @@ def watch(engine: Engine, *, job_id: str, interval: float) -> int:
             print(f"no job {job_id}", file=sys.stderr)
             return 2
         print(clear + bars(jobs[0]), flush=True)
-        if jobs[0]["status"] not in ACTIVE:
-            return 0
+        if jobs[0]["status"] not in ACTIVE:  # exit codes as `ipbatch run`'s
+            return 0 if jobs[0]["training"] is not None else job_exit(jobs[0]["status"])
         time.sleep(interval)
         if not clear:
             print()

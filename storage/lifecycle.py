@@ -149,15 +149,18 @@ JOB_MOVES: dict[JobStatus, frozenset[JobStatus]] = {
         {
             JobStatus.RUNNING,  # an unfinished ingest queued again
             JobStatus.SUCCEEDED,
-            JobStatus.FAILED,
+            JobStatus.PARTIAL,
+            JobStatus.FAILED,  # no item succeeded, or stopped early (--max-failures)
             JobStatus.CANCELLED,
         }
     ),
     JobStatus.FAILED: frozenset({JobStatus.RUNNING}),  # `ipbatch retry`, `verify --repair`
+    JobStatus.PARTIAL: frozenset({JobStatus.RUNNING}),  # `ipbatch retry`, `verify --repair`
     JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),  # `ipbatch verify --repair`
     JobStatus.CANCELLED: frozenset(),
 }
 JOB_ACTIVE = (JobStatus.PENDING, JobStatus.RUNNING)
+JOB_ENDED = (JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class IllegalTransition(ValueError):

@@ -63,8 +63,9 @@ class JobStatus(enum.StrEnum):
     PENDING = "pending"  # registered, manifest not read yet
     RUNNING = "running"  # rows ingested, items in progress
     SUCCEEDED = "succeeded"  # every item succeeded
-    FAILED = "failed"  # finished, some items failed (or the manifest could not be read)
+    FAILED = "failed"  # no item succeeded, the manifest could not be read, or stopped early
     CANCELLED = "cancelled"
+    PARTIAL = "partial"  # finished, some items succeeded and some failed
 
 
 class ItemStatus(enum.StrEnum):
@@ -119,6 +120,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     # run N of this manifest and output (`ipbatch rerun`), and the run it repeats
     run: Mapped[int] = mapped_column(Integer, default=1)
+    # stop early past this many failed rows (>= 1), or this share of the rows (< 1)
+    max_failures: Mapped[float | None] = mapped_column(Float)
     rerun_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
 
     __table_args__ = (UniqueConstraint("manifest_sha256", "output_uri", "run"),)

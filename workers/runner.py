@@ -51,6 +51,7 @@ class RunSummary:
     output_uri: str
     failures: list[tuple[str | None, str | None, str | None]]
     verified: verify.Verified | None = None  # `ipbatch run --verify`
+    error: str | None = None  # why the job as a whole failed (its manifest, stopped early)
 
 
 @contextmanager
@@ -84,6 +85,7 @@ def run_local(
     output: str | None,
     progress: bool = True,
     check: bool = False,
+    max_failures: float | None = None,
 ) -> RunSummary:
     """`ipbatch run`; with `check` (`--verify`), every recorded output read back at the end
     (sha256 and decoding: `verify --deep`)."""
@@ -95,6 +97,7 @@ def run_local(
             output=output or str(settings.resolved_home() / "outputs"),
             progress=progress,
             started=started,
+            max_failures=max_failures,
         )
         if check:
             summary.verified = verify.verify(ctx, job_id=summary.job_id, deep=True)
@@ -125,14 +128,22 @@ def verify_local(
 
 
 def run_job(
-    ctx: StageContext, *, manifest: str, output: str, progress: bool, started: float
+    ctx: StageContext,
+    *,
+    manifest: str,
+    output: str,
+    progress: bool,
+    started: float,
+    max_failures: float | None = None,
 ) -> RunSummary:
     """Register (or resume), ingest, embed and generate one job with `ctx`, in-process.
     `run_local` wraps it; benchmarks call it with a context whose models are already warm."""
     # 1. the job: the same manifest and output give the same job, resumed
     manifest_uri = absolute_uri(manifest)
     output_uri = absolute_uri(output)
-    job_id, created = job_stage.register(ctx, manifest_uri=manifest_uri, output_uri=output_uri)
+    job_id, created = job_stage.register(
+        ctx, manifest_uri=manifest_uri, output_uri=output_uri, max_failures=max_failures
+    )
     if not created:
         _release_in_flight(ctx, job_id)
     # 2. ingest, 3. every stage in turn
@@ -233,6 +244,7 @@ def _summary(ctx: StageContext, job_id: str, *, images: int, started: float) -> 
             database=ctx.settings.ledger_url(),
             output_uri=f"{job.output_uri}/{job_id}",
             failures=failures,
+            error=job.error_message,
         )
 
 
@@ -247,7 +259,7 @@ def _release_in_flight(ctx: StageContext, job_id: str) -> None:
     (this runner holds the only lock on the ledger, so nobody else holds them)."""
     with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=job_id)
-        if job is None or job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        if job is None or job.status in (JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED):
             return
         message = "released: the previous run was interrupted"
         items.release_all_held(

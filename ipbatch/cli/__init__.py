@@ -21,7 +21,7 @@ from pydantic_settings import SettingsError
 
 from core.errors import Action, ConfigError, IpbatchError, RetryableError, classify
 from ipbatch.cli import admin, jobs, services, training
-from ipbatch.cli.common import EXIT_CONFIG, EXIT_UNREACHABLE
+from ipbatch.exits import EXIT_CONFIG, EXIT_UNREACHABLE
 
 
 def build_parser() -> argparse.ArgumentParser:

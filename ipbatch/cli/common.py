@@ -11,18 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.config import Settings, redact_url
+from ipbatch.exits import job_exit
 
 if TYPE_CHECKING:
     from workers.context import StageContext
 
 log = logging.getLogger("ipbatch")
-
-
-# exit codes (README, "Exit codes")
-EXIT_OK = 0
-EXIT_FAILED = 1  # some items failed (`verify`: some outputs missing or broken)
-EXIT_CONFIG = 2  # usage or configuration: a setting, a file, credentials a service refused
-EXIT_UNREACHABLE = 3  # a service (database, broker, S3) did not answer: try again later
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -50,9 +44,11 @@ def stage_context(settings: Settings) -> Iterator[StageContext]:
 
 
 def print_summary(summary: Any) -> int:
-    """A run's outcome; 0 if the job succeeded, 1 otherwise."""
+    """A run's outcome, and its exit code (`job_exit`)."""
     total = sum(summary.counts.values())
     print(f"job {summary.job_id}: {summary.status}")
+    if summary.error:
+        print(f"  {summary.error}")
     print(
         "items: "
         + ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
@@ -69,7 +65,7 @@ def print_summary(summary: Any) -> int:
         print(f"  ... and {failed - len(summary.failures)} more: `ipbatch status {summary.job_id}`")
     print(f"images:   {summary.output_uri}")
     print(f"database: {redact_url(summary.database)}")
-    return 0 if summary.status == "succeeded" else 1
+    return job_exit(str(summary.status))
 
 
 def print_verified(verified: Any, *, limit: int = 20) -> int:

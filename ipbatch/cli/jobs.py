@@ -13,14 +13,13 @@ from core.config import Settings
 from core.errors import ConfigError
 from core.uris import absolute_uri
 from ipbatch.cli.common import (
-    EXIT_CONFIG,
-    EXIT_UNREACHABLE,
     print_summary,
     print_verified,
     settings_from,
     stage_context,
     write_report,
 )
+from ipbatch.exits import EXIT_CONFIG, EXIT_UNREACHABLE
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -34,6 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         output=args.output,
         progress=not args.quiet,
         check=args.verify,
+        max_failures=args.max_failures,
     )
     code = print_summary(summary)
     if summary.verified is not None:
@@ -60,6 +60,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             name=args.name,
             send_ingest=send,
             rerun_ended=args.rerun,
+            max_failures=args.max_failures,
         )
     except Exception as exc:
         decision = classify(exc)
@@ -257,6 +258,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _max_failures(text: str) -> float:
+    """`10` (rows), `0.05` or `5%` (a share of the manifest's rows)."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = -1.0
+    if not (0 < value < 1 or (value >= 1 and value == int(value))):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a number of rows (1, 2, ...) or a share below 1 (0.05, or 5%)"
+        )
+    return value
+
+
+def _max_failures_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-failures",
+        type=_max_failures,
+        help="stop the job early once more rows than this have failed (a count, or a share "
+        "of the rows: 0.05 or 5%%); the rest are cancelled, the job fails",
+    )
+
+
 def add_parsers(sub: Subparsers) -> None:
     p = sub.add_parser("run", help="run a whole job on this machine (SQLite + local folder)")
     p.add_argument("manifest", help="manifest path or s3:// URI (.jsonl or .csv)")
@@ -269,6 +292,7 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument(
         "--verify", action="store_true", help="read every output back at the end (verify --deep)"
     )
+    _max_failures_option(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="register a job and queue it for the Celery workers")
@@ -280,6 +304,7 @@ def add_parsers(sub: Subparsers) -> None:
         action="store_true",
         help="if this manifest and output already ran (ended), run them again as a new job",
     )
+    _max_failures_option(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("rerun", help="run an ended job again: a new job, its own outputs")

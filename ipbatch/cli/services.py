@@ -8,7 +8,8 @@ from typing import Any
 
 from core.config import Settings
 from core.errors import Action, ConfigError, RetryableError, classify, short
-from ipbatch.cli.common import EXIT_CONFIG, configure_logging
+from ipbatch.cli.common import configure_logging
+from ipbatch.exits import EXIT_CONFIG
 
 log = logging.getLogger("ipbatch")
 Subparsers = Any  # argparse's private _SubParsersAction

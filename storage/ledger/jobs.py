@@ -32,6 +32,7 @@ def create(
     now: datetime,
     worker: str | None = None,
     kind: JobKind = JobKind.GENERATE,
+    max_failures: float | None = None,
 ) -> tuple[str, bool]:
     """Register a job; the same manifest bytes and output again return the same job (its
     newest run: `rerun` makes another).
@@ -56,6 +57,7 @@ def create(
         kind=kind,
         status=JobStatus.PENDING,
         run=1,
+        max_failures=max_failures,
         created_at=now,
         updated_at=now,
     )
@@ -111,6 +113,7 @@ def rerun(
             status=JobStatus.PENDING,
             run=int(last or 1) + 1,
             rerun_of=job.id,
+            max_failures=job.max_failures,
             created_at=now,
             updated_at=now,
         )
@@ -210,18 +213,19 @@ def fail(
 def finalize(
     session: Session, *, job_id: str, now: datetime, worker: str | None = None
 ) -> JobStatus | None:
-    """running -> succeeded/failed once the manifest is read and no item is in flight."""
+    """running -> succeeded (every item), partial (some failed) or failed (none succeeded)
+    once the manifest is read and no item is in flight."""
     job = session.get(Job, job_id)
     if job is None or job.status != JobStatus.RUNNING or job.total_rows is None:
         return None
     counts = counters.item_counts(session, job_id=job_id)
     if any(n for status, n in counts.items() if status not in TERMINAL):
         return None
-    final = (
-        JobStatus.SUCCEEDED
-        if counts.get(ItemStatus.SUCCEEDED, 0) == sum(counts.values())
-        else JobStatus.FAILED
-    )
+    succeeded = counts.get(ItemStatus.SUCCEEDED, 0)
+    if succeeded == sum(counts.values()):
+        final = JobStatus.SUCCEEDED
+    else:
+        final = JobStatus.PARTIAL if succeeded else JobStatus.FAILED
     moved = move(
         session,
         job_id=job_id,
@@ -241,7 +245,7 @@ def cancel(
 ) -> int | None:
     """Cancel a job: the job row, and every item not being generated (waiting for a stage, or
     being embedded: nothing of theirs is stored yet). Items being generated finish their batch:
-    the generate stage cancels the rest when it sees the job cancelled. Returns how many items
+    the generate stage cancels the rest when it sees the job has ended. Returns how many items
     were cancelled now, or None if the job had already ended."""
     before = move(
         session,
@@ -255,6 +259,50 @@ def cancel(
     )
     if before is None:
         return None
+    return _cancel_items(session, job_id=job_id, now=now, worker=worker, message="job cancelled")
+
+
+def stop_if_too_many_failed(
+    session: Session, *, job_id: str, now: datetime, worker: str | None = None
+) -> str | None:
+    """A running job with `max_failures` whose failed items pass it stops itself: failed,
+    with the reason, and the items not being generated cancelled with it (the generate stage
+    cancels the rest at its next batch). Returns the reason, or None if it goes on. A share
+    (< 1) is judged once the whole manifest is read."""
+    job = session.get(Job, job_id)
+    if job is None or job.max_failures is None or job.status != JobStatus.RUNNING:
+        return None
+    counts = counters.item_counts(session, job_id=job_id)
+    failed = counts.get(ItemStatus.FAILED, 0)
+    limit = job.max_failures
+    if limit < 1:
+        if job.total_rows is None or failed <= limit * job.total_rows:
+            return None
+        allowed = f"{limit:g} of the {job.total_rows} rows"
+    elif failed <= limit:
+        return None
+    else:
+        allowed = f"{int(limit)}"
+    reason = f"stopped early: {failed} rows failed, more than --max-failures {allowed}"
+    moved = move(
+        session,
+        job_id=job_id,
+        from_statuses=[JobStatus.RUNNING],
+        to_status=JobStatus.FAILED,
+        now=now,
+        worker=worker,
+        message=reason,
+        values={"error_message": reason, "finished_at": now},
+    )
+    if moved is None:
+        return None
+    _cancel_items(session, job_id=job_id, now=now, worker=worker, message=f"job {reason}")
+    return reason
+
+
+def _cancel_items(
+    session: Session, *, job_id: str, now: datetime, worker: str | None, message: str
+) -> int:
     cancelled = 0
     for status in (*WAITING, EMBED.working):
         for ids in iter_id_pages(session, job_id=job_id, statuses=[status]):
@@ -266,7 +314,7 @@ def cancel(
                     to_status=ItemStatus.CANCELLED,
                     now=now,
                     worker=worker,
-                    message="job cancelled",
+                    message=message,
                 )
             )
     return cancelled
@@ -294,7 +342,7 @@ def retry_failed(
         job_id=job_id,
         item_ids=ids,
         moves=(ItemStatus.FAILED, ItemStatus.PENDING),
-        job_from=[JobStatus.FAILED],
+        job_from=[JobStatus.FAILED, JobStatus.PARTIAL],
         messages=("retry requested", "retry: {n} failed items queued again"),
         now=now,
         worker=worker,
@@ -318,7 +366,7 @@ def regenerate(
         job_id=job_id,
         item_ids=item_ids,
         moves=(ItemStatus.SUCCEEDED, ItemStatus.READY),
-        job_from=[JobStatus.SUCCEEDED, JobStatus.FAILED],
+        job_from=[JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED],
         messages=(reason, "repair: {n} items whose outputs are missing or broken made again"),
         now=now,
         worker=worker,

@@ -56,6 +56,10 @@ def progress(
         entry["started_at"] = _when(entry["started_at"])
         entry["finished_at"] = _when(entry["finished_at"])
         entry["percent_done"] = float(entry["percent_done"] or 0)
+        # why the job as a whole failed (its manifest, stopped early), and its run
+        job = session.get(Job, entry["job_id"])
+        entry["error"] = None if job is None else job.error_message
+        entry["run"] = None if job is None else job.run
         rows.append(entry)
     return rows
 

@@ -135,7 +135,8 @@ def run(
 
 
 def _all_ended(cluster: Cluster, jobs: list[str]) -> bool:
-    return all(cluster.progress(j).get("status") in ("succeeded", "failed") for j in jobs)
+    ended = ("succeeded", "partial", "failed")
+    return all(cluster.progress(j).get("status") in ended for j in jobs)
 
 
 def _busy(cluster: Cluster) -> str:

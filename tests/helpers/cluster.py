@@ -18,7 +18,7 @@ import boto3
 import sqlalchemy as sa
 from helpers.cli import free_port, ipbatch_ok
 
-ENDED = ("succeeded", "failed", "cancelled")
+ENDED = ("succeeded", "partial", "failed", "cancelled")
 REAPER_EVERY = "reaper --every"  # a cluster_settings key: also run `ipbatch reaper`
 
 

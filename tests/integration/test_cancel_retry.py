@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import utcnow
 from storage.ledger import bulk, items, job_claims, jobs
 from storage.lifecycle import EMBED, GENERATE, INGEST
-from storage.models import ItemStatus, JobStatus
+from storage.models import ItemEvent, ItemStatus, JobStatus
 
 
 def test_cancel_stops_what_has_not_started(sessions: sessionmaker[Session]) -> None:
@@ -73,3 +76,75 @@ def test_runs_of_a_job(sessions: sessionmaker[Session]) -> None:
         ]
         assert made[second].status == JobStatus.PENDING
         assert jobs.create(s, name="x", **key) == (third, False)  # the newest run
+
+
+def _job_with_items(
+    s: Session, now: Any, sha: str, statuses: list[ItemStatus], **job: Any
+) -> tuple[str, list[int]]:
+    """A running job, its manifest read, with items in `statuses`; the pending ones' ids."""
+    job_id, _ = jobs.create(
+        s, name="j", manifest_uri="m", manifest_sha256=sha * 64, output_uri="/o", now=now, **job
+    )
+    rows = [
+        {"row_id": f"r{i}", "row_index": i, "status": status, "params": {}}
+        for i, status in enumerate(statuses)
+    ]
+    ids = bulk.add_items(s, job_id=job_id, rows=rows, now=now)
+    jobs.move(
+        s,
+        job_id=job_id,
+        from_statuses=[JobStatus.PENDING],
+        to_status=JobStatus.RUNNING,
+        now=now,
+        worker=None,
+        message="test",
+        values={"total_rows": len(statuses)},
+    )
+    return job_id, ids
+
+
+def test_a_job_ends_succeeded_partial_or_failed(sessions: sessionmaker[Session]) -> None:
+    now = utcnow()
+    ok, bad = ItemStatus.SUCCEEDED, ItemStatus.FAILED
+    with sessions.begin() as s:
+        ended = {
+            name: jobs.finalize(s, job_id=_job_with_items(s, now, sha, statuses)[0], now=now)
+            for name, sha, statuses in (
+                ("all", "1", [ok, ok]),
+                ("some", "2", [ok, bad, ItemStatus.CANCELLED]),
+                ("none", "3", [bad, bad]),
+            )
+        }
+    assert ended == {
+        "all": JobStatus.SUCCEEDED,
+        "some": JobStatus.PARTIAL,
+        "none": JobStatus.FAILED,
+    }
+
+
+def test_a_job_stops_itself_past_its_max_failures(sessions: sessionmaker[Session]) -> None:
+    """Past --max-failures (a count, or a share of the rows) a running job fails with the
+    reason, and its waiting items are cancelled with it; at or under the limit it goes on."""
+    now = utcnow()
+    p, bad = ItemStatus.PENDING, ItemStatus.FAILED
+    with sessions.begin() as s:
+        at_limit, _ = _job_with_items(s, now, "4", [bad, bad, p], max_failures=2)
+        past, ids = _job_with_items(s, now, "5", [bad, bad, bad, p, p], max_failures=2)
+        share, _ = _job_with_items(s, now, "6", [bad, p, p, p], max_failures=0.2)
+        assert jobs.stop_if_too_many_failed(s, job_id=at_limit, now=now) is None
+        reason = jobs.stop_if_too_many_failed(s, job_id=past, now=now)
+        assert reason == "stopped early: 3 rows failed, more than --max-failures 2"
+        assert jobs.stop_if_too_many_failed(s, job_id=share, now=now) == (
+            "stopped early: 1 rows failed, more than --max-failures 0.2 of the 4 rows"
+        )
+    with sessions.begin() as s:
+        job = jobs.get(s, job_id=past)
+        assert job is not None and (job.status, job.error_message) == (JobStatus.FAILED, reason)
+        assert {i.status for i in items.load_items(s, item_ids=ids)} == {ItemStatus.CANCELLED}
+        said = s.scalars(
+            select(ItemEvent.message).where(
+                ItemEvent.item_id.in_(ids), ItemEvent.to_status == "cancelled"
+            )
+        ).all()
+        assert said == [f"job {reason}"] * 2
+        assert jobs.get(s, job_id=at_limit).status == JobStatus.RUNNING  # type: ignore[union-attr]

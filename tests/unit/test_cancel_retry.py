@@ -154,9 +154,9 @@ def test_a_cancelled_job_is_run_again_as_a_new_job(local_job: tuple[Path, dict[s
     engine.dispose()
     assert jobs == [
         (job_id, 1, None, "m.jsonl", "cancelled"),
-        (new_id, 2, job_id, "second night", "failed"),
+        (new_id, 2, job_id, "second night", "partial"),
     ]
     assert len(list((tmp / "out" / new_id).rglob("*.png"))) == 4
     assert not (tmp / "out" / job_id).exists()
     resumed = ipbatch("run", "-q", "m.jsonl", "--output", "out", env=env, cwd=tmp)
-    assert f"job {new_id}: failed" in resumed.stdout and "images this run: 0" in resumed.stdout
+    assert f"job {new_id}: partial" in resumed.stdout and "images this run: 0" in resumed.stdout

@@ -68,7 +68,7 @@ def test_status_json_after_a_local_run(
     assert table.returncode == 0 and job_id in table.stdout
     assert "1 x reference_not_found" in table.stdout
     watched = ipbatch("status", job_id, "--watch", "--interval", "0.1", env=env)
-    assert watched.returncode == 0  # the job is over: one drawing, then exit
+    assert watched.returncode == 1  # over (one drawing), partial: `run`'s exit code
     assert f"job {job_id}" in watched.stdout and "succeeded  ####" in watched.stdout
     assert ipbatch("status", "--watch", env=env).returncode == 2
     assert ipbatch("status", "no-such-job", env=env).returncode == 2
@@ -84,3 +84,29 @@ def test_status_json_after_a_local_run(
     fresh = json.loads(ipbatch("status", job_id, "--json", env=env).stdout)["jobs"][0]
     assert (fresh["failed"], fresh["cancelled"], fresh["total"]) == (0, 1, 2)
     assert ipbatch("db", "recount", "no-such-job", env=env).returncode == 2
+
+
+def test_job_outcomes_have_exit_codes_and_max_failures_stops_a_job(
+    tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path]
+) -> None:
+    """No row succeeded: failed, exit 4 (from `run` and `status --watch`); past
+    --max-failures the job stops at once: failed with the reason, the good rows cancelled."""
+    env = {"IPBATCH_HOME": str(tmp_path / "home"), "IPBATCH_MODELS": str(tiny_models)}
+    bad = [{"id": f"bad-{i}", "reference": "x.png", "steps": 0} for i in range(3)]
+    good = [{"id": f"ok-{i}", "reference": str(reference_images["red"])} for i in range(3)]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    run = ipbatch("run", "-q", "bad.jsonl", env=env, cwd=tmp_path)
+    assert run.returncode == 4 and "job " in run.stdout and ": failed" in run.stdout, run.stderr
+    job_id = run.stdout.split()[1].rstrip(":")
+    assert ipbatch("status", job_id, "--watch", env=env).returncode == 4
+
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad + good))
+    stopped = ipbatch("run", "-q", "mixed.jsonl", "--max-failures", "1", env=env, cwd=tmp_path)
+    assert stopped.returncode == 4, stopped.stdout + stopped.stderr
+    reason = "stopped early: 3 rows failed, more than --max-failures 1"
+    assert reason in stopped.stdout and "cancelled 3" in stopped.stdout
+    assert "images this run: 0" in stopped.stdout
+    stopped_id = stopped.stdout.split()[1].rstrip(":")
+    assert reason in ipbatch("status", stopped_id, env=env).stdout
+    refused = ipbatch("run", "mixed.jsonl", "--max-failures", "1.5", env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "a number of rows" in refused.stderr

@@ -130,7 +130,14 @@ def send_waiting(
 
 
 def finalize_jobs(ctx: StageContext, job_ids: Iterable[str]) -> None:
-    """Jobs whose last item just ended finish (succeeded or failed)."""
+    """Jobs with more failed rows than their --max-failures stop; jobs whose last item just
+    ended finish (succeeded, partial or failed)."""
     for job_id in sorted(set(job_ids)):
         with ctx.sessions.begin() as session:
-            jobs.finalize(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+            now = ctx.clock()
+            reason = jobs.stop_if_too_many_failed(
+                session, job_id=job_id, now=now, worker=ctx.worker
+            )
+            if reason is not None:
+                log.warning("job %s %s", job_id, reason, extra={"job_id": job_id})
+            jobs.finalize(session, job_id=job_id, now=now, worker=ctx.worker)

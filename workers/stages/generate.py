@@ -29,8 +29,7 @@ from pipeline.manifest import Row, validate_row
 from pipeline.requests import build_request, image_metadata
 from storage.ledger import embeddings, items, jobs
 from storage.ledger import outputs as output_ledger
-from storage.lifecycle import EMBED, GENERATE
-from storage.models import JobStatus
+from storage.lifecycle import EMBED, GENERATE, JOB_ACTIVE
 from storage.publish import Outcome, publish
 from workers import metrics
 from workers.claims import ClaimedWork, claimed
@@ -215,7 +214,7 @@ def _drop_cancelled(ctx: StageContext, work: ClaimedWork, batch: list[Prepared])
         cancelled = set()
         for job_id in {p.job_id for p in batch}:
             job = jobs.get(session, job_id=job_id)
-            if job is not None and job.status == JobStatus.CANCELLED:
+            if job is not None and job.status not in JOB_ACTIVE:  # cancelled, stopped early
                 cancelled.add(job_id)
     if cancelled:
         work.cancel([p.item_id for p in batch if p.job_id in cancelled], "job cancelled")

@@ -137,10 +137,13 @@ def _record_chunk(
     the embed stage."""
     with ctx.sessions.begin() as session:
         status = hold_job(ctx, session, claim)
-        if status == JobStatus.CANCELLED:  # every row still gets its item, cancelled
+        if status != JobStatus.RUNNING:  # cancelled or stopped: every row gets its item, cancelled
             for values in chunk:
                 if values["status"] == ItemStatus.PENDING:
-                    values |= {"status": ItemStatus.CANCELLED, "error_message": "cancelled"}
+                    values |= {"status": ItemStatus.CANCELLED, "error_message": str(status)}
         pending = bulk.add_items(session, job_id=claim.job_id, rows=chunk, now=ctx.clock())
+        now = ctx.clock()
+        if jobs.stop_if_too_many_failed(session, job_id=claim.job_id, now=now, worker=ctx.worker):
+            pending = []  # the job stopped: what this chunk added is cancelled with it
     for ids in chunked(pending, ctx.settings.generate_batch):
         send(EMBED, ids)

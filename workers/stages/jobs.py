@@ -38,10 +38,16 @@ def manifest_sha256(ctx: StageContext, manifest_uri: str) -> str:
 
 
 def register(
-    ctx: StageContext, *, manifest_uri: str, output_uri: str, name: str | None = None
+    ctx: StageContext,
+    *,
+    manifest_uri: str,
+    output_uri: str,
+    name: str | None = None,
+    max_failures: float | None = None,
 ) -> tuple[str, bool]:
     """Record a job for a manifest; the same bytes and output give the same job.
-    Returns (job id, created)."""
+    `max_failures`: the job stops itself past this many failed rows (>= 1) or this share of
+    its rows (< 1). Returns (job id, created)."""
     sha = manifest_sha256(ctx, manifest_uri)
     with ctx.sessions.begin() as session:
         return jobs.create(
@@ -52,6 +58,7 @@ def register(
             output_uri=output_uri.rstrip("/"),
             now=ctx.clock(),
             worker=ctx.worker,
+            max_failures=max_failures,
         )
 
 
@@ -63,6 +70,7 @@ def submit(
     send_ingest: SendJob,
     name: str | None = None,
     rerun_ended: bool = False,
+    max_failures: float | None = None,
 ) -> tuple[str, bool]:
     """Register the job and send its ingest. Submitting the same manifest again returns the
     same job, and sends its ingest again if the job still waits for one (its first message
@@ -77,7 +85,13 @@ def submit(
             "its claim before uploading (README, Running it for real)",
             output_uri,
         )
-    job_id, created = register(ctx, manifest_uri=manifest_uri, output_uri=output_uri, name=name)
+    job_id, created = register(
+        ctx,
+        manifest_uri=manifest_uri,
+        output_uri=output_uri,
+        name=name,
+        max_failures=max_failures,
+    )
     with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=job_id)
         assert job is not None

@@ -117,10 +117,10 @@ def repair(ctx: StageContext, *, verified: Verified, send: Send) -> list[int]:
     with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=verified.job_id)
         assert job is not None
-        if job.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        if job.status not in (JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED):
             raise ConfigError(
-                f"job {verified.job_id} is {job.status}: only an ended job (succeeded or "
-                "failed) is repaired"
+                f"job {verified.job_id} is {job.status}: only an ended job (succeeded, partial "
+                "or failed) is repaired"
             )
         for problem in verified.problems:
             ctx.stores.for_uri(problem.uri).delete(problem.uri)
