@@ -127,6 +127,11 @@ class Settings(BaseSettings):
         "recorded in output_attempts.",
     )
     score_tries: int = Field(3, ge=1, le=10, description="Attempts per image with a threshold.")
+    webhook_url: SecretStr | None = Field(
+        None,
+        description="When a job ends, POST its summary (JSON) here; `submit --webhook` gives "
+        "a job its own. Read when the job is submitted; retried with backoff by the reaper.",
+    )
     metrics_port: int | None = Field(
         None, description="`ipbatch worker`: serve Prometheus metrics on this port."
     )

@@ -22,6 +22,9 @@ from pipeline.manifest import ROW_ID_PATTERN, AdapterLookup, Row, validate_row
 from pipeline.presets import builtin_adapter
 
 MAX_LINE_BYTES = 1024 * 1024
+# the file names read as manifests: CSV by its suffix, JSON Lines otherwise (a `.json` file
+# holds one JSON object per line, as `.jsonl` does)
+MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
 
 
 class HasId(Protocol):

@@ -122,6 +122,12 @@ class Job(Base):
     run: Mapped[int] = mapped_column(Integer, default=1)
     # stop early past this many failed rows (>= 1), or this share of the rows (< 1)
     max_failures: Mapped[float | None] = mapped_column(Float)
+    # when it has ended: its results.jsonl, and the webhook told (`workers.stages.results`)
+    results_uri: Mapped[str | None] = mapped_column(Text)
+    webhook_url: Mapped[str | None] = mapped_column(Text)  # a secret: never logged whole
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_after: Mapped[datetime | None] = mapped_column(UtcDateTime())  # next try
+    notified_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     rerun_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
 
     __table_args__ = (UniqueConstraint("manifest_sha256", "output_uri", "run"),)

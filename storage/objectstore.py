@@ -46,6 +46,8 @@ class ObjectStore(Protocol):
 
     def list(self, prefix_uri: str) -> Iterator[str]: ...
 
+    def list_versions(self, prefix_uri: str) -> Iterator[tuple[str, str]]: ...
+
     def probe_writes(self, uri: str) -> bool: ...
 
     def delete(self, uri: str) -> None: ...
@@ -129,13 +131,17 @@ class LocalStore:
             return None
 
     def list(self, prefix_uri: str) -> Iterator[str]:
+        for uri, _ in self.list_versions(prefix_uri):
+            yield uri
+
+    def list_versions(self, prefix_uri: str) -> Iterator[tuple[str, str]]:
+        """(path, version) of each file: a file replaced in place is another version."""
         root = local_path(prefix_uri)
-        if root.is_file():
-            yield str(root)
-            return
-        for path in sorted(root.rglob("*")):
+        paths = [root] if root.is_file() else sorted(root.rglob("*"))
+        for path in paths:
             if path.is_file() and not path.name.startswith("."):
-                yield str(path)
+                info = path.stat()
+                yield str(path), f"{info.st_mtime_ns}-{info.st_size}"
 
     def probe_writes(self, uri: str) -> bool:
         """`uri`'s folder can be written (made if missing); an exclusive link is first-writer-
@@ -331,6 +337,11 @@ class S3Store:
         self._call(uri, self._client.delete_object, writing=True, Bucket=loc.bucket, Key=loc.key)
 
     def list(self, prefix_uri: str) -> Iterator[str]:
+        for uri, _ in self.list_versions(prefix_uri):
+            yield uri
+
+    def list_versions(self, prefix_uri: str) -> Iterator[tuple[str, str]]:
+        """(URI, ETag) of each object: an object uploaded again over its key is a new ETag."""
         loc = parse_s3(prefix_uri)
         paginator = self._client.get_paginator("list_objects_v2")
         pages = self._call(
@@ -338,7 +349,7 @@ class S3Store:
         )
         for page in pages:
             for obj in page.get("Contents", []):
-                yield f"s3://{loc.bucket}/{obj['Key']}"
+                yield f"s3://{loc.bucket}/{obj['Key']}", str(obj.get("ETag", "")).strip('"')
 
 
 class _BodyReader(io.RawIOBase):

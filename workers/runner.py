@@ -32,8 +32,8 @@ from storage.models import ItemStatus, JobKind, JobStatus
 from workers.backpressure import patiently
 from workers.context import StageContext
 from workers.stages import jobs as job_stage
+from workers.stages import results, verify
 from workers.stages import train as train_stage
-from workers.stages import verify
 from workers.stages.common import chunked, no_send
 from workers.stages.runs import RUNS
 
@@ -86,6 +86,7 @@ def run_local(
     progress: bool = True,
     check: bool = False,
     max_failures: float | None = None,
+    webhook_url: str | None = None,
 ) -> RunSummary:
     """`ipbatch run`; with `check` (`--verify`), every recorded output read back at the end
     (sha256 and decoding: `verify --deep`)."""
@@ -98,6 +99,7 @@ def run_local(
             progress=progress,
             started=started,
             max_failures=max_failures,
+            webhook_url=webhook_url,
         )
         if check:
             summary.verified = verify.verify(ctx, job_id=summary.job_id, deep=True)
@@ -135,6 +137,7 @@ def run_job(
     progress: bool,
     started: float,
     max_failures: float | None = None,
+    webhook_url: str | None = None,
 ) -> RunSummary:
     """Register (or resume), ingest, embed and generate one job with `ctx`, in-process.
     `run_local` wraps it; benchmarks call it with a context whose models are already warm."""
@@ -142,7 +145,11 @@ def run_job(
     manifest_uri = absolute_uri(manifest)
     output_uri = absolute_uri(output)
     job_id, created = job_stage.register(
-        ctx, manifest_uri=manifest_uri, output_uri=output_uri, max_failures=max_failures
+        ctx,
+        manifest_uri=manifest_uri,
+        output_uri=output_uri,
+        max_failures=max_failures,
+        webhook_url=job_stage.webhook_for(ctx, webhook_url),
     )
     if not created:
         _release_in_flight(ctx, job_id)
@@ -229,6 +236,8 @@ def _waiting(session: Any, job_id: str, stage: Stage) -> list[int]:
 def _summary(ctx: StageContext, job_id: str, *, images: int, started: float) -> RunSummary:
     with ctx.sessions.begin() as session:
         jobs.finalize(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+    results.after_end(ctx, [job_id])  # results.jsonl, the webhook
+    with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=job_id)
         assert job is not None
         counts = {str(k): v for k, v in counters.item_counts(session, job_id=job_id).items()}

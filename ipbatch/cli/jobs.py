@@ -34,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         check=args.verify,
         max_failures=args.max_failures,
+        webhook_url=args.webhook,
     )
     code = print_summary(summary)
     if summary.verified is not None:
@@ -61,6 +62,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             send_ingest=send,
             rerun_ended=args.rerun,
             max_failures=args.max_failures,
+            webhook_url=jobs.webhook_for(context(), args.webhook),
         )
     except Exception as exc:
         decision = classify(exc)
@@ -272,6 +274,11 @@ def _max_failures(text: str) -> float:
 
 
 def _max_failures_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--webhook",
+        help="when the job ends, POST its summary (JSON) to this http(s) URL (default "
+        "IPBATCH_WEBHOOK_URL)",
+    )
     p.add_argument(
         "--max-failures",
         type=_max_failures,

@@ -88,7 +88,7 @@ def cmd_producer(args: argparse.Namespace) -> int:
     from workers.producer import watch
     from workers.tasks import context, send_ingest
 
-    configure_logging(context().settings.log_format)
+    configure_logging(context().settings.log_format, args.loglevel)  # INFO: what it submits
     output = args.output
     if output is None:
         if not args.watch.startswith("s3://"):
@@ -118,7 +118,7 @@ def cmd_reaper(args: argparse.Namespace) -> int:
 
     settings = context().settings
     every = args.every if args.every is not None else settings.reaper_every
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, args.loglevel)
     broker = settings.broker_url.get_secret_value()
     while True:
         try:
@@ -189,6 +189,7 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("--output", help="where jobs write images (default s3://<bucket>/outputs)")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between scans")
     p.add_argument("--once", action="store_true", help="scan once and exit")
+    p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_producer)
 
     p = sub.add_parser("worker", help="a Celery worker")
@@ -214,4 +215,5 @@ def add_parsers(sub: Subparsers) -> None:
         "--every", type=float, help="seconds between passes (default IPBATCH_REAPER_EVERY, 60)"
     )
     p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=cmd_reaper)

@@ -33,6 +33,7 @@ def create(
     worker: str | None = None,
     kind: JobKind = JobKind.GENERATE,
     max_failures: float | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[str, bool]:
     """Register a job; the same manifest bytes and output again return the same job (its
     newest run: `rerun` makes another).
@@ -58,6 +59,7 @@ def create(
         status=JobStatus.PENDING,
         run=1,
         max_failures=max_failures,
+        webhook_url=webhook_url,
         created_at=now,
         updated_at=now,
     )
@@ -114,6 +116,7 @@ def rerun(
             run=int(last or 1) + 1,
             rerun_of=job.id,
             max_failures=job.max_failures,
+            webhook_url=job.webhook_url,
             created_at=now,
             updated_at=now,
         )

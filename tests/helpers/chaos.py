@@ -148,11 +148,8 @@ def _busy(cluster: Cluster) -> str:
                 " ORDER BY id DESC LIMIT 1"
             )
         ).scalar()
-    pid = int(str(last).rsplit(":", 1)[-1]) if last else -1
-    for name in sorted(WORKERS):
-        if pid in cluster.pool(name):
-            return name
-    return sorted(WORKERS)[0]
+    name = str(last).split("@", 1)[0] if last else ""  # events name the worker's --hostname
+    return name if name in WORKERS else sorted(WORKERS)[0]
 
 
 def _inflict(

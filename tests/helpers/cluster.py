@@ -214,6 +214,7 @@ class Cluster:
             Bucket=self.bucket, Prefix=f"{prefix}/{job_id}/"
         ):
             keys |= {o["Key"] for o in page.get("Contents", [])}
+        keys.discard(f"{prefix}/{job_id}/results.jsonl")  # the job's results, not an image
         assert len(outputs) == asked == len(keys), (len(outputs), asked, len(keys))
         assert {uri.removeprefix(f"s3://{self.bucket}/") for uri, _ in outputs} == keys
         for uri, sha in outputs:

@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from helpers.cli import free_port
+from helpers.webhook import Hook
 
 EXIT_CONFIG = 2
 
@@ -130,7 +131,10 @@ def test_a_configuration_error_met_at_work_exits_2_and_the_message_goes_back(
     cluster.start_worker("faceless", "embed", env={"IPBATCH_MODELS": str(faceless)})
     reference = f"s3://{cluster.bucket}/refs/red.png"
     row = {"id": "f", "adapter": "sd15-faceid", "reference": reference, "steps": 2}
-    job = cluster.submit("faces.jsonl", [row], "out")
+    hook = Hook([])
+    manifest = cluster.put_manifest("faces.jsonl", [row])
+    output = f"s3://{cluster.bucket}/out"
+    job = cluster.cli("submit", manifest, "--output", output, "--webhook", hook.url).strip()
     assert _exit_code(cluster, "faceless", timeout=180) == EXIT_CONFIG, cluster.log_tail()
     log = cluster.logs.pop("faceless").read_text()
     assert "CONFIGURATION ERROR" in log and "buffalo_l" in log, log[-3000:]
@@ -141,6 +145,18 @@ def test_a_configuration_error_met_at_work_exits_2_and_the_message_goes_back(
     cluster.start_worker("generator", "generate")
     ended = cluster.wait_for_job(job, timeout=300)
     assert ended["succeeded"] + ended["failed"] == 1  # the message was not lost
+    # the ended job's results next to its images, and its webhook told (by the worker that
+    # ended it, right after)
+    deadline = time.monotonic() + 60
+    while not hook.received:
+        assert time.monotonic() < deadline, cluster.log_tail()
+        time.sleep(0.5)
+    hook.close()
+    [(_, summary)] = hook.received
+    assert (summary["job_id"], summary["status"]) == (job, ended["status"])
+    body = cluster.s3.get_object(Bucket=cluster.bucket, Key=f"out/{job}/results.jsonl")["Body"]
+    [line] = body.read().decode().splitlines()
+    assert json.loads(line)["id"] == "f" and summary["results"] == f"{output}/{job}/results.jsonl"
     # the item's history names the workers by their --hostname, as `ipbatch workers` does
     with cluster.engine.connect() as conn:
         names = {n for (n,) in conn.execute(sa.text("SELECT DISTINCT worker FROM item_events"))}

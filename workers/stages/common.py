@@ -15,6 +15,7 @@ from storage.ledger import items, jobs
 from storage.lifecycle import JobStage, Stage
 from storage.models import ItemStatus
 from workers import metrics
+from workers.stages.results import after_end
 
 if TYPE_CHECKING:
     import torch
@@ -141,3 +142,4 @@ def finalize_jobs(ctx: StageContext, job_ids: Iterable[str]) -> None:
             if reason is not None:
                 log.warning("job %s %s", job_id, reason, extra={"job_id": job_id})
             jobs.finalize(session, job_id=job_id, now=now, worker=ctx.worker)
+    after_end(ctx, job_ids)

@@ -21,6 +21,7 @@ from storage.ledger import counters, items, job_claims, jobs, queries
 from storage.lifecycle import JOB_ACTIVE, JOB_STAGES, STAGES, JobStage, Stage
 from storage.models import ItemStatus, Job, JobKind, JobStatus
 from workers.context import StageContext
+from workers.stages import results
 from workers.stages.common import Send, SendJob, SendJobStage, chunked, send_waiting
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ def manifest_sha256(ctx: StageContext, manifest_uri: str) -> str:
     return digest.hexdigest()
 
 
+def webhook_for(ctx: StageContext, given: str | None) -> str | None:
+    """The job's webhook: the one given (`--webhook`), else IPBATCH_WEBHOOK_URL, checked."""
+    configured = ctx.settings.webhook_url
+    url = given or (configured.get_secret_value() if configured is not None else None)
+    return None if url is None else results.check_webhook_url(url)
+
+
 def register(
     ctx: StageContext,
     *,
@@ -44,6 +52,7 @@ def register(
     output_uri: str,
     name: str | None = None,
     max_failures: float | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[str, bool]:
     """Record a job for a manifest; the same bytes and output give the same job.
     `max_failures`: the job stops itself past this many failed rows (>= 1) or this share of
@@ -59,6 +68,7 @@ def register(
             now=ctx.clock(),
             worker=ctx.worker,
             max_failures=max_failures,
+            webhook_url=webhook_url,
         )
 
 
@@ -71,6 +81,7 @@ def submit(
     name: str | None = None,
     rerun_ended: bool = False,
     max_failures: float | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[str, bool]:
     """Register the job and send its ingest. Submitting the same manifest again returns the
     same job, and sends its ingest again if the job still waits for one (its first message
@@ -91,6 +102,7 @@ def submit(
         output_uri=output_uri,
         name=name,
         max_failures=max_failures,
+        webhook_url=webhook_url,
     )
     with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=job_id)
@@ -125,11 +137,14 @@ def rerun(ctx: StageContext, *, job_id: str, send_ingest: SendJob, name: str | N
 
 def cancel(ctx: StageContext, *, job_id: str) -> int | None:
     """Cancel a job at once: items not being generated are cancelled now, running ones at the
-    end of their batch. Returns how many items were cancelled now, None if the job had
-    already ended."""
+    end of their batch (the job's results are written once they have). Returns how many items
+    were cancelled now, None if the job had already ended."""
     with ctx.sessions.begin() as session:
         _job_or_error(session, job_id)
-        return jobs.cancel(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+        cancelled = jobs.cancel(session, job_id=job_id, now=ctx.clock(), worker=ctx.worker)
+    if cancelled is not None:
+        results.after_end(ctx, [job_id])
+    return cancelled
 
 
 def retry(ctx: StageContext, *, job_id: str, send: Send) -> tuple[int, int]:
@@ -182,6 +197,7 @@ def _job_or_error(session: Session, job_id: str) -> Job:
 class Reaped:
     items: int = 0  # items sent again
     jobs: int = 0  # jobs sent again to their stage (ingest, train)
+    results: int = 0  # ended jobs whose results or webhook were looked at
 
 
 def reap(
@@ -226,6 +242,8 @@ def reap(
             )
     for job_stage in JOB_STAGES:
         reaped.jobs += _send_job_again(ctx, job_stage, send_job, queue_depth)
+    # ended jobs: results not written yet (a worker died after the end), webhooks due again
+    reaped.results = results.catch_up(ctx)
     return reaped
 
 
