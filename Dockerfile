@@ -23,7 +23,12 @@ COPY workers ./workers
 COPY migrations ./migrations
 RUN pip install .
 
-RUN useradd --create-home --uid 1000 ipbatch
+# the code stays root's and read-only to the service; it writes under /data (IPBATCH_HOME), a
+# volume it owns (Docker copies this ownership into a new named volume)
+RUN useradd --create-home --uid 1000 ipbatch \
+    && mkdir -p /data && chown ipbatch:ipbatch /data
+ENV IPBATCH_HOME=/data
+VOLUME /data
 USER ipbatch
 ENTRYPOINT ["ipbatch"]
 CMD ["--help"]

@@ -182,8 +182,7 @@ def _refused(exc: BaseException, kinds: _Kinds) -> Decision | None:
     if state == "42501":  # insufficient_privilege
         return Decision(
             Action.CONFIG,
-            "permission denied: the database user of IPBATCH_DATABASE_URL may not do this "
-            f"(the read-only role reads; use the writing user): {text}",
+            f"permission denied for the database user of IPBATCH_DATABASE_URL: {text}",
         )
     if isinstance(exc, kinds.broker_refusals):
         return Decision(Action.CONFIG, f"the broker refused the login (IPBATCH_BROKER_URL): {text}")

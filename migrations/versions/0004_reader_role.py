@@ -28,7 +28,17 @@ def upgrade() -> None:
         DO $$
         BEGIN
             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ipbatch_reader') THEN
-                CREATE ROLE ipbatch_reader NOLOGIN;
+                BEGIN
+                    CREATE ROLE ipbatch_reader NOLOGIN;
+                EXCEPTION WHEN insufficient_privilege THEN
+                    RAISE EXCEPTION USING
+                        ERRCODE = 'insufficient_privilege',
+                        MESSAGE = format(
+                            'the read-only role ipbatch_reader does not exist and %s may not '
+                            'create it (no CREATEROLE): create it once as a superuser with '
+                            '"CREATE ROLE ipbatch_reader NOLOGIN", then run ipbatch db '
+                            'upgrade again', current_user);
+                END;
             END IF;
             EXECUTE format('GRANT CONNECT ON DATABASE %I TO ipbatch_reader', current_database());
         END

@@ -147,9 +147,57 @@ def test_reader_role_reads_and_cannot_write(fresh_pg_url: str) -> None:
         # said as what it is (not "the schema does not match: run ipbatch db upgrade")
         decision = classify(caught.value)
         assert decision.action is Action.CONFIG and "db upgrade" not in decision.message
-        assert "permission denied: the database user of IPBATCH_DATABASE_URL" in decision.message
+        assert "permission denied for the database user of IPBATCH_DATABASE_URL" in decision.message
+        assert "permission denied for table items" in decision.message
     finally:
         reader.dispose()
         with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP ROLE {login}"))
+        admin.dispose()
+
+
+def test_db_upgrade_says_what_to_do_without_createrole(fresh_pg_url: str) -> None:
+    """A migrating user that owns its database but may not create roles, on a cluster
+    without `ipbatch_reader` yet: `db upgrade` ends in one line saying what to run as a
+    superuser (exit 2), not a stack trace; with the role made, it goes through."""
+    import uuid
+
+    from helpers.cli import ipbatch
+
+    login = f"migrator_{uuid.uuid4().hex[:8]}"
+    parked = f"ipbatch_reader_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(fresh_pg_url, isolation_level="AUTOCOMMIT")
+    database = sa.make_url(fresh_pg_url).database
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {login} LOGIN NOCREATEROLE"))
+        conn.execute(sa.text(f'ALTER DATABASE "{database}" OWNER TO {login}'))
+        conn.execute(sa.text(f"ALTER SCHEMA public OWNER TO {login}"))
+        had_reader = conn.execute(
+            sa.text("SELECT 1 FROM pg_roles WHERE rolname = 'ipbatch_reader'")
+        ).scalar()
+        if had_reader:  # the role is cluster-wide: set aside for this test (grants kept)
+            conn.execute(sa.text(f"ALTER ROLE ipbatch_reader RENAME TO {parked}"))
+    url = sa.make_url(fresh_pg_url).set(username=login).render_as_string(hide_password=False)
+    try:
+        refused = ipbatch("db", "upgrade", env={"IPBATCH_DATABASE_URL": url})
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert f"{login} may not create it (no CREATEROLE)" in refused.stderr
+        assert '"CREATE ROLE ipbatch_reader NOLOGIN"' in refused.stderr
+        with admin.connect() as conn:
+            if had_reader:
+                conn.execute(sa.text(f"ALTER ROLE {parked} RENAME TO ipbatch_reader"))
+                had_reader = None
+            else:
+                conn.execute(sa.text("CREATE ROLE ipbatch_reader NOLOGIN"))
+        done = ipbatch("db", "upgrade", env={"IPBATCH_DATABASE_URL": url})
+        assert done.returncode == 0, done.stderr
+    finally:
+        with admin.connect() as conn:
+            if had_reader:
+                conn.execute(sa.text(f"ALTER ROLE {parked} RENAME TO ipbatch_reader"))
+            conn.execute(sa.text(f'ALTER DATABASE "{database}" OWNER TO postgres'))
+            conn.execute(sa.text(f"REASSIGN OWNED BY {login} TO postgres"))
+            conn.execute(sa.text(f"DROP OWNED BY {login}"))
             conn.execute(sa.text(f"DROP ROLE {login}"))
         admin.dispose()

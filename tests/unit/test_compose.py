@@ -87,7 +87,7 @@ def test_ipbatch_commands_exist_in_the_cli(compose: dict) -> None:
         assert callable(args.func), name
         if argv[0] == "worker":
             queues |= set(args.queues.split(","))
-        assert service["volumes"] == ["${MODELS_DIR:-./models}:/models:ro"], name
+        assert service["volumes"] == ["${MODELS_DIR:-./models}:/models:ro", "ipbatchdata:/data"]
         assert service["environment"]["IPBATCH_MODELS"] == "/models"
     assert queues == set(QUEUES)  # every queue has a worker
 
@@ -110,7 +110,12 @@ def test_settings_come_from_env_example_and_secrets_are_never_written_in(compose
     }
     used = set(VARIABLE.findall(text))
     assert used <= documented, f"not in .env.example: {sorted(used - documented)}"
-    for secret in ("POSTGRES_PASSWORD", "RABBITMQ_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
+    for secret in (
+        "POSTGRES_PASSWORD",
+        "RABBITMQ_PASSWORD",
+        "AWS_SECRET_ACCESS_KEY",
+        "FLOWER_PASSWORD",
+    ):
         assert re.search(rf"\$\{{{secret}:\?", text), f"{secret} must be required, no default"
         assert not re.search(rf"\$\{{{secret}:-", text), f"{secret} has a default"
 
@@ -123,3 +128,36 @@ def test_the_image_installs_the_packages_and_the_pinned_torch() -> None:
     for package in ("core", "ipbatch", "pipeline", "storage", "workers", "migrations"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert 'ENTRYPOINT ["ipbatch"]' in dockerfile
+
+
+IPBATCH_SERVICES = (
+    "migrate",
+    "producer",
+    "embed-worker",
+    "generate-worker",
+    "train-worker",
+    "reaper",
+)
+
+
+def test_the_deployment_is_safe_by_default(compose: dict) -> None:
+    """The image writes only under a volume its user owns; trained adapters reach the generate
+    workers; Flower asks for a password; PostgreSQL's superuser port stays on the host."""
+    services = compose["services"]
+    for name in IPBATCH_SERVICES:
+        env = services[name]["environment"]
+        assert env["IPBATCH_HOME"] == "/data", name
+        assert "ipbatchdata:/data" in services[name]["volumes"], name
+        assert _defaults(env["IPBATCH_ADAPTERS_URI"]).startswith("s3://"), name
+    assert "ipbatchdata" in compose["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "chown ipbatch:ipbatch /data" in dockerfile and "ENV IPBATCH_HOME=/data" in dockerfile
+    assert dockerfile.index("chown ipbatch:ipbatch /data") < dockerfile.index("USER ipbatch")
+    flower = " ".join(services["flower"]["command"])
+    assert "--basic-auth=${FLOWER_USER:-ipbatch}:${FLOWER_PASSWORD:?" in flower
+    for port in services["postgres"]["ports"]:
+        assert port.startswith("127.0.0.1:"), port
+    for name in ("embed-worker", "generate-worker"):  # healthy = taking work
+        [probe] = [arg for arg in services[name]["healthcheck"]["test"] if "readyz" in arg]
+        assert "http://127.0.0.1:9100/readyz" in probe
+        assert services[name]["environment"]["IPBATCH_METRICS_PORT"] == "9100"
