@@ -151,10 +151,22 @@ def _third_party(exc: BaseException) -> Decision | None:
         return _s3_client_error(exc)
     for dependency, types in kinds.transient:
         if isinstance(exc, types):
+            setting = SETTINGS.get(dependency)
+            where = f" ({setting})" if setting else ""
             return Decision(
-                Action.RETRY, f"{dependency} unreachable: {short(exc)}", dependency=dependency
+                Action.RETRY,
+                f"{dependency} unreachable{where}: {short(exc)}",
+                dependency=dependency,
             )
     return None
+
+
+# the setting that says where each dependency is
+SETTINGS = {
+    "database": "IPBATCH_DATABASE_URL",
+    "broker": "IPBATCH_BROKER_URL",
+    "s3": "IPBATCH_S3_ENDPOINT_URL",
+}
 
 
 # a database connection that no retry will make: the URL names the wrong user, password,

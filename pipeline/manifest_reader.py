@@ -58,6 +58,15 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# the rows looked at before a file is said not to be a manifest at all
+FIRST_ROWS = 5
+
+
+class NotAManifest(ValueError):
+    """The file is not JSON Lines (or CSV) at all: its first rows are none of them a JSON
+    object (or a CSV header without `id`). One error for the file, not one per line."""
+
+
 def detect_format(name: str) -> Literal["jsonl", "csv"]:
     return "csv" if name.lower().rstrip("/").endswith(".csv") else "jsonl"
 
@@ -87,6 +96,30 @@ def _iter_jsonl(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | None,
             yield line_number, None, "each line must be a JSON object"
             continue
         yield line_number, obj, None
+
+
+def _looks_like_a_manifest(
+    lines: Iterator[tuple[int, dict[str, Any] | None, str | None]], fmt: str
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """The lines as they come, unless the first FIRST_ROWS are all unreadable (JSON Lines)
+    or have no `id` (CSV: its header has none): then NotAManifest, naming the first line."""
+    first = []
+    for line in lines:
+        first.append(line)
+        if len(first) == FIRST_ROWS:
+            break
+    if first:
+        if fmt == "jsonl" and all(obj is None for _, obj, _ in first):
+            line_number, _, error = first[0]
+            raise NotAManifest(
+                f"not a JSON Lines file (one JSON object per line): line {line_number}: "
+                f"{error}; a CSV manifest needs a .csv name"
+            )
+        if fmt == "csv" and all(obj is not None and "id" not in obj for _, obj, _ in first):
+            columns = ", ".join(sorted(first[0][1] or {})) or "none"
+            raise NotAManifest(f"not a manifest CSV: its header has no `id` column ({columns})")
+    yield from first
+    yield from lines
 
 
 def _csv_value(text: str) -> Any:
@@ -134,9 +167,10 @@ def read_rows(
     validate: Callable[[dict[str, Any]], R],
 ) -> Iterator[ParsedRow[R]]:
     """Every non-blank row of a JSON Lines / CSV file, checked by `validate` (which raises
-    pydantic's ValidationError), ids unique: generation and training manifests alike."""
+    pydantic's ValidationError), ids unique: generation and training manifests alike.
+    NotAManifest, before any row, for a file that is not one at all."""
     seen_ids: set[str] = set()
-    lines = _iter_csv(stream) if fmt == "csv" else _iter_jsonl(stream)
+    lines = _looks_like_a_manifest(_iter_csv(stream) if fmt == "csv" else _iter_jsonl(stream), fmt)
     for index, (line_number, obj, parse_error) in enumerate(lines):
         raw_id = obj.get("id") if obj is not None else None
         row_id = (

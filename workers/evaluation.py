@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import ConfigError
 from core.uris import join_uri
 from pipeline.evaluation import AdapterScores, EvalSettings, generation_rows, summarize
-from pipeline.manifest_reader import detect_format, read_rows
+from pipeline.manifest_reader import NotAManifest, detect_format, read_rows
 from pipeline.sources import resolve_reference
 from storage.ledger import queries
 from workers.context import StageContext
@@ -55,7 +56,13 @@ def prepare(
     pairs: list[TrainRow] = []
     skipped: list[dict[str, Any]] = []
     with ctx.stores.for_uri(manifest_uri).open(manifest_uri) as stream:
-        for parsed in read_rows(stream, detect_format(manifest_uri), TrainRow.model_validate):
+        try:
+            parsed_rows = list(
+                read_rows(stream, detect_format(manifest_uri), TrainRow.model_validate)
+            )
+        except NotAManifest as exc:
+            raise ConfigError(f"{manifest_uri}: {exc}") from exc
+        for parsed in parsed_rows:
             if parsed.row is None:
                 skipped.append(
                     {"line": parsed.line_number, "id": parsed.row_id, "error": parsed.error}

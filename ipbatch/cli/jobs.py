@@ -47,6 +47,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from workers.stages import jobs
     from workers.tasks import context, send_ingest
 
+    if "://" not in args.output:
+        raise ConfigError(
+            f"--output {args.output} is a path on this machine: the workers run elsewhere and "
+            "would each write to their own disk. Give an s3:// URI, or file:///... for a folder "
+            "every worker mounts at that same path"
+        )
     registered: list[str] = []
 
     def send(job_id: str) -> None:

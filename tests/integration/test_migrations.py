@@ -149,6 +149,23 @@ def test_reader_role_reads_and_cannot_write(fresh_pg_url: str) -> None:
         assert decision.action is Action.CONFIG and "db upgrade" not in decision.message
         assert "permission denied for the database user of IPBATCH_DATABASE_URL" in decision.message
         assert "permission denied for table items" in decision.message
+        from helpers.cli import ipbatch
+        from sqlalchemy.orm import Session
+
+        from core.clock import utcnow
+        from storage.ledger import jobs
+
+        writer = sa.create_engine(fresh_pg_url)
+        with Session(writer) as session, session.begin():
+            jobs.create(  # a job whose counters `db recount` rewrites
+                session, name="j", manifest_uri="m", manifest_sha256="a" * 64,
+                output_uri="/o", now=utcnow(),
+            )  # fmt: skip
+        writer.dispose()
+        as_reader = {"IPBATCH_DATABASE_URL": url.render_as_string(hide_password=False)}
+        recount = ipbatch("db", "recount", env=as_reader)  # it writes: the reader may not
+        assert recount.returncode == 2 and "Traceback" not in recount.stderr
+        assert "permission denied for the database user of IPBATCH_DATABASE_URL" in recount.stderr
     finally:
         reader.dispose()
         with admin.connect() as conn:

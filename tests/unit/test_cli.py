@@ -110,3 +110,44 @@ def test_job_outcomes_have_exit_codes_and_max_failures_stops_a_job(
     assert reason in ipbatch("status", stopped_id, env=env).stdout
     refused = ipbatch("run", "mixed.jsonl", "--max-failures", "1.5", env=env, cwd=tmp_path)
     assert refused.returncode == 2 and "a number of rows" in refused.stderr
+
+
+def test_messages_that_say_what_to_fix(tmp_path: Path) -> None:
+    """One line each, naming the file or the setting, never a trace."""
+    import subprocess
+    import sys
+
+    from helpers.cli import free_port
+
+    env = {"IPBATCH_HOME": str(tmp_path / "home")}
+    # a CSV under a .jsonl name: one error for the file, not one per line
+    (tmp_path / "m.jsonl").write_text("id,reference\na,x.png\nb,y.png\n")
+    run = ipbatch("run", "-q", "m.jsonl", env=env, cwd=tmp_path)
+    assert run.returncode == 4, run.stdout + run.stderr
+    assert (
+        "not a JSON Lines file (one JSON object per line): line 1: not valid JSON" in run.stdout
+        and "a CSV manifest needs a .csv name" in run.stdout
+        and "items:  (of 0)" in run.stdout
+    )
+    # a database that does not answer is named by its setting (exit 3: try again later)
+    down = {**env, "IPBATCH_DATABASE_URL": f"postgresql+psycopg://x@127.0.0.1:{free_port()}/x"}
+    status = ipbatch("status", env=down)
+    assert status.returncode == 3 and "database unreachable (IPBATCH_DATABASE_URL)" in status.stderr
+    assert "Traceback" not in status.stderr
+    # distributed submit with a path on this machine
+    local = ipbatch("submit", "s3://b/m.jsonl", "--output", str(tmp_path / "out"), env=down)
+    assert local.returncode == 2 and "is a path on this machine" in local.stderr
+    # `| head` stops reading: no error
+    piped = subprocess.run(
+        f"'{sys.executable}' -m ipbatch.cli manifest schema | head -c 20",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.stdout.startswith("{") and piped.stderr == "", piped.stderr
+    # README's download command is one the installed huggingface_hub has
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "huggingface-cli" not in readme.replace("`huggingface-cli` is gone", "")
+    hf = Path(sys.executable).parent / "hf"
+    assert subprocess.run([str(hf), "download", "--help"], capture_output=True).returncode == 0

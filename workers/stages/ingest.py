@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from core.errors import ConfigError, ErrorCode, ObjectNotFound
 from pipeline.manifest import Row
-from pipeline.manifest_reader import ParsedRow, detect_format, read_manifest
+from pipeline.manifest_reader import NotAManifest, ParsedRow, detect_format, read_manifest
 from storage.ledger import bulk, items, job_claims, jobs
 from storage.lifecycle import EMBED, INGEST
 from storage.models import ItemStatus, JobStatus
@@ -76,7 +76,8 @@ def _rows_after(
     """The manifest's rows after row index `already`, as item values (valid: pending with
     the validated row in params; invalid: failed as invalid_row with the reason)."""
     with _manifest(ctx, manifest_uri) as stream:
-        for parsed in read_manifest(stream, detect_format(manifest_uri), adapters=ctx.adapters):
+        parsed_rows = read_manifest(stream, detect_format(manifest_uri), adapters=ctx.adapters)
+        for parsed in _or_job_error(parsed_rows, manifest_uri):
             summary.rows += 1
             if parsed.index <= already:
                 summary.skipped += 1
@@ -86,6 +87,14 @@ def _rows_after(
             else:
                 summary.valid += 1
             yield _item_values(parsed)
+
+
+def _or_job_error(rows: Iterator[ParsedRow[Row]], manifest_uri: str) -> Iterator[ParsedRow[Row]]:
+    """A file that is not a manifest at all fails its job with one message."""
+    try:
+        yield from rows
+    except NotAManifest as exc:
+        raise JobInputError(f"{manifest_uri}: {exc}") from exc
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ItemError, ObjectNotFound
-from pipeline.manifest_reader import ParsedRow, detect_format, read_rows
+from pipeline.manifest_reader import NotAManifest, ParsedRow, detect_format, read_rows
 from pipeline.models import resolve_device
 from pipeline.presets import ADAPTERS
 from pipeline.train_schema import TrainRow, TrainSettings
@@ -70,9 +70,14 @@ def load_encoders(ctx: StageContext, kind: str) -> Encoders:
 
 
 def read_training_rows(ctx: StageContext, uri: str) -> list[ParsedRow[TrainRow]]:
+    """Every row of a training manifest; a file that is not one fails the run, said once."""
+    from workers.claims import JobInputError
 
     with ctx.stores.for_uri(uri).open(uri) as stream:
-        return list(read_rows(stream, detect_format(uri), TrainRow.model_validate))
+        try:
+            return list(read_rows(stream, detect_format(uri), TrainRow.model_validate))
+        except NotAManifest as exc:
+            raise JobInputError(f"{uri}: {exc}") from exc
 
 
 @dataclass
