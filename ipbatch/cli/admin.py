@@ -56,6 +56,35 @@ def cmd_manifest_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manifest_check(args: argparse.Namespace) -> int:
+    """A manifest checked as a job would find it, nothing registered: exit 0 if all is well,
+    1 if some rows or pictures are not (listed), 2 if it is not a manifest at all."""
+    return check_manifest(args.manifest, args.output)
+
+
+def check_manifest(manifest: str, output: str | None) -> int:
+    from core.uris import absolute_uri
+    from ipbatch.cli.common import settings_from, stage_context
+    from workers.stages.check import check
+
+    with stage_context(settings_from(argparse.Namespace())) as ctx:
+        checked = check(
+            ctx,
+            manifest_uri=absolute_uri(manifest),
+            output_uri=None if output is None else absolute_uri(output),
+        )
+    print(f"{checked.rows} rows: {checked.valid} valid, {len(checked.invalid)} invalid")
+    for line, why in checked.invalid[:20]:
+        print(f"  {why}" if why.startswith("line ") else f"  line {line}: {why}")
+    print(f"{checked.sources} distinct pictures: {len(checked.unusable)} unusable")
+    for uri, why in checked.unusable[:20]:
+        print(f"  {uri}: {why}")
+    if output is not None:
+        print(f"output {output}: {checked.output or 'writable'}")
+    print("ok: a job of this manifest would start clean" if checked.ok else "not ok")
+    return 0 if checked.ok else 1
+
+
 def add_parsers(sub: Subparsers) -> None:
     db = sub.add_parser("db", help="ledger maintenance").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="run the Alembic migrations").set_defaults(func=cmd_db_upgrade)
@@ -78,3 +107,9 @@ def add_parsers(sub: Subparsers) -> None:
         "--training", action="store_true", help="the training (and eval) manifest's instead"
     )
     p.set_defaults(func=cmd_manifest_schema)
+    p = manifest.add_parser(
+        "check", help="validate a manifest, its pictures and the output; register nothing"
+    )
+    p.add_argument("manifest")
+    p.add_argument("--output", help="also check that this output can be written")
+    p.set_defaults(func=cmd_manifest_check)

@@ -47,6 +47,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from workers.stages import jobs
     from workers.tasks import context, send_ingest
 
+    if args.dry_run:  # checked as a job would find it; nothing registered, nothing sent
+        from ipbatch.cli.admin import check_manifest
+
+        return check_manifest(args.manifest, args.output)
     if "://" not in args.output:
         raise ConfigError(
             f"--output {args.output} is a path on this machine: the workers run elsewhere and "
@@ -316,6 +320,11 @@ def add_parsers(sub: Subparsers) -> None:
         "--rerun",
         action="store_true",
         help="if this manifest and output already ran (ended), run them again as a new job",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the manifest, its pictures and the output as a job would; submit nothing",
     )
     _max_failures_option(p)
     p.set_defaults(func=cmd_submit)

@@ -151,3 +151,41 @@ def test_messages_that_say_what_to_fix(tmp_path: Path) -> None:
     assert "huggingface-cli" not in readme.replace("`huggingface-cli` is gone", "")
     hf = Path(sys.executable).parent / "hf"
     assert subprocess.run([str(hf), "download", "--help"], capture_output=True).returncode == 0
+
+
+def test_manifest_check_finds_what_a_job_would_and_registers_nothing(
+    tmp_path: Path, reference_images: dict[str, Path]
+) -> None:
+    env = {"IPBATCH_HOME": str(tmp_path / "home")}
+    red = str(reference_images["red"])
+    rows = [
+        {"id": "ok", "reference": red},
+        {"id": "bad", "reference": red, "steps": 0},
+        {"id": "gone", "reference": "refs/nope.png"},
+        {"id": "pose", "reference": red, "control": [{"model": "sd15-canny", "image": "c.png"}]},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = ipbatch("manifest", "check", "m.jsonl", "--output", "out", env=env, cwd=tmp_path)
+    assert found.returncode == 1, found.stderr
+    assert "4 rows: 3 valid, 1 invalid" in found.stdout
+    assert "line 2: steps: Input should be greater than or equal to 1" in found.stdout
+    assert "3 distinct pictures: 2 unusable" in found.stdout
+    assert f"{tmp_path / 'refs' / 'nope.png'}" not in found.stdout  # named as written...
+    assert "refs/nope.png: does not exist (line 3)" in found.stdout  # ...with its line
+    assert "c.png: does not exist (line 4)" in found.stdout
+    assert "output out: writable" in found.stdout and "not ok" in found.stdout
+    (tmp_path / "good.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    clean = ipbatch("submit", "good.jsonl", "--output", "out", "--dry-run", env=env, cwd=tmp_path)
+    assert clean.returncode == 0 and "ok: a job of this manifest would start clean" in clean.stdout
+    (tmp_path / "notes.jsonl").write_text("hello\nworld\n")
+    refused = ipbatch("manifest", "check", "notes.jsonl", env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "not a JSON Lines file" in refused.stderr
+    ledger = tmp_path / "home" / "ipbatch.db"  # nothing registered
+    if ledger.exists():
+        import sqlite3
+
+        with sqlite3.connect(ledger) as db:
+            tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master")}
+            assert "jobs" not in tables or db.execute("SELECT COUNT(*) FROM jobs").fetchone() == (
+                0,
+            )
