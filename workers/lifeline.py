@@ -114,7 +114,7 @@ class Lifeline:
             log.warning("could not record this worker's state in the ledger: %s", short(exc))
             if state == ledger_workers.READY:
                 self.ready = False
-                self.problems = [f"IPBATCH_DATABASE_URL: heartbeat failed: {exc}"]
+                self.problems = [f"IPBATCH_DATABASE_URL: heartbeat failed: {short(exc)}"]
             return False
         if state == ledger_workers.READY and not self._stop.is_set():
             self.ready, self.problems = True, []
