@@ -160,6 +160,9 @@ JOB_MOVES: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.CANCELLED: frozenset(),
 }
 JOB_ACTIVE = (JobStatus.PENDING, JobStatus.RUNNING)
+# a job's priority (`submit --priority`): its messages go before those of lower ones
+PRIORITIES = {"low": 0, "normal": 1, "high": 2}
+NORMAL = PRIORITIES["normal"]
 JOB_ENDED = (JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED)
 
 

@@ -120,6 +120,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     # run N of this manifest and output (`ipbatch rerun`), and the run it repeats
     run: Mapped[int] = mapped_column(Integer, default=1)
+    # lifecycle.PRIORITIES: its messages are delivered before lower ones' (low 0 .. high 2)
+    priority: Mapped[int] = mapped_column(Integer, default=1)
     # stop early past this many failed rows (>= 1), or this share of the rows (< 1)
     max_failures: Mapped[float | None] = mapped_column(Float)
     # when it has ended: its results.jsonl, and the webhook told (`workers.stages.results`)

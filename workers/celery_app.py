@@ -18,7 +18,7 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from core.config import Settings
-from storage.lifecycle import INGEST, JOB_STAGES, QUEUES, STAGES
+from storage.lifecycle import INGEST, JOB_STAGES, NORMAL, QUEUES, STAGES
 
 MAX_PRIORITY = 9
 
@@ -27,11 +27,13 @@ def is_redis(broker_url: str) -> bool:
     return broker_url.startswith(("redis://", "rediss://"))
 
 
-def priority(broker_url: str, *, urgent: bool) -> int:
-    """The message priority for ordinary or urgent (sent-again) work on this broker."""
+def priority(broker_url: str, *, urgent: bool, level: int = NORMAL) -> int:
+    """The message priority of work sent again (urgent: first of all), or of a job's work at
+    its priority level (`lifecycle.PRIORITIES`: low 0, normal 1, high 2) on this broker."""
+    rank = 3 if urgent else max(0, min(level, 2))  # 0 .. 3, higher first
     if is_redis(broker_url):
-        return 0 if urgent else 6  # kombu's Redis transport serves 0 first
-    return MAX_PRIORITY if urgent else 0
+        return 9 - 3 * rank  # kombu's Redis transport serves 0 first, in steps of 3
+    return 3 * rank  # RabbitMQ: 9 first
 
 
 def make_app(settings: Settings | None = None) -> Celery:

@@ -33,7 +33,7 @@ from celery.exceptions import Reject
 from core.clock import utcnow
 from core.config import Settings
 from core.errors import Action, Decision, classify
-from storage.lifecycle import EMBED, GENERATE, INGEST, TRAIN, JobStage, Stage
+from storage.lifecycle import EMBED, GENERATE, INGEST, NORMAL, TRAIN, JobStage, Stage
 from workers.backpressure import OutOfPatience, patiently
 from workers.celery_app import app, priority
 from workers.context import StageContext
@@ -216,13 +216,27 @@ TASKS: dict[str, Any] = {
 
 
 def send(stage: Stage, item_ids: list[int], *, urgent: bool = False, countdown: float = 0) -> None:
-    """One message of `item_ids` for `stage`; urgent ones (work sent again) go first."""
+    """One message of `item_ids` for `stage`; urgent ones (work sent again) go first, the
+    others at their job's priority (a message holds items of one job)."""
     broker = context().settings.broker_url.get_secret_value()
+    level = NORMAL if urgent or not item_ids else _level(item_id=item_ids[0])
     TASKS[stage.name].apply_async(
         (item_ids,),
-        priority=priority(broker, urgent=urgent),
+        priority=priority(broker, urgent=urgent, level=level),
         countdown=countdown or None,
     )
+
+
+def _level(*, job_id: str | None = None, item_id: int | None = None) -> int:
+    """A job's priority level, from the ledger (normal if it cannot be read now)."""
+    from storage.ledger import jobs
+
+    try:
+        with context().sessions.begin() as session:
+            return jobs.priority_of(session, job_id=job_id, item_id=item_id)
+    except Exception as exc:  # sending matters more than its order
+        log.warning("priority unknown (%s): sent as normal", exc)
+        return NORMAL
 
 
 def send_urgent(stage: Stage, item_ids: list[int]) -> None:
@@ -233,9 +247,10 @@ def send_job(stage: JobStage, job_id: str, *, urgent: bool = False, countdown: f
     """One message of `job_id` for a job stage (ingest, train); urgent ones (work sent again,
     or a held job tried again later) go first."""
     broker = context().settings.broker_url.get_secret_value()
+    urgent = urgent or bool(countdown)
     TASKS[stage.name].apply_async(
         (job_id,),
-        priority=priority(broker, urgent=urgent or bool(countdown)),
+        priority=priority(broker, urgent=urgent, level=NORMAL if urgent else _level(job_id=job_id)),
         countdown=countdown or None,
     )
 

@@ -20,6 +20,7 @@ from ipbatch.cli.common import (
     write_report,
 )
 from ipbatch.exits import EXIT_CONFIG, EXIT_UNREACHABLE
+from storage.lifecycle import PRIORITIES
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -73,6 +74,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             rerun_ended=args.rerun,
             max_failures=args.max_failures,
             webhook_url=jobs.webhook_for(context(), args.webhook),
+            priority=PRIORITIES[args.priority],
         )
     except Exception as exc:
         decision = classify(exc)
@@ -320,6 +322,12 @@ def add_parsers(sub: Subparsers) -> None:
         "--rerun",
         action="store_true",
         help="if this manifest and output already ran (ended), run them again as a new job",
+    )
+    p.add_argument(
+        "--priority",
+        choices=list(PRIORITIES),
+        default="normal",
+        help="its messages go before those of lower-priority jobs (default normal)",
     )
     p.add_argument(
         "--dry-run",

@@ -34,6 +34,7 @@ def create(
     kind: JobKind = JobKind.GENERATE,
     max_failures: float | None = None,
     webhook_url: str | None = None,
+    priority: int = 1,
 ) -> tuple[str, bool]:
     """Register a job; the same manifest bytes and output again return the same job (its
     newest run: `rerun` makes another).
@@ -60,6 +61,7 @@ def create(
         run=1,
         max_failures=max_failures,
         webhook_url=webhook_url,
+        priority=priority,
         created_at=now,
         updated_at=now,
     )
@@ -117,6 +119,7 @@ def rerun(
             rerun_of=job.id,
             max_failures=job.max_failures,
             webhook_url=job.webhook_url,
+            priority=job.priority,
             created_at=now,
             updated_at=now,
         )
@@ -129,6 +132,17 @@ def rerun(
 
 def get(session: Session, *, job_id: str) -> Job | None:
     return session.get(Job, job_id)
+
+
+def priority_of(session: Session, *, job_id: str | None = None, item_id: int | None = None) -> int:
+    """The priority of a job, or of the job an item belongs to (normal if not found)."""
+    query = select(Job.priority)
+    if item_id is not None:
+        query = query.join(Item, Item.job_id == Job.id).where(Item.id == item_id)
+    else:
+        query = query.where(Job.id == job_id)
+    found = session.scalar(query)
+    return 1 if found is None else int(found)
 
 
 def record_event(

@@ -60,6 +60,7 @@ def progress(
         job = session.get(Job, entry["job_id"])
         entry["error"] = None if job is None else job.error_message
         entry["run"] = None if job is None else job.run
+        entry["priority"] = None if job is None else job.priority
         rows.append(entry)
     return rows
 

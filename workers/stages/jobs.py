@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.errors import ConfigError
 from storage.ledger import counters, items, job_claims, jobs, queries
-from storage.lifecycle import JOB_ACTIVE, JOB_STAGES, STAGES, JobStage, Stage
+from storage.lifecycle import JOB_ACTIVE, JOB_STAGES, NORMAL, STAGES, JobStage, Stage
 from storage.models import ItemStatus, Job, JobKind, JobStatus
 from workers.context import StageContext
 from workers.stages import results
@@ -53,6 +53,7 @@ def register(
     name: str | None = None,
     max_failures: float | None = None,
     webhook_url: str | None = None,
+    priority: int = NORMAL,
 ) -> tuple[str, bool]:
     """Record a job for a manifest; the same bytes and output give the same job.
     `max_failures`: the job stops itself past this many failed rows (>= 1) or this share of
@@ -69,6 +70,7 @@ def register(
             worker=ctx.worker,
             max_failures=max_failures,
             webhook_url=webhook_url,
+            priority=priority,
         )
 
 
@@ -82,6 +84,7 @@ def submit(
     rerun_ended: bool = False,
     max_failures: float | None = None,
     webhook_url: str | None = None,
+    priority: int = NORMAL,
 ) -> tuple[str, bool]:
     """Register the job and send its ingest. Submitting the same manifest again returns the
     same job, and sends its ingest again if the job still waits for one (its first message
@@ -103,6 +106,7 @@ def submit(
         name=name,
         max_failures=max_failures,
         webhook_url=webhook_url,
+        priority=priority,
     )
     with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=job_id)
