@@ -86,7 +86,7 @@ def test_a_job_whose_ingest_publish_failed_is_finished_by_a_resubmit_or_the_reap
     ]
 
 
-def test_a_worker_with_broken_models_gives_its_items_back_and_stops_taking_work(
+def test_a_worker_with_broken_models_gives_its_items_back_and_exits_2(
     make_cluster: Callable[..., Cluster],
     reference_images: dict[str, Path],
     tiny_models: Path,
