@@ -32,7 +32,8 @@ def collect(engine: Engine, *, job_id: str | None = None, limit: int = 20) -> li
     jobs = []
     with Session(engine) as session:
         # a deployment's workers (one machine has none): which queues someone takes work from
-        consumers = workers.consumers(session, now=now) if workers.known(session) else None
+        known = workers.known(session)
+        consumers = workers.consumers(workers.listing(session, now=now)) if known else None
         for job in queries.progress(session, job_id=job_id, limit=limit):
             counts = queries.status_counts(session, job_id=job["job_id"])
             started, finished = job["started_at"], job["finished_at"]

@@ -69,8 +69,9 @@ class LedgerAndQueues(Collector):
             with Session(engine) as session:
                 by_status = queries.items_of_running_jobs(session)
                 backlog = queries.backlog(session)
-                consumers = workers.consumers(session, now=utcnow())
-                stopped = workers.stopped_by_configuration(session, now=utcnow())
+                views = workers.listing(session, now=utcnow())  # read once for both gauges
+                consumers = workers.consumers(views)
+                stopped = workers.stopped_by_configuration(views)
         finally:
             engine.dispose()
         live = GaugeMetricFamily(

@@ -20,7 +20,7 @@ from ipbatch.cli.common import (
     write_report,
 )
 from ipbatch.exits import EXIT_CONFIG, EXIT_UNREACHABLE
-from storage.lifecycle import PRIORITIES
+from storage.lifecycle import JOB_ENDED, PRIORITIES
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -109,7 +109,7 @@ def _say_existing(ctx: Any, job_id: str, name: str | None) -> None:
     line = f"job {job_id} ({existing!r}, {status}) already has this manifest and output"
     if name and name != existing:
         line += f"; --name {name!r} is ignored"
-    if status in ("succeeded", "failed", "cancelled"):
+    if status in JOB_ENDED:  # partial included
         line += f"; `ipbatch rerun {job_id}` (or submit --rerun) runs it again"
     print(line, file=sys.stderr)
 

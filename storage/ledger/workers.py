@@ -112,16 +112,17 @@ def known(session: Session) -> bool:
     return session.scalar(select(Worker.name).limit(1)) is not None
 
 
-def consumers(session: Session, *, now: datetime) -> dict[str, int]:
-    """Live workers taking work, per queue (a waiting worker consumes nothing yet)."""
+def consumers(views: list[WorkerView]) -> dict[str, int]:
+    """Of a `listing`: live workers taking work, per queue (a waiting one consumes nothing
+    yet)."""
     counts: dict[str, int] = {}
-    for view in listing(session, now=now):
+    for view in views:
         if view.live and view.state == READY:
             for queue in view.queues:
                 counts[queue] = counts.get(queue, 0) + 1
     return counts
 
 
-def stopped_by_configuration(session: Session, *, now: datetime) -> list[WorkerView]:
-    """Workers that exited on a configuration error and have not come back since."""
-    return [v for v in listing(session, now=now) if v.state == STOPPED and v.problem]
+def stopped_by_configuration(views: list[WorkerView]) -> list[WorkerView]:
+    """Of a `listing`: workers that exited on a configuration error and have not come back."""
+    return [v for v in views if v.state == STOPPED and v.problem]
