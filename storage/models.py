@@ -107,7 +107,7 @@ class Job(Base):
     manifest_uri: Mapped[str] = mapped_column(Text)
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     output_uri: Mapped[str] = mapped_column(Text)
-    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"))
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "job_status"), index=True)
     error_message: Mapped[str | None] = mapped_column(Text)
     # set when the whole manifest has been read: the job can finish only after that
     total_rows: Mapped[int | None] = mapped_column(Integer)
@@ -156,7 +156,8 @@ class Item(Base):
 
     __table_args__ = (
         UniqueConstraint("job_id", "row_index"),
-        Index("ix_items_job_id_status", "job_id", "status"),
+        # a job's items in a status, in id order (progress counts, a fair turn's claim)
+        Index("ix_items_job_id_status_id", "job_id", "status", "id"),
         Index("ix_items_status_lease_until", "status", "lease_until"),  # the reaper's query
     )
 
@@ -282,6 +283,18 @@ class JobItemCount(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), primary_key=True)
     n: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobTurn(Base):
+    """When a job last had a turn in an item stage (embed, generate): a distributed worker
+    gives each message's turn to the job of the highest priority that waited longest
+    (`storage.ledger.items.next_turn`), so jobs of one level share the workers."""
+
+    __tablename__ = "job_turns"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16), primary_key=True)
+    served_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class TrainingRun(Base):

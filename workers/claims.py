@@ -16,6 +16,10 @@ every item the block neither finished nor failed:
 - the block returned with items left: they are released, and the stage's bug is logged.
 No stage writes a release path of its own.
 
+In a distributed deployment a message is a turn: it may take another job's items instead
+(`storage.ledger.items.next_turn`: priority first, then the job of that level that waited
+longest), and the message's own items wait in `work.deferred` for the task to send again.
+
 Every write for a claimed item carries the token: a worker whose lease lapsed and whose items
 another worker took over (a long pause, a stopped VM that came back) writes nothing; that is
 logged and counted (`ipbatch_fenced_writes_total`).
@@ -69,6 +73,7 @@ class ClaimedWork:
         others: list[int],
         held: list[int],
         retry_in: float,
+        deferred: list[int],
     ) -> None:
         self.ctx = ctx
         self.stage = stage
@@ -77,6 +82,7 @@ class ClaimedWork:
         self.others = others  # asked for but not claimed: moved on, or held elsewhere
         self.held = held  # of those, held by another worker under a live lease
         self.retry_in = retry_in  # seconds until the first of those leases runs out
+        self.deferred = deferred  # the message's own items, waiting: it was another job's turn
         self._open = set(claim.ids)
         self._lock = threading.Lock()
 
@@ -242,25 +248,38 @@ class _ItemScope:
 
 @contextmanager
 def claimed(ctx: StageContext, stage: Stage, item_ids: Sequence[int]) -> Iterator[ClaimedWork]:
-    """Claim `item_ids` for `stage`, hold them while the block runs, settle them after."""
-    # 1. the claim: waiting -> working (or a lapsed lease taken over) under a new token
+    """Claim `item_ids` for `stage` (or, distributed, the items of the job whose turn it
+    is), hold them while the block runs, settle them after."""
     with ctx.sessions.begin() as session:
         now = ctx.clock()
+        # 1. whose turn: distributed, the job that waited longest at the highest priority
+        #    (the message's own items may wait: `work.deferred`, sent again by the task);
+        #    the one-machine runner runs one job and takes the items it was given
+        turn = items.Turn(job_id=None, ids=list(item_ids), deferred=[])
+        if ctx.mode == "distributed":
+            turn = items.next_turn(session, stage=stage, item_ids=item_ids)
+        # 2. the claim: waiting -> working (or a lapsed lease taken over) under a new token
         claim = items.claim(
             session,
-            item_ids=item_ids,
+            item_ids=turn.ids,
             stage=stage,
             worker=ctx.worker,
             lease_seconds=ctx.settings.lease_seconds,
             now=now,
             max_attempts=ctx.settings.max_deliveries,
         )
-        others = sorted(set(item_ids) - set(claim.ids) - set(claim.failed))
+        if claim.ids and turn.job_id is not None:
+            items.served(session, job_id=turn.job_id, stage=stage, now=now)
+        others = sorted(set(turn.ids) - set(claim.ids) - set(claim.failed))
         held, retry_in = items.held_elsewhere(
             session, item_ids=others, working=stage.working, now=now
         )
+    if turn.deferred:
+        log.debug("%s: job %s's turn; items %s wait", stage.name, turn.job_id, turn.deferred)
     metrics.ITEMS.labels(stage.name, "failed").inc(len(claim.failed))
-    work = ClaimedWork(ctx, stage, claim, others=others, held=held, retry_in=retry_in)
+    work = ClaimedWork(
+        ctx, stage, claim, others=others, held=held, retry_in=retry_in, deferred=turn.deferred
+    )
     # 2. the heartbeat renews the lease while the block runs; 3. settle what is left
     heartbeat = _Heartbeat(work)
     try:

@@ -181,6 +181,8 @@ def embed(self: Task, item_ids: list[int]) -> None:
         send(GENERATE, batch)
     if summary.held:  # another worker's claim: if that worker died, take over when it lapses
         send(EMBED, summary.held, urgent=True, countdown=summary.retry_in + 1)
+    if summary.deferred:  # this message was another job's turn: its items wait for another
+        send(EMBED, summary.deferred)
 
 
 @app.task(name="ipbatch.generate", bind=True)
@@ -190,6 +192,8 @@ def generate(self: Task, item_ids: list[int]) -> None:
         send(EMBED, batch, urgent=True)
     if summary.held:
         send(GENERATE, summary.held, urgent=True, countdown=summary.retry_in + 1)
+    if summary.deferred:
+        send(GENERATE, summary.deferred)
 
 
 @app.task(name="ipbatch.train", bind=True)

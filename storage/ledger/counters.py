@@ -8,14 +8,10 @@ and only for the instant before their commit.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import delete, event, func, insert, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.ledger.db import is_postgres
+from storage.ledger.db import upsert
 from storage.models import Item, ItemStatus, JobItemCount
 
 _DELTAS = "ipbatch_count_deltas"
@@ -42,9 +38,8 @@ def _apply(session: Session) -> None:
     deltas.clear()
     if not pending:
         return
-    upsert: Any = postgresql_insert if is_postgres(session) else sqlite_insert
     for (job_id, status), n in pending:
-        statement = upsert(JobItemCount).values(job_id=job_id, status=status, n=n)
+        statement = upsert(session, JobItemCount).values(job_id=job_id, status=status, n=n)
         session.execute(
             statement.on_conflict_do_update(
                 index_elements=["job_id", "status"], set_={"n": JobItemCount.n + n}

@@ -7,6 +7,8 @@ import socket
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -42,3 +44,8 @@ def make_sessions(engine: Engine) -> sessionmaker[Session]:
 
 def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
+
+
+def upsert(session: Session, table: Any) -> Any:
+    """`INSERT ... ON CONFLICT` for this session's database (`.on_conflict_do_update` next)."""
+    return (postgresql_insert if is_postgres(session) else sqlite_insert)(table)

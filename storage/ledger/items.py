@@ -4,6 +4,11 @@
 the expected status (so a duplicate message or a late worker changes nothing), keeps the
 per-job counters and appends an `item_events` row for each item it moved.
 
+A distributed worker gives each message's turn to the job that should go next (`next_turn`:
+the highest priority level first, and within a level the job that waited longest since its
+last turn in the stage), so that jobs of one level share the workers round-robin; the
+message's own items wait for a later turn.
+
 A claim is a lease with a fencing token: `claim` moves items from a stage's waiting status to
 its working status (or takes over working items whose lease ran out) under a new token. Every
 later write for those items (`transition(..., token=)`, `extend_leases`, `still_held`,
@@ -23,9 +28,9 @@ from sqlalchemy import ColumnElement, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.ledger import counters
-from storage.ledger.db import is_postgres
+from storage.ledger.db import is_postgres, upsert
 from storage.lifecycle import STAGES, Stage, check_item_move
-from storage.models import Item, ItemEvent, ItemStatus
+from storage.models import Item, ItemEvent, ItemStatus, Job, JobItemCount, JobStatus, JobTurn
 
 
 def _new_stage(from_status: ItemStatus, to_status: ItemStatus) -> bool:
@@ -207,6 +212,75 @@ def claim(
             "finishing (its worker died or hung each time); item_events holds every delivery",
         )
     return Claim(token=token, ids=[i for i in mine if i not in set(over)], failed=sorted(over))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Whose turn a message of a stage is: `ids` are the waiting items of `job_id` to claim
+    (the message's own when it is their job's turn, empty when nothing waits), and
+    `deferred` the message's own items left waiting for a later turn."""
+
+    job_id: str | None
+    ids: list[int]
+    deferred: list[int]
+
+
+def next_turn(session: Session, *, stage: Stage, item_ids: Sequence[int]) -> Turn:
+    """Whose turn a message of `item_ids` (items of one job) is in `stage`: that of the
+    running job with items waiting for the stage at the highest priority level, and within a
+    level the one whose last turn in the stage (`job_turns`) is oldest (never first; then
+    the oldest job). Its job's: the message's own items. Another job's: that job's first
+    waiting items, as many as the message holds, locked (SKIP LOCKED: two workers taking a
+    turn of the same job get different items); the message's items wait for a later turn.
+    Only a message whose items all wait gives its turn away: one sent again for items held
+    elsewhere, or delivered twice, settles its own items as it always did (a lapsed lease
+    taken over, a held one waited for).
+
+    Small reads: the message's items, the job (over the running jobs' counters, a handful of
+    rows) and its items from the (job_id, status, id) index, however many wait in all."""
+    mine = session.execute(
+        select(Item.job_id, Item.status).where(Item.id.in_(list(item_ids)))
+    ).all()
+    own = Turn(job_id=mine[0].job_id if mine else None, ids=list(item_ids), deferred=[])
+    if len(mine) < len(item_ids) or any(status != stage.waiting for _, status in mine):
+        return own  # sent again, or a duplicate: it settles its own items as before
+    best = session.scalar(
+        select(JobItemCount.job_id)
+        .join(Job, Job.id == JobItemCount.job_id)
+        .outerjoin(JobTurn, (JobTurn.job_id == JobItemCount.job_id) & (JobTurn.stage == stage.name))
+        .where(
+            Job.status == JobStatus.RUNNING,
+            JobItemCount.status == stage.waiting.value,
+            JobItemCount.n > 0,
+        )
+        .order_by(
+            Job.priority.desc(), JobTurn.served_at.asc().nulls_first(), Job.created_at, Job.id
+        )
+        .limit(1)
+    )
+    if best is None or best == own.job_id:
+        return own
+    theirs = (
+        select(Item.id)
+        .where(Item.job_id == best, Item.status == stage.waiting)
+        .order_by(Item.id)
+        .limit(len(item_ids))
+    )
+    if is_postgres(session):
+        theirs = theirs.with_for_update(skip_locked=True)
+    ids = list(session.scalars(theirs))
+    if not ids:  # other workers are taking them right now: this message takes its own
+        return own
+    return Turn(job_id=best, ids=ids, deferred=list(item_ids))
+
+
+def served(session: Session, *, job_id: str, stage: Stage, now: datetime) -> None:
+    """Record that `job_id` had a turn in `stage` now (its next one waits for the others')."""
+    session.execute(
+        upsert(session, JobTurn)
+        .values(job_id=job_id, stage=stage.name, served_at=now)
+        .on_conflict_do_update(index_elements=["job_id", "stage"], set_={"served_at": now})
+    )
 
 
 def held_elsewhere(

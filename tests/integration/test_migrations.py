@@ -56,6 +56,7 @@ def test_upgrade_downgrade_upgrade(empty_db: str) -> None:
         "training_checkpoints",
         "training_validations",
         "workers",
+        "job_turns",
         "alembic_version",
     }
     assert _tables(empty_db) == expected

@@ -39,6 +39,7 @@ class EmbedSummary:
     ready: list[int] = field(default_factory=list)  # to send to the generate stage
     held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
     retry_in: float = 0.0  # seconds until the first of those leases runs out
+    deferred: list[int] = field(default_factory=list)  # another job's turn: to send again
     computed: int = 0
     cached: int = 0
     images: int = 0  # (none: the runner adds up the stages' images)
@@ -58,7 +59,7 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> EmbedSummary:
     summary = EmbedSummary()
     with claimed(ctx, EMBED, item_ids) as work:
         # 1. what the claimed items need; items an earlier delivery embedded go on as they are
-        summary.held, summary.retry_in = work.held, work.retry_in
+        summary.held, summary.retry_in, summary.deferred = work.held, work.retry_in, work.deferred
         entries, summary.ready = _load(ctx, work.ids, work.others)
         # 2. each item's references, embedded or found in the cache; a bad item fails alone
         seen: dict[str, str] = {}  # this call's memo: a shared reference is read and hashed once

@@ -54,6 +54,7 @@ class GenerateSummary:
     held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
     retry_in: float = 0.0
     embed_again: list[int] = field(default_factory=list)  # their cached embeddings were gone
+    deferred: list[int] = field(default_factory=list)  # another job's turn: to send again
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
     """Generate, upload and record the images of every claimed item."""
     summary = GenerateSummary()
     with claimed(ctx, GENERATE, item_ids) as work:
-        summary.held, summary.retry_in = work.held, work.retry_in
+        summary.held, summary.retry_in, summary.deferred = work.held, work.retry_in, work.deferred
         # 1. each item's row and its cached embeddings (fetched in parallel); an item whose
         #    cached embedding is gone goes back to the embed stage, which writes it again
         entries = _load(ctx, work.ids)
