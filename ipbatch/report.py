@@ -267,6 +267,7 @@ def render(engine: Engine, thumbnail: Thumbnails, *, job_id: str, limit: int = 5
         f"{job['percent_done']:.1f}% done</div>"
         f"<div class='summary'><table class='counts'>{counts}"
         f"<tr><td>images</td><td>{images}</td></tr>"
+        f"<tr><td>made before, copied</td><td>{loaded.reused_images}</td></tr>"
         f"<tr><td>time</td><td>{elapsed:.1f} s</td></tr>"
         f"<tr><td>images/s</td><td>{rate:.2f}</td></tr></table>"
         f"{_histogram(scores_i, -1.0, 1.0, 'CLIP-I') if scores_i else ''}"

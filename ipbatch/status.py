@@ -54,6 +54,8 @@ def collect(engine: Engine, *, job_id: str | None = None, limit: int = 20) -> li
                 run = job["training"]
                 job["percent_done"] = round(100 * run["step"] / max(1, run["total_steps"]), 1)
             job["unattended"] = _unattended(job, counts, consumers)
+            if job_id is not None:  # one job: its images, and how many were made before
+                job |= queries.images(session, job_id=job_id)
             jobs.append(job)
     return jobs
 
@@ -162,6 +164,8 @@ def bars(job: dict[str, Any], width: int = 40) -> str:
         n = job["stages"][stage]
         filled = round(width * n / total)
         lines.append(f"  {stage:10} {'#' * filled}{'.' * (width - filled)} {n:>8}")
+    if job.get("images"):
+        lines.append(f"  images: {job['images']}, {job['reused']} of them made before and copied")
     if job["error"]:
         lines.append(f"  {job['error']}")
     for code, n in job["failures"].items():

@@ -124,6 +124,8 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=1)
     # stop early past this many failed rows (>= 1), or this share of the rows (< 1)
     max_failures: Mapped[float | None] = mapped_column(Float)
+    # copy an image made before with the same fingerprint instead of generating it (--no-reuse)
+    reuse: Mapped[bool] = mapped_column(Boolean, default=True)
     # when it has ended: its results.jsonl, and the webhook told (`workers.stages.results`)
     results_uri: Mapped[str | None] = mapped_column(Text)
     webhook_url: Mapped[str | None] = mapped_column(Text)  # a secret: never logged whole
@@ -249,6 +251,10 @@ class Output(Base):
     height: Mapped[int] = mapped_column(Integer)
     clip_i: Mapped[float | None] = mapped_column(Float)
     clip_t: Mapped[float | None] = mapped_column(Float)
+    # what decides its pixels (`pipeline.fingerprint`): an output with the same one is copied
+    # instead of generated; NULL before revision 0018
+    fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
+    reused_from: Mapped[int | None] = mapped_column(BigInteger)  # outputs.id it was copied from
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("item_id", "image_index"),)

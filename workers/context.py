@@ -27,6 +27,7 @@ from workers.adapters import AdapterCatalog
 if TYPE_CHECKING:  # the model stack (torch, diffusers, transformers) loads on first use
     from pipeline.embedder import ClipEmbedder, ReferenceEncoder
     from pipeline.faces import FaceEmbedder
+    from pipeline.fingerprint import Weights
     from pipeline.pool import GeneratorPool
     from pipeline.scores import ClipScorer
 
@@ -61,6 +62,7 @@ class StageContext:
     _pool: GeneratorPool | None = None
     _scorer: ClipScorer | None = None
     _adapters: AdapterCatalog | None = None
+    _weights: Weights | None = None
 
     @classmethod
     def create(
@@ -176,6 +178,16 @@ class StageContext:
                 ),
             )
         return self._pool
+
+    @property
+    def weights(self) -> Weights:
+        """The models' weights by content, each file hashed once per process (reuse's
+        fingerprints: `pipeline.fingerprint`)."""
+        from pipeline.fingerprint import Weights
+
+        if self._weights is None:
+            self._weights = Weights(self.models)
+        return self._weights
 
     @property
     def batch_images(self) -> int:

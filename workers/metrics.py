@@ -30,6 +30,10 @@ ITEMS = Counter(
     ["stage", "outcome"],
 )
 IMAGES = Counter("ipbatch_images_total", "Images generated, stored and recorded")
+REUSED = Counter(
+    "ipbatch_images_reused_total",
+    "Images copied from an output made before with the same fingerprint, not generated",
+)
 BATCH_SECONDS = Histogram(
     "ipbatch_batch_seconds",
     "Seconds per generation call (one batch of rows)",

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from core.errors import Action, classify, short
 from pipeline.manifest_reader import MANIFEST_SUFFIXES
+from storage.ledger.jobs import JobOptions
 from workers.context import StageContext
 from workers.stages import jobs
 from workers.stages.common import SendJob
@@ -52,7 +53,7 @@ def scan_once(
             manifest_uri=uri,
             output_uri=output_uri,
             send_ingest=send_ingest,
-            webhook_url=jobs.webhook_for(ctx, None),
+            options=JobOptions(webhook_url=jobs.webhook_for(ctx, None)),
         )
         seen[uri] = version
         if created:

@@ -15,7 +15,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from core.uris import absolute_uri
 from pipeline.requests import adapter_set
 from pipeline.train_schema import TrainSettings
 from storage.ledger import counters, items, job_claims, jobs, queries, training
+from storage.ledger.jobs import JobOptions
 from storage.lifecycle import GENERATE, INGEST, STAGES, TRAIN, Stage
 from storage.migrate import upgrade
 from storage.models import ItemStatus, JobKind, JobStatus
@@ -85,8 +86,7 @@ def run_local(
     output: str | None,
     progress: bool = True,
     check: bool = False,
-    max_failures: float | None = None,
-    webhook_url: str | None = None,
+    options: JobOptions = JobOptions(),
 ) -> RunSummary:
     """`ipbatch run`; with `check` (`--verify`), every recorded output read back at the end
     (sha256 and decoding: `verify --deep`)."""
@@ -98,8 +98,7 @@ def run_local(
             output=output or str(settings.resolved_home() / "outputs"),
             progress=progress,
             started=started,
-            max_failures=max_failures,
-            webhook_url=webhook_url,
+            options=options,
         )
         if check:
             summary.verified = verify.verify(ctx, job_id=summary.job_id, deep=True)
@@ -136,8 +135,7 @@ def run_job(
     output: str,
     progress: bool,
     started: float,
-    max_failures: float | None = None,
-    webhook_url: str | None = None,
+    options: JobOptions = JobOptions(),
 ) -> RunSummary:
     """Register (or resume), ingest, embed and generate one job with `ctx`, in-process.
     `run_local` wraps it; benchmarks call it with a context whose models are already warm."""
@@ -148,8 +146,7 @@ def run_job(
         ctx,
         manifest_uri=manifest_uri,
         output_uri=output_uri,
-        max_failures=max_failures,
-        webhook_url=job_stage.webhook_for(ctx, webhook_url),
+        options=replace(options, webhook_url=job_stage.webhook_for(ctx, options.webhook_url)),
     )
     if not created:
         _release_in_flight(ctx, job_id)

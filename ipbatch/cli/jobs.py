@@ -20,6 +20,7 @@ from ipbatch.cli.common import (
     write_report,
 )
 from ipbatch.exits import EXIT_CONFIG, EXIT_UNREACHABLE
+from storage.ledger.jobs import JobOptions
 from storage.lifecycle import JOB_ENDED, PRIORITIES
 
 Subparsers = Any  # argparse's private _SubParsersAction
@@ -34,8 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         output=args.output,
         progress=not args.quiet,
         check=args.verify,
-        max_failures=args.max_failures,
-        webhook_url=args.webhook,
+        options=_options(args, webhook_url=args.webhook),
     )
     code = print_summary(summary)
     if summary.verified is not None:
@@ -72,9 +72,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             name=args.name,
             send_ingest=send,
             rerun_ended=args.rerun,
-            max_failures=args.max_failures,
-            webhook_url=jobs.webhook_for(context(), args.webhook),
-            priority=PRIORITIES[args.priority],
+            options=_options(
+                args,
+                webhook_url=jobs.webhook_for(context(), args.webhook),
+                priority=args.priority,
+            ),
         )
     except Exception as exc:
         decision = classify(exc)
@@ -285,7 +287,8 @@ def _max_failures(text: str) -> float:
     return value
 
 
-def _max_failures_option(p: argparse.ArgumentParser) -> None:
+def _job_options(p: argparse.ArgumentParser) -> None:
+    """The options `run` and `submit` share (what `JobOptions` records)."""
     p.add_argument(
         "--webhook",
         help="when the job ends, POST its summary (JSON) to this http(s) URL (default "
@@ -296,6 +299,23 @@ def _max_failures_option(p: argparse.ArgumentParser) -> None:
         type=_max_failures,
         help="stop the job early once more rows than this have failed (a count, or a share "
         "of the rows: 0.05 or 5%%); the rest are cancelled, the job fails",
+    )
+    p.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="generate every image, even those made before with the same weights, inputs "
+        "and settings (by default those are copied)",
+    )
+
+
+def _options(
+    args: argparse.Namespace, *, webhook_url: str | None, priority: str = "normal"
+) -> JobOptions:
+    return JobOptions(
+        max_failures=args.max_failures,
+        webhook_url=webhook_url,
+        priority=PRIORITIES[priority],
+        reuse=not args.no_reuse,
     )
 
 
@@ -311,7 +331,7 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument(
         "--verify", action="store_true", help="read every output back at the end (verify --deep)"
     )
-    _max_failures_option(p)
+    _job_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("submit", help="register a job and queue it for the Celery workers")
@@ -334,7 +354,7 @@ def add_parsers(sub: Subparsers) -> None:
         action="store_true",
         help="check the manifest, its pictures and the output as a job would; submit nothing",
     )
-    _max_failures_option(p)
+    _job_options(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("rerun", help="run an ended job again: a new job, its own outputs")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +23,17 @@ from storage.lifecycle import EMBED, JOB_ACTIVE, TERMINAL, WAITING, check_job_mo
 from storage.models import Item, ItemStatus, Job, JobEvent, JobKind, JobStatus
 
 
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job runs, as its submitter asked (the options of `submit` and `run`)."""
+
+    # stop early past this many failed rows (>= 1), or this share of the rows (< 1)
+    max_failures: float | None = None
+    webhook_url: str | None = None  # told when the job ends; a secret: never logged whole
+    priority: int = 1  # lifecycle.PRIORITIES: low 0, normal 1, high 2
+    reuse: bool = True  # copy images made before with the same fingerprint (--no-reuse)
+
+
 def create(
     session: Session,
     *,
@@ -32,9 +44,7 @@ def create(
     now: datetime,
     worker: str | None = None,
     kind: JobKind = JobKind.GENERATE,
-    max_failures: float | None = None,
-    webhook_url: str | None = None,
-    priority: int = 1,
+    options: JobOptions = JobOptions(),
 ) -> tuple[str, bool]:
     """Register a job; the same manifest bytes and output again return the same job (its
     newest run: `rerun` makes another).
@@ -59,9 +69,10 @@ def create(
         kind=kind,
         status=JobStatus.PENDING,
         run=1,
-        max_failures=max_failures,
-        webhook_url=webhook_url,
-        priority=priority,
+        max_failures=options.max_failures,
+        webhook_url=options.webhook_url,
+        priority=options.priority,
+        reuse=options.reuse,
         created_at=now,
         updated_at=now,
     )
@@ -120,6 +131,7 @@ def rerun(
             max_failures=job.max_failures,
             webhook_url=job.webhook_url,
             priority=job.priority,
+            reuse=job.reuse,
             created_at=now,
             updated_at=now,
         )

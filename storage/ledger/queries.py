@@ -149,6 +149,19 @@ class ReportData:
     total_items: int
     total_images: int
     rows: list[ReportRow]
+    reused_images: int = 0  # of total_images: copied from outputs made before
+
+
+def images(session: Session, *, job_id: str) -> dict[str, int]:
+    """A job's recorded images, and how many of them were copied from outputs made before
+    (`workers.stages.reuse`) instead of generated. Counts the job's outputs: for one job."""
+    total, reused = session.execute(
+        select(func.count(), func.count(Output.reused_from))
+        .select_from(Output)
+        .join(Item, Item.id == Output.item_id)
+        .where(Item.job_id == job_id)
+    ).one()
+    return {"images": int(total), "reused": int(reused)}
 
 
 def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
@@ -157,15 +170,7 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
     if manifest_uri is None:
         return None
     total_items = session.scalar(select(func.count()).where(Item.job_id == job_id)) or 0
-    total_images = (
-        session.scalar(
-            select(func.count())
-            .select_from(Output)
-            .join(Item, Item.id == Output.item_id)
-            .where(Item.job_id == job_id)
-        )
-        or 0
-    )
+    counted = images(session, job_id=job_id)
     items = session.execute(
         select(
             Item.id,
@@ -203,6 +208,7 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
             Output.seed,
             Output.clip_i,
             Output.clip_t,
+            Output.reused_from,
         )
         .where(Output.item_id.in_(ids))
         .order_by(Output.item_id, Output.image_index)
@@ -221,7 +227,13 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
         .order_by(ItemInput.item_id, ItemInput.role, ItemInput.owner_index, ItemInput.position)
     ):
         rows[item_id].inputs.append((role, owner, uri))
-    return ReportData(str(manifest_uri), int(total_items), int(total_images), list(rows.values()))
+    return ReportData(
+        str(manifest_uri),
+        int(total_items),
+        counted["images"],
+        list(rows.values()),
+        reused_images=counted["reused"],
+    )
 
 
 def training_summary(

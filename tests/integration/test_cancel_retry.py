@@ -79,11 +79,17 @@ def test_runs_of_a_job(sessions: sessionmaker[Session]) -> None:
 
 
 def _job_with_items(
-    s: Session, now: Any, sha: str, statuses: list[ItemStatus], **job: Any
+    s: Session, now: Any, sha: str, statuses: list[ItemStatus], max_failures: float | None = None
 ) -> tuple[str, list[int]]:
     """A running job, its manifest read, with items in `statuses`; the pending ones' ids."""
     job_id, _ = jobs.create(
-        s, name="j", manifest_uri="m", manifest_sha256=sha * 64, output_uri="/o", now=now, **job
+        s,
+        name="j",
+        manifest_uri="m",
+        manifest_sha256=sha * 64,
+        output_uri="/o",
+        now=now,
+        options=jobs.JobOptions(max_failures=max_failures),
     )
     rows = [
         {"row_id": f"r{i}", "row_index": i, "status": status, "params": {}}

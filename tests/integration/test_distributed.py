@@ -122,6 +122,7 @@ def test_submit_embed_generate_over_real_services(
             {"id": "missing", "reference": f"s3://{bucket}/refs/missing.png", "steps": 2},
         ],
     )
+    calls_before = cluster.scrape("generator")[("ipbatch_batch_seconds_count", ())]
     cli("producer", "--watch", f"s3://{bucket}/incoming/", "--output", output, "--once", env=env)
     cli("producer", "--watch", f"s3://{bucket}/incoming/", "--output", output, "--once", env=env)
     with cluster.engine.connect() as conn:
@@ -145,6 +146,25 @@ def test_submit_embed_generate_over_real_services(
         n_embeddings = conn.execute(sa.text("SELECT COUNT(*) FROM embeddings")).scalar()
     assert errors == {"outside": "reference_forbidden", "missing": "reference_not_found"}
     assert n_embeddings == 9  # last job's embeddings (and reference scores) reused, none added
+    # its 4 rows of the first job were made before: copied, bit for bit, no diffusers call
+    generator = cluster.scrape("generator")
+    assert generator[("ipbatch_batch_seconds_count", ())] == calls_before
+    with cluster.engine.connect() as conn:
+        copies = conn.execute(
+            sa.text(
+                "SELECT o.uri, s.uri, o.sha256, s.sha256 FROM outputs o JOIN items i ON"
+                " i.id = o.item_id JOIN outputs s ON s.id = o.reused_from WHERE i.job_id = :j"
+            ),
+            {"j": jobs[0]},
+        ).all()
+    assert len(copies) == 5 == generator[("ipbatch_images_reused_total", ())]
+    for copy_uri, source_uri, copy_sha, source_sha in copies:
+        assert copy_uri.startswith(f"{output}/{jobs[0]}/") and copy_sha == source_sha
+        read = [
+            s3.get_object(Bucket=bucket, Key=u.removeprefix(f"s3://{bucket}/"))["Body"].read()
+            for u in (copy_uri, source_uri)
+        ]
+        assert read[0] == read[1] and hashlib.sha256(read[0]).hexdigest() == copy_sha
     status = json.loads(cli("status", jobs[0], "--json", env=env))
     assert status["jobs"][0]["failed"] == 2
     assert {f["error_code"] for f in status["failures"]} == {

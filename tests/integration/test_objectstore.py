@@ -10,7 +10,7 @@ from core.errors import ObjectNotFound
 from core.uris import join_uri
 from storage.objectstore import ObjectStores
 from storage.publish import Outcome, publish
-from workers.stages.generate import output_uri_for
+from workers.stages.reuse import output_uri_for
 
 
 @pytest.fixture(params=["local", "s3"])

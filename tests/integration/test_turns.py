@@ -29,7 +29,7 @@ def _job(sessions: sessionmaker[Session], rows: int, *, priority: int = 1) -> tu
             manifest_sha256=uuid.uuid4().hex * 2,
             output_uri="/out",
             now=CLOCK(),
-            priority=priority,
+            options=jobs.JobOptions(priority=priority),
         )
         job_claims.claim(s, job_id=job_id, stage=INGEST, worker="i", lease_seconds=60, now=CLOCK())
         values = [

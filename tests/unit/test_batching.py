@@ -130,7 +130,7 @@ def test_plan_batches_groups_compatible_rows_up_to_the_image_budget(tiny_models:
     prepared = []
     for i, (k, request) in enumerate(zip(ks, requests, strict=True)):
         row = Row(id=f"r{i}", reference="x", num_images=k)
-        prepared.append(Prepared(i, "job", row, "/out", [], request))
+        prepared.append(Prepared(i, "job", row, "/out", [], request, ()))
     batches = plan_batches(prepared, max_images=4)
     assert [[p.item_id for p in b] for b in batches] == [[0, 1], [2], [4], [5], [3]]
 

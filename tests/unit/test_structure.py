@@ -423,7 +423,7 @@ def test_four_scales_run_in_as_many_calls_as_one(models: ModelSource) -> None:
             [[{"pos": pos, "neg": torch.zeros_like(pos)}]],
             {("control", 0, 0): {"pixels": pixels}},
         )
-        return Prepared(i, "job", row, "/out", [], request)
+        return Prepared(i, "job", row, "/out", [], request, ())
 
     one = [prepared(i, 0.5, {}) for i in range(8)]
     four = [

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from core.errors import Action, ErrorCode, ObjectNotFound, classify
-from core.uris import join_uri
 from pipeline.images import CONTENT_TYPES, encode_output, judge_stored_output
 from pipeline.manifest import Row, validate_row
 from pipeline.requests import build_request, image_metadata
@@ -34,8 +33,9 @@ from storage.publish import Outcome, publish
 from workers import metrics
 from workers.claims import ClaimedWork, claimed
 from workers.context import StageContext
-from workers.stages import scoring
+from workers.stages import reuse, scoring
 from workers.stages.common import finalize_jobs
+from workers.stages.reuse import output_uri_for
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,7 @@ class GenerateSummary:
     held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
     retry_in: float = 0.0
     embed_again: list[int] = field(default_factory=list)  # their cached embeddings were gone
+    reused: int = 0  # items whose images were made before: copied
     deferred: list[int] = field(default_factory=list)  # another job's turn: to send again
 
 
@@ -67,6 +68,7 @@ class Prepared:
     output_uri: str
     references: list[tuple[str, str]]  # (content sha256, uri) of each distinct reference
     request: GenerationRequest
+    fingerprints: tuple[str, ...]  # of each image (`pipeline.fingerprint`)
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -83,6 +85,8 @@ class _Entry:
     embeddings: list[list[str]]  # cache URIs, [adapter][reference]
     references: list[tuple[str, str]]
     inputs: dict[tuple[str, int, int], str]  # cache URIs of the prepared structure inputs
+    reuse: bool  # its job copies images made before (not --no-reuse)
+    fingerprints: tuple[str, ...]  # of each image (`pipeline.fingerprint`)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,11 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
         # 1. each item's row and its cached embeddings (fetched in parallel); an item whose
         #    cached embedding is gone goes back to the embed stage, which writes it again
         entries = _load(ctx, work.ids)
+        job_ids = {entry.job_id for entry in entries}
+        #    and a row whose every image was made before is copied (`reuse`), not generated
+        copied = reuse.copy_made_before(ctx, work, [e for e in entries if e.reuse])
+        summary.reused += len(copied)
+        entries = [e for e in entries if e.item_id not in copied]
         prepared = _prepare(ctx, work, entries, summary)
         # 2. batches of rows that can share one diffusers call
         batches = plan_batches(prepared, max_images=ctx.batch_images)
@@ -111,7 +120,7 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
                 batch = _drop_cancelled(ctx, work, batch)
                 if batch:
                     finish(_score(ctx, work, _generate(ctx, work, batch)))
-    finalize_jobs(ctx, {entry.job_id for entry in entries})
+    finalize_jobs(ctx, job_ids)
     return summary
 
 
@@ -133,7 +142,20 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
                 (link.role, link.owner_index, link.position): embedding.uri
                 for link, embedding in embeddings.inputs_of_item(session, item_id=item.id)
             }
-            entries.append(_Entry(item.id, job.id, row, job.output_uri, uris, references, prepared))
+            keys = [uri for refs in uris for uri in refs] + [prepared[k] for k in sorted(prepared)]
+            entries.append(
+                _Entry(
+                    item.id,
+                    job.id,
+                    row,
+                    job.output_uri,
+                    uris,
+                    references,
+                    prepared,
+                    reuse=job.reuse,
+                    fingerprints=reuse.fingerprints(ctx, row, keys),
+                )
+            )
     return entries
 
 
@@ -166,6 +188,7 @@ def _prepare(
                     entry.output_uri,
                     entry.references,
                     request,
+                    entry.fingerprints,
                 )
             )
     return prepared
@@ -363,10 +386,6 @@ def _record(
         )
 
 
-def output_uri_for(output_uri: str, job_id: str, row_id: str, k: int, fmt: str) -> str:
-    return join_uri(output_uri, job_id, row_id, f"{k}.{fmt}")
-
-
 def _upload(
     ctx: StageContext, m: _Made, *, still_ours: Callable[[], bool]
 ) -> list[dict[str, Any]] | None:
@@ -410,6 +429,7 @@ def _upload(
                 "height": result.height,
                 "clip_i": scores[0],
                 "clip_t": scores[1],
+                "fingerprint": p.fingerprints[k],
             }
         )
     return stored

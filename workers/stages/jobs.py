@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.errors import ConfigError
 from storage.ledger import counters, items, job_claims, jobs, queries
-from storage.lifecycle import JOB_ACTIVE, JOB_STAGES, NORMAL, STAGES, JobStage, Stage
+from storage.lifecycle import JOB_ACTIVE, JOB_STAGES, STAGES, JobStage, Stage
 from storage.models import ItemStatus, Job, JobKind, JobStatus
 from workers.context import StageContext
 from workers.stages import results
@@ -51,13 +51,10 @@ def register(
     manifest_uri: str,
     output_uri: str,
     name: str | None = None,
-    max_failures: float | None = None,
-    webhook_url: str | None = None,
-    priority: int = NORMAL,
+    options: jobs.JobOptions = jobs.JobOptions(),
 ) -> tuple[str, bool]:
     """Record a job for a manifest; the same bytes and output give the same job.
-    `max_failures`: the job stops itself past this many failed rows (>= 1) or this share of
-    its rows (< 1). Returns (job id, created)."""
+    Returns (job id, created)."""
     sha = manifest_sha256(ctx, manifest_uri)
     with ctx.sessions.begin() as session:
         return jobs.create(
@@ -68,9 +65,7 @@ def register(
             output_uri=output_uri.rstrip("/"),
             now=ctx.clock(),
             worker=ctx.worker,
-            max_failures=max_failures,
-            webhook_url=webhook_url,
-            priority=priority,
+            options=options,
         )
 
 
@@ -82,9 +77,7 @@ def submit(
     send_ingest: SendJob,
     name: str | None = None,
     rerun_ended: bool = False,
-    max_failures: float | None = None,
-    webhook_url: str | None = None,
-    priority: int = NORMAL,
+    options: jobs.JobOptions = jobs.JobOptions(),
 ) -> tuple[str, bool]:
     """Register the job and send its ingest. Submitting the same manifest again returns the
     same job, and sends its ingest again if the job still waits for one (its first message
@@ -104,9 +97,7 @@ def submit(
         manifest_uri=manifest_uri,
         output_uri=output_uri,
         name=name,
-        max_failures=max_failures,
-        webhook_url=webhook_url,
-        priority=priority,
+        options=options,
     )
     with ctx.sessions.begin() as session:
         job = jobs.get(session, job_id=job_id)
