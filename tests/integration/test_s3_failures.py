@@ -475,3 +475,54 @@ def test_a_cached_embedding_cut_short_is_computed_again_not_trusted(
     assert repaired("embedding", "undecodable") > before
     for key in cached:
         safetensors_load(s3.get_object(Bucket=bucket, Key=key)["Body"].read())  # whole again
+
+
+def test_a_stale_worker_copies_nothing_either(
+    tmp_path: Path,
+    tiny_models: Path,
+    proxy: S3Proxy,
+    bucket: str,
+    s3_endpoint: str,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reuse obeys the claim as generation does: worker A finds a second job's rows made
+    before, pauses past its lease while B takes them over and copies them; when A comes back
+    it copies and records nothing (one PUT per image, B's), on a store ignoring If-None-Match."""
+    from workers.stages import reuse
+
+    proxy.strip_conditions = True
+    a = make_ctx(tmp_path, tiny_models, proxy.endpoint, lease_seconds=5, clock=clock, worker="a")
+    b = make_ctx(tmp_path, tiny_models, proxy.endpoint, lease_seconds=60, clock=clock, worker="b")
+    manifest = put_manifest(bucket, s3_endpoint, rows(bucket, 3))
+    first = submit(b, manifest, bucket)
+    ingest.run(b, job_id=first, send=no_send)
+    assert generate.run(b, item_ids=embed.run(b, item_ids=pending_of(b, first)).ready).succeeded
+    second, _ = jobs.submit(
+        b, manifest_uri=manifest, output_uri=f"s3://{bucket}/again", send_ingest=lambda j: None
+    )
+    ingest.run(b, job_id=second, send=no_send)
+    ready = embed.run(b, item_ids=pending_of(b, second)).ready
+    real = reuse._made_before
+
+    def paused_after_looking(ctx_: StageContext, wanted: Any) -> Any:
+        found = real(ctx_, wanted)
+        if ctx_ is a:
+            clock.advance(6)  # A pauses past its lease ...
+            assert generate.run(b, item_ids=ready).reused == 3  # ... and B copies the rows
+        return found
+
+    monkeypatch.setattr(reuse, "_made_before", paused_after_looking)
+    assert generate.run(a, item_ids=ready).reused == 0
+    puts = [r.path for r in proxy.requests("PUT", f"/again/{second}/")]
+    puts = [p for p in puts if not p.endswith("/results.jsonl")]
+    assert len(puts) == len(set(puts)) == 3  # B's, once each
+    with a.sessions.begin() as s:
+        recorded = s.execute(
+            sa.select(Output.uri, Output.reused_from)
+            .join(Item, Item.id == Output.item_id)
+            .where(Item.job_id == second)
+        ).all()
+    assert len(recorded) == 3 and all(source is not None for _, source in recorded)
+    a.close()
+    b.close()

@@ -54,7 +54,7 @@ class GenerateSummary:
     held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
     retry_in: float = 0.0
     embed_again: list[int] = field(default_factory=list)  # their cached embeddings were gone
-    reused: int = 0  # items whose images were made before: copied
+    reused: int = 0  # items whose images were made before: copied here
     deferred: list[int] = field(default_factory=list)  # another job's turn: to send again
 
 
@@ -108,9 +108,9 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
         entries = _load(ctx, work.ids)
         job_ids = {entry.job_id for entry in entries}
         #    and a row whose every image was made before is copied (`reuse`), not generated
-        copied = reuse.copy_made_before(ctx, work, [e for e in entries if e.reuse])
-        summary.reused += len(copied)
-        entries = [e for e in entries if e.item_id not in copied]
+        reused = reuse.copy_made_before(ctx, work, [e for e in entries if e.reuse])
+        summary.reused += len(reused.copied)
+        entries = [e for e in entries if e.item_id not in reused.handled]
         prepared = _prepare(ctx, work, entries, summary)
         # 2. batches of rows that can share one diffusers call
         batches = plan_batches(prepared, max_images=ctx.batch_images)

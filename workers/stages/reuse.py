@@ -27,6 +27,7 @@ import functools
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from core.errors import ErrorCode, ObjectNotFound
@@ -99,19 +100,32 @@ def fingerprints(ctx: StageContext, row: Row, inputs: Sequence[str]) -> tuple[st
     )
 
 
-def copy_made_before(ctx: StageContext, work: ClaimedWork, wanted: Sequence[Wanted]) -> set[int]:
-    """Copy the images of every row in `wanted` whose images were all made before; returns
-    the items taken care of (copied, or taken over by another worker meanwhile)."""
+@dataclass
+class Reused:
+    """What `copy_made_before` did: items copied here, and items another worker took over
+    meanwhile (its lease lapsed: nothing written here). Neither is generated here."""
+
+    copied: list[int] = field(default_factory=list)
+    taken_over: list[int] = field(default_factory=list)
+
+    @property
+    def handled(self) -> set[int]:
+        return {*self.copied, *self.taken_over}
+
+
+def copy_made_before(ctx: StageContext, work: ClaimedWork, wanted: Sequence[Wanted]) -> Reused:
+    """Copy the images of every row in `wanted` whose images were all made before."""
     found = _made_before(ctx, {fp for w in wanted for fp in w.fingerprints})
-    handled: set[int] = set()
+    reused = Reused()
     for w in wanted:
         sources = [found.get(fp) for fp in w.fingerprints]
         if not all(sources):
             continue
         with work.item(w.item_id, unexpected=ErrorCode.INTERNAL):
-            if _copy(ctx, work, w, [s for s in sources if s is not None]):
-                handled.add(w.item_id)
-    return handled
+            outcome = _copy(ctx, work, w, [s for s in sources if s is not None])
+            if outcome is not None:
+                (reused.copied if outcome else reused.taken_over).append(w.item_id)
+    return reused
 
 
 def _made_before(ctx: StageContext, wanted: set[str]) -> dict[str, dict[str, Any]]:
@@ -141,24 +155,27 @@ def _made_before(ctx: StageContext, wanted: set[str]) -> dict[str, dict[str, Any
     return found
 
 
-def _copy(ctx: StageContext, work: ClaimedWork, w: Wanted, sources: list[dict[str, Any]]) -> bool:
-    """Copy one row's images; False if one of them is gone or changed (generate the row)."""
+def _copy(
+    ctx: StageContext, work: ClaimedWork, w: Wanted, sources: list[dict[str, Any]]
+) -> bool | None:
+    """Copy one row's images: True if copied, False if the claim was lost (another worker
+    stores and records it), None if one of them is gone or changed (generate the row)."""
     if not work.still_held([w.item_id]):
-        return True  # taken over: the other worker stores and records it
+        return False
     copies: list[tuple[dict[str, Any], str, bytes]] = []
     for k, source in enumerate(sources):
         try:
             data = ctx.stores.for_uri(source["uri"]).get(source["uri"])
         except ObjectNotFound:
             log.info("item %d: %s is gone: generated again", w.item_id, source["uri"])
-            return False
+            return None
         if hashlib.sha256(data).hexdigest() != source["sha256"]:
             log.warning(
                 "item %d: %s changed since it was recorded: generated again",
                 w.item_id,
                 source["uri"],
             )
-            return False
+            return None
         uri = output_uri_for(w.output_uri, w.job_id, w.row.id, k, w.row.output_format)
         copies.append((source, uri, data))
     stored = []
@@ -173,7 +190,7 @@ def _copy(ctx: StageContext, work: ClaimedWork, w: Wanted, sources: list[dict[st
             still_ours=lambda: bool(work.still_held([w.item_id])),
         )
         if published.outcome is Outcome.NOT_OURS:
-            return True
+            return False
         stored.append(
             {
                 **{key: value for key, value in source.items() if key not in ("id", "uri")},
@@ -184,10 +201,11 @@ def _copy(ctx: StageContext, work: ClaimedWork, w: Wanted, sources: list[dict[st
             }
         )
     record = functools.partial(_record, outputs=stored, now=ctx.clock())
-    if work.done([w.item_id], record=record):
-        metrics.ITEMS.labels("generate", "done").inc()
-        metrics.REUSED.inc(len(stored))
-        log.info("item %d: %d images made before, copied", w.item_id, len(stored))
+    if not work.done([w.item_id], record=record):
+        return False  # taken over before the record: the other worker's stands
+    metrics.ITEMS.labels("generate", "done").inc()
+    metrics.REUSED.inc(len(stored))
+    log.info("item %d: %d images made before, copied", w.item_id, len(stored))
     return True
 
 
