@@ -69,7 +69,8 @@ test: install services lint typecheck
 	$(BIN)/pytest tests/integration --durations=15; integration=$$?; \
 	if ! wait $$envs; then cat .py312-envs.log; echo "making the 3.12 venvs failed"; exit 1; fi; \
 	exit $$((unit || integration))
-	$(MAKE) test-py312 gpu-rehearsal
+	@# the 3.12 leg (two pytest workers) and the rehearsal (mostly one process) side by side
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-py312 gpu-rehearsal
 
 py312-envs: $(PY312_STAMP) $(REHEARSAL_STAMP)
 
