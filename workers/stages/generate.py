@@ -23,19 +23,19 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from core.errors import Action, ErrorCode, ObjectNotFound, classify
-from pipeline.images import CONTENT_TYPES, encode_output, judge_stored_output
+from pipeline.images import encode_output
 from pipeline.manifest import Row, validate_row
 from pipeline.requests import build_request, image_metadata
 from storage.ledger import embeddings, items, jobs
 from storage.ledger import outputs as output_ledger
 from storage.lifecycle import EMBED, GENERATE, JOB_ACTIVE
-from storage.publish import Outcome, publish
+from storage.publish import Outcome
 from workers import metrics
 from workers.claims import ClaimedWork, claimed
 from workers.context import StageContext
 from workers.stages import reuse, scoring
 from workers.stages.common import finalize_jobs
-from workers.stages.reuse import output_uri_for
+from workers.stages.reuse import output_uri_for, publish_output
 
 if TYPE_CHECKING:
     import torch
@@ -404,17 +404,7 @@ def _upload(
         }
         data = encode_output(image, p.row.output_format, metadata)
         uri = output_uri_for(p.output_uri, p.job_id, p.row.id, k, p.row.output_format)
-        # first writer wins; an object already there (a crash between upload and commit, a
-        # late duplicate, an upload cut off) stays only if it is these bytes
-        published = publish(
-            ctx.stores.for_uri(uri),
-            uri,
-            data,
-            kind="output",
-            content_type=CONTENT_TYPES[p.row.output_format],
-            inspect=functools.partial(judge_stored_output, made=data, uri=uri),
-            still_ours=still_ours,
-        )
+        published = publish_output(ctx, uri, data, p.row.output_format, still_ours=still_ours)
         if published.outcome is Outcome.NOT_OURS:
             return None
         scores = m.scored.scores[k] if m.scored is not None else (None, None)

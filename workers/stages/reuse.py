@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,7 +37,7 @@ from pipeline.images import CONTENT_TYPES, judge_stored_output
 from pipeline.manifest import Row
 from storage.ledger import outputs as output_ledger
 from storage.models import Output
-from storage.publish import Outcome, publish
+from storage.publish import Outcome, Published, publish
 from workers import metrics
 
 if TYPE_CHECKING:
@@ -67,6 +67,23 @@ class Wanted(Protocol):
 def output_uri_for(output_uri: str, job_id: str, row_id: str, k: int, fmt: str) -> str:
     """Where image k of a row of a job is stored."""
     return join_uri(output_uri, job_id, row_id, f"{k}.{fmt}")
+
+
+def publish_output(
+    ctx: StageContext, uri: str, data: bytes, fmt: str, *, still_ours: Callable[[], bool]
+) -> Published:
+    """Store an image's bytes at its key, generated or copied: first writer wins; an object
+    already there (a crash between upload and commit, a late duplicate, an upload cut off)
+    stays only if it is these bytes (`storage.publish`)."""
+    return publish(
+        ctx.stores.for_uri(uri),
+        uri,
+        data,
+        kind="output",
+        content_type=CONTENT_TYPES[fmt],
+        inspect=functools.partial(judge_stored_output, made=data, uri=uri),
+        still_ours=still_ours,
+    )
 
 
 def fingerprints(ctx: StageContext, row: Row, inputs: Sequence[str]) -> tuple[str, ...]:
@@ -180,13 +197,11 @@ def _copy(
         copies.append((source, uri, data))
     stored = []
     for k, (source, uri, data) in enumerate(copies):
-        published = publish(
-            ctx.stores.for_uri(uri),
+        published = publish_output(
+            ctx,
             uri,
             data,
-            kind="output",
-            content_type=CONTENT_TYPES[w.row.output_format],
-            inspect=functools.partial(judge_stored_output, made=data, uri=uri),
+            w.row.output_format,
             still_ours=lambda: bool(work.still_held([w.item_id])),
         )
         if published.outcome is Outcome.NOT_OURS:
