@@ -55,6 +55,10 @@ class Thumbnails:
         return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
 def _named_references(params: dict[str, Any], manifest_uri: str) -> list[str]:
     """The references a row names, resolved like the embed stage does (for rows that failed
     before their references were recorded)."""
@@ -267,7 +271,12 @@ def render(engine: Engine, thumbnail: Thumbnails, *, job_id: str, limit: int = 5
         f"{job['percent_done']:.1f}% done</div>"
         f"<div class='summary'><table class='counts'>{counts}"
         f"<tr><td>images</td><td>{images}</td></tr>"
-        f"<tr><td>made before, copied</td><td>{loaded.reused_images}</td></tr>"
+        f"<tr><td>made before, copied</td><td>{loaded.cost['reused']}</td></tr>"
+        f"<tr><td>GPU-seconds</td><td>{loaded.cost['gpu_seconds']:.1f}</td></tr>"
+        f"<tr><td>images per GPU-hour</td>"
+        f"<td>{_maybe(loaded.cost['images_per_gpu_hour'])}</td></tr>"
+        f"<tr><td>GPU-seconds saved by copies</td>"
+        f"<td>{_maybe(loaded.cost['gpu_seconds_saved'])}</td></tr>"
         f"<tr><td>time</td><td>{elapsed:.1f} s</td></tr>"
         f"<tr><td>images/s</td><td>{rate:.2f}</td></tr></table>"
         f"{_histogram(scores_i, -1.0, 1.0, 'CLIP-I') if scores_i else ''}"

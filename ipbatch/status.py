@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -165,12 +165,79 @@ def bars(job: dict[str, Any], width: int = 40) -> str:
         filled = round(width * n / total)
         lines.append(f"  {stage:10} {'#' * filled}{'.' * (width - filled)} {n:>8}")
     if job.get("images"):
-        lines.append(f"  images: {job['images']}, {job['reused']} of them made before and copied")
+        lines.append(_cost_line(job))
     if job["error"]:
         lines.append(f"  {job['error']}")
     for code, n in job["failures"].items():
         lines.append(f"  failed: {n} x {code}")
     return "\n".join(lines + _nobody(job))
+
+
+def _cost_line(job: dict[str, Any]) -> str:
+    """What the job's images cost the GPU, and what copying those made before saved."""
+    line = f"  images: {job['images']}, GPU {job['gpu_seconds']:.1f} s"
+    if job["images_per_gpu_hour"]:
+        line += f" ({job['images_per_gpu_hour']:,.0f} images per GPU-hour)"
+    if job["reused"]:
+        line += f"; {job['reused']} made before and copied"
+        if job["gpu_seconds_saved"] is not None:
+            line += f", saving about {job['gpu_seconds_saved']:.1f} GPU-s"
+    return line
+
+
+def forecast(engine: Engine, *, until: datetime, now: datetime) -> dict[str, Any]:
+    """What the fleet can make by `until`: the images per second the active jobs have been
+    recorded at since each started (copies included), summed, times the seconds left; and
+    how many images the active jobs still need (their rows left, at each job's images per
+    row so far; 1 before any)."""
+    rate = left = 0.0
+    with Session(engine) as session:
+        active = [j for j in queries.progress(session, limit=10_000) if j["status"] in ACTIVE]
+        for job in active:
+            counts = queries.status_counts(session, job_id=job["job_id"])
+            made = queries.images(session, job_id=job["job_id"])["images"]
+            started = job["started_at"]
+            elapsed = (now - started).total_seconds() if started else 0.0
+            rate += made / elapsed if elapsed > 0 else 0.0
+            rows = sum(counts[str(s)] for stage in STAGES for s in (stage.waiting, stage.working))
+            left += rows * (made / counts["succeeded"] if counts["succeeded"] else 1.0)
+    seconds = max(0.0, (until - now).total_seconds())
+    return {
+        "until": until.isoformat(),
+        "seconds": round(seconds),
+        "active_jobs": len(active),
+        "images_per_second": round(rate, 3),
+        "images_by_then": int(rate * seconds),
+        "images_left": round(left),
+        "all_done_at": (now + timedelta(seconds=left / rate)).isoformat() if rate else None,
+    }
+
+
+def next_time(clock: str, now: datetime) -> datetime:
+    """The next HH:MM on `now`'s clock (today, or tomorrow if it has passed)."""
+    try:
+        hour, minute = (int(part) for part in clock.split(":"))
+        when = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    except ValueError as exc:
+        raise ValueError(f"--by {clock!r}: a time of day as HH:MM (07:00)") from exc
+    return when if when > now else when + timedelta(days=1)
+
+
+def forecast_line(f: dict[str, Any]) -> str:
+    until = datetime.fromisoformat(f["until"])
+    head = f"by {until:%H:%M} (in {_duration(f['seconds'])})"
+    if not f["active_jobs"]:
+        return f"{head}: no job is running"
+    line = (
+        f"{head}: about {f['images_by_then']:,} images at the {f['active_jobs']} running jobs' "
+        f"{f['images_per_second']:.2f} images/s; {f['images_left']:,} images left"
+    )
+    if f["all_done_at"] is None:
+        return line + " (no image recorded yet: no rate)"
+    done = datetime.fromisoformat(f["all_done_at"])
+    if f["images_by_then"] >= f["images_left"]:
+        return line + f", all done by {done:%H:%M}"
+    return line + f", not all by then (all at {done:%Y-%m-%d %H:%M})"
 
 
 def watch(engine: Engine, *, job_id: str, interval: float) -> int:

@@ -255,6 +255,8 @@ class Output(Base):
     # instead of generated; NULL before revision 0018
     fingerprint: Mapped[str | None] = mapped_column(String(64), index=True)
     reused_from: Mapped[int | None] = mapped_column(BigInteger)  # outputs.id it was copied from
+    # what it cost the GPU: its call's seconds shared by the call's images (0: a copy)
+    gpu_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("item_id", "image_index"),)

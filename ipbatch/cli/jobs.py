@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     engine = make_engine(Settings().ledger_url())
     try:
+        if args.by:
+            now = datetime.now().astimezone()
+            try:
+                until = status.next_time(args.by, now)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            ahead = status.forecast(engine, until=until, now=now)
+            print(json.dumps(ahead, indent=2) if args.json else status.forecast_line(ahead))
+            return 0
         if args.watch:
             if not args.job:
                 raise ConfigError("--watch needs a job id")
@@ -370,6 +380,12 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("--watch", action="store_true", help="live bars per stage until the job ends")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between --watch redraws")
     p.add_argument("--limit", type=int, default=20, help="jobs listed without a job id")
+    p.add_argument(
+        "--by",
+        metavar="HH:MM",
+        help="how many images the fleet makes by then at the running jobs' current rate, and "
+        "whether they all finish",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(

@@ -149,19 +149,37 @@ class ReportData:
     total_items: int
     total_images: int
     rows: list[ReportRow]
-    reused_images: int = 0  # of total_images: copied from outputs made before
+    cost: dict[str, Any] = field(default_factory=dict)  # `images`: GPU-seconds, reuse
 
 
-def images(session: Session, *, job_id: str) -> dict[str, int]:
-    """A job's recorded images, and how many of them were copied from outputs made before
-    (`workers.stages.reuse`) instead of generated. Counts the job's outputs: for one job."""
-    total, reused = session.execute(
-        select(func.count(), func.count(Output.reused_from))
-        .select_from(Output)
+def images(session: Session, *, job_id: str) -> dict[str, Any]:
+    """What a job's images cost: how many are recorded, how many of them were copied from
+    outputs made before (`workers.stages.reuse`), the GPU-seconds the others took (each
+    diffusers call's seconds shared by its images), images per GPU-hour, and the GPU-seconds
+    the copies saved at the job's own rate (a job that generated nothing: at the rate their
+    sources were made). Reads the job's outputs: for one job at a time."""
+    mine = (
+        select(Output.reused_from, Output.gpu_seconds)
         .join(Item, Item.id == Output.item_id)
         .where(Item.job_id == job_id)
+        .subquery()
+    )
+    total, reused, seconds = session.execute(
+        select(func.count(), func.count(mine.c.reused_from), func.sum(mine.c.gpu_seconds))
     ).one()
-    return {"images": int(total), "reused": int(reused)}
+    made = int(total) - int(reused)
+    per_image = float(seconds) / made if made and seconds else None
+    if per_image is None and reused:  # all copied: what their sources cost
+        per_image = session.scalar(
+            select(func.avg(Output.gpu_seconds)).join(mine, mine.c.reused_from == Output.id)
+        )
+    return {
+        "images": int(total),
+        "reused": int(reused),
+        "gpu_seconds": round(float(seconds or 0.0), 3),
+        "images_per_gpu_hour": round(3600 / per_image, 1) if per_image else None,
+        "gpu_seconds_saved": round(int(reused) * per_image, 3) if per_image else None,
+    }
 
 
 def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
@@ -232,7 +250,7 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
         int(total_items),
         counted["images"],
         list(rows.values()),
-        reused_images=counted["reused"],
+        cost=counted,
     )
 
 

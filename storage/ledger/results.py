@@ -80,6 +80,7 @@ def rows(session: Session, *, job_id: str, page: int = 1000) -> Iterator[dict[st
                 "outputs": [o.uri for o in images],
                 "scores": [{"clip_i": o.clip_i, "clip_t": o.clip_t} for o in images],
                 "seed": seed,
+                "gpu_seconds": round(sum(o.gpu_seconds or 0.0 for o in images), 3),
                 # copied from an output made before (`workers.stages.reuse`), not generated
                 "reused": bool(images) and all(o.reused_from is not None for o in images),
             }

@@ -53,7 +53,9 @@ def test_an_ended_job_writes_its_results_and_calls_its_webhook(
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'ipbatch.db'}")
     with engine.connect() as conn:
         outputs = conn.execute(
-            sa.text("SELECT uri, seed, clip_i, clip_t FROM outputs ORDER BY image_index")
+            sa.text(
+                "SELECT uri, seed, clip_i, clip_t, gpu_seconds FROM outputs ORDER BY image_index"
+            )
         ).all()
         results_uri, retry_at = conn.execute(
             sa.text("SELECT results_uri, webhook_after FROM jobs")
@@ -65,8 +67,9 @@ def test_an_ended_job_writes_its_results_and_calls_its_webhook(
         "error_code": None,
         "message": None,
         "outputs": [uri for uri, *_ in outputs],
-        "scores": [{"clip_i": ci, "clip_t": ct} for _, _, ci, ct in outputs],
+        "scores": [{"clip_i": ci, "clip_t": ct} for _, _, ci, ct, _ in outputs],
         "seed": outputs[0][1],
+        "gpu_seconds": round(sum(seconds for *_, seconds in outputs), 3),
         "reused": False,
     }
     assert (found["gone"]["status"], found["gone"]["error_code"]) == (

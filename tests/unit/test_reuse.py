@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +33,32 @@ ROWS = [
 ]
 
 
+class Calls(list[int]):
+    """Every diffusers call this process makes (rows per call), and the seconds each took."""
+
+    seconds: list[float]
+
+
 @pytest.fixture()
-def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every diffusers call this process makes (rows per call), counted where ipbatch makes
-    them: `Generator.generate_batch` and `Generator.generate`."""
-    made: list[int] = []
+def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
+    """Counted where ipbatch makes them: `Generator.generate_batch` and `generate`."""
+    made = Calls()
+    made.seconds = []
     batch, solo = Generator.generate_batch, Generator.generate
 
+    def timed(call: Any, rows: int) -> Any:
+        made.append(rows)
+        started = time.perf_counter()
+        try:
+            return call()
+        finally:
+            made.seconds.append(time.perf_counter() - started)
+
     def generate_batch(self: Generator, requests: list[Any]) -> Any:
-        made.append(len(requests))
-        return batch(self, requests)
+        return timed(lambda: batch(self, requests), len(requests))
 
     def generate(self: Generator, request: Any) -> Any:
-        made.append(1)
-        return solo(self, request)
+        return timed(lambda: solo(self, request), 1)
 
     monkeypatch.setattr(Generator, "generate_batch", generate_batch)
     monkeypatch.setattr(Generator, "generate", generate)
@@ -58,7 +71,7 @@ def _outputs(settings: Settings, job_id: str) -> dict[tuple[str, int], dict[str,
         rows = conn.execute(
             sa.text(
                 "SELECT i.row_id, o.image_index, o.uri, o.sha256, o.seed, o.clip_i, o.clip_t,"
-                " o.fingerprint, o.reused_from, o.id FROM outputs o JOIN items i"
+                " o.fingerprint, o.reused_from, o.id, o.gpu_seconds FROM outputs o JOIN items i"
                 " ON i.id = o.item_id WHERE i.job_id = :job"
             ),
             {"job": job_id},
@@ -69,7 +82,7 @@ def _outputs(settings: Settings, job_id: str) -> dict[tuple[str, int], dict[str,
 
 
 def test_a_second_run_copies_every_image_and_makes_no_diffusers_call(
-    tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path], calls: list[int]
+    tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path], calls: Calls
 ) -> None:
     settings = Settings(home=tmp_path / "home", models=str(tiny_models))
     manifest = write_manifest(tmp_path / "night.jsonl", ROWS)
@@ -77,11 +90,14 @@ def test_a_second_run_copies_every_image_and_makes_no_diffusers_call(
         settings, manifest=str(manifest), output=str(tmp_path / out), progress=False, **kw
     )
     first = run("monday")
-    assert first.status == "succeeded" and sum(calls) == 3
+    assert first.status == "succeeded" and calls == [3]  # the three rows share one call
     made = _outputs(settings, first.job_id)
-    assert len(made) == 4 and all(
-        o["fingerprint"] and o["reused_from"] is None for o in made.values()
-    )
+    assert len(made) == 4
+    assert all(o["fingerprint"] and o["reused_from"] is None for o in made.values())
+    # what each image cost: the call's seconds shared by its 4 images
+    [call] = calls.seconds
+    [per_image] = {o["gpu_seconds"] for o in made.values()}
+    assert per_image == pytest.approx(call / 4, abs=1e-3)
 
     # 1. the same rows again (another output): every image copied, no diffusers call
     calls.clear()
@@ -101,10 +117,17 @@ def test_a_second_run_copies_every_image_and_makes_no_diffusers_call(
     with local_context(settings) as ctx, ctx.sessions.begin() as session:
         from storage.ledger import queries, results
 
-        assert queries.images(session, job_id=second.job_id) == {"images": 4, "reused": 4}
+        cost = queries.images(session, job_id=first.job_id)
+        assert cost["images"] == 4 and cost["reused"] == 0
+        assert cost["gpu_seconds"] == pytest.approx(call, abs=1e-3)
+        assert cost["images_per_gpu_hour"] == pytest.approx(3600 * 4 / call, rel=1e-3)
+        assert cost["gpu_seconds_saved"] == 0.0  # nothing copied
+        cost = queries.images(session, job_id=second.job_id)  # copies: no GPU time
+        assert (cost["images"], cost["reused"], cost["gpu_seconds"]) == (4, 4, 0.0)
+        assert cost["gpu_seconds_saved"] == pytest.approx(call, abs=1e-3)  # the sources' cost
         assert results.summary(session, job_id=second.job_id)["reused"] == 4
         lines = {line["id"]: line for line in results.rows(session, job_id=second.job_id)}
-    assert all(line["reused"] for line in lines.values())
+    assert all(line["reused"] and line["gpu_seconds"] == 0.0 for line in lines.values())
 
     # 2. one row changed (its prompt), one object gone: those two rows are generated again
     Path(copied[("green", 0)]["uri"]).unlink()  # the newest copy of green: gone

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -96,6 +97,7 @@ class _Made:
     item: Prepared
     result: GenerationResult
     scored: scoring.Scored | None
+    gpu_seconds: float  # per image: its call's seconds shared by the call's images, + retries
 
 
 def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
@@ -142,7 +144,6 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
                 (link.role, link.owner_index, link.position): embedding.uri
                 for link, embedding in embeddings.inputs_of_item(session, item_id=item.id)
             }
-            keys = [uri for refs in uris for uri in refs] + [prepared[k] for k in sorted(prepared)]
             entries.append(
                 _Entry(
                     item.id,
@@ -153,10 +154,17 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
                     references,
                     prepared,
                     reuse=job.reuse,
-                    fingerprints=reuse.fingerprints(ctx, row, keys),
+                    fingerprints=(),
                 )
             )
-    return entries
+    # each image's fingerprint, out of the transaction (a worker's first one hashes weights)
+    return [replace(e, fingerprints=reuse.fingerprints(ctx, e.row, _keys(e))) for e in entries]
+
+
+def _keys(entry: _Entry) -> list[str]:
+    """The cache keys of an entry's embeddings and prepared inputs, in a fixed order."""
+    embedded = [uri for refs in entry.embeddings for uri in refs]
+    return embedded + [entry.inputs[slot] for slot in sorted(entry.inputs)]
 
 
 def _prepare(
@@ -247,15 +255,18 @@ def _drop_cancelled(ctx: StageContext, work: ClaimedWork, batch: list[Prepared])
 
 def _generate(
     ctx: StageContext, work: ClaimedWork, batch: list[Prepared]
-) -> list[tuple[Prepared, GenerationResult]]:
+) -> list[tuple[Prepared, GenerationResult, float]]:
     """One diffusers call for the batch; if it fails because of a row, each row alone, so a
     bad row fails by itself. A pipeline that does not load is this worker's configuration
-    (ModelLoadError): it goes up to the claim scope, which gives every item back."""
+    (ModelLoadError): it goes up to the claim scope, which gives every item back. With each
+    row's result, the call's seconds per image (what each image cost the GPU)."""
     generator = ctx.generators.get(batch[0].adapters)
     try:
+        started = time.perf_counter()
         with metrics.BATCH_SECONDS.time():
             results = generator.generate_batch([p.request for p in batch])
-        return list(zip(batch, results, strict=True))
+        per_image = (time.perf_counter() - started) / sum(p.row.num_images for p in batch)
+        return [(p, result, per_image) for p, result in zip(batch, results, strict=True)]
     except Exception as exc:
         decision = classify(exc, unexpected=ErrorCode.MODEL_ERROR)
         if decision.action is not Action.FAIL:
@@ -268,23 +279,26 @@ def _generate(
     made = []
     for p in batch:
         with work.item(p.item_id, unexpected=ErrorCode.MODEL_ERROR):
-            made.append((p, generator.generate(p.request)))
+            started = time.perf_counter()
+            result = generator.generate(p.request)
+            made.append((p, result, (time.perf_counter() - started) / p.row.num_images))
     return made
 
 
 def _score(
-    ctx: StageContext, work: ClaimedWork, made: list[tuple[Prepared, GenerationResult]]
+    ctx: StageContext, work: ClaimedWork, made: list[tuple[Prepared, GenerationResult, float]]
 ) -> list[_Made]:
     """CLIP-I and CLIP-T of every image (none with scoring off); with a score threshold,
     images below it are made again with the next seed, unless the row says `regenerate:
     false` (an evaluation's rows). Runs here: regenerating needs the GPU."""
     scorer = ctx.scorer
     if scorer is None:
-        return [_Made(p, result, None) for p, result in made]
+        return [_Made(p, result, None, seconds) for p, result, seconds in made]
     memo: dict[str, torch.Tensor] = {}
     scored = []
-    for p, result in made:
+    for p, result, seconds in made:
         with work.item(p.item_id):
+            again = _Timed(functools.partial(_again, ctx.generators.get(p.adapters), p.request))
             references = scoring.reference_embeds(
                 ctx, scorer, p.references, cache_root=ctx.cache_root(p.output_uri), memo=memo
             )
@@ -294,10 +308,27 @@ def _score(
                 scoring.Judge(scorer, references, p.row.scored_text),
                 threshold=ctx.settings.score_threshold if p.row.regenerate else None,
                 tries=ctx.settings.score_tries,
-                again=functools.partial(_again, ctx.generators.get(p.adapters), p.request),
+                again=again,
             )
-            scored.append(_Made(p, replace(result, images=kept.images, seeds=kept.seeds), kept))
+            result = replace(result, images=kept.images, seeds=kept.seeds)
+            seconds += again.seconds / p.row.num_images  # images made again: the row's cost
+            scored.append(_Made(p, result, kept, seconds))
     return scored
+
+
+class _Timed:
+    """A callable that adds up the seconds its calls take (the GPU's, for regenerations)."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        self.call = call
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.call(*args)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def _again(generator: Generator, request: GenerationRequest, k: int, attempt: int) -> Any:
@@ -420,6 +451,7 @@ def _upload(
                 "clip_i": scores[0],
                 "clip_t": scores[1],
                 "fingerprint": p.fingerprints[k],
+                "gpu_seconds": m.gpu_seconds,
             }
         )
     return stored

@@ -213,6 +213,7 @@ def _copy(
                 "uri": uri,
                 "fingerprint": w.fingerprints[k],
                 "reused_from": source["id"],
+                "gpu_seconds": 0.0,  # a copy takes no GPU time
             }
         )
     record = functools.partial(_record, outputs=stored, now=ctx.clock())
