@@ -24,12 +24,13 @@ import os
 import statistics
 import sys
 import time
-import uuid
 
 import sqlalchemy as sa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.benchdb import throwaway_database  # noqa: E402
 
 COUNTING_ITEMS = """
 SELECT j.id, COUNT(i.id) AS total,
@@ -76,11 +77,7 @@ def main() -> None:
     from storage.migrate import upgrade
     from storage.models import ItemStatus
 
-    name = f"ipbatch_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(args.pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(args.pg).set(database=name).render_as_string(hide_password=False)
+    url, drop = throwaway_database(args.pg)
     engine = db.make_engine(url)
     try:
         upgrade(url)
@@ -135,9 +132,7 @@ def main() -> None:
                     results.setdefault(label, {})[phase] = timed(conn, sql, job_id)
     finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+        drop()
 
     print()
     print(f"{'query (one job of ' + format(args.items, ',') + ' items)':<44}", end="")

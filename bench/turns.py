@@ -36,6 +36,8 @@ import sqlalchemy as sa
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.benchdb import throwaway_database  # noqa: E402
+
 
 def timed(sessions: sa.orm.sessionmaker, work: Callable, runs: int = 50) -> tuple[float, float]:  # type: ignore[type-arg]
     times = []
@@ -67,11 +69,7 @@ def main() -> None:
     from storage.migrate import upgrade
     from storage.models import Item, ItemStatus, Job, JobItemCount, JobStatus
 
-    name = f"ipbatch_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(args.pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(args.pg).set(database=name).render_as_string(hide_password=False)
+    url, drop = throwaway_database(args.pg)
     engine = db.make_engine(url)
     now = utcnow()
     try:
@@ -198,9 +196,7 @@ def main() -> None:
                 results.setdefault(label, {})[phase] = timed(sessions, work)
     finally:
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+        drop()
 
     print()
     print(f"{'claim of an 8-item message':<44}{'as written ms (median / p95)':>30}", end="")
