@@ -69,16 +69,17 @@ test: install services lint typecheck
 	$(BIN)/pytest tests/integration --durations=15; integration=$$?; \
 	if ! wait $$envs; then cat .py312-envs.log; echo "making the 3.12 venvs failed"; exit 1; fi; \
 	exit $$((unit || integration))
-	@# the 3.12 leg (two pytest workers) and the rehearsal (mostly one process) side by side
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-py312 gpu-rehearsal
+	$(MAKE) test-py312 gpu-rehearsal
 
 py312-envs: $(PY312_STAMP) $(REHEARSAL_STAMP)
 
 # Python 3.12: what an interpreter can change, in a venv of its own: the one-machine end to end,
-# the CLI and the train command as subprocesses, manifest parsing, images, imports and Celery's
+# the CLI and the train command as subprocesses (trained, used by name; killed and resumed), manifest parsing, images, imports and Celery's
 # configuration. The rest is the same torch computing the same numbers under any interpreter
 # (every unit test passed on 3.12 when run in full, 2026-12-03); it runs on 3.11 above.
-PY312_TESTS := tests/unit/test_run_local.py tests/unit/test_cli.py tests/unit/test_train_run.py \
+PY312_TESTS := tests/unit/test_run_local.py tests/unit/test_cli.py \
+	tests/unit/test_train_run.py::test_train_then_generate_with_the_adapter_by_name \
+	tests/unit/test_train_run.py::test_a_killed_run_resumes_to_the_same_adapter \
 	tests/unit/test_verify.py tests/unit/test_manifest.py tests/unit/test_hostile_input.py \
 	tests/unit/test_images.py tests/unit/test_imports.py tests/unit/test_celery_config.py
 test-py312: $(PY312_STAMP) services
