@@ -30,8 +30,10 @@ $(PY312_STAMP): pyproject.toml
 	rm -rf $(PY312)
 	$$(scripts/find-python.sh 3.12) -m venv $(PY312)
 	$(PY312)/bin/pip install --quiet --upgrade pip
-	$(PY312)/bin/pip install --quiet torch==2.13.0
-	$(PY312)/bin/pip install --quiet -e '.[dev]'
+	@# --no-compile: these are built beside the unit tests; byte-compiling every file of torch
+	@# there is CPU taken from the tests, and Python compiles what it imports anyway
+	$(PY312)/bin/pip install --quiet --no-compile torch==2.13.0
+	$(PY312)/bin/pip install --quiet --no-compile -e '.[dev]'
 	touch $(PY312_STAMP)
 
 services:
@@ -74,9 +76,10 @@ test: install services lint typecheck
 py312-envs: $(PY312_STAMP) $(REHEARSAL_STAMP)
 
 # Python 3.12: what an interpreter can change, in a venv of its own: the one-machine end to end,
-# the CLI and the train command as subprocesses (trained, used by name; killed and resumed), manifest parsing, images, imports and Celery's
-# configuration. The rest is the same torch computing the same numbers under any interpreter
-# (every unit test passed on 3.12 when run in full, 2026-12-03); it runs on 3.11 above.
+# the CLI and the train command as subprocesses (trained, used by name; killed and resumed),
+# manifest parsing, images, imports and Celery's configuration. The rest is the same torch
+# computing the same numbers under any interpreter (every unit test passed on 3.12 when run in
+# full, 2026-12-03); it runs on 3.11 above.
 PY312_TESTS := tests/unit/test_run_local.py tests/unit/test_cli.py \
 	tests/unit/test_train_run.py::test_train_then_generate_with_the_adapter_by_name \
 	tests/unit/test_train_run.py::test_a_killed_run_resumes_to_the_same_adapter \
@@ -95,7 +98,8 @@ $(REHEARSAL_STAMP): pyproject.toml bench/gpu_wheels.py bench/gpu-image-packages.
 	$$(scripts/find-python.sh 3.12) -m venv $(REHEARSAL)
 	$(REHEARSAL)/bin/pip install --quiet --upgrade pip
 	PY=$(BIN)/python bench/gpu-wheels.sh --image-requirements $(REHEARSAL)/image-packages.txt
-	$(REHEARSAL)/bin/pip install --quiet torch==2.13.0 -r $(REHEARSAL)/image-packages.txt
+	$(REHEARSAL)/bin/pip install --quiet --no-compile torch==2.13.0 \
+		-r $(REHEARSAL)/image-packages.txt
 	touch $@
 
 gpu-rehearsal: $(REHEARSAL_STAMP)
