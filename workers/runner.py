@@ -53,6 +53,7 @@ class RunSummary:
     failures: list[tuple[str | None, str | None, str | None]]
     verified: verify.Verified | None = None  # `ipbatch run --verify`
     error: str | None = None  # why the job as a whole failed (its manifest, stopped early)
+    reused: int = 0  # of the job's images: made before (another job) and copied
 
 
 @contextmanager
@@ -251,6 +252,7 @@ def _summary(ctx: StageContext, job_id: str, *, images: int, started: float) -> 
             output_uri=f"{job.output_uri}/{job_id}",
             failures=failures,
             error=job.error_message,
+            reused=queries.images(session, job_id=job_id)["reused"],
         )
 
 

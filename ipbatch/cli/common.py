@@ -57,6 +57,7 @@ def print_summary(summary: Any) -> int:
     per_item = summary.seconds / total if total else 0.0
     print(
         f"images this run: {summary.images} in {summary.seconds:.1f} s ({per_item:.2f} s per item)"
+        + (f"; the job's made before and copied: {summary.reused}" if summary.reused else "")
     )
     for row_id, code, message in summary.failures:
         print(f"  failed {row_id or '(no id)'}: {code}: {message}")

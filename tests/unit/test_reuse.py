@@ -103,6 +103,7 @@ def test_a_second_run_copies_every_image_and_makes_no_diffusers_call(
     calls.clear()
     second = run("tuesday")
     assert second.status == "succeeded" and calls == []
+    assert (second.images, second.reused, first.images, first.reused) == (4, 4, 4, 0)
     copied = _outputs(settings, second.job_id)
     assert copied.keys() == made.keys()
     for key, out in copied.items():

@@ -55,7 +55,7 @@ class GenerateSummary:
     held: list[int] = field(default_factory=list)  # another worker holds them (live lease)
     retry_in: float = 0.0
     embed_again: list[int] = field(default_factory=list)  # their cached embeddings were gone
-    reused: int = 0  # items whose images were made before: copied here
+    reused: int = 0  # of those succeeded: items whose images were made before, copied here
     deferred: list[int] = field(default_factory=list)  # another job's turn: to send again
 
 
@@ -111,7 +111,10 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
         job_ids = {entry.job_id for entry in entries}
         #    and a row whose every image was made before is copied (`reuse`), not generated
         reused = reuse.copy_made_before(ctx, work, [e for e in entries if e.reuse])
-        summary.reused += len(reused.copied)
+        copied = [e for e in entries if e.item_id in set(reused.copied)]
+        summary.reused += len(copied)
+        summary.succeeded += len(copied)
+        summary.images += sum(e.row.num_images for e in copied)
         entries = [e for e in entries if e.item_id not in reused.handled]
         prepared = _prepare(ctx, work, entries, summary)
         # 2. batches of rows that can share one diffusers call
