@@ -30,10 +30,8 @@ $(PY312_STAMP): pyproject.toml
 	rm -rf $(PY312)
 	$$(scripts/find-python.sh 3.12) -m venv $(PY312)
 	$(PY312)/bin/pip install --quiet --upgrade pip
-	@# --no-compile: these are built beside the unit tests; byte-compiling every file of torch
-	@# there is CPU taken from the tests, and Python compiles what it imports anyway
-	$(PY312)/bin/pip install --quiet --no-compile torch==2.13.0
-	$(PY312)/bin/pip install --quiet --no-compile -e '.[dev]'
+	$(PY312)/bin/pip install --quiet torch==2.13.0
+	$(PY312)/bin/pip install --quiet -e '.[dev]'
 	touch $(PY312_STAMP)
 
 services:
@@ -98,8 +96,7 @@ $(REHEARSAL_STAMP): pyproject.toml bench/gpu_wheels.py bench/gpu-image-packages.
 	$$(scripts/find-python.sh 3.12) -m venv $(REHEARSAL)
 	$(REHEARSAL)/bin/pip install --quiet --upgrade pip
 	PY=$(BIN)/python bench/gpu-wheels.sh --image-requirements $(REHEARSAL)/image-packages.txt
-	$(REHEARSAL)/bin/pip install --quiet --no-compile torch==2.13.0 \
-		-r $(REHEARSAL)/image-packages.txt
+	$(REHEARSAL)/bin/pip install --quiet torch==2.13.0 -r $(REHEARSAL)/image-packages.txt
 	touch $@
 
 gpu-rehearsal: $(REHEARSAL_STAMP)
