@@ -111,7 +111,8 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
         job_ids = {entry.job_id for entry in entries}
         #    and a row whose every image was made before is copied (`reuse`), not generated
         reused = reuse.copy_made_before(ctx, work, [e for e in entries if e.reuse])
-        copied = [e for e in entries if e.item_id in set(reused.copied)]
+        copied_ids = set(reused.copied)
+        copied = [e for e in entries if e.item_id in copied_ids]
         summary.reused += len(copied)
         summary.succeeded += len(copied)
         summary.images += sum(e.row.num_images for e in copied)
