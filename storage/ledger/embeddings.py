@@ -3,7 +3,7 @@ embeddings (`item_embeddings`) and its prepared structure inputs (`item_inputs`)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -81,36 +81,59 @@ def record(
         return existing.id
 
 
-def link(session: Session, *, item_id: int, links: Sequence[dict[str, Any]]) -> None:
-    """Replace an item's (adapter_index, reference_index) -> embedding links."""
-    session.execute(delete(ItemEmbedding).where(ItemEmbedding.item_id == item_id))
-    session.execute(insert(ItemEmbedding), [{"item_id": item_id, **row} for row in links])
+def link(session: Session, *, links: Mapping[int, Sequence[dict[str, Any]]]) -> None:
+    """Replace each item's (adapter_index, reference_index) -> embedding links (item id ->
+    its links): one delete and one insert for all of them."""
+    _replace(session, ItemEmbedding, links)
 
 
-def of_item(session: Session, *, item_id: int) -> list[tuple[ItemEmbedding, Embedding]]:
-    """An item's embeddings, in (adapter, reference) order."""
+def of_items(
+    session: Session, *, item_ids: Sequence[int]
+) -> dict[int, list[tuple[ItemEmbedding, Embedding]]]:
+    """Each item's embeddings, in (adapter, reference) order (an item without any: [])."""
     rows = session.execute(
         select(ItemEmbedding, Embedding)
         .join(Embedding, Embedding.id == ItemEmbedding.embedding_id)
-        .where(ItemEmbedding.item_id == item_id)
-        .order_by(ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
+        .where(ItemEmbedding.item_id.in_(list(item_ids)))
+        .order_by(ItemEmbedding.item_id, ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
     )
-    return [(item_link, embedding) for item_link, embedding in rows]
+    found: dict[int, list[tuple[ItemEmbedding, Embedding]]] = {i: [] for i in item_ids}
+    for item_link, embedding in rows:
+        found[item_link.item_id].append((item_link, embedding))
+    return found
 
 
-def link_inputs(session: Session, *, item_id: int, links: Sequence[dict[str, Any]]) -> None:
-    """Replace an item's (role, owner_index, position) -> prepared input links."""
-    session.execute(delete(ItemInput).where(ItemInput.item_id == item_id))
-    if links:
-        session.execute(insert(ItemInput), [{"item_id": item_id, **row} for row in links])
+def link_inputs(session: Session, *, links: Mapping[int, Sequence[dict[str, Any]]]) -> None:
+    """Replace each item's (role, owner_index, position) -> prepared input links."""
+    _replace(session, ItemInput, links)
 
 
-def inputs_of_item(session: Session, *, item_id: int) -> list[tuple[ItemInput, Embedding]]:
-    """An item's prepared inputs, in (role, owner, position) order."""
+def inputs_of_items(
+    session: Session, *, item_ids: Sequence[int]
+) -> dict[int, list[tuple[ItemInput, Embedding]]]:
+    """Each item's prepared inputs, in (role, owner, position) order (none: [])."""
     rows = session.execute(
         select(ItemInput, Embedding)
         .join(Embedding, Embedding.id == ItemInput.embedding_id)
-        .where(ItemInput.item_id == item_id)
-        .order_by(ItemInput.role, ItemInput.owner_index, ItemInput.position)
+        .where(ItemInput.item_id.in_(list(item_ids)))
+        .order_by(ItemInput.item_id, ItemInput.role, ItemInput.owner_index, ItemInput.position)
     )
-    return [(item_link, embedding) for item_link, embedding in rows]
+    found: dict[int, list[tuple[ItemInput, Embedding]]] = {i: [] for i in item_ids}
+    for item_link, embedding in rows:
+        found[item_link.item_id].append((item_link, embedding))
+    return found
+
+
+def _replace(
+    session: Session,
+    table: type[ItemEmbedding] | type[ItemInput],
+    links: Mapping[int, Sequence[dict[str, Any]]],
+) -> None:
+    if not links:
+        return
+    session.execute(delete(table).where(table.item_id.in_(list(links))))
+    rows = [
+        {"item_id": item_id, **row} for item_id, item_links in links.items() for row in item_links
+    ]
+    if rows:
+        session.execute(insert(table), rows)

@@ -1,9 +1,9 @@
-"""Recording an item's images, in the transaction that marks it succeeded; reading them back
+"""Recording items' images, in the transaction that marks them succeeded; reading them back
 to verify them, a page at a time; forgetting them when an item is made again."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,29 +14,37 @@ from sqlalchemy.orm import Session
 from storage.models import Item, ItemStatus, Output, OutputAttempt
 
 
-def record(
-    session: Session,
-    *,
-    item_id: int,
-    outputs: Sequence[dict[str, Any]],
-    now: datetime,
-    warning: str | None = None,
-    attempts: Sequence[dict[str, Any]] = (),
-) -> None:
-    """Record an item's images (and the warning it succeeded with, and every attempt a score
-    threshold asked for). Called in the transaction that marks the item succeeded, which is
-    guarded by the item's claim: a worker that lost its claim records nothing."""
-    if warning:
-        session.execute(update(Item).where(Item.id == item_id).values(warning=warning))
-    if outputs:
-        session.execute(
-            insert(Output), [{"item_id": item_id, "created_at": now, **out} for out in outputs]
-        )
-    if attempts:  # every image generated for a slot, when a score threshold asked for more
-        session.execute(
-            insert(OutputAttempt),
-            [{"item_id": item_id, "created_at": now, **row} for row in attempts],
-        )
+@dataclass(frozen=True)
+class ItemOutputs:
+    """What one item made: its images' `outputs` rows, the warning it succeeded with, and
+    every attempt a score threshold asked for."""
+
+    outputs: Sequence[dict[str, Any]]
+    warning: str | None = None
+    attempts: Sequence[dict[str, Any]] = ()
+
+
+def record(session: Session, *, made: Mapping[int, ItemOutputs], now: datetime) -> None:
+    """Record the images of several items (item id -> what it made), a statement per table.
+    Called in the transaction that marks the items succeeded, which is guarded by their
+    claim: a worker that lost its claim records nothing."""
+    for item_id, item in made.items():
+        if item.warning:
+            session.execute(update(Item).where(Item.id == item_id).values(warning=item.warning))
+    rows = [
+        {"item_id": item_id, "created_at": now, **out}
+        for item_id, item in made.items()
+        for out in item.outputs
+    ]
+    if rows:
+        session.execute(insert(Output), rows)
+    tried = [
+        {"item_id": item_id, "created_at": now, **row}
+        for item_id, item in made.items()
+        for row in item.attempts
+    ]
+    if tried:  # every image generated for a slot, when a score threshold asked for more
+        session.execute(insert(OutputAttempt), tried)
 
 
 def of_job(session: Session, *, job_id: str) -> list[Output]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from core.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound
@@ -74,13 +74,15 @@ def cache_image(
     key_of: Callable[[str], CacheKey],
     make: Callable[[bytes, str], dict[str, torch.Tensor]],
     keep: dict[str, bytes] | None = None,
+    found: dict[CacheKey, Cached] | None = None,
 ) -> CachedImage:
     """One picture a row names, through the content-addressed cache (the embed stage's and
     training's one way): resolved against the manifest, allowed or refused, read once (`seen`
     memoises its hash; `keep`, where given, its bytes too, for a caller that makes several
     things of one picture), and what `make(data, uri)` makes of it found under
     `key_of(sha256)` or made and stored now (under the key's lock: workers that miss the same
-    key at once make it once)."""
+    key at once make it once). `found`, where given, memoises the cache entries (a message's
+    rows that share a picture look its entry up once)."""
     uri = resolve_reference(written, manifest_uri=manifest_uri)
     check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
     data = None if keep is None else keep.get(uri)
@@ -100,7 +102,12 @@ def cache_image(
         )
         return make(data if data is not None else read_reference(ctx, uri), uri)
 
-    cached = ctx.cache.ensure(key=key, cache_root=cache_root, compute=compute)
+    if found is not None and key in found:
+        cached = replace(found[key], hit=True)
+    else:
+        cached = ctx.cache.ensure(key=key, cache_root=cache_root, compute=compute)
+        if found is not None:
+            found[key] = cached
     metrics.CACHE.labels("hit" if cached.hit else "miss").inc()
     return CachedImage(uri, seen[uri], cached)
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from pipeline.embedder import ReferenceEncoder
+    from storage.embcache import Cached
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,15 @@ class EmbedSummary:
     computed: int = 0
     cached: int = 0
     images: int = 0  # (none: the runner adds up the stages' images)
+
+
+@dataclass
+class _Memo:
+    """One message's memo: each picture's hash (read once) and each cache entry (looked up
+    once), whichever of its rows names them."""
+
+    hashes: dict[str, str] = field(default_factory=dict)
+    entries: dict[CacheKey, Cached] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,17 +72,21 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> EmbedSummary:
         summary.held, summary.retry_in, summary.deferred = work.held, work.retry_in, work.deferred
         entries, summary.ready = _load(ctx, work.ids, work.others)
         # 2. each item's references, embedded or found in the cache; a bad item fails alone
-        seen: dict[str, str] = {}  # this call's memo: a shared reference is read and hashed once
+        memo = _Memo()  # a reference shared by the message's rows is read and looked up once
+        links: dict[int, list[dict[str, Any]]] = {}
+        input_links: dict[int, list[dict[str, Any]]] = {}
         for entry in entries:
             with work.item(entry.item_id):
-                links = _embed_references(ctx, entry, seen, summary)
+                references = _embed_references(ctx, entry, memo, summary)
                 # 3. its structure inputs (control images, regions, init image, mask), the same way
-                input_links = _prepare_inputs(ctx, entry, seen, summary)
-                # 4. ready for generation, with its links to the cache, in one transaction
-                record = functools.partial(_link, links=links, input_links=input_links)
-                ready = work.done([entry.item_id], record=record)
-                summary.ready += ready
-                metrics.ITEMS.labels(EMBED.name, "done").inc(len(ready))
+                prepared = _prepare_inputs(ctx, entry, memo, summary)
+                links[entry.item_id], input_links[entry.item_id] = references, prepared
+        # 4. every item embedded: ready for generation, with its links to the cache, in one
+        #    transaction for the message (a statement per table, not per item)
+        record = functools.partial(_link, links=links, input_links=input_links)
+        ready = work.done(sorted(links), record=record)
+        summary.ready += ready
+        metrics.ITEMS.labels(EMBED.name, "done").inc(len(ready))
     finalize_jobs(ctx, {entry.job_id for entry in entries})
     return summary
 
@@ -96,7 +110,7 @@ def _load(
 
 
 def _embed_references(
-    ctx: StageContext, entry: _Entry, seen: dict[str, str], summary: EmbedSummary
+    ctx: StageContext, entry: _Entry, memo: _Memo, summary: EmbedSummary
 ) -> list[dict[str, Any]]:
     """Every (adapter, reference) of the row: allowed? read, hashed, embedded or cached."""
     links: list[dict[str, Any]] = []
@@ -107,7 +121,7 @@ def _embed_references(
                 ctx,
                 entry,
                 reference,
-                seen,
+                memo,
                 summary,
                 key_of=functools.partial(reference_key, encoder),
                 make=functools.partial(embed_image, ctx, encoder),
@@ -124,7 +138,7 @@ def _embed_references(
 
 
 def _prepare_inputs(
-    ctx: StageContext, entry: _Entry, seen: dict[str, str], summary: EmbedSummary
+    ctx: StageContext, entry: _Entry, memo: _Memo, summary: EmbedSummary
 ) -> list[dict[str, Any]]:
     """Every structure input of the row (control images, regions, init image, inpaint mask):
     allowed? read, hashed, prepared or found in the cache."""
@@ -134,7 +148,7 @@ def _prepare_inputs(
             ctx,
             entry,
             row_input.uri,
-            seen,
+            memo,
             summary,
             key_of=functools.partial(_input_key, row_input.kind),
             make=functools.partial(_prepare, ctx, row_input.kind),
@@ -155,7 +169,7 @@ def _ensure_cached(
     ctx: StageContext,
     entry: _Entry,
     written: str,
-    seen: dict[str, str],
+    memo: _Memo,
     summary: EmbedSummary,
     *,
     key_of: Callable[[str], CacheKey],
@@ -167,7 +181,8 @@ def _ensure_cached(
         written,
         manifest_uri=entry.manifest_uri,
         cache_root=ctx.cache_root(entry.output_uri),
-        seen=seen,
+        seen=memo.hashes,
+        found=memo.entries,
         key_of=key_of,
         make=make,
     )
@@ -208,9 +223,8 @@ def _link(
     session: Session,
     moved: list[int],
     *,
-    links: list[dict[str, Any]],
-    input_links: list[dict[str, Any]],
+    links: dict[int, list[dict[str, Any]]],
+    input_links: dict[int, list[dict[str, Any]]],
 ) -> None:
-    for item_id in moved:
-        embeddings.link(session, item_id=item_id, links=links)
-        embeddings.link_inputs(session, item_id=item_id, links=input_links)
+    embeddings.link(session, links={i: links[i] for i in moved})
+    embeddings.link_inputs(session, links={i: input_links[i] for i in moved})

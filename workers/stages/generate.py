@@ -40,7 +40,6 @@ from workers.stages.reuse import output_uri_for, publish_output
 
 if TYPE_CHECKING:
     import torch
-    from sqlalchemy.orm import Session
 
     from pipeline.generator import GenerationResult, Generator
     from pipeline.requests import GenerationRequest
@@ -133,11 +132,14 @@ def run(ctx: StageContext, *, item_ids: list[int]) -> GenerateSummary:
 def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
     with ctx.sessions.begin() as session:
         entries = []
-        for item in items.load_items(session, item_ids=claimed_ids):
-            job = jobs.get(session, job_id=item.job_id)
+        loaded = items.load_items(session, item_ids=claimed_ids)
+        linked = embeddings.of_items(session, item_ids=claimed_ids)
+        prepared_inputs = embeddings.inputs_of_items(session, item_ids=claimed_ids)
+        for item in loaded:
+            job = jobs.get(session, job_id=item.job_id)  # (the session's identity map: once)
             assert job is not None and item.params is not None
             row = validate_row(item.params, ctx.adapters)
-            links = embeddings.of_item(session, item_id=item.id)
+            links = linked[item.id]
             uris: list[list[str]] = [[] for _ in row.adapter_specs()]
             for link, embedding in links:
                 uris[link.adapter_index].append(embedding.uri)
@@ -146,7 +148,7 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
             )
             prepared = {
                 (link.role, link.owner_index, link.position): embedding.uri
-                for link, embedding in embeddings.inputs_of_item(session, item_id=item.id)
+                for link, embedding in prepared_inputs[item.id]
             }
             entries.append(
                 _Entry(
@@ -161,8 +163,13 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
                     fingerprints=(),
                 )
             )
-    # each image's fingerprint, out of the transaction (a worker's first one hashes weights)
-    return [replace(e, fingerprints=reuse.fingerprints(ctx, e.row, _keys(e))) for e in entries]
+    # each image's fingerprint, out of the transaction (a worker's first one hashes weights;
+    # the weights' digests are looked at once per message: `memo`)
+    memo: dict[object, str] = {}
+    return [
+        replace(e, fingerprints=reuse.fingerprints(ctx, e.row, _keys(e), memo=memo))
+        for e in entries
+    ]
 
 
 def _keys(entry: _Entry) -> list[str]:
@@ -368,57 +375,45 @@ def _raise_first(futures: Iterator[Future[None]] | list[Future[None]]) -> None:
 def _store_and_record(
     ctx: StageContext, work: ClaimedWork, made: list[_Made], summary: GenerateSummary
 ) -> None:
-    """For each item: check the claim is still ours, upload its images (first writer wins),
-    record them with their scores in the transaction that marks it succeeded."""
+    """For the batch: check the claims are still ours, upload each item's images (first
+    writer wins), and record them with their scores in the one transaction that marks the
+    items succeeded."""
+    mine = set(work.still_held([m.item.item_id for m in made]))
+    stored: dict[int, tuple[_Made, list[dict[str, Any]]]] = {}
     for m in made:
+        if m.item.item_id not in mine:
+            continue  # taken over: the other worker stores and records it
         with work.item(m.item.item_id, unexpected=ErrorCode.MODEL_ERROR):
-            if not work.still_held([m.item.item_id]):
-                continue  # taken over: the other worker stores and records it
             held = functools.partial(_held, work, m.item.item_id)
-            stored = _upload(ctx, m, still_ours=held)
-            if stored is None:
-                continue  # taken over while uploading: the other worker records it
-            record = functools.partial(
-                _record,
-                outputs=stored,
-                warning=m.result.warning,
-                attempts=m.scored.attempts if m.scored is not None else [],
-                now=ctx.clock(),
+            outputs = _upload(ctx, m, still_ours=held)
+            if outputs is not None:  # (None: taken over while uploading: the other records it)
+                stored[m.item.item_id] = (m, outputs)
+    record = functools.partial(
+        reuse.record_made,
+        made={
+            item_id: output_ledger.ItemOutputs(
+                outputs, m.result.warning, m.scored.attempts if m.scored is not None else []
             )
-            if work.done([m.item.item_id], record=record):
-                summary.succeeded += 1
-                summary.images += len(stored)
-                metrics.ITEMS.labels(GENERATE.name, "done").inc()
-                metrics.IMAGES.inc(len(stored))
-                log.info(
-                    "stored %d images of item %d",
-                    len(stored),
-                    m.item.item_id,
-                    extra={
-                        "job_ids": [m.item.job_id],
-                        "item_ids": [m.item.item_id],
-                        "worker": ctx.worker,
-                    },
-                )
+            for item_id, (m, outputs) in stored.items()
+        },
+        now=ctx.clock(),
+    )
+    for item_id in work.done(sorted(stored), record=record):
+        m, outputs = stored[item_id]
+        summary.succeeded += 1
+        summary.images += len(outputs)
+        metrics.ITEMS.labels(GENERATE.name, "done").inc()
+        metrics.IMAGES.inc(len(outputs))
+        log.info(
+            "stored %d images of item %d",
+            len(outputs),
+            item_id,
+            extra={"job_ids": [m.item.job_id], "item_ids": [item_id], "worker": ctx.worker},
+        )
 
 
 def _held(work: ClaimedWork, item_id: int) -> bool:
     return bool(work.still_held([item_id]))
-
-
-def _record(
-    session: Session,
-    moved: list[int],
-    *,
-    outputs: list[dict[str, Any]],
-    warning: str | None,
-    attempts: list[dict[str, Any]],
-    now: Any,
-) -> None:
-    for item_id in moved:
-        output_ledger.record(
-            session, item_id=item_id, outputs=outputs, warning=warning, attempts=attempts, now=now
-        )
 
 
 def _upload(

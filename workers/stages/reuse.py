@@ -86,13 +86,20 @@ def publish_output(
     )
 
 
-def fingerprints(ctx: StageContext, row: Row, inputs: Sequence[str]) -> tuple[str, ...]:
+def fingerprints(
+    ctx: StageContext, row: Row, inputs: Sequence[str], *, memo: dict[object, str] | None = None
+) -> tuple[str, ...]:
     """The fingerprint of each image of `row` on this worker (see `pipeline.fingerprint`).
-    `inputs`: the cache keys (URIs) of the row's embeddings and prepared inputs."""
+    `inputs`: the cache keys (URIs) of the row's embeddings and prepared inputs. `memo`: the
+    weights' digests of the rows of one message (each file's size and time looked at once)."""
     pool = ctx.generators
     presets = [pool.resolve(spec.adapter) for spec in row.adapter_specs()]
     controlnets = tuple(c.model for c in row.control or ())
-    weights = ctx.weights.of(presets[0].family, presets, controlnets)
+    key = (tuple(presets), controlnets)
+    memo = {} if memo is None else memo
+    if key not in memo:
+        memo[key] = ctx.weights.of(presets[0].family, presets, controlnets)
+    weights = memo[key]
     assert pool.acceleration is not None, "the context gives its pool an Acceleration"
     backend = backend_of(pool.device, pool.dtype, pool.acceleration)
     scorer = ctx.scorer
@@ -216,7 +223,8 @@ def _copy(
                 "gpu_seconds": 0.0,  # a copy takes no GPU time
             }
         )
-    record = functools.partial(_record, outputs=stored, now=ctx.clock())
+    made = {w.item_id: output_ledger.ItemOutputs(stored)}
+    record = functools.partial(record_made, made=made, now=ctx.clock())
     if not work.done([w.item_id], record=record):
         return False  # taken over before the record: the other worker's stands
     metrics.ITEMS.labels("generate", "done").inc()
@@ -225,6 +233,8 @@ def _copy(
     return True
 
 
-def _record(session: Session, moved: list[int], *, outputs: list[dict[str, Any]], now: Any) -> None:
-    for item_id in moved:
-        output_ledger.record(session, item_id=item_id, outputs=outputs, now=now)
+def record_made(
+    session: Session, moved: list[int], *, made: dict[int, output_ledger.ItemOutputs], now: Any
+) -> None:
+    """`ClaimedWork.done`'s record: the outputs of the items that moved (generated or copied)."""
+    output_ledger.record(session, made={i: made[i] for i in moved}, now=now)
