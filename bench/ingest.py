@@ -2,26 +2,40 @@
 
     .venv/bin/python bench/ingest.py [--rows 100000] [--broker amqp://...] [--pg URL]
 
-Starts moto's S3 server on a free local port, uploads a generated manifest (10% of rows
-invalid), creates a throwaway PostgreSQL database, then times the ingest stage streaming the
-manifest, validating every row, writing items (+ events) to the ledger and sending the embed
-messages to a real broker (a throwaway RabbitMQ vhost). Prints seconds, rows/s and the
-process's peak RSS (which includes moto's S3 server, running in this process). No assertions.
+Starts moto's S3 server in a process of its own, uploads a generated manifest (10% of rows
+invalid), creates a throwaway PostgreSQL database, then times the ingest stage, in a process of
+its own, streaming the manifest, validating every row, writing items (+ events) to the ledger
+and sending the embed messages to a real broker (a throwaway RabbitMQ vhost). Prints seconds,
+rows/s and the ingest process's peak RSS (INGEST_PROFILE=1: where its time goes). The goal
+(issue 21): 1,000,000 rows in <= 60 s, peak RSS <= 400 MB. No assertions.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import resource
+import socket
 import subprocess
 import sys
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+if TYPE_CHECKING:
+    from storage.lifecycle import Stage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def manifest_bytes(rows: int, bucket: str) -> bytes:
@@ -44,82 +58,135 @@ def manifest_bytes(rows: int, bucket: str) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
+def ingest_here(args: argparse.Namespace) -> None:
+    """The measured part, in a process of its own (its peak RSS is the ingest's): ingest the
+    job and print what it took as JSON."""
+    from workers import tasks
+    from workers.stages import ingest
+
+    ctx = tasks.context()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sent = [0, 0]
+
+    def send(stage: Stage, ids: list[int]) -> None:
+        tasks.send(stage, ids)
+        sent[0] += len(ids)
+        sent[1] += 1
+
+    profile = cProfile.Profile() if os.environ.get("INGEST_PROFILE") else None
+    if profile is not None:
+        profile.enable()
+    started = time.perf_counter()
+    summary = ingest.run(ctx, job_id=args.job, send=send)
+    seconds = time.perf_counter() - started
+    if profile is not None:
+        profile.disable()
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "valid": summary.valid,
+                "invalid": summary.invalid,
+                "queued": sent[0],
+                "messages": sent[1],
+                "batch": ctx.settings.generate_batch,
+                "rss_before": rss_before,
+                "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
+    ctx.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432")
     parser.add_argument("--rabbit", default="amqp://guest:guest@127.0.0.1:5672")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # the ingest process: this job
     args = parser.parse_args()
+    if args.job:
+        ingest_here(args)
+        return
 
     import boto3
-    import sqlalchemy as sa
-    from moto.server import ThreadedMotoServer
+
+    from bench.benchdb import throwaway_database
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"  # type: ignore[union-attr]
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
     bucket = "bench"
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
+    for _ in range(100):
+        try:
+            s3.create_bucket(Bucket=bucket)
+            break
+        except Exception:
+            time.sleep(0.1)
     body = manifest_bytes(args.rows, bucket)
+    size = len(body)
     s3.put_object(Bucket=bucket, Key="jobs/big.jsonl", Body=body)
+    del body
 
-    name = f"ipbatch_bench_{uuid.uuid4().hex[:8]}"
+    database_url, drop = throwaway_database(f"{args.pg}/postgres")
     vhost = f"ipbatch-bench-{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(f"{args.pg}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
     subprocess.run(
         ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True
     )
     os.environ.update(
         {
-            "IPBATCH_DATABASE_URL": f"{args.pg}/{name}",
+            "IPBATCH_DATABASE_URL": database_url,
             "IPBATCH_BROKER_URL": f"{args.rabbit}/{vhost}",
             "IPBATCH_S3_ENDPOINT_URL": endpoint,
         }
     )
     try:
-        from storage.lifecycle import Stage
         from storage.migrate import upgrade
         from workers import tasks
-        from workers.stages import ingest, jobs
+        from workers.stages import jobs
 
-        upgrade(os.environ["IPBATCH_DATABASE_URL"])
-        ctx = tasks.context()
+        upgrade(database_url)
         job_id, _ = jobs.register(
-            ctx, manifest_uri=f"s3://{bucket}/jobs/big.jsonl", output_uri=f"s3://{bucket}/out"
+            tasks.context(),
+            manifest_uri=f"s3://{bucket}/jobs/big.jsonl",
+            output_uri=f"s3://{bucket}/out",
         )
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        sent = [0]
-
-        def send(stage: Stage, ids: list[int]) -> None:
-            tasks.send(stage, ids)
-            sent[0] += len(ids)
-
-        started = time.perf_counter()
-        summary = ingest.run(ctx, job_id=job_id, send=send)
-        seconds = time.perf_counter() - started
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"manifest: {args.rows} rows, {len(body) / 2**20:.1f} MiB on the S3 server")
+        child = subprocess.run(
+            [sys.executable, __file__, "--job", job_id],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        got = json.loads(child.stdout.strip().splitlines()[-1])
+        seconds = got["seconds"]
+        print(
+            f"manifest: {args.rows:,} rows, {size / 2**20:.1f} MiB on moto's S3 server "
+            "(a process of its own)"
+        )
         print(
             f"ingest to all queued: {seconds:.2f} s ({args.rows / seconds:,.0f} rows/s); "
-            f"{summary.valid} valid, {summary.invalid} invalid, {sent[0]} items queued in "
-            f"messages of {ctx.settings.generate_batch}"
+            f"{got['valid']:,} valid, {got['invalid']:,} invalid, {got['queued']:,} items "
+            f"queued in {got['messages']:,} messages of up to {got['batch']}"
         )
         print(
-            f"peak RSS: {peak:.0f} MB (before ingest, with moto's S3 server and the manifest "
-            f"in this process: {rss_before:.0f} MB)"
+            f"the ingest process's peak RSS: {got['rss_peak']:.0f} MB (at start, imports "
+            f"and connections: {got['rss_before']:.0f} MB)"
         )
-        ctx.close()
     finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        tasks.context().close()
+        drop()
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost])
-        server.stop()
+        server.terminate()
+        server.wait()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,412 @@
+"""Control-plane headroom: how many items/s the ledger and the broker carry with no GPU cost.
+
+    .venv/bin/python bench/fleet.py [--rows 100000] [--generate 2] [--store moto|tmpfs|both]
+                                    [--delay 0] [--refs 1000]
+
+The real PostgreSQL and RabbitMQ of this machine (a throwaway database and vhost), real
+`ipbatch worker` processes (one ingest, one embed, --generate generate workers) whose
+generator is a null one (bench/fleet_worker.py: a tiny fixed image after --delay seconds per
+image, standing in for the GPU; bench only), and one job of --rows rows, one image each, over
+--refs distinct reference pictures (embedded once each by the tiny CLIP encoder, then found in
+the cache). The object store is moto's S3 server in a process of its own, over HTTP, or a local
+folder in memory (tmpfs: the store at no cost, so the ledger and broker alone bound the rate).
+
+Prints, per store: items/s from submit to the last item succeeded (and the generate stage's
+own rate once it runs), SQL statements and broker messages per item, each process group's CPU
+seconds and share (the ledger's share among them), against the goal of 2,000 items/s (a fleet
+of ~100 GPUs at 20 images/s each). No assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GOAL = 2000  # items/s: ~100 H100s at ~20 images/s each
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reference_png(i: int) -> bytes:
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def manifest(rows: int, refs: list[str]) -> bytes:
+    lines = (
+        json.dumps(
+            {
+                "id": f"sku-{i}",
+                "prompt": f"product {i} on white",
+                "reference": refs[i % len(refs)],
+                "seed": i,
+                "steps": 2,
+            }
+        )
+        for i in range(rows)
+    )
+    return ("\n".join(lines) + "\n").encode()
+
+
+# --- CPU by process group -------------------------------------------------------------------
+
+
+def _cpu_of_processes() -> dict[int, tuple[str, float]]:
+    """pid -> (group, CPU seconds so far) for every process of interest."""
+    found = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        pid = int(stat.split("/")[2])
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        group = _group(cmdline)
+        if group:
+            found[pid] = (group, (int(fields[11]) + int(fields[12])) / TICK)
+    return found
+
+
+def _group(cmdline: str) -> str | None:
+    if cmdline.startswith("postgres") or "/postgres" in cmdline.split(" ")[0]:
+        return "PostgreSQL (ledger)"
+    if "beam.smp" in cmdline or "rabbitmq" in cmdline:
+        return "RabbitMQ (broker)"
+    if "moto" in cmdline:
+        return "S3 server (moto)"
+    if "fleet_worker.py" in cmdline:
+        queue = cmdline.split("--queues ", 1)[1].split(" ", 1)[0]
+        return f"{queue} workers"
+    return None
+
+
+def _system_busy() -> float:
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + parts[4]
+    return (sum(parts[:8]) - idle) / TICK
+
+
+@dataclass
+class CpuMeter:
+    start: dict[int, tuple[str, float]] = field(default_factory=_cpu_of_processes)
+    busy: float = field(default_factory=_system_busy)
+    last: dict[int, tuple[str, float]] = field(default_factory=dict)
+
+    def sample(self) -> None:
+        """Remember every process seen (a process gone by the end keeps its last reading)."""
+        self.last.update(_cpu_of_processes())
+
+    def groups(self) -> tuple[dict[str, float], float]:
+        self.sample()
+        used: dict[str, float] = {}
+        for pid, (group, seconds) in self.last.items():
+            before = self.start.get(pid, (group, 0.0))[1]
+            used[group] = used.get(group, 0.0) + seconds - before
+        return used, _system_busy() - self.busy
+
+
+# --- one run --------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, store: str, models: Path) -> dict[str, object]:
+    import boto3
+    import sqlalchemy as sa
+
+    from bench.benchdb import throwaway_database
+
+    work = Path(tempfile.mkdtemp(prefix="ipbatch-fleet-", dir="/dev/shm"))
+    stats = work / "stats"
+    stats.mkdir()
+    database_url, drop = throwaway_database(args.pg + "/postgres")
+    vhost = f"ipbatch-fleet-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True
+    )
+    processes: list[subprocess.Popen[bytes]] = []
+    env = {
+        **os.environ,
+        "IPBATCH_DATABASE_URL": database_url,
+        "IPBATCH_BROKER_URL": f"{args.rabbit}/{vhost}",
+        "IPBATCH_MODELS": str(models),
+        "IPBATCH_HOME": str(work / "home"),
+        "IPBATCH_SCORE": "false",
+        "IPBATCH_GENERATE_BATCH": str(args.batch),
+        "IPBATCH_LOG_FORMAT": "json",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "OMP_NUM_THREADS": "1",
+    }
+    try:
+        if store == "moto":
+            port = free_port()
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            endpoint = f"http://127.0.0.1:{port}"
+            env["IPBATCH_S3_ENDPOINT_URL"] = endpoint
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name="us-east-1",
+                aws_access_key_id="bench",
+                aws_secret_access_key="bench",
+            )
+            for _ in range(100):
+                try:
+                    s3.create_bucket(Bucket="fleet")
+                    break
+                except Exception:
+                    time.sleep(0.1)
+            refs = [f"s3://fleet/refs/{i}.png" for i in range(args.refs)]
+            for i, uri in enumerate(refs):
+                s3.put_object(Bucket="fleet", Key=uri.split("/", 3)[3], Body=reference_png(i))
+            s3.put_object(Bucket="fleet", Key="jobs/night.jsonl", Body=manifest(args.rows, refs))
+            manifest_uri, output_uri = "s3://fleet/jobs/night.jsonl", "s3://fleet/out"
+            env["IPBATCH_ALLOWED_SOURCES"] = "s3://fleet/refs/"
+        else:
+            (work / "refs").mkdir()
+            refs = []
+            for i in range(args.refs):
+                (work / "refs" / f"{i}.png").write_bytes(reference_png(i))
+                refs.append(str(work / "refs" / f"{i}.png"))
+            (work / "night.jsonl").write_bytes(manifest(args.rows, refs))
+            manifest_uri, output_uri = str(work / "night.jsonl"), str(work / "out")
+            env["IPBATCH_ALLOWED_SOURCES"] = str(work / "refs") + "/"
+        os.environ.update(env)  # this process registers the job and watches the ledger
+
+        from storage.migrate import upgrade
+        from workers import tasks
+        from workers.stages import jobs
+
+        upgrade(database_url)
+        ctx = tasks.context()
+        roles = [("ingest", 1), ("embed", 1), ("generate", args.generate)]
+        for queue, count in roles:
+            for n in range(count):
+                log = (work / f"{queue}-{n}.log").open("wb")
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            str(ROOT / "bench" / "fleet_worker.py"),
+                            str(stats),
+                            str(args.delay),
+                            "worker",
+                            "--queues",
+                            queue,
+                            "--hostname",
+                            f"{queue}-{n}@fleet",
+                            "--loglevel",
+                            "WARNING",
+                        ],
+                        env={**env, "FLEET_ROLE": queue},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=ROOT,
+                    )
+                )
+        # every worker up (its heartbeat in the workers table) before the clock starts
+        engine = sa.create_engine(database_url)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                up = conn.execute(sa.text("SELECT count(*) FROM workers")).scalar_one()
+            if up >= 2 + args.generate:
+                break
+            time.sleep(0.5)
+        time.sleep(3)  # the pool processes forked and consuming
+        meter = CpuMeter()
+        started = time.perf_counter()
+        job_id, _ = jobs.register(ctx, manifest_uri=manifest_uri, output_uri=output_uri)
+        tasks.send_ingest(job_id)
+        marks: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        while True:
+            time.sleep(1.0)
+            meter.sample()
+            with engine.connect() as conn:
+                counts = dict(
+                    conn.execute(
+                        sa.text(
+                            "SELECT status, count(*) FROM items WHERE job_id = :j GROUP BY status"
+                        ),
+                        {"j": job_id},
+                    ).all()
+                )
+                status = conn.execute(
+                    sa.text("SELECT status FROM jobs WHERE id = :j"), {"j": job_id}
+                ).scalar_one()
+            now = time.perf_counter() - started
+            if sum(counts.values()) >= args.rows and "ingested" not in marks:
+                marks["ingested"] = now
+            if counts.get("succeeded", 0) and "first image" not in marks:
+                marks["first image"] = now
+            if not counts.get("pending") and not counts.get("embedding") and "ingested" in marks:
+                marks.setdefault("embedded", now)
+            if status in ("succeeded", "partial", "failed", "cancelled"):
+                marks["ended"] = now
+                break
+            if now > args.timeout:
+                marks["stopped"] = now
+                break
+        cpu, busy = meter.groups()
+        with engine.connect() as conn:
+            done = conn.execute(
+                sa.text("SELECT count(*) FROM items WHERE job_id = :j AND status = 'succeeded'"),
+                {"j": job_id},
+            ).scalar_one()
+        engine.dispose()
+        ctx.close()
+        if os.environ.get("FLEET_PROFILE"):
+            _print_profiles(stats)
+        totals = {"sql": 0, "published": 0, "delivered": 0}
+        for path in stats.glob("*.json"):
+            one = json.loads(path.read_text())
+            for key in totals:
+                totals[key] += one[key]
+        return {
+            "store": store,
+            "rows": args.rows,
+            "succeeded": done,
+            "counts": counts,
+            "marks": marks,
+            "cpu": cpu,
+            "busy": busy,
+            "totals": totals,
+        }
+    finally:
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        drop()
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost])
+        if not os.environ.get("FLEET_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_profiles(stats: Path) -> None:
+    """With FLEET_PROFILE=1: where each worker group's task time goes (cProfile)."""
+    import pstats
+
+    for path in sorted(stats.glob("*.prof")):
+        role = json.loads(path.with_suffix(".json").read_text())["queues"]
+        print(f"\n-- {role} worker {path.stem}: the tasks' time by function (cumulative)")
+        pstats.Stats(str(path), stream=sys.stdout).sort_stats("cumulative").print_stats(40)
+
+
+def report(result: dict[str, object], generate: int, delay: float, batch: int) -> None:
+    marks: dict[str, float] = result["marks"]  # type: ignore[assignment]
+    rows, done = int(result["rows"]), int(result["succeeded"])  # type: ignore[call-overload]
+    wall = marks.get("ended", marks.get("stopped", 0.0))
+    totals: dict[str, int] = result["totals"]  # type: ignore[assignment]
+    cpu: dict[str, float] = result["cpu"]  # type: ignore[assignment]
+    busy = float(result["busy"])  # type: ignore[arg-type]
+    rate = done / wall if wall else 0.0
+    gen_from = marks.get("first image", 0.0)
+    gen_rate = done / (wall - gen_from) if wall > gen_from else 0.0
+    print(
+        f"\n== store: {result['store']}; {generate} generate workers, null generator "
+        f"({delay * 1000:.0f} ms/image), {batch} items per message =="
+    )
+    print(
+        f"{done:,} of {rows:,} items succeeded in {wall:.1f} s "
+        f"(counts at the end: {result['counts']})"
+    )
+    print("  " + "; ".join(f"{name} at {t:.1f} s" for name, t in marks.items()))
+    print(
+        f"  submit -> all succeeded: {rate:,.0f} items/s ({rate / GOAL:.1%} of the "
+        f"{GOAL:,} items/s goal); generate stage from its first image: {gen_rate:,.0f} items/s"
+    )
+    per = max(done, 1)
+    print(
+        f"  SQL statements per item: {totals['sql'] / per:.1f} ({totals['sql']:,}); broker "
+        f"messages per item: {totals['published'] / per:.3f} published, "
+        f"{totals['delivered'] / per:.3f} delivered"
+    )
+    central = sum(v for k, v in cpu.items() if "ledger" in k or "broker" in k) / per
+    cores = os.cpu_count() or 1
+    print(
+        f"  the control plane (PostgreSQL + RabbitMQ): {central * 1e3:.2f} ms CPU per item: a "
+        f"{cores}-core host running only them would carry ~{cores / central:,.0f} items/s if "
+        f"CPU were its only limit (the workers run on the GPU hosts)"
+    )
+    print(f"  CPU seconds (the machine was busy {busy:.0f} of {wall * cores:.0f}):")
+    for group, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]):
+        print(
+            f"    {group:<22} {seconds:7.1f} s  {seconds / busy:6.1%}  "
+            f"{seconds / per * 1e3:6.2f} ms/item"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--refs", type=int, default=1000)
+    parser.add_argument("--generate", type=int, default=2, help="generate worker processes")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds per image")
+    parser.add_argument(
+        "--batch", type=int, default=16, help="items per message (IPBATCH_GENERATE_BATCH)"
+    )
+    parser.add_argument("--store", choices=["moto", "tmpfs", "both"], default="both")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--models", type=Path, default=ROOT / ".ipbatch" / "models")
+    parser.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432")
+    parser.add_argument("--rabbit", default="amqp://guest:guest@127.0.0.1:5672")
+    parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not (args.models / "TINY_MODELS.json").exists():
+        subprocess.run(
+            [sys.executable, "-m", "ipbatch.cli", "models", "tiny", str(args.models)], check=True
+        )
+    if args.json_out:  # one store per process: the Celery app reads its broker at import
+        args.json_out.write_text(json.dumps(run(args, args.store, args.models)))
+        return
+    results = []
+    for store in ["tmpfs", "moto"] if args.store == "both" else [args.store]:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            options = {k: v for k, v in vars(args).items() if k not in ("store", "json_out")}
+            argv = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+            subprocess.run(
+                [sys.executable, __file__, *argv, "--store", store, "--json-out", out.name],
+                check=True,
+            )
+            results.append(json.loads(Path(out.name).read_text()))
+    for result in results:
+        report(result, args.generate, args.delay, args.batch)
+
+
+if __name__ == "__main__":
+    main()
