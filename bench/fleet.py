@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GOAL = 2000  # items/s: ~100 H100s at ~20 images/s each
+VACUUM_EVERY = 30.0  # seconds: VACUUM ANALYZE when the server's autovacuum is off
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -244,21 +245,29 @@ def run(args: argparse.Namespace, store: str, models: Path) -> dict[str, object]
                 break
             time.sleep(0.5)
         time.sleep(3)  # the pool processes forked and consuming
+        # a server with autovacuum off (this machine's CI configuration) never refreshes the
+        # planner's statistics nor clears dead rows while the job runs; production servers
+        # do. The bench stands in for it (its cost lands in PostgreSQL's CPU, as autovacuum's)
+        with engine.connect() as conn:
+            stand_in = conn.execute(sa.text("SHOW autovacuum")).scalar_one() == "off"
         meter = CpuMeter()
         started = time.perf_counter()
         job_id, _ = jobs.register(ctx, manifest_uri=manifest_uri, output_uri=output_uri)
         tasks.send_ingest(job_id)
         marks: dict[str, float] = {}
         counts: dict[str, int] = {}
+        vacuumed = 0.0
         while True:
             time.sleep(1.0)
             meter.sample()
+            if stand_in and time.perf_counter() - vacuumed >= VACUUM_EVERY:
+                with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.execute(sa.text("VACUUM ANALYZE"))
+                vacuumed = time.perf_counter()
             with engine.connect() as conn:
-                counts = dict(
-                    conn.execute(
-                        sa.text(
-                            "SELECT status, count(*) FROM items WHERE job_id = :j GROUP BY status"
-                        ),
+                counts = dict(  # the job's counters, as `ipbatch status` reads them (counting
+                    conn.execute(  # 100,000 items every second would weigh on the ledger)
+                        sa.text("SELECT status, n FROM job_item_counts WHERE job_id = :j"),
                         {"j": job_id},
                     ).all()
                 )
@@ -297,10 +306,11 @@ def run(args: argparse.Namespace, store: str, models: Path) -> dict[str, object]
             "store": store,
             "rows": args.rows,
             "succeeded": done,
-            "counts": counts,
+            "counts": {status: n for status, n in counts.items() if n},
             "marks": marks,
             "cpu": cpu,
             "busy": busy,
+            "vacuum": stand_in,
             "totals": totals,
         }
     finally:
@@ -346,6 +356,8 @@ def report(result: dict[str, object], generate: int, delay: float, batch: int) -
         f"(counts at the end: {result['counts']})"
     )
     print("  " + "; ".join(f"{name} at {t:.1f} s" for name, t in marks.items()))
+    if result.get("vacuum"):
+        print(f"  (autovacuum is off on this server: VACUUM ANALYZE every {VACUUM_EVERY:.0f} s)")
     print(
         f"  submit -> all succeeded: {rate:,.0f} items/s ({rate / GOAL:.1%} of the "
         f"{GOAL:,} items/s goal); generate stage from its first image: {gen_rate:,.0f} items/s"

@@ -170,7 +170,8 @@ def _stop_worker(task: Task, decision: Decision) -> None:
 
 @app.task(name="ipbatch.ingest", bind=True)
 def ingest(self: Task, job_id: str) -> None:
-    summary = _run(self, functools.partial(RUNS[INGEST.name], context(), job_id=job_id, send=send))
+    run = functools.partial(RUNS[INGEST.name], context(), job_id=job_id, send=_sender(job_id))
+    summary = _run(self, run)
     log.info("job %s ingested: %s", job_id, summary, extra={"job_id": job_id})
 
 
@@ -219,16 +220,40 @@ TASKS: dict[str, Any] = {
 }
 
 
-def send(stage: Stage, item_ids: list[int], *, urgent: bool = False, countdown: float = 0) -> None:
+def send(
+    stage: Stage,
+    item_ids: list[int],
+    *,
+    urgent: bool = False,
+    countdown: float = 0,
+    level: int | None = None,
+) -> None:
     """One message of `item_ids` for `stage`; urgent ones (work sent again) go first, the
-    others at their job's priority (a message holds items of one job)."""
+    others at their job's priority (a message holds items of one job; `level`: the caller
+    knows it, else it is read from the ledger)."""
     broker = context().settings.broker_url.get_secret_value()
-    level = NORMAL if urgent or not item_ids else _level(item_id=item_ids[0])
+    if urgent or not item_ids:
+        level = NORMAL
+    elif level is None:
+        level = _level(item_id=item_ids[0])
     TASKS[stage.name].apply_async(
         (item_ids,),
         priority=priority(broker, urgent=urgent, level=level),
         countdown=countdown or None,
     )
+
+
+def _sender(job_id: str) -> Callable[[Stage, list[int]], None]:
+    """`send` for the items of one job (an ingest's thousands of messages): the job's level is
+    read once, at the first message (a job's priority is set when it is submitted)."""
+    level: list[int] = []
+
+    def send_at_level(stage: Stage, item_ids: list[int]) -> None:
+        if not level:
+            level.append(_level(job_id=job_id))
+        send(stage, item_ids, level=level[0])
+
+    return send_at_level
 
 
 def _level(*, job_id: str | None = None, item_id: int | None = None) -> int:
