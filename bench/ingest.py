@@ -17,7 +17,6 @@ import cProfile
 import json
 import os
 import pstats
-import resource
 import socket
 import subprocess
 import sys
@@ -30,6 +29,16 @@ sys.path.insert(0, ROOT)
 
 if TYPE_CHECKING:
     from storage.lifecycle import Stage
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM: unlike getrusage's ru_maxrss, it is not
+    carried over from the parent through fork and exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def free_port() -> int:
@@ -65,11 +74,17 @@ def ingest_here(args: argparse.Namespace) -> None:
     from workers.stages import ingest
 
     ctx = tasks.context()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mb()
     sent = [0, 0]
 
+    at_level = tasks._sender(args.job)  # what the ingest task sends with
+
+    sending = [0.0]
+
     def send(stage: Stage, ids: list[int]) -> None:
-        tasks.send(stage, ids)
+        started = time.perf_counter()
+        at_level(stage, ids)
+        sending[0] += time.perf_counter() - started
         sent[0] += len(ids)
         sent[1] += 1
 
@@ -81,7 +96,9 @@ def ingest_here(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - started
     if profile is not None:
         profile.disable()
-        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime")
+        stats.print_stats(25)
+        stats.sort_stats("cumulative").print_callers(os.environ["INGEST_PROFILE"])
     print(
         json.dumps(
             {
@@ -90,9 +107,10 @@ def ingest_here(args: argparse.Namespace) -> None:
                 "invalid": summary.invalid,
                 "queued": sent[0],
                 "messages": sent[1],
+                "sending": sending[0],
                 "batch": ctx.settings.generate_batch,
                 "rss_before": rss_before,
-                "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_peak": peak_rss_mb(),
             }
         )
     )
@@ -176,6 +194,11 @@ def main() -> None:
             f"ingest to all queued: {seconds:.2f} s ({args.rows / seconds:,.0f} rows/s); "
             f"{got['valid']:,} valid, {got['invalid']:,} invalid, {got['queued']:,} items "
             f"queued in {got['messages']:,} messages of up to {got['batch']}"
+        )
+        print(
+            f"  of which publishing the messages: {got['sending']:.2f} s "
+            f"({got['sending'] / got['messages'] * 1e3:.2f} ms each); reading, validating and "
+            f"writing the rows: {seconds - got['sending']:.2f} s"
         )
         print(
             f"the ingest process's peak RSS: {got['rss_peak']:.0f} MB (at start, imports "
