@@ -1,11 +1,18 @@
-"""A PostgreSQL database of its own for one benchmark run."""
+"""Throwaway services for one benchmark run: a PostgreSQL database, a RabbitMQ vhost and moto's
+S3 server, each its own, and the call that removes it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
+
+from tests.helpers.cli import free_port
 
 
 def throwaway_database(pg_url: str) -> tuple[str, Callable[[], None]]:
@@ -21,3 +28,45 @@ def throwaway_database(pg_url: str) -> tuple[str, Callable[[], None]]:
         admin.dispose()
 
     return sa.make_url(pg_url).set(database=name).render_as_string(hide_password=False), drop
+
+
+def throwaway_vhost(rabbit_url: str) -> tuple[str, Callable[[], None]]:
+    """A RabbitMQ vhost of its own (`rabbitmqctl`, guest may use it): the broker URL under
+    `rabbit_url` (no vhost part), and the call that deletes it."""
+    vhost = f"ipbatch-bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True
+    )
+    return f"{rabbit_url}/{vhost}", lambda: subprocess.run(
+        ["rabbitmqctl", "-q", "delete_vhost", vhost], check=False
+    )
+
+
+def moto_server(bucket: str) -> tuple[subprocess.Popen[bytes], str, Any]:
+    """moto's S3 server in a process of its own (its work does not share the bench's GIL nor
+    count in its memory) with `bucket` made: the process, its endpoint and a boto3 client."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
+    for _ in range(100):  # until it answers
+        try:
+            s3.create_bucket(Bucket=bucket)
+            return server, endpoint, s3
+        except Exception:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("moto's S3 server did not start")

@@ -26,12 +26,10 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,12 +39,6 @@ sys.path.insert(0, str(ROOT))
 GOAL = 2000  # items/s: ~100 H100s at ~20 images/s each
 VACUUM_EVERY = 30.0  # seconds: VACUUM ANALYZE when the server's autovacuum is off
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def reference_png(i: int) -> bytes:
@@ -135,25 +127,20 @@ class CpuMeter:
 
 
 def run(args: argparse.Namespace, store: str, models: Path) -> dict[str, object]:
-    import boto3
     import sqlalchemy as sa
 
-    from bench.benchdb import throwaway_database
+    from bench.benchdb import moto_server, throwaway_database, throwaway_vhost
 
     work = Path(tempfile.mkdtemp(prefix="ipbatch-fleet-", dir="/dev/shm"))
     stats = work / "stats"
     stats.mkdir()
     database_url, drop = throwaway_database(args.pg + "/postgres")
-    vhost = f"ipbatch-fleet-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True
-    )
+    broker_url, delete_vhost = throwaway_vhost(args.rabbit)
     processes: list[subprocess.Popen[bytes]] = []
     env = {
         **os.environ,
         "IPBATCH_DATABASE_URL": database_url,
-        "IPBATCH_BROKER_URL": f"{args.rabbit}/{vhost}",
+        "IPBATCH_BROKER_URL": broker_url,
         "IPBATCH_MODELS": str(models),
         "IPBATCH_HOME": str(work / "home"),
         "IPBATCH_SCORE": "false",
@@ -165,29 +152,9 @@ def run(args: argparse.Namespace, store: str, models: Path) -> dict[str, object]
     }
     try:
         if store == "moto":
-            port = free_port()
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            endpoint = f"http://127.0.0.1:{port}"
+            server, endpoint, s3 = moto_server("fleet")
+            processes.append(server)
             env["IPBATCH_S3_ENDPOINT_URL"] = endpoint
-            s3 = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name="us-east-1",
-                aws_access_key_id="bench",
-                aws_secret_access_key="bench",
-            )
-            for _ in range(100):
-                try:
-                    s3.create_bucket(Bucket="fleet")
-                    break
-                except Exception:
-                    time.sleep(0.1)
             refs = [f"s3://fleet/refs/{i}.png" for i in range(args.refs)]
             for i, uri in enumerate(refs):
                 s3.put_object(Bucket="fleet", Key=uri.split("/", 3)[3], Body=reference_png(i))
@@ -323,7 +290,7 @@ def run(args: argparse.Namespace, store: str, models: Path) -> dict[str, object]
             except subprocess.TimeoutExpired:
                 p.kill()
         drop()
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost])
+        delete_vhost()
         if not os.environ.get("FLEET_KEEP"):
             shutil.rmtree(work, ignore_errors=True)
 

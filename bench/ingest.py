@@ -17,11 +17,9 @@ import cProfile
 import json
 import os
 import pstats
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,12 +37,6 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def manifest_bytes(rows: int, bucket: str) -> bytes:
@@ -77,7 +69,7 @@ def ingest_here(args: argparse.Namespace) -> None:
     rss_before = peak_rss_mb()
     sent = [0, 0]
 
-    at_level = tasks._sender(args.job)  # what the ingest task sends with
+    at_level = tasks.send_for_job(args.job)  # what the ingest task sends with
 
     sending = [0.0]
 
@@ -128,48 +120,30 @@ def main() -> None:
         ingest_here(args)
         return
 
-    import boto3
+    from bench.benchdb import moto_server, throwaway_database, throwaway_vhost
 
-    from bench.benchdb import throwaway_database
-
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
     bucket = "bench"
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    for _ in range(100):
-        try:
-            s3.create_bucket(Bucket=bucket)
-            break
-        except Exception:
-            time.sleep(0.1)
+    server, endpoint, s3 = moto_server(bucket)
     body = manifest_bytes(args.rows, bucket)
     size = len(body)
     s3.put_object(Bucket=bucket, Key="jobs/big.jsonl", Body=body)
     del body
 
     database_url, drop = throwaway_database(f"{args.pg}/postgres")
-    vhost = f"ipbatch-bench-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True
-    )
+    broker_url, delete_vhost = throwaway_vhost(args.rabbit)
     os.environ.update(
         {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
             "IPBATCH_DATABASE_URL": database_url,
-            "IPBATCH_BROKER_URL": f"{args.rabbit}/{vhost}",
+            "IPBATCH_BROKER_URL": broker_url,
             "IPBATCH_S3_ENDPOINT_URL": endpoint,
         }
     )
+    from workers import tasks
+
     try:
         from storage.migrate import upgrade
-        from workers import tasks
         from workers.stages import jobs
 
         upgrade(database_url)
@@ -207,7 +181,7 @@ def main() -> None:
     finally:
         tasks.context().close()
         drop()
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost])
+        delete_vhost()
         server.terminate()
         server.wait()
 

@@ -38,7 +38,7 @@ from workers.backpressure import OutOfPatience, patiently
 from workers.celery_app import app, priority
 from workers.context import StageContext
 from workers.lifeline import PARENT_PID, STOP_FILE, WORKER_NAME
-from workers.stages.common import chunked
+from workers.stages.common import Send, chunked
 from workers.stages.runs import RUNS
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def _stop_worker(task: Task, decision: Decision) -> None:
 
 @app.task(name="ipbatch.ingest", bind=True)
 def ingest(self: Task, job_id: str) -> None:
-    run = functools.partial(RUNS[INGEST.name], context(), job_id=job_id, send=_sender(job_id))
+    run = functools.partial(RUNS[INGEST.name], context(), job_id=job_id, send=send_for_job(job_id))
     summary = _run(self, run)
     log.info("job %s ingested: %s", job_id, summary, extra={"job_id": job_id})
 
@@ -243,17 +243,11 @@ def send(
     )
 
 
-def _sender(job_id: str) -> Callable[[Stage, list[int]], None]:
+def send_for_job(job_id: str) -> Send:
     """`send` for the items of one job (an ingest's thousands of messages): the job's level is
     read once, at the first message (a job's priority is set when it is submitted)."""
-    level: list[int] = []
-
-    def send_at_level(stage: Stage, item_ids: list[int]) -> None:
-        if not level:
-            level.append(_level(job_id=job_id))
-        send(stage, item_ids, level=level[0])
-
-    return send_at_level
+    level = functools.cache(lambda: _level(job_id=job_id))
+    return lambda stage, item_ids: send(stage, item_ids, level=level())
 
 
 def _level(*, job_id: str | None = None, item_id: int | None = None) -> int:

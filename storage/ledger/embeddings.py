@@ -97,10 +97,7 @@ def of_items(
         .where(ItemEmbedding.item_id.in_(list(item_ids)))
         .order_by(ItemEmbedding.item_id, ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
     )
-    found: dict[int, list[tuple[ItemEmbedding, Embedding]]] = {i: [] for i in item_ids}
-    for item_link, embedding in rows:
-        found[item_link.item_id].append((item_link, embedding))
-    return found
+    return _by_item(item_ids, rows)
 
 
 def link_inputs(session: Session, *, links: Mapping[int, Sequence[dict[str, Any]]]) -> None:
@@ -118,7 +115,12 @@ def inputs_of_items(
         .where(ItemInput.item_id.in_(list(item_ids)))
         .order_by(ItemInput.item_id, ItemInput.role, ItemInput.owner_index, ItemInput.position)
     )
-    found: dict[int, list[tuple[ItemInput, Embedding]]] = {i: [] for i in item_ids}
+    return _by_item(item_ids, rows)
+
+
+def _by_item(item_ids: Sequence[int], rows: Any) -> dict[int, list[Any]]:
+    """(link, embedding) rows grouped by the link's item, in their order; [] for none."""
+    found: dict[int, list[Any]] = {i: [] for i in item_ids}
     for item_link, embedding in rows:
         found[item_link.item_id].append((item_link, embedding))
     return found
