@@ -1,13 +1,18 @@
 """Throwaway services for one benchmark run: a PostgreSQL database, a RabbitMQ vhost and moto's
-S3 server, each its own, and the call that removes it."""
+S3 server, each its own, and the call that removes it; and the CPU each group of processes
+used meanwhile (`CpuMeter`)."""
 
 from __future__ import annotations
 
+import glob
+import os
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -70,3 +75,65 @@ def moto_server(bucket: str) -> tuple[subprocess.Popen[bytes], str, Any]:
             time.sleep(0.1)
     server.kill()
     raise RuntimeError("moto's S3 server did not start")
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of_processes() -> dict[int, tuple[str, float]]:
+    """pid -> (group, CPU seconds so far) for every process of interest."""
+    found = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        pid = int(stat.split("/")[2])
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        group = _group(cmdline)
+        if group:
+            found[pid] = (group, (int(fields[11]) + int(fields[12])) / TICK)
+    return found
+
+
+def _group(cmdline: str) -> str | None:
+    if cmdline.startswith("postgres") or "/postgres" in cmdline.split(" ")[0]:
+        return "PostgreSQL (ledger)"
+    if "beam.smp" in cmdline or "rabbitmq" in cmdline:
+        return "RabbitMQ (broker)"
+    if "moto" in cmdline:
+        return "S3 server (moto)"
+    if "fleet_worker.py" in cmdline:
+        queue = cmdline.split("--queues ", 1)[1].split(" ", 1)[0]
+        return f"{queue} workers"
+    if "ingest.py --job" in cmdline:
+        return "ingest process"
+    return None
+
+
+def _system_busy() -> float:
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + parts[4]
+    return (sum(parts[:8]) - idle) / TICK
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds by process group (the ledger, the broker, the S3 server, the bench's
+    workers) since it was made; `sample()` now and then keeps the processes that end."""
+
+    start: dict[int, tuple[str, float]] = field(default_factory=_cpu_of_processes)
+    busy: float = field(default_factory=_system_busy)
+    last: dict[int, tuple[str, float]] = field(default_factory=dict)
+
+    def sample(self) -> None:
+        """Remember every process seen (a process gone by the end keeps its last reading)."""
+        self.last.update(_cpu_of_processes())
+
+    def groups(self) -> tuple[dict[str, float], float]:
+        self.sample()
+        used: dict[str, float] = {}
+        for pid, (group, seconds) in self.last.items():
+            before = self.start.get(pid, (group, 0.0))[1]
+            used[group] = used.get(group, 0.0) + seconds - before
+        return used, _system_busy() - self.busy

@@ -21,7 +21,6 @@ configuration) the bench runs VACUUM ANALYZE every 30 s, as autovacuum would. No
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import os
@@ -30,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 
 GOAL = 2000  # items/s: ~100 H100s at ~20 images/s each
 VACUUM_EVERY = 30.0  # seconds: VACUUM ANALYZE when the server's autovacuum is off
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def reference_png(i: int) -> bytes:
@@ -66,70 +63,13 @@ def manifest(rows: int, refs: list[str]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-# --- CPU by process group -------------------------------------------------------------------
-
-
-def _cpu_of_processes() -> dict[int, tuple[str, float]]:
-    """pid -> (group, CPU seconds so far) for every process of interest."""
-    found = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        pid = int(stat.split("/")[2])
-        try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        group = _group(cmdline)
-        if group:
-            found[pid] = (group, (int(fields[11]) + int(fields[12])) / TICK)
-    return found
-
-
-def _group(cmdline: str) -> str | None:
-    if cmdline.startswith("postgres") or "/postgres" in cmdline.split(" ")[0]:
-        return "PostgreSQL (ledger)"
-    if "beam.smp" in cmdline or "rabbitmq" in cmdline:
-        return "RabbitMQ (broker)"
-    if "moto" in cmdline:
-        return "S3 server (moto)"
-    if "fleet_worker.py" in cmdline:
-        queue = cmdline.split("--queues ", 1)[1].split(" ", 1)[0]
-        return f"{queue} workers"
-    return None
-
-
-def _system_busy() -> float:
-    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = parts[3] + parts[4]
-    return (sum(parts[:8]) - idle) / TICK
-
-
-@dataclass
-class CpuMeter:
-    start: dict[int, tuple[str, float]] = field(default_factory=_cpu_of_processes)
-    busy: float = field(default_factory=_system_busy)
-    last: dict[int, tuple[str, float]] = field(default_factory=dict)
-
-    def sample(self) -> None:
-        """Remember every process seen (a process gone by the end keeps its last reading)."""
-        self.last.update(_cpu_of_processes())
-
-    def groups(self) -> tuple[dict[str, float], float]:
-        self.sample()
-        used: dict[str, float] = {}
-        for pid, (group, seconds) in self.last.items():
-            before = self.start.get(pid, (group, 0.0))[1]
-            used[group] = used.get(group, 0.0) + seconds - before
-        return used, _system_busy() - self.busy
-
-
 # --- one run --------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace, store: str, models: Path) -> dict[str, object]:
     import sqlalchemy as sa
 
-    from bench.benchdb import moto_server, throwaway_database, throwaway_vhost
+    from bench.benchdb import CpuMeter, moto_server, throwaway_database, throwaway_vhost
 
     work = Path(tempfile.mkdtemp(prefix="ipbatch-fleet-", dir="/dev/shm"))
     stats = work / "stats"

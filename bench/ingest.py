@@ -6,8 +6,10 @@ Starts moto's S3 server in a process of its own, uploads a generated manifest (1
 invalid), creates a throwaway PostgreSQL database, then times the ingest stage, in a process of
 its own, streaming the manifest, validating every row, writing items (+ events) to the ledger
 and sending the embed messages to a real broker (a throwaway RabbitMQ vhost). Prints seconds,
-rows/s and the ingest process's peak RSS (INGEST_PROFILE=1: where its time goes). The goal
-(issue 21): 1,000,000 rows in <= 60 s, peak RSS <= 400 MB. No assertions.
+rows/s, the ingest process's CPU and peak RSS, and the CPU seconds of PostgreSQL, RabbitMQ and
+the S3 server meanwhile (INGEST_PROFILE=name: a cProfile of the reading thread, and the callers
+of `name`). The goal (issue 21): 1,000,000 rows in <= 60 s, peak RSS <= 400 MB. No
+assertions.
 """
 
 from __future__ import annotations
@@ -83,9 +85,9 @@ def ingest_here(args: argparse.Namespace) -> None:
     profile = cProfile.Profile() if os.environ.get("INGEST_PROFILE") else None
     if profile is not None:
         profile.enable()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     summary = ingest.run(ctx, job_id=args.job, send=send)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if profile is not None:
         profile.disable()
         stats = pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime")
@@ -95,12 +97,13 @@ def ingest_here(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "seconds": seconds,
+                "cpu": cpu,
                 "valid": summary.valid,
                 "invalid": summary.invalid,
                 "queued": sent[0],
                 "messages": sent[1],
                 "sending": sending[0],
-                "batch": ctx.settings.generate_batch,
+                "batch": ctx.settings.embed_batch,
                 "rss_before": rss_before,
                 "rss_peak": peak_rss_mb(),
             }
@@ -120,7 +123,7 @@ def main() -> None:
         ingest_here(args)
         return
 
-    from bench.benchdb import moto_server, throwaway_database, throwaway_vhost
+    from bench.benchdb import CpuMeter, moto_server, throwaway_database, throwaway_vhost
 
     bucket = "bench"
     server, endpoint, s3 = moto_server(bucket)
@@ -152,13 +155,18 @@ def main() -> None:
             manifest_uri=f"s3://{bucket}/jobs/big.jsonl",
             output_uri=f"s3://{bucket}/out",
         )
-        child = subprocess.run(
-            [sys.executable, __file__, "--job", job_id],
-            check=True,
-            stdout=subprocess.PIPE,
-            text=True,
+        meter = CpuMeter()
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--job", job_id], stdout=subprocess.PIPE, text=True
         )
-        got = json.loads(child.stdout.strip().splitlines()[-1])
+        while child.poll() is None:  # the ingest's server connections end with it
+            meter.sample()
+            time.sleep(0.5)
+        out, _ = child.communicate()
+        if child.returncode:
+            raise SystemExit(f"the ingest process failed ({child.returncode})")
+        cpu, busy = meter.groups()
+        got = json.loads(out.strip().splitlines()[-1])
         seconds = got["seconds"]
         print(
             f"manifest: {args.rows:,} rows, {size / 2**20:.1f} MiB on moto's S3 server "
@@ -170,9 +178,19 @@ def main() -> None:
             f"queued in {got['messages']:,} messages of up to {got['batch']}"
         )
         print(
-            f"  of which publishing the messages: {got['sending']:.2f} s "
-            f"({got['sending'] / got['messages'] * 1e3:.2f} ms each); reading, validating and "
-            f"writing the rows: {seconds - got['sending']:.2f} s"
+            f"  the ingest process's own CPU: {got['cpu']:.2f} s ({got['cpu'] / seconds:.0%} "
+            "of the wall time; the rest it waited on PostgreSQL, the broker or S3)"
+        )
+        print(
+            f"  publishing the messages (a thread of its own, alongside the reading and the "
+            f"writing): {got['sending']:.2f} s, "
+            f"{got['sending'] / got['messages'] * 1e3:.2f} ms each"
+        )
+        print(
+            "CPU seconds meanwhile: "
+            + ", ".join(f"{group} {seconds:.1f}" for group, seconds in sorted(cpu.items()))
+            + f"; the machine's {os.cpu_count()} cores busy {busy:.1f} of "
+            + f"{seconds * (os.cpu_count() or 1):.1f}"
         )
         print(
             f"the ingest process's peak RSS: {got['rss_peak']:.0f} MB (at start, imports "

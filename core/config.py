@@ -70,7 +70,15 @@ class Settings(BaseSettings):
     warm_pipelines: int = Field(
         2, ge=1, description="Pipelines (adapter sets) a generate worker keeps loaded."
     )
-    ingest_chunk: int = Field(500, description="Rows per ledger insert and per embed message.")
+    ingest_chunk: int = Field(
+        2000, ge=1, description="Rows per ledger insert (the ingest's one transaction per chunk)."
+    )
+    embed_batch: int = Field(
+        64,
+        ge=1,
+        description="Items per embed message (a message's items are claimed and moved on in "
+        "one transaction; fewer, bigger messages are cheaper to publish).",
+    )
     generate_batch: int = Field(
         16, ge=1, description="Items per generate message (one stage call batches within it)."
     )

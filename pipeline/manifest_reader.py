@@ -7,7 +7,6 @@ to refuse duplicates). `read_rows` does the same for any row schema (training ma
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import json
@@ -22,6 +21,7 @@ from pipeline.manifest import ROW_ID_PATTERN, AdapterLookup, Row, validate_row
 from pipeline.presets import builtin_adapter
 
 MAX_LINE_BYTES = 1024 * 1024
+_ROW_ID = re.compile(ROW_ID_PATTERN)
 # the file names read as manifests: CSV by its suffix, JSON Lines otherwise (a `.json` file
 # holds one JSON object per line, as `.jsonl` does)
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -72,15 +72,13 @@ def detect_format(name: str) -> Literal["jsonl", "csv"]:
 
 
 def _iter_jsonl(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
     for line_number, raw_line in enumerate(stream, start=1):
         if len(raw_line) > MAX_LINE_BYTES:
             yield line_number, None, f"line is longer than {MAX_LINE_BYTES} bytes"
             continue
         try:
-            text = decoder.decode(raw_line, final=True)
+            text = raw_line.decode("utf-8")
         except UnicodeDecodeError:
-            decoder.reset()
             yield line_number, None, "line is not valid UTF-8"
             continue
         if line_number == 1:
@@ -173,9 +171,7 @@ def read_rows(
     lines = _looks_like_a_manifest(_iter_csv(stream) if fmt == "csv" else _iter_jsonl(stream), fmt)
     for index, (line_number, obj, parse_error) in enumerate(lines):
         raw_id = obj.get("id") if obj is not None else None
-        row_id = (
-            raw_id if isinstance(raw_id, str) and re.fullmatch(ROW_ID_PATTERN, raw_id) else None
-        )
+        row_id = raw_id if isinstance(raw_id, str) and _ROW_ID.fullmatch(raw_id) else None
         if parse_error is not None or obj is None:
             yield ParsedRow(
                 index, line_number, None, f"line {line_number}: {parse_error}", None, None

@@ -18,7 +18,8 @@ from storage.models import Item, ItemEvent, ItemStatus
 def add_items(
     session: Session, *, job_id: str, rows: Sequence[dict[str, Any]], now: datetime
 ) -> list[int]:
-    """Insert items (dicts with row_id, row_index, status, params, error_code, error_message).
+    """Insert items (dicts with row_id, row_index, status, params, error_code, error_message;
+    `params_json` in place of `params`: the same, already JSON text).
 
     Returns the ids of the rows inserted as pending, in order. One event per item.
     On PostgreSQL the rows go in with COPY (5x faster than INSERT for a 100k-row manifest);
@@ -32,7 +33,7 @@ def add_items(
             "row_id": r["row_id"],
             "row_index": r["row_index"],
             "status": ItemStatus(r["status"]),
-            "params": r.get("params"),
+            "params": _params(r),
             "error_code": r.get("error_code"),
             "error_message": r.get("error_message"),
             "attempts": 0,
@@ -43,6 +44,9 @@ def add_items(
     if is_postgres(session):
         ids = _copy_items(session, values)
     else:
+        for v in values:  # SQLAlchemy's JSON type serializes
+            if isinstance(v["params"], str):
+                v["params"] = json.loads(v["params"])
         ids = list(
             session.scalars(insert(Item).returning(Item.id, sort_by_parameter_order=True), values)
         )
@@ -65,6 +69,12 @@ def add_items(
     return [i for i, v in zip(ids, values, strict=True) if v["status"] == ItemStatus.PENDING]
 
 
+def _params(row: dict[str, Any]) -> dict[str, Any] | str | None:
+    """A row's params: a dict, or its JSON text as given."""
+    text: str | None = row.get("params_json")
+    return text if text is not None else row.get("params")
+
+
 _ITEM_COLUMNS = (
     "id, job_id, row_id, row_index, status, params, error_code, error_message, attempts, updated_at"
 )
@@ -84,7 +94,9 @@ def _copy_items(session: Session, values: list[dict[str, Any]]) -> list[int]:
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor.copy(f"COPY items ({_ITEM_COLUMNS}) FROM STDIN") as copy:
         for item_id, v in zip(ids, values, strict=True):
-            params = None if v["params"] is None else json.dumps(v["params"])
+            params = v["params"]
+            if params is not None and not isinstance(params, str):
+                params = json.dumps(params)
             copy.write_row(
                 (
                     item_id,
@@ -99,10 +111,11 @@ def _copy_items(session: Session, values: list[dict[str, Any]]) -> list[int]:
                     v["updated_at"],
                 )
             )
-    columns = "item_id, from_status, to_status, worker, message, created_at"
-    with cursor.copy(f"COPY item_events ({columns}) FROM STDIN") as copy:
-        for item_id, v in zip(ids, values, strict=True):
-            copy.write_row(
-                (item_id, None, v["status"].value, None, v["error_message"], v["updated_at"])
-            )
+    # each item's first event, written by the server from the rows just copied
+    cursor.execute(
+        "INSERT INTO item_events (item_id, from_status, to_status, worker, message, created_at) "
+        "SELECT id, NULL, status, NULL, error_message, updated_at FROM items "
+        "WHERE id BETWEEN %s AND %s AND id = ANY(%s) ORDER BY id",
+        (min(ids), max(ids), ids),
+    )
     return ids

@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from storage.ledger.db import is_postgres
 from storage.ledger.jobs import move, record_event
 from storage.lifecycle import JOB_ACTIVE, JobStage
 from storage.models import Job, JobStatus
@@ -76,18 +75,15 @@ def hold(
     """Before a claim's holder writes: lock the job row for this transaction (a cancel waits
     for the write, or the write sees the cancel), check the claim is still ours and renew it.
     Returns the job's status (running, or cancelled meanwhile), or None if the claim is lost."""
-    locked = select(Job.status, Job.lease_token).where(Job.id == job_id)
-    if is_postgres(session):
-        locked = locked.with_for_update()
-    row = session.execute(locked).one_or_none()
-    if row is None or row.lease_token != token:
-        return None
-    session.execute(
+    # one statement: the UPDATE locks the row as it renews the claim, and matches nothing if
+    # the claim is another's (PostgreSQL re-reads a row another transaction changed first)
+    status = session.execute(
         update(Job)
-        .where(Job.id == job_id)
+        .where(Job.id == job_id, Job.lease_token == token)
         .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
-    )
-    return JobStatus(row.status)
+        .returning(Job.status)
+    ).scalar_one_or_none()
+    return None if status is None else JobStatus(status)
 
 
 def end(

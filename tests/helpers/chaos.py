@@ -78,6 +78,7 @@ def settings(plan: Plan, flaky: FlakyS3) -> dict[str, str]:
         "IPBATCH_S3_ENDPOINT_URL": flaky.endpoint,
         "IPBATCH_LEASE_SECONDS": str(plan.lease),
         "IPBATCH_GENERATE_BATCH": "4",
+        "IPBATCH_EMBED_BATCH": "4",
         "IPBATCH_BATCH_IMAGES": "4",
         "IPBATCH_REQUEUE_AFTER": "15",
         "IPBATCH_BACKOFF_MAX": "4",

@@ -45,6 +45,7 @@ class Cluster:
             "IPBATCH_HOME": str(tmp_path / "home"),
             "IPBATCH_ALLOWED_SOURCES": f"s3://{bucket}/refs/",
             "IPBATCH_GENERATE_BATCH": "2",
+            "IPBATCH_EMBED_BATCH": "2",
             "IPBATCH_LOG_FORMAT": "json",
             **settings,
         }

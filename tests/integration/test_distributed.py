@@ -27,6 +27,7 @@ def outage_settings(flaky_s3: FlakyS3) -> dict[str, str]:
         "IPBATCH_S3_ENDPOINT_URL": flaky_s3.endpoint,
         "IPBATCH_LEASE_SECONDS": "6",
         "IPBATCH_GENERATE_BATCH": "4",
+        "IPBATCH_EMBED_BATCH": "4",
         "IPBATCH_BATCH_IMAGES": "4",
         # the deployment's reaper, every 2 s: queues again what a broker restart lost
         "IPBATCH_REQUEUE_AFTER": "10",
@@ -403,6 +404,7 @@ def test_structure_rows_over_real_services(cluster: Cluster, tmp_path: Path) -> 
         {
             "IPBATCH_LEASE_SECONDS": "6",
             "IPBATCH_GENERATE_BATCH": "4",
+            "IPBATCH_EMBED_BATCH": "4",
             "IPBATCH_BATCH_IMAGES": "4",
         }
     ],

@@ -131,6 +131,7 @@ def outage_cluster(make_cluster: Callable[..., Cluster], flaky_s3: FlakyS3) -> C
     cluster = make_cluster(
         IPBATCH_S3_ENDPOINT_URL=flaky_s3.endpoint,
         IPBATCH_GENERATE_BATCH="4",
+        IPBATCH_EMBED_BATCH="4",
         IPBATCH_BATCH_IMAGES="4",
         IPBATCH_BACKOFF_MAX="4",
     )

@@ -10,6 +10,9 @@ import pytest
 from pipeline.manifest import Row, manifest_json_schema
 from pipeline.manifest_reader import read_manifest
 
+# the single form's fields, not stored beside `adapters`
+SINGLE_FORM = ("adapter", "scale", "combine", "s_scale", "region")
+
 
 def rows_of(text: str, fmt: str = "jsonl") -> list:
     return list(read_manifest(io.BytesIO(text.encode()), fmt))  # type: ignore[arg-type]
@@ -362,8 +365,27 @@ def test_params_round_trip_to_the_same_row() -> None:
     rows = [
         Row(id="a", reference="r.png", num_images=2),
         Row.model_validate({"id": "b", "adapters": [{"adapter": "sd15", "reference": "x"}]}),
+        Row.model_validate(
+            {
+                "id": "c",
+                "prompt": "café \u2014 \"quoted\"\n",
+                "reference": ["x", "y"],
+                "combine": "concat",
+                "region": ["m1", "m2"],
+                "scale": {"up": {"block_1": [0.0, 1.0, 0.0]}},
+                "seed": 0,
+                "control": [{"model": "sd15-canny", "image": "c.png", "end": 0.25}],
+                "guidance_scale": 1e-3,
+            }
+        ),
     ]
     for row in rows:
         params = row.to_params()
         assert Row.model_validate(params) == row.model_copy(update={"seed": row.effective_seed()})
         assert params["seed"] == row.effective_seed() and params["steps"] == 30
+        # the ledger's text (written by pydantic's serializer) is pydantic's JSON-mode dump
+        # with the derived seed, and none of the single form's keys beside `adapters`
+        expected = row.model_dump(mode="json", exclude_none=True) | {"seed": row.effective_seed()}
+        if row.adapters is not None:
+            expected = {k: v for k, v in expected.items() if k not in SINGLE_FORM}
+        assert json.loads(row.params_json()) == expected

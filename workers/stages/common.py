@@ -12,7 +12,7 @@ from core.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound
 from pipeline.images import decode_reference
 from pipeline.sources import check_allowed, resolve_reference
 from storage.ledger import items, jobs
-from storage.lifecycle import JobStage, Stage
+from storage.lifecycle import EMBED, JobStage, Stage
 from storage.models import ItemStatus
 from workers import metrics
 from workers.stages.results import after_end
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from core.config import Settings
     from storage.embcache import Cached, CacheKey
     from workers.context import StageContext
 
@@ -39,6 +40,15 @@ def no_send(stage: Stage, item_ids: list[int]) -> None:
 def chunked(ids: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(ids), size):
         yield list(ids[start : start + size])
+
+
+def send_in_messages(settings: Settings, send: Send, stage: Stage, ids: Sequence[int]) -> None:
+    """`ids` to `stage`, in messages of the stage's size: IPBATCH_EMBED_BATCH items for the
+    embed stage (an ingest publishes a message per that many rows), IPBATCH_GENERATE_BATCH
+    for the generate stage (a message is one stage call, batched within)."""
+    size = settings.embed_batch if stage.name == EMBED.name else settings.generate_batch
+    for chunk in chunked(ids, size):
+        send(stage, chunk)
 
 
 def read_reference(ctx: StageContext, uri: str) -> bytes:
@@ -131,8 +141,7 @@ def send_waiting(
             session, job_id=job_id, statuses=list(statuses), page_size=ctx.settings.ingest_chunk
         )
         for ids in pages:
-            for chunk in chunked(ids, ctx.settings.generate_batch):
-                send(stage, chunk)
+            send_in_messages(ctx.settings, send, stage, ids)
             total += len(ids)
     return total
 

@@ -22,7 +22,7 @@ from storage.lifecycle import JOB_ACTIVE, JOB_STAGES, STAGES, JobStage, Stage
 from storage.models import ItemStatus, Job, JobKind, JobStatus
 from workers.context import StageContext
 from workers.stages import results
-from workers.stages.common import Send, SendJob, SendJobStage, chunked, send_waiting
+from workers.stages.common import Send, SendJob, SendJobStage, send_in_messages, send_waiting
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,7 @@ def _send_again(
                 worker=ctx.worker,
                 message=why,
             )
-        for chunk in chunked(moved, ctx.settings.generate_batch):
-            send(stage, chunk)
+        send_in_messages(ctx.settings, send, stage, moved)
         total += len(moved)
         if not moved or len(found) < 1000:
             return total

@@ -23,7 +23,7 @@ from storage.ledger.outputs import Recorded
 from storage.lifecycle import GENERATE
 from storage.models import JobKind, JobStatus
 from workers.context import StageContext
-from workers.stages.common import Send, chunked
+from workers.stages.common import Send, send_in_messages
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,6 @@ def repair(ctx: StageContext, *, verified: Verified, send: Send) -> list[int]:
             worker=ctx.worker,
             reason="verify --repair: an output object is missing or broken",
         )
-    for chunk in chunked(moved, ctx.settings.generate_batch):
-        send(GENERATE, chunk)
+    send_in_messages(ctx.settings, send, GENERATE, moved)
     verified.repaired = moved
     return moved
