@@ -210,6 +210,16 @@ class AdapterSpec(BaseModel):
         return 1.0 if self.s_scale is None else self.s_scale
 
 
+def _family_defaults(row: Row, base: BaseModelPreset) -> dict[str, Any]:
+    """The family's defaults for what the row leaves unset."""
+    defaults: dict[str, Any] = {}
+    if row.steps is None:
+        defaults["steps"] = base.default_steps
+    if row.guidance_scale is None:
+        defaults["guidance_scale"] = base.default_guidance
+    return defaults
+
+
 def _check_adapter_fields(spec: AdapterSpec | Row) -> None:
     """What an adapter's fields must agree on, written as an `adapters` entry or in the
     row's single form: s_scale only for an adapter with the shortcut, one region per
@@ -231,6 +241,9 @@ def _check_adapter_fields(spec: AdapterSpec | Row) -> None:
             "region: combine 'average' makes the references one embedding, so it takes one "
             "mask; use combine 'concat' for one mask per reference"
         )
+
+
+_FAMILY_DEFAULT = "default: the base model family's (SD1.5 and SDXL: 30 steps, guidance 7.5)"
 
 
 class Row(BaseModel):
@@ -257,8 +270,10 @@ class Row(BaseModel):
     inpaint_mask: Uri | None = None  # a mask image (white = repaint), or "alpha"
     num_images: int = Field(1, ge=1, le=16)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    steps: int = Field(30, ge=1, le=150)
-    guidance_scale: float = Field(7.5, ge=0, le=30)
+    # unset: the family's (`BaseModelPreset.default_steps` / `default_guidance`), filled in
+    # when the row is validated, so a validated row always has both
+    steps: int = Field(None, ge=1, le=150, description=_FAMILY_DEFAULT)  # type: ignore[assignment]
+    guidance_scale: float = Field(None, ge=0, le=30, description=_FAMILY_DEFAULT)  # type: ignore[assignment]
     # skip the text encoder's last layers (anime-style checkpoints are tuned for 2); the
     # loaded encoder's depth is checked in the worker (SD1.5 and SDXL's CLIP-L: 12 layers)
     clip_skip: int | None = Field(None, ge=1, le=11)
@@ -310,6 +325,7 @@ class Row(BaseModel):
         if self.init_image is None and (self.strength is not None or self.inpaint_mask):
             given = "strength" if self.strength is not None else "inpaint_mask"
             raise ValueError(f"{given} needs init_image (the picture to start from)")
+        defaults = _family_defaults(self, BASE_MODELS[families[0]])
         for spec in specs:
             preset = presets[spec.adapter]
             if isinstance(spec.scale, dict):
@@ -321,6 +337,8 @@ class Row(BaseModel):
                     f"{spec.adapter} takes one face: combine several references with "
                     "'average', not 'concat'"
                 )
+        for name, value in defaults.items():  # frozen: set once, while being validated
+            object.__setattr__(self, name, value)
         return self
 
     def adapter_specs(self) -> list[AdapterSpec]:

@@ -19,24 +19,9 @@ from pipeline.diffusers_overrides import clip_skip_on_flat_clip, embed_shape
 from pipeline.models import ModelSource, loading
 from pipeline.presets import BASE_MODELS, CONTROLNETS, SCHEDULERS, AdapterPreset, builtin_adapter
 
-_PIPELINES = {  # (family, mode, with ControlNet) -> diffusers class
-    ("sd15", "text", False): "StableDiffusionPipeline",
-    ("sd15", "text", True): "StableDiffusionControlNetPipeline",
-    ("sd15", "img2img", False): "StableDiffusionImg2ImgPipeline",
-    ("sd15", "img2img", True): "StableDiffusionControlNetImg2ImgPipeline",
-    ("sd15", "inpaint", False): "StableDiffusionInpaintPipeline",
-    ("sd15", "inpaint", True): "StableDiffusionControlNetInpaintPipeline",
-    ("sdxl", "text", False): "StableDiffusionXLPipeline",
-    ("sdxl", "text", True): "StableDiffusionXLControlNetPipeline",
-    ("sdxl", "img2img", False): "StableDiffusionXLImg2ImgPipeline",
-    ("sdxl", "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
-    ("sdxl", "inpaint", False): "StableDiffusionXLInpaintPipeline",
-    ("sdxl", "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
-}
-
 
 def pipeline_class(family: str, mode: str, controlnet: bool) -> str:
-    return _PIPELINES[(family, mode, controlnet)]
+    return BASE_MODELS[family].pipeline(mode, controlnet)
 
 
 @dataclass(frozen=True)
@@ -90,6 +75,8 @@ class WarmPipelines:
         if any(p.lora for p in presets) and not diffusers.utils.USE_PEFT_BACKEND:
             # without peft diffusers only logs a warning and skips FaceID's LoRA
             raise ConfigError("FaceID adapters need the `peft` package for their LoRA")
+        if (base.guidance, base.embeds, base.row_scale) != ("cfg", "cfg_halves", "ip_mask"):
+            raise ConfigError(f"{self.family}: a family this generator cannot call yet")
         pipeline_class = getattr(diffusers, base.pipeline_class)
         extra = {"safety_checker": None, "requires_safety_checker": False}
         # 1. the frozen base model (no safety checker: catalog jobs review outputs themselves)
@@ -99,7 +86,7 @@ class WarmPipelines:
                 base_folder,
                 dtype=dtype,
                 local_files_only=models.local_files_only,
-                **(extra if self.family == "sd15" else {}),
+                **(extra if base.safety_checker else {}),
             )
         # 2. the adapters, without their image encoders: embeddings arrive precomputed
         self.models = models

@@ -44,16 +44,50 @@ class Projection(StrEnum):
     FACE_ID_PLUS = "face_id_plus"  # IPAdapterFaceIDPlusImageProjection: ID MLP + perceiver
 
 
+Mode = Literal["text", "img2img", "inpaint"]  # from noise, from init_image, + inpaint_mask
+
+
 @dataclass(frozen=True)
 class BaseModelPreset:
+    """A model family, as data: where its base model is, which diffusers class runs each mode,
+    how its IP-Adapters are fed and guided, and its defaults. Adding a family is an entry
+    here, a tiny-model builder (`pipeline.tiny`) and tests; the generator reads the entry."""
+
     family: str
-    folder: str  # folder name inside a models folder
+    folder: str  # folder name inside a models folder (the repository's layout)
     hub_repo: str  # public repository the `hub` preset downloads
-    pipeline_class: str  # diffusers class name
+    # the diffusers class of each mode, without and with ControlNets
+    pipelines: tuple[tuple[Mode, str, str], ...]
     native_size: int  # the real model's width = height
+    default_steps: int  # a row's `steps` when it gives none
+    default_guidance: float  # a row's `guidance_scale` when it gives none
+    # how guidance runs: "cfg" = classifier-free guidance, one batch of [negative; positive]
+    # halves when guidance_scale > 1 (diffusers' rule)
+    guidance: Literal["cfg"]
+    # what `ip_adapter_image_embeds` holds: "cfg_halves" = a list with one tensor per adapter,
+    # [negative; positive] stacked on the batch axis under CFG (diffusers' IPAdapterMixin)
+    embeds: Literal["cfg_halves"]
+    # how a row's own adapter strength is applied in a batched call: "ip_mask" = the adapter
+    # runs at 1.0 with the strength as a constant IP-Adapter attention mask per slot
+    row_scale: Literal["ip_mask"]
+    # the repository ships a safety checker: loaded without it (catalog jobs review outputs)
+    safety_checker: bool
     # InstantStyle: attention modules per block that has them (a list scale needs this length)
     attention_blocks: dict[str, dict[str, int]]
     memory: str  # README's rough fp16 inference memory
+    licence: str  # the base model's weights
+
+    def pipeline(self, mode: str, controlnet: bool) -> str:
+        """The diffusers class name of `mode`, with ControlNets or without."""
+        for name, plain, with_control in self.pipelines:
+            if name == mode:
+                return with_control if controlnet else plain
+        raise KeyError(f"{self.family} has no {mode} pipeline")
+
+    @property
+    def pipeline_class(self) -> str:
+        """The text-to-image class (what the base model's folder loads as)."""
+        return self.pipeline("text", False)
 
 
 @dataclass(frozen=True)
@@ -110,19 +144,57 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         family="sd15",
         folder="stable-diffusion-v1-5",
         hub_repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        pipeline_class="StableDiffusionPipeline",
+        pipelines=(
+            ("text", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline"),
+            (
+                "img2img",
+                "StableDiffusionImg2ImgPipeline",
+                "StableDiffusionControlNetImg2ImgPipeline",
+            ),
+            (
+                "inpaint",
+                "StableDiffusionInpaintPipeline",
+                "StableDiffusionControlNetInpaintPipeline",
+            ),
+        ),
         native_size=512,
+        default_steps=30,
+        default_guidance=7.5,
+        guidance="cfg",
+        embeds="cfg_halves",
+        row_scale="ip_mask",
+        safety_checker=True,
         attention_blocks=SD15_BLOCKS,
         memory="~3.5 GB at batch 1 (fp16), +~1 GB per extra image in a batch at 512x512",
+        licence="CreativeML OpenRAIL-M",
     ),
     "sdxl": BaseModelPreset(
         family="sdxl",
         folder="stable-diffusion-xl-base-1.0",
         hub_repo="stabilityai/stable-diffusion-xl-base-1.0",
-        pipeline_class="StableDiffusionXLPipeline",
+        pipelines=(
+            ("text", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline"),
+            (
+                "img2img",
+                "StableDiffusionXLImg2ImgPipeline",
+                "StableDiffusionXLControlNetImg2ImgPipeline",
+            ),
+            (
+                "inpaint",
+                "StableDiffusionXLInpaintPipeline",
+                "StableDiffusionXLControlNetInpaintPipeline",
+            ),
+        ),
         native_size=1024,
+        default_steps=30,
+        default_guidance=7.5,
+        guidance="cfg",
+        embeds="cfg_halves",
+        row_scale="ip_mask",
+        safety_checker=False,
         attention_blocks=SDXL_BLOCKS,
         memory="~9 GB at batch 1 (fp16) at 1024x1024",
+        licence="CreativeML OpenRAIL++-M",
     ),
 }
 
@@ -307,6 +379,8 @@ CONTROLNETS: dict[str, ControlNetPreset] = {
         ),
     )
 }
+
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 # A row's sampler (`scheduler`): the diffusers scheduler class, made with
 # `from_config(<the model folder's scheduler>.config)` as the diffusers docs swap schedulers

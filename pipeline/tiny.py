@@ -415,13 +415,17 @@ def _write_adapter(
     save_file({k: v.contiguous() for k, v in flat.items()}, str(path))
 
 
+# each family's tiny base model, in its repository's layout
+_BASE_BUILDERS = {"sd15": _sd15_base, "sdxl": _sdxl_base}
+
+
 def write_tiny_models(root: Path) -> Path:
     """Write every tiny model under `root`; returns `root`. Overwrites what is there."""
     from pipeline.tiny_faces import write_tiny_face_pack
 
     root = root.expanduser().resolve()
-    _sd15_base(root / BASE_MODELS["sd15"].folder)
-    _sdxl_base(root / BASE_MODELS["sdxl"].folder)
+    for family, base in BASE_MODELS.items():
+        _BASE_BUILDERS[family](root / base.folder)
     encoders: dict[RepoPath, tuple[int, int]] = {}
     for seed, (ref, dims) in enumerate(ENCODER_DIMS.items(), start=1):
         _image_encoder(root / ref.folder / ref.path, *dims, seed=seed)

@@ -112,16 +112,17 @@ def _generation_models(settings: Settings) -> str | None:
     """At least one base model with its IP-Adapter image encoder (a worker may serve SD1.5
     only, or SDXL only); None if one is there."""
     from pipeline.models import ModelSource
-    from pipeline.presets import ADAPTERS
+    from pipeline.presets import ADAPTERS, BASE_MODELS
 
     models = ModelSource.parse(settings.models_spec())
     if models.root is None:
         return None
     found = []
-    for family in ("sd15", "sdxl"):
+    for family in BASE_MODELS:
+        first = next(a for a in ADAPTERS.values() if a.family == family and a.image_encoder)
         try:
             models.base_model(family)
-            models.image_encoder(ADAPTERS[family])
+            models.image_encoder(first)
         except ConfigError as exc:
             found.append(str(exc))
             continue
