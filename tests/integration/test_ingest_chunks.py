@@ -65,7 +65,8 @@ def test_a_chunk_that_fails_stops_the_later_ones_and_the_resume_finishes(
 
     monkeypatch.setattr(ingest, "_item_values", reading)
     monkeypatch.setattr(bulk, "add_items", failing_third)
-    job_id, _ = jobs.register(ctx, manifest_uri=str(_manifest(tmp_path / "m.jsonl")), output_uri="o")
+    manifest = str(_manifest(tmp_path / "m.jsonl"))
+    job_id, _ = jobs.register(ctx, manifest_uri=manifest, output_uri="o")
     with pytest.raises(sa.exc.OperationalError):
         ingest.run(ctx, job_id=job_id, send=send)
 

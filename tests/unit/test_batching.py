@@ -37,6 +37,8 @@ def pixels(result) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
         (("sd15-plus", "sd15-faceid"), "", 7.5),  # two adapters, FaceID LoRA
         (("sdxl",), "", 7.5),
         (("sdxl-plus",), "dark", 5.0),
+        (("sdxl-faceid-plusv2",), "", 7.5),  # SDXL FaceID: its LoRA, the crop's state
+        (("sdxl-plus", "sdxl-faceid"), "", 5.0),
     ],
 )
 def test_each_row_of_a_batch_is_exactly_its_solo_run_in_float64(

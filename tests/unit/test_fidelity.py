@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import CLIPImageProcessorPil
+from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
 from core.config import Settings
 from pipeline.embedder import ClipEmbedder, FaceReferenceEncoder
@@ -61,7 +61,8 @@ def ipbatch_images(
             device=CPU,
             dtype=torch.float32,
         )
-    encoder = FaceReferenceEncoder(FaceEmbedder(models.face_root(), name=FACE_PACK), "sd15", clip)
+    faces = FaceEmbedder(models.face_root(), name=FACE_PACK)
+    encoder = FaceReferenceEncoder(faces, preset.family, clip)
     limits = Settings()
     reference = decode_reference(
         photo.read_bytes(),
@@ -100,12 +101,18 @@ def card_images(
         if do_cfg
         else ref_images_embeds
     )
-    # 3. the base model and the FaceID adapter (its LoRA included)
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        str(tiny_models / "stable-diffusion-v1-5"),
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    # 3. the base model and the FaceID adapter (its LoRA included): SD1.5 as the card's
+    #    IPAdapterFaceID, SDXL as its IPAdapterFaceIDXL (StableDiffusionXLPipeline)
+    if adapter.startswith("sdxl"):
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+            str(tiny_models / "stable-diffusion-xl-base-1.0")
+        )
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            str(tiny_models / "stable-diffusion-v1-5"),
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     weight_name = ADAPTERS[adapter].weight_name
     pipe.load_ip_adapter(
@@ -122,6 +129,9 @@ def card_images(
         pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
             str(tiny_models / "IP-Adapter" / "models" / "image_encoder")
         )
+        if adapter.startswith("sdxl"):  # no processor in SDXL's folder: as load_ip_adapter
+            size = pipe.image_encoder.config.image_size  # makes one with an encoder
+            pipe.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
         clip_embeds = pipe.prepare_ip_adapter_image_embeds([[face_image]], None, CPU, 2, do_cfg)[0]
         layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
         layer.clip_embeds = clip_embeds
@@ -148,6 +158,8 @@ def card_images(
         ("sd15-faceid-plusv2", 7.5, None),
         ("sd15-faceid-plusv2", 1.0, None),
         ("sd15-faceid-plusv2", 7.5, 1.7),
+        ("sdxl-faceid", 7.5, None),
+        ("sdxl-faceid-plusv2", 7.5, 1.7),  # the card's SDXL v2 uses the same ViT-H encoder
     ],
 )
 def test_faceid_matches_the_model_cards_recipe(

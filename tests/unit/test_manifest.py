@@ -97,7 +97,7 @@ def test_adapters_list_and_instantstyle_scale() -> None:
         ({"id": "a", "reference": "r.png", "scale": {"mid": 7.0}}, "scale.mid: a scale must be"),
         (
             {"id": "a", "reference": "r.png", "s_scale": 1.0},
-            "s_scale applies to sd15-faceid-plusv2 only, not sd15",
+            "s_scale applies to sd15-faceid-plusv2, sdxl-faceid-plusv2 only, not sd15",
         ),
         (
             {"id": "a", "reference": "r.png", "adapter": "sd15-faceid-plusv2", "s_scale": 6},
@@ -356,6 +356,8 @@ def test_every_contract_preset_is_accepted() -> None:
         "sdxl",
         "sdxl-plus",
         "sdxl-plus-face",
+        "sdxl-faceid",
+        "sdxl-faceid-plusv2",
     ]
     parsed = rows_of(jsonl(*({"id": n, "adapter": n, "reference": "r"} for n in names)))
     assert [p.error for p in parsed] == [None] * len(names)
@@ -368,7 +370,7 @@ def test_params_round_trip_to_the_same_row() -> None:
         Row.model_validate(
             {
                 "id": "c",
-                "prompt": "café \u2014 \"quoted\"\n",
+                "prompt": 'café \u2014 "quoted"\n',
                 "reference": ["x", "y"],
                 "combine": "concat",
                 "region": ["m1", "m2"],

@@ -123,6 +123,7 @@ def test_every_preset_in_one_job(tmp_path: Path, tiny_models: Path) -> None:
     assert not np.array_equal(pixels["refs-average"], pixels["refs-concat"])
     assert not np.array_equal(pixels["instantstyle"], pixels["scalar-scale"])
     assert not np.array_equal(pixels["product-and-model"], pixels["product-only"])
-    # one embedding per (reference, encoder, kind): the face is embedded once for FaceID (used
-    # by two rows) and once for FaceID-Plus; the faceless wall never gets a row
-    assert kinds.count("face_id") == 1 and kinds.count("face_id_plus") == 1
+    # one embedding per (reference, encoder, kind, family): the face is embedded once for
+    # SD1.5's FaceID (used by two rows), once for SDXL's and once for each FaceID-Plus; the
+    # faceless wall never gets a row
+    assert kinds.count("face_id") == 2 and kinds.count("face_id_plus") == 2
