@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.manifest import RowId, Uri
 
-TRAINABLE_KINDS = ("sd15", "sd15-plus")  # SDXL also needs pooled text embeds and time ids
+# the published architectures a run can train (tencent's tutorial_train.py, _plus.py, _sdxl.py)
+TRAINABLE_KINDS = ("sd15", "sd15-plus", "sdxl")
 
 
 class TrainRow(BaseModel):
@@ -41,7 +42,7 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["sd15", "sd15-plus"] = Field("sd15", description="adapter architecture")
+    kind: Literal["sd15", "sd15-plus", "sdxl"] = Field("sd15", description="adapter architecture")
     init: str = Field(
         "fresh", description="fresh (the paper's init), an adapter preset, or a weight file"
     )

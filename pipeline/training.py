@@ -44,13 +44,17 @@ from pipeline.train_schema import TrainSettings
 @dataclass(frozen=True)
 class Example:
     """One training row, precomputed: latent_mean/std [4, h, w]; text [77, cross_dim];
-    image/image_neg [1, D] (base) or [1, tokens, hidden] (plus)."""
+    image/image_neg [1, D] (base) or [1, tokens, hidden] (plus). SDXL also: the pooled text
+    embedding [pooled_dim] and the time ids [6] (original height, width; crop top, left;
+    target height, width), as tutorial_train_sdxl.py feeds its UNet."""
 
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
     text: torch.Tensor
     image: torch.Tensor
     image_neg: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class AdapterTrainer:
         shape: ProjectionShape,
         settings: TrainSettings,
         uncond_text: torch.Tensor,
+        uncond_pooled: torch.Tensor | None = None,
         init_weights: dict[str, torch.Tensor] | None = None,
         vae_scaling_factor: float = 0.18215,
         loss_scale: float = 2.0**16,
@@ -83,6 +88,8 @@ class AdapterTrainer:
         self.settings = settings
         self.device = unet.device
         self.uncond_text = uncond_text.to(self.device)  # [77, cross_dim]: "" encoded
+        # SDXL: the pooled embedding of "" (a dropped text drops its pooled embedding too)
+        self.uncond_pooled = None if uncond_pooled is None else uncond_pooled.to(self.device)
         self.scaling = vae_scaling_factor
         with torch.random.fork_rng(devices=[]):  # a fresh projection's init: the run's seed
             torch.manual_seed(settings.seed)
@@ -146,7 +153,7 @@ class AdapterTrainer:
         drop_both = (u >= s.drop_image + s.drop_text) & (
             u < s.drop_image + s.drop_text + s.drop_both
         )
-        return {
+        draw = {
             "latents": latents,
             "noise": noise,
             "timesteps": timesteps,
@@ -156,6 +163,10 @@ class AdapterTrainer:
             "no_image": drop_image | drop_both,
             "no_text": drop_text | drop_both,
         }
+        if self.uncond_pooled is not None:  # SDXL's added conditions
+            draw["pooled"] = torch.stack([e.pooled for e in batch])  # type: ignore[misc]
+            draw["time_ids"] = torch.stack([e.time_ids for e in batch])  # type: ignore[misc]
+        return draw
 
     def loss(self, draw: dict[str, torch.Tensor], *, force_no_image: bool = False) -> torch.Tensor:
         """The noise-prediction loss of one drawn batch (`force_no_image`: every image
@@ -179,12 +190,20 @@ class AdapterTrainer:
         )
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         unet_dtype = self.unet.dtype
+        added: dict[str, Any] = {"image_embeds": [image]}  # [B, 1, ...] for one adapter
+        if self.uncond_pooled is not None:  # SDXL: pooled text ("" when dropped), time ids
+            given = draw["pooled"].to(device)
+            pooled = torch.where(no_text[:, None], self.uncond_pooled.expand_as(given), given)
+            added |= {
+                "text_embeds": pooled.to(device, unet_dtype),
+                "time_ids": draw["time_ids"].to(device, unet_dtype),
+            }
         with self._autocast():
             prediction = self.unet(
                 noisy.to(unet_dtype),
                 timesteps,
                 encoder_hidden_states=text.to(unet_dtype),
-                added_cond_kwargs={"image_embeds": [image]},  # [B, 1, ...] for one adapter
+                added_cond_kwargs=added,
             ).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, timesteps)
@@ -270,64 +289,113 @@ def training_crop(
     return size, (left, top, left + resolution, top + resolution)
 
 
+def sdxl_training_crop(
+    width: int, height: int, resolution: int
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """tutorial_train_sdxl.py's crop: the same `transforms.Resize(resolution)` (shorter side
+    to `resolution`, the longer truncated), then a centre crop whose offsets are floored
+    (`delta // 2`, not CenterCrop's rounding). Returns the resized (width, height) and the crop
+    box (left, top, right, bottom); (top, left) go to the UNet as the crop's time ids."""
+    size, _ = training_crop(width, height, resolution)
+    top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    return size, (left, top, left + resolution, top + resolution)
+
+
 class TrainingEncoders:
     """The frozen parts of the base model that make the training tensors: the VAE (latent
-    mean/std of a target image) and the tokenizer + text encoder (a prompt's embedding)."""
+    mean/std of a target image) and the tokenizer + text encoder (a prompt's embedding). A
+    base model with a second text encoder (SDXL) trains as tutorial_train_sdxl.py does: both
+    encoders' penultimate hidden states, the second's pooled embedding, and time ids."""
 
     def __init__(self, base_folder: str, *, device: torch.device, local_files_only: bool):
+        from pathlib import Path
+
         from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         from pipeline.models import folder_fingerprint, loading
 
         self.device = device
+        self.sdxl = (Path(base_folder) / "text_encoder_2").is_dir()
         with loading(f"the base model at {base_folder}", base_folder):
             opts: dict[str, Any] = {"local_files_only": local_files_only}
             self.vae = AutoencoderKL.from_pretrained(base_folder, subfolder="vae", **opts)
-            self.tokenizer = CLIPTokenizer.from_pretrained(
-                base_folder, subfolder="tokenizer", **opts
-            )
-            self.text_encoder = CLIPTextModel.from_pretrained(
-                base_folder, subfolder="text_encoder", **opts
-            )
-        self.vae.to(device).eval().requires_grad_(False)
-        self.text_encoder.eval().requires_grad_(False)
-        self.text_encoder.to(device)  # type: ignore[arg-type]
+            self.tokenizers = [
+                CLIPTokenizer.from_pretrained(base_folder, subfolder="tokenizer", **opts)
+            ]
+            self.text_encoders: list[Any] = [
+                CLIPTextModel.from_pretrained(base_folder, subfolder="text_encoder", **opts)
+            ]
+            if self.sdxl:
+                self.tokenizers.append(
+                    CLIPTokenizer.from_pretrained(base_folder, subfolder="tokenizer_2", **opts)
+                )
+                self.text_encoders.append(
+                    CLIPTextModelWithProjection.from_pretrained(
+                        base_folder, subfolder="text_encoder_2", **opts
+                    )
+                )
+        self.vae.to(device).eval().requires_grad_(False)  # fp32: SDXL's VAE needs it
+        for encoder in self.text_encoders:
+            encoder.eval().requires_grad_(False)
+            encoder.to(device)
         patterns = ("vae/*.json", "vae/*.safetensors", "vae/*.bin")
         self.vae_fingerprint = "vae-" + folder_fingerprint(base_folder, patterns)[:16]
-        patterns = ("text_encoder/*.json", "text_encoder/*.safetensors", "tokenizer/*")
+        patterns = ("text_encoder*/*.json", "text_encoder*/*.safetensors", "tokenizer*/*")
         self.text_fingerprint = "text-" + folder_fingerprint(base_folder, patterns)[:16]
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        # what the latent cache's entries are made with (`latent`'s crop): bump when it changes
+        # (v2: torchvision's crop arithmetic, `training_crop`; v1 rounded the longer side and
+        # floored the crop's offset; sdxl-v1: `sdxl_training_crop`, with the time ids)
+        self.latent_version = "sdxl-v1" if self.sdxl else "v2"
 
     @torch.inference_mode()
     def latent(self, image: Any, resolution: int) -> dict[str, torch.Tensor]:
         """The target's VAE latent distribution: resized (shorter side, bilinear) and
-        centre-cropped to `resolution`, scaled to [-1, 1] (tutorial_train.py's transforms)."""
+        centre-cropped to `resolution`, scaled to [-1, 1] (tutorial_train.py's transforms;
+        SDXL: tutorial_train_sdxl.py's crop, and the time ids it gives the UNet)."""
         import numpy as np
         from PIL import Image
 
         rgb = image.convert("RGB")
-        size, box = training_crop(rgb.width, rgb.height, resolution)
+        crop = sdxl_training_crop if self.sdxl else training_crop
+        size, box = crop(rgb.width, rgb.height, resolution)
+        original = (rgb.height, rgb.width)
         if size != rgb.size:
             rgb = rgb.resize(size, Image.Resampling.BILINEAR)
         rgb = rgb.crop(box)
         pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0)
         pixels = pixels.permute(2, 0, 1)[None].to(self.device, self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist
-        return {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
+        out = {"mean": dist.mean[0].float().cpu(), "std": dist.std[0].float().cpu()}
+        if self.sdxl:  # original size, crop top-left, target size: (height, width) pairs
+            left, top = box[0], box[1]
+            ids = [*original, top, left, resolution, resolution]
+            out["time_ids"] = torch.tensor(ids, dtype=torch.float32)
+        return out
 
     @torch.inference_mode()
-    def text(self, prompt: str) -> torch.Tensor:
-        """[77, cross_dim]: the prompt padded to the tokenizer's length, the encoder's last
-        hidden states (what the pipeline's `encode_prompt` gives without CLIP skip)."""
-        tokens = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.text_encoder(tokens.input_ids.to(self.device))[0][0].float().cpu()
+    def text(self, prompt: str) -> dict[str, torch.Tensor]:
+        """{"text": [77, cross_dim]}: the prompt padded to the tokenizer's length, the
+        encoder's last hidden states (what the pipeline's `encode_prompt` gives without CLIP
+        skip). SDXL: both encoders' penultimate hidden states side by side, and "pooled", the
+        second encoder's projected embedding (tutorial_train_sdxl.py)."""
+        outputs = []
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            tokens = tokenizer(
+                prompt,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            outputs.append(
+                encoder(tokens.input_ids.to(self.device), output_hidden_states=self.sdxl)
+            )
+        if not self.sdxl:
+            return {"text": outputs[0][0][0].float().cpu()}
+        hidden = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
+        return {"text": hidden[0].float().cpu(), "pooled": outputs[1][0][0].float().cpu()}
 
 
 def load_trainer(
@@ -357,6 +425,7 @@ def load_trainer(
             base_folder, subfolder="scheduler", local_files_only=local_files_only
         )
     unet.to(device)
+    uncond = encoders.text("")
     if init is None:
         encoder = CLIPVisionConfig.from_pretrained(image_encoder_folder)
         shape = ProjectionShape.fresh(projection, unet, encoder)
@@ -367,7 +436,8 @@ def load_trainer(
         scheduler,
         shape=shape,
         settings=settings,
-        uncond_text=encoders.text(""),
+        uncond_text=uncond["text"],
+        uncond_pooled=uncond.get("pooled"),
         init_weights=init,
         vae_scaling_factor=encoders.scaling_factor,
     )

@@ -131,13 +131,25 @@ def _generation_models(settings: Settings) -> str | None:
 
 
 def _training_models(settings: Settings) -> None:
+    """At least one trainable architecture's base model and image encoder (a train worker
+    may train SD1.5 only, or SDXL only); the first one's error if none is there."""
     from pipeline.models import ModelSource
     from pipeline.presets import ADAPTERS
+    from pipeline.train_schema import TRAINABLE_KINDS
 
     models = ModelSource.parse(settings.models_spec())
-    if models.root is not None:
-        models.base_model("sd15")
-        models.image_encoder(ADAPTERS["sd15"])
+    if models.root is None:
+        return
+    errors = []
+    for kind in TRAINABLE_KINDS:
+        try:
+            models.base_model(ADAPTERS[kind].family)
+            models.image_encoder(ADAPTERS[kind])
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        return
+    raise errors[0]
 
 
 def _scorer(settings: Settings) -> str | None:

@@ -66,7 +66,7 @@ def examples(tiny_models: Path, encoders: TrainingEncoders) -> list[Example]:
         picture = Image.fromarray(pixels)
         latent = encoders.latent(picture, 64)
         embedding = clip.embed(picture, EmbedKind.CLIP_IMAGE_EMBEDS)
-        text = encoders.text("a product")
+        text = encoders.text("a product")["text"]
         rows.append(Example(latent["mean"], latent["std"], text, embedding.pos, embedding.neg))
     return rows
 
@@ -92,7 +92,7 @@ def _trainer(
         scheduler,
         shape=shape,
         settings=TrainSettings(**{"batch_size": 4, "learning_rate": 1e-2} | settings),
-        uncond_text=encoders.text(""),
+        uncond_text=encoders.text("")["text"],
         init_weights=init,
         vae_scaling_factor=encoders.scaling_factor,
         loss_scale=loss_scale,
@@ -366,7 +366,7 @@ def latents_32(tiny_models: Path, encoders: TrainingEncoders) -> list[Example]:
     width = CLIPVisionConfig.from_pretrained(
         tiny_models / "IP-Adapter/models/image_encoder"
     ).projection_dim
-    text = encoders.text("a product")
+    text = encoders.text("a product")["text"]
     return [
         Example(
             torch.randn(4, 32, 32, generator=g),

@@ -24,11 +24,6 @@ from workers.context import StageContext
 from workers.stages.common import CachedImage, cache_image, decode
 from workers.stages.embed import embed_image, reference_key
 
-# The latent cache's version: bump it when `TrainingEncoders.latent` changes what it makes
-# (v2: torchvision's crop arithmetic, `training_crop`; v1 rounded the longer side and floored
-# the crop's offset)
-LATENT_VERSION = "v2"
-
 if TYPE_CHECKING:
     import torch
 
@@ -120,7 +115,9 @@ def read_examples(ctx: StageContext, run: TrainRun, encoders: Encoders, resoluti
             _, latent = through(
                 row.image,
                 key_of=lambda sha: CacheKey(
-                    sha, encoders.text.vae_fingerprint, f"latent-{LATENT_VERSION}-{resolution}"
+                    sha,
+                    encoders.text.vae_fingerprint,
+                    f"latent-{encoders.text.latent_version}-{resolution}",
                 ),
                 make=lambda data, uri: encoders.text.latent(
                     decode(ctx, data, name=uri), resolution
@@ -140,14 +137,22 @@ def read_examples(ctx: StageContext, run: TrainRun, encoders: Encoders, resoluti
         )
         data.rows.append(row)
         data.examples.append(
-            Example(latent["mean"], latent["std"], text["text"], image["pos"], image["neg"])
+            Example(
+                latent["mean"],
+                latent["std"],
+                text["text"],
+                image["pos"],
+                image["neg"],
+                pooled=text.get("pooled"),
+                time_ids=latent.get("time_ids"),
+            )
         )
         data.references.append((reference.sha256, reference.uri))
     return data
 
 
 def _text(encoders: TrainingEncoders, prompt: str) -> dict[str, torch.Tensor]:
-    return {"text": encoders.text(prompt)}
+    return encoders.text(prompt)
 
 
 def _tensors(
