@@ -12,7 +12,10 @@ figures measured so far are kept, and the rest are skipped):
 4. generation (`bench/generate.py`): the plain diffusers loop, the bare batched call and ipbatch
    eager and compiled at several batch sizes, each with the GPU's busy fraction; the UNet
    FLOP/s each achieved and its fraction of the peak are derived here;
-5. training (`bench/train.py`): steps/s of `ipbatch train`'s loop, fp32 / fp16 / bf16.
+5. training (`bench/train.py`): steps/s of `ipbatch train`'s loop, fp32 / fp16 / bf16;
+6. SDXL, if the budget has room: full-size random-weight SDXL (`bench/fullsize.py`) and
+   generation at 1024x1024 with `sdxl-plus`, the plain diffusers loop and ipbatch eager at
+   B = 1, 4 (`--dry-run`: the tiny SDXL at its native size). Skipped first when time is short.
 After every phase OUT/figures.json and OUT/figures.txt are rewritten, so whatever stops the
 run leaves the figures measured until then.
 """
@@ -34,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RESERVE = 20.0  # seconds kept for writing the figures at the end
+SDXL_NEEDS = 150.0  # seconds the SDXL phase needs at least (writing the weights, 8 rows)
 
 
 class Run:
@@ -159,6 +163,13 @@ def table(figures: dict[str, Any]) -> str:
             lines.append(
                 f"{r['label']:34} {r['images_per_second']:9.2f} {busy:>9} {tflops:>13} {share:>8}"
             )
+    sdxl = phases.get("sdxl", {}).get("records", [])
+    if sdxl:
+        lines.append(f"{'SDXL generation (sdxl-plus)':34} {'images/s':>9} {'GPU busy':>9}")
+        for r in sdxl:
+            if "label" in r:
+                busy = "n/a" if r.get("gpu_busy") is None else f"{r['gpu_busy']:.0%}"
+                lines.append(f"{r['label']:34} {r['images_per_second']:9.2f} {busy:>9}")
     train = phases.get("train", {}).get("records", [])
     if train:
         lines.append(
@@ -274,6 +285,39 @@ def main() -> None:
             run.phase("train", seconds, records=found)
         else:
             run.stopped("train", "no time left in the budget")
+
+        # 6. SDXL at 1024x1024: writing 2.6B + 0.8B parameters takes a minute or two, each
+        #    image a few seconds: only with room left
+        if args.dry_run or run.left() > SDXL_NEEDS:
+            started = time.monotonic()
+            if not args.dry_run:
+                from bench.fullsize import write_fullsize_sdxl
+
+                write_fullsize_sdxl(models)
+            run.phase("sdxl_models", time.monotonic() - started)
+            records = args.out / "sdxl.jsonl"
+            records.unlink(missing_ok=True)
+            sdxl = ["--adapter", "sdxl-plus", "--rows", "4" if args.dry_run else "8"]
+            sdxl += ["--steps", str(steps), "--batch-images", "2" if args.dry_run else "1,4"]
+            if not args.dry_run:
+                sdxl += ["--size", "1024"]
+            found, seconds = _subprocess(
+                run,
+                "sdxl",
+                [
+                    python,
+                    str(ROOT / "bench/generate.py"),
+                    "--models",
+                    str(models),
+                    *sdxl,
+                    "--json",
+                    str(records),
+                ],  # fmt: skip
+                records,
+            )
+            run.phase("sdxl", seconds, records=found)
+        else:
+            run.stopped("sdxl", f"under {SDXL_NEEDS:.0f} s left in the budget")
     run.save()
     print((args.out / "figures.txt").read_text(), end="")
     os.sync()
