@@ -59,16 +59,23 @@ def write_fullsize_sd15(root: Path) -> Path:
     pipe.save_pretrained(base, safe_serialization=True)
     _vit_h(root)
     for seed, name in enumerate(("sd15", "sd15-plus"), start=10):
-        preset = ADAPTERS[name]
-        g = torch.Generator().manual_seed(seed)
-        proj = tiny._image_proj(preset, CROSS_DIM, VIT_H_DIMS, g, resampler_dim=RESAMPLER_DIM)
-        layers = tiny._ip_layers(base / "unet", CROSS_DIM, g, lora=False)
-        tiny._write_adapter(
-            root / preset.weights.folder / preset.weights.path / preset.weight_name,
-            {k: v.half() for k, v in proj.items()},
-            {k: v.half() for k, v in layers.items()},
-        )
+        _adapter(root, base, name, CROSS_DIM, RESAMPLER_DIM, seed)
     return root
+
+
+def _adapter(
+    root: Path, base: Path, name: str, cross_dim: int, resampler_dim: int, seed: int
+) -> None:
+    """A published adapter's file in h94's layout, fp16, shaped for ViT-H and `base`'s UNet."""
+    preset = ADAPTERS[name]
+    g = torch.Generator().manual_seed(seed)
+    proj = tiny._image_proj(preset, cross_dim, VIT_H_DIMS, g, resampler_dim=resampler_dim)
+    layers = tiny._ip_layers(base / "unet", cross_dim, g, lora=False)
+    tiny._write_adapter(
+        root / preset.weights.folder / preset.weights.path / preset.weight_name,
+        {k: v.half() for k, v in proj.items()},
+        {k: v.half() for k, v in layers.items()},
+    )
 
 
 def _clip_l_text() -> Any:
@@ -114,7 +121,7 @@ def _vit_h(root: Path) -> None:
 
 
 def write_fullsize_sdxl(root: Path) -> Path:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = root.resolve()
@@ -148,13 +155,7 @@ def write_fullsize_sdxl(root: Path) -> Path:
         tokenizer=tiny._tokenizer(),
         tokenizer_2=tiny._tokenizer(),
         unet=unet,
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        ),
+        scheduler=tiny.sdxl_scheduler(),
         image_encoder=None,
         feature_extractor=None,
     )
@@ -162,15 +163,7 @@ def write_fullsize_sdxl(root: Path) -> Path:
     base = root / BASE_MODELS["sdxl"].folder
     pipe.save_pretrained(base, safe_serialization=True)
     _vit_h(root)
-    preset = ADAPTERS["sdxl-plus"]
-    g = torch.Generator().manual_seed(20)
-    proj = tiny._image_proj(preset, SDXL_CROSS_DIM, VIT_H_DIMS, g, resampler_dim=1280)
-    layers = tiny._ip_layers(base / "unet", SDXL_CROSS_DIM, g, lora=False)
-    tiny._write_adapter(
-        root / preset.weights.folder / preset.weights.path / preset.weight_name,
-        {k: v.half() for k, v in proj.items()},
-        {k: v.half() for k, v in layers.items()},
-    )
+    _adapter(root, base, "sdxl-plus", SDXL_CROSS_DIM, 1280, 20)  # its Resampler: 1280 wide
     return root
 
 

@@ -132,6 +132,17 @@ def _subprocess(
     return _jsonl(records), time.monotonic() - started
 
 
+def _bench(
+    run: Run, name: str, models: Path, options: list[str], *, script: str | None = None
+) -> tuple[list[dict[str, Any]], float]:
+    """bench/<script or name>.py on `models` in a child process (`_subprocess`), its JSON
+    lines written to OUT/<name>.jsonl."""
+    records = run.out / f"{name}.jsonl"
+    records.unlink(missing_ok=True)
+    command = [sys.executable, str(ROOT / f"bench/{script or name}.py"), "--models", str(models)]
+    return _subprocess(run, name, [*command, *options, "--json", str(records)], records)
+
+
 def table(figures: dict[str, Any]) -> str:
     """The short text table of figures.json."""
     phases = figures["phases"]
@@ -232,7 +243,6 @@ def main() -> None:
             unet_tflop_per_image_step=flops / 1e12,
         )
 
-        python = sys.executable
         if args.dry_run:
             generate = ["--rows", "4", "--steps", str(steps), "--batch-images", "2"]
             train = ["--batch-size", "2", "--steps", "2", "--warmup", "1", "--resolution", "64"]
@@ -240,24 +250,7 @@ def main() -> None:
             generate = ["--rows", "32", "--steps", str(steps), "--size", str(size)]
             generate += ["--batch-images", "1,4,8"]
             train = ["--batch-size", "8", "--steps", "10", "--resolution", str(size)]
-        records = args.out / "generate.jsonl"
-        records.unlink(missing_ok=True)
-        figures, seconds = _subprocess(
-            run,
-            "generate",
-            [
-                python,
-                str(ROOT / "bench/generate.py"),
-                "--models",
-                str(models),
-                *generate,
-                "--bare",
-                "--compile",
-                "--json",
-                str(records),
-            ],  # fmt: skip
-            records,
-        )
+        figures, seconds = _bench(run, "generate", models, [*generate, "--bare", "--compile"])
         for record in figures:  # the UNet FLOP/s each run achieved
             if "images_per_second" in record:
                 achieved = record["images_per_second"] * steps * flops
@@ -265,23 +258,8 @@ def main() -> None:
                 record["fraction_of_peak"] = achieved / peak
         run.phase("generate", seconds, records=figures)
 
-        records = args.out / "train.jsonl"
-        records.unlink(missing_ok=True)
         if run.left() > 30:
-            found, seconds = _subprocess(
-                run,
-                "train",
-                [
-                    python,
-                    str(ROOT / "bench/train.py"),
-                    "--models",
-                    str(models),
-                    *train,
-                    "--json",
-                    str(records),
-                ],  # fmt: skip
-                records,
-            )
+            found, seconds = _bench(run, "train", models, train)
             run.phase("train", seconds, records=found)
         else:
             run.stopped("train", "no time left in the budget")
@@ -295,26 +273,11 @@ def main() -> None:
 
                 write_fullsize_sdxl(models)
             run.phase("sdxl_models", time.monotonic() - started)
-            records = args.out / "sdxl.jsonl"
-            records.unlink(missing_ok=True)
             sdxl = ["--adapter", "sdxl-plus", "--rows", "4" if args.dry_run else "8"]
             sdxl += ["--steps", str(steps), "--batch-images", "2" if args.dry_run else "1,4"]
             if not args.dry_run:
                 sdxl += ["--size", "1024"]
-            found, seconds = _subprocess(
-                run,
-                "sdxl",
-                [
-                    python,
-                    str(ROOT / "bench/generate.py"),
-                    "--models",
-                    str(models),
-                    *sdxl,
-                    "--json",
-                    str(records),
-                ],  # fmt: skip
-                records,
-            )
+            found, seconds = _bench(run, "sdxl", models, sdxl, script="generate")
             run.phase("sdxl", seconds, records=found)
         else:
             run.stopped("sdxl", f"under {SDXL_NEEDS:.0f} s left in the budget")

@@ -169,7 +169,7 @@ def _sd15_base(folder: Path) -> None:
 
 def _sdxl_base(folder: Path) -> None:
     """SDXL's shape: no attention in down block 0, two text encoders, text_time embeddings."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(2)
@@ -191,13 +191,6 @@ def _sdxl_base(folder: Path) -> None:
         projection_class_embeddings_input_dim=SDXL_TEXT_DIM + 6 * time_dim,
         norm_num_groups=32,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(SDXL_TEXT_DIM)),
@@ -207,11 +200,24 @@ def _sdxl_base(folder: Path) -> None:
         tokenizer=_tokenizer(),
         tokenizer_2=_tokenizer(),
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sdxl_scheduler(),
         image_encoder=None,
         feature_extractor=None,
     )
     pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
+
+
+def sdxl_scheduler() -> Any:
+    """stable-diffusion-xl-base-1.0's scheduler config (Euler, leading spacing)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
 
 
 def _controlnet(folder: Path, unet_folder: Path, preset: ControlNetPreset, seed: int) -> None:
