@@ -6,6 +6,7 @@ tests/unit/test_batching.py and test_structure.py, before moving the pin:
 - `prebuilt_ip_embeds`: the per-row fix of diffusers#9813 (still open): for one call,
   `prepare_ip_adapter_image_embeds` returns the per-slot embeds as given instead of tiling them
   over the batch (which makes every row attend to every row's reference, silently).
+- `set_processor_scales`: FLUX's per-slot IP-Adapter strengths, set on its processors.
 - `per_slot_control`: each slot's ControlNet strength and step window in one call, by
   multiplying each ControlNet position's residuals (diffusers takes one scale per net per
   call); a MultiControlNet's positions are swapped for per-position modules during the call.
@@ -30,14 +31,17 @@ if TYPE_CHECKING:
 
 @contextmanager
 def prebuilt_ip_embeds(
-    pipe: Any, embeds: list[torch.Tensor], *, slots: int, do_cfg: bool
+    pipe: Any, given: list[list[torch.Tensor]], *, slots: int, do_cfg: bool
 ) -> Iterator[None]:
-    """For this call, `prepare_ip_adapter_image_embeds` returns
-    our per-slot tensors as they are, instead of tiling the given embeds over the batch
-    (which would make every row attend to every row's reference, silently)."""
+    """For this call, `prepare_ip_adapter_image_embeds` returns our per-slot tensors as they
+    are, instead of tiling the given embeds over the batch (which would make every row attend
+    to every row's reference, silently). `given`: the lists the call passes, the positive
+    embeds (SD1.5/SDXL: CFG halves stacked) and, for FLUX, the negative ones, which FLUX's
+    pipeline prepares in a second call of its own signature (no CFG flag)."""
 
-    def prebuilt(_image: Any, given: Any, _device: Any, repeat: int, cfg: bool) -> Any:
-        if given is not embeds or repeat != slots or cfg != do_cfg:
+    def prebuilt(_image: Any, embeds: Any, _device: Any, repeat: int, *cfg: bool) -> Any:
+        known = any(embeds is g for g in given)
+        if not known or repeat != slots or (cfg and cfg[0] != do_cfg):
             raise RuntimeError(f"unexpected IP-Adapter call: {repeat} slots, cfg={cfg}")
         return embeds
 
@@ -46,6 +50,24 @@ def prebuilt_ip_embeds(
         yield
     finally:
         del pipe.prepare_ip_adapter_image_embeds  # the class's method again
+
+
+def set_processor_scales(transformer: torch.nn.Module, scales: list[Any]) -> None:
+    """FLUX: each IP-Adapter attention processor's strength per adapter, a float or a
+    per-slot (slots, 1, 1) tensor. `set_ip_adapter_scale` takes floats only (a tensor raises
+    TypeError); the processor multiplies its image attention output by `scale`, which
+    broadcasts over the slots (FluxIPAdapterAttnProcessor, diffusers 0.42.1)."""
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    processors = [
+        p
+        for p in transformer.attn_processors.values()  # type: ignore[operator]
+        if isinstance(p, FluxIPAdapterAttnProcessor)
+    ]
+    if not processors:
+        raise RuntimeError("no FLUX IP-Adapter processors to scale")
+    for processor in processors:
+        processor.scale = list(scales)
 
 
 @contextmanager

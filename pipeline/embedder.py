@@ -3,7 +3,9 @@
 diffusers' `encode_image` resizes with the base model's CLIPImageProcessor, runs the adapter's
 CLIPVisionModelWithProjection and returns (positive, negative):
 - base adapters: `image_embeds`, negative = zeros;
-- plus adapters: `hidden_states[-2]`, negative = the same for an all-zero image.
+- plus adapters: `hidden_states[-2]`, negative = the same for an all-zero image;
+- FLUX (XLabs): `image_embeds`, negative = those of an all-black picture (FluxPipeline
+  encodes one when it is given no negative input; any size: black stays black resized).
 `ClipEmbedder.embed` does the same, so saved embeddings passed back as
 `ip_adapter_image_embeds` give the same image as passing the picture (tested bitwise).
 """
@@ -87,6 +89,11 @@ class ClipEmbedder:
         if kind is EmbedKind.CLIP_IMAGE_EMBEDS:
             pos = self.model(pixels).image_embeds
             neg = torch.zeros_like(pos)
+        elif kind is EmbedKind.CLIP_IMAGE_EMBEDS_BLACK:  # FluxPipeline's own negative input
+            pos = self.model(pixels).image_embeds
+            black = self.processor(np.zeros((64, 64, 3), np.uint8), return_tensors="pt")
+            neg = self.model(black.pixel_values.to(device=self.device, dtype=self.dtype))
+            neg = neg.image_embeds
         elif kind is EmbedKind.CLIP_HIDDEN_STATES:
             pos = self.model(pixels, output_hidden_states=True).hidden_states[-2]
             neg = self.model(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]

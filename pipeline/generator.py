@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from core.errors import ErrorCode, ItemError
-from pipeline.diffusers_overrides import per_slot_control, prebuilt_ip_embeds
+from pipeline.diffusers_overrides import per_slot_control, prebuilt_ip_embeds, set_processor_scales
 from pipeline.pipelines import WarmPipelines
 from pipeline.requests import (
     AdapterInput,
@@ -31,6 +31,8 @@ from pipeline.requests import (
 )
 
 log = logging.getLogger(__name__)
+
+FLUX_MAX_SEQUENCE = 512  # FluxPipeline's max_sequence_length: the T5 tokens it reads
 
 
 def _plain(scale: float | dict) -> float:
@@ -125,9 +127,10 @@ class Generator(WarmPipelines):
                     f"encoder ({layers} layers), got {request.clip_skip}",
                 )
         width, height = self._size(request)
-        if width % self.pipe.vae_scale_factor or height % self.pipe.vae_scale_factor:
+        multiple = self.size_multiple
+        if width % multiple or height % multiple:
             raise ItemError(
-                ErrorCode.INVALID_ROW, f"width/height must divide by 8: {width}x{height}"
+                ErrorCode.INVALID_ROW, f"width/height must divide by {multiple}: {width}x{height}"
             )
 
     @torch.inference_mode()
@@ -138,12 +141,14 @@ class Generator(WarmPipelines):
         # 1. check inputs before any model work
         self.check_request(request)
         width, height = self._size(request)
-        do_cfg = request.guidance_scale > 1.0  # diffusers' own rule
+        do_cfg = self._stacks_cfg(request)
         k = request.num_images
 
         # 2. embeddings: [neg, pos] stacked on a new batch axis only when CFG runs; FaceID-Plus
-        #    face-crop embeds batched like the images ([neg x k, pos x k])
+        #    face-crop embeds batched like the images ([neg x k, pos x k]). FLUX: the positive
+        #    ones alone, the negative ones passed on their own (always: see `_negatives`)
         embeds = [self._cfg_stack(spec.neg, spec.pos, 1, do_cfg) for spec in request.adapters]
+        negatives = self._negatives([[spec.neg] for spec in request.adapters])
         clip_embeds = [
             None
             if spec.clip_pos is None or spec.clip_neg is None
@@ -155,10 +160,10 @@ class Generator(WarmPipelines):
         seeds = image_seeds(request.seed, k)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
-        # 4. the row's inputs as the docs pass them. Inpainting encodes a single init image
-        #    with the first generator only, so images 1.. would not be their seed's: it gets
-        #    the init image and mask once per image
-        inpaint = request.mode == "inpaint"
+        # 4. the row's inputs as the docs pass them. Inpainting (and FLUX's img2img) encodes a
+        #    single init image with the first generator only, so images 1.. would not be
+        #    their seed's: it gets the init image and mask once per image
+        per_image = request.mode == "inpaint" or self.base.denoiser == "transformer"
         inputs = CallInputs(
             scales=[spec.scale for spec in request.adapters],
             ip_masks=[self._region_masks(spec, width, height) for spec in request.adapters],
@@ -166,7 +171,7 @@ class Generator(WarmPipelines):
             control_scales=[(c.scale, c.start, c.end) for c in request.controls],
             init_images=None
             if request.init_image is None
-            else [self._init_image(request.init_image, width, height)] * (k if inpaint else 1),
+            else [self._init_image(request.init_image, width, height)] * (k if per_image else 1),
             masks=None if request.mask is None else [request.mask] * k,
         )
 
@@ -175,8 +180,9 @@ class Generator(WarmPipelines):
         arrays = self._call(
             request,
             prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
+            negative_prompt=self._negative_prompts([request], solo=True),
             embeds=embeds,
+            negatives=negatives,
             clip_embeds=clip_embeds,
             per_prompt=k,
             generators=generators,
@@ -198,6 +204,7 @@ class Generator(WarmPipelines):
         prompt: str | list[str],
         negative_prompt: str | list[str] | None,
         embeds: list[torch.Tensor],
+        negatives: list[torch.Tensor] | None,
         clip_embeds: list[torch.Tensor | None],
         per_prompt: int,
         generators: list[torch.Generator],
@@ -211,7 +218,10 @@ class Generator(WarmPipelines):
         width, height = self._size(shared)
         # strengths: load_ip_adapter resets them, so they are set on every call
         scales = inputs.scales
-        self.pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
+        if any(isinstance(scale, torch.Tensor) for scale in scales):  # FLUX, per slot
+            set_processor_scales(self.denoiser, scales)
+        else:
+            self.pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
         # FaceID-Plus reads the face crop's CLIP embeds from its projection layer: state on
         # the UNet, set for this call and cleared afterwards (it must not leak into the next)
         stateful = []
@@ -224,6 +234,8 @@ class Generator(WarmPipelines):
                 layer.shortcut_scale = spec.shortcut_scale
                 stateful.append(layer)
         arguments = self._call_arguments(pipe, shared, inputs, width=width, height=height)
+        if negatives is not None:
+            arguments["negative_ip_adapter_image_embeds"] = negatives
         try:
             output = pipe(
                 prompt=prompt,
@@ -334,7 +346,7 @@ class Generator(WarmPipelines):
     def _generate_slots(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         first = requests[0]
         width, height = self._size(first)
-        do_cfg = first.guidance_scale > 1.0
+        do_cfg = self._stacks_cfg(first)
         # 1. one slot per output image: row i's image j is a prompt of its own (diffusers'
         #    num_images_per_prompt would repeat ONE set of IP embeds over the whole batch)
         slots = [(r, seed) for r in requests for seed in image_seeds(r.seed, r.num_images)]
@@ -354,6 +366,7 @@ class Generator(WarmPipelines):
 
         adapters = range(len(self.adapters))
         embeds = [stacked([(r.adapters[a].neg, r.adapters[a].pos) for r in rows]) for a in adapters]
+        negatives = self._negatives([[r.adapters[a].neg for r in rows] for a in adapters])
         clip_embeds = [
             None
             if first.adapters[a].clip_pos is None
@@ -368,6 +381,13 @@ class Generator(WarmPipelines):
         scales: list[Any] = []
         ip_masks: list[torch.Tensor | None] = []
         for a in adapters:
+            if self.base.row_scale == "processor":  # FLUX: a (slots, 1, 1) scale per adapter
+                values = [_plain(r.adapters[a].scale) for r in rows]
+                scales.append(
+                    torch.tensor(values, dtype=self.dtype, device=self.device)[:, None, None]
+                )
+                ip_masks.append(None)
+                continue
             by_mask = per_slot_scale(first.adapters[a])
             scales.append(1.0 if by_mask else first.adapters[a].scale)
             masks = [
@@ -399,17 +419,17 @@ class Generator(WarmPipelines):
         # 4. denoise and decode, with the per-slot embeds passed through unrepeated
         self.set_vae_slicing(len(slots))
         pipe = self._pipe_of(first)
+        given = [embeds] if negatives is None else [embeds, negatives]
         with (
-            prebuilt_ip_embeds(pipe, embeds, slots=len(slots), do_cfg=do_cfg),
+            prebuilt_ip_embeds(pipe, given, slots=len(slots), do_cfg=do_cfg),
             per_slot_control(pipe, rows, do_cfg=do_cfg),
         ):
             arrays = self._call(
                 first,
                 prompt=[r.prompt for r in rows],
-                negative_prompt=[r.negative_prompt for r in rows]
-                if first.negative_prompt
-                else None,
+                negative_prompt=self._negative_prompts(rows),
                 embeds=embeds,
+                negatives=negatives,
                 clip_embeds=clip_embeds,
                 per_prompt=1,
                 generators=generators,
@@ -435,8 +455,11 @@ class Generator(WarmPipelines):
     def prompt_warning(self, request: GenerationRequest) -> str | None:
         """The text encoder reads a fixed number of tokens (77 for CLIP); diffusers drops the
         rest with only a log line. Say so in the item instead."""
-        tokenizer = self.pipe.tokenizer
-        limit = int(tokenizer.model_max_length)
+        if self.base.denoiser == "transformer":  # FLUX reads the prompt through T5
+            tokenizer, limit = self.pipe.tokenizer_2, FLUX_MAX_SEQUENCE
+        else:
+            tokenizer = self.pipe.tokenizer
+            limit = int(tokenizer.model_max_length)
         notes = []
         for name, text in (
             ("prompt", request.prompt),
@@ -454,6 +477,34 @@ class Generator(WarmPipelines):
     def _to_pil(self, arrays: list[np.ndarray]) -> list[Image.Image]:
         """diffusers' own float -> uint8 conversion (what output_type="pil" does)."""
         return list(self.pipe.image_processor.numpy_to_pil(np.stack(arrays)))
+
+    def _stacks_cfg(self, request: GenerationRequest) -> bool:
+        """Whether the call stacks [negative; positive] halves: classic CFG above guidance 1
+        (diffusers' rule); never for FLUX (distilled guidance; true CFG is a second pass)."""
+        return self.base.embeds == "cfg_halves" and request.guidance_scale > 1.0
+
+    def _negatives(self, per_adapter: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+        """FLUX's `negative_ip_adapter_image_embeds`: [slots, n, D] per adapter. Always given:
+        without them FluxPipeline encodes an all-black image with the image encoder, which a
+        worker fed precomputed embeddings does not load (AttributeError)."""
+        if self.base.embeds != "separate":
+            return None
+        return [torch.stack(negs).to(self.device, self.dtype) for negs in per_adapter]
+
+    def _negative_prompts(
+        self, rows: Sequence[GenerationRequest], *, solo: bool = False
+    ) -> str | list[str] | None:
+        """The call's negative prompt(s). SD1.5/SDXL: the rows' when given (SDXL zeroes an
+        absent one). FLUX: only with true CFG, and then always (an empty one included: a
+        negative prompt is what turns the second pass on)."""
+        first = rows[0]
+        if self.base.guidance == "distilled":
+            given = first.true_cfg_scale is not None and first.true_cfg_scale > 1
+        else:
+            given = bool(first.negative_prompt)
+        if not given:
+            return None
+        return first.negative_prompt if solo else [r.negative_prompt for r in rows]
 
     def _cfg_stack(
         self, neg: torch.Tensor, pos: torch.Tensor, repeat: int, do_cfg: bool

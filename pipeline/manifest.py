@@ -210,6 +210,31 @@ class AdapterSpec(BaseModel):
         return 1.0 if self.s_scale is None else self.s_scale
 
 
+def _check_guidance(row: Row, base: BaseModelPreset, specs: list[AdapterSpec]) -> None:
+    """What a family's pipelines take: FLUX.1 (guidance-distilled) has no negative pass
+    unless `true_cfg_scale` > 1, no CLIP skip, no IP-Adapter masks and no InstantStyle
+    blocks; `true_cfg_scale` is FLUX's alone. Each would be ignored silently by diffusers."""
+    if base.guidance != "distilled":
+        if row.true_cfg_scale is not None:
+            raise ValueError(f"true_cfg_scale is for FLUX.1 rows; this row runs on {base.family}")
+        return
+    true_cfg = row.true_cfg_scale is not None and row.true_cfg_scale > 1
+    if row.negative_prompt and not true_cfg:
+        raise ValueError(
+            "negative_prompt on a FLUX.1 row needs true_cfg_scale > 1: FLUX.1-dev's guidance is "
+            "distilled, it makes no negative pass otherwise"
+        )
+    if row.clip_skip is not None:
+        raise ValueError("clip_skip is for SD1.5 and SDXL rows: FluxPipeline takes none")
+    for spec in specs:
+        if spec.region is not None:
+            raise ValueError(f"region: {spec.adapter}'s pipeline takes no IP-Adapter masks")
+        if isinstance(spec.scale, dict):
+            raise ValueError(
+                f"scale: InstantStyle blocks are for SD1.5 and SDXL, not {spec.adapter}"
+            )
+
+
 def _family_defaults(row: Row, base: BaseModelPreset) -> dict[str, Any]:
     """The family's defaults for what the row leaves unset."""
     defaults: dict[str, Any] = {}
@@ -277,6 +302,9 @@ class Row(BaseModel):
     # skip the text encoder's last layers (anime-style checkpoints are tuned for 2); the
     # loaded encoder's depth is checked in the worker (SD1.5 and SDXL's CLIP-L: 12 layers)
     clip_skip: int | None = Field(None, ge=1, le=11)
+    # FLUX.1 rows: true classifier-free guidance (a second pass with the negative prompt and
+    # the negative image embeds) when > 1; FLUX.1-dev's own `guidance_scale` is distilled
+    true_cfg_scale: float | None = Field(None, ge=1, le=30)
     scheduler: SchedulerName = "default"  # the sampler (presets.SCHEDULERS)
     width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
@@ -325,7 +353,9 @@ class Row(BaseModel):
         if self.init_image is None and (self.strength is not None or self.inpaint_mask):
             given = "strength" if self.strength is not None else "inpaint_mask"
             raise ValueError(f"{given} needs init_image (the picture to start from)")
-        defaults = _family_defaults(self, BASE_MODELS[families[0]])
+        base = BASE_MODELS[families[0]]
+        _check_guidance(self, base, specs)
+        defaults = _family_defaults(self, base)
         for spec in specs:
             preset = presets[spec.adapter]
             if isinstance(spec.scale, dict):

@@ -19,6 +19,9 @@ from pipeline.diffusers_overrides import clip_skip_on_flat_clip, embed_shape
 from pipeline.models import ModelSource, loading
 from pipeline.presets import BASE_MODELS, CONTROLNETS, SCHEDULERS, AdapterPreset, builtin_adapter
 
+# (guidance, embeds, row_scale) the generator knows how to call (`BaseModelPreset`)
+CALLABLE = {("cfg", "cfg_halves", "ip_mask"), ("distilled", "separate", "processor")}
+
 
 def pipeline_class(family: str, mode: str, controlnet: bool) -> str:
     return BASE_MODELS[family].pipeline(mode, controlnet)
@@ -75,8 +78,9 @@ class WarmPipelines:
         if any(p.lora for p in presets) and not diffusers.utils.USE_PEFT_BACKEND:
             # without peft diffusers only logs a warning and skips FaceID's LoRA
             raise ConfigError("FaceID adapters need the `peft` package for their LoRA")
-        if (base.guidance, base.embeds, base.row_scale) != ("cfg", "cfg_halves", "ip_mask"):
+        if (base.guidance, base.embeds, base.row_scale) not in CALLABLE:
             raise ConfigError(f"{self.family}: a family this generator cannot call yet")
+        self.base = base
         pipeline_class = getattr(diffusers, base.pipeline_class)
         extra = {"safety_checker": None, "requires_safety_checker": False}
         # 1. the frozen base model (no safety checker: catalog jobs review outputs themselves)
@@ -95,10 +99,11 @@ class WarmPipelines:
             clip_skip_on_flat_clip(encoder)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        # 3. device settings: channels_last and the VAE's slicing on CUDA, optional compile
+        # 3. device settings: channels_last (a UNet's convolutions) and the VAE's slicing on
+        #    CUDA, optional compile
         self.acceleration = acceleration or Acceleration()
-        if device.type == "cuda" and self.acceleration.channels_last:
-            self.pipe.unet.to(memory_format=torch.channels_last)
+        if device.type == "cuda" and self.acceleration.channels_last and base.denoiser == "unet":
+            self.denoiser.to(memory_format=torch.channels_last)
         self.buckets: list[int] = []
         if self.acceleration.compile:
             from torch import _dynamo
@@ -106,7 +111,7 @@ class WarmPipelines:
             self.buckets = compile_buckets(self.acceleration.max_images)
             # one graph per (bucket, CFG or not, resolution): allow a few dozen
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            self.pipe.unet.compile(dynamic=False)
+            self.denoiser.compile(dynamic=False)
         # 4. the other modes' pipelines (made on first use, sharing every module) and the
         #    ControlNets (loaded on first use)
         self._pipes: dict[tuple[str, tuple[str, ...]], Any] = {("text", ()): self.pipe}
@@ -117,13 +122,20 @@ class WarmPipelines:
         """`self.presets`' weights into the UNet (attention processors, projection layers)."""
         weights = [self.models.adapter_weights(preset) for preset in self.presets]
         files = [str(PurePosixPath(repo, sub, name)) for repo, sub, name in weights]
+        # no image encoder: embeddings arrive precomputed (IPAdapterMixin's and
+        # FluxIPAdapterMixin's loaders name that differently)
+        no_encoder = (
+            {"image_encoder_pretrained_model_name_or_path": None}
+            if self.base.embeds == "separate"
+            else {"image_encoder_folder": None}
+        )
         with loading(f"adapter weights {', '.join(files)}"):
             self.pipe.load_ip_adapter(
                 [repo for repo, _, _ in weights],
                 subfolder=[sub for _, sub, _ in weights],
                 weight_name=[name for _, _, name in weights],
-                image_encoder_folder=None,
                 local_files_only=self.models.local_files_only,
+                **no_encoder,
             )
         # FaceID's LoRA: loaded and ACTIVE (diffusers activates only the last one it loads;
         # rows with two FaceID adapters are refused by the manifest for that reason)
@@ -133,7 +145,7 @@ class WarmPipelines:
         for index, (preset, file) in enumerate(zip(self.presets, files, strict=True)):
             if preset.lora and f"faceid_{index}" not in active:
                 raise ModelLoadError(f"{preset.name}: the LoRA in {file} is not active")
-        self._layers = list(self.pipe.unet.encoder_hid_proj.image_projection_layers)
+        self._layers = list(self.denoiser.encoder_hid_proj.image_projection_layers)
         self._projection_shapes = [embed_shape(layer) for layer in self._layers]
 
     def reload_adapters(self, presets: list[AdapterPreset]) -> None:
@@ -150,9 +162,23 @@ class WarmPipelines:
         self._load_adapters()
 
     @property
+    def denoiser(self) -> Any:
+        """The UNet (SD1.5, SDXL) or the transformer (FLUX.1) the adapters live in."""
+        return self.pipe.unet if self.base.denoiser == "unet" else self.pipe.transformer
+
+    @property
     def native_size(self) -> tuple[int, int]:
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        if self.base.denoiser == "unet":
+            size = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+        else:  # FluxPipeline's default: 128 latent pixels
+            size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return size, size
+
+    @property
+    def size_multiple(self) -> int:
+        """What width and height must divide by: the VAE's factor (FLUX: x2, its latents are
+        packed in 2x2 patches)."""
+        return int(self.pipe.vae_scale_factor) * (1 if self.base.denoiser == "unet" else 2)
 
     @property
     def text_encoders(self) -> list[Any]:

@@ -26,6 +26,9 @@ class EmbedKind(StrEnum):
 
     # CLIPVisionModelWithProjection(...).image_embeds; negative half = zeros
     CLIP_IMAGE_EMBEDS = "clip_image_embeds"
+    # the same; negative = the image_embeds of an all-black picture (what FluxPipeline encodes
+    # for its negative IP-Adapter input when it is given none)
+    CLIP_IMAGE_EMBEDS_BLACK = "clip_image_embeds_black"
     # hidden_states[-2] (penultimate layer); negative half = encoder output of an all-zero image
     CLIP_HIDDEN_STATES = "clip_hidden_states"
     # insightface normed_embedding (512) of the largest face; negative half = zeros
@@ -56,20 +59,28 @@ class BaseModelPreset:
     family: str
     folder: str  # folder name inside a models folder (the repository's layout)
     hub_repo: str  # public repository the `hub` preset downloads
-    # the diffusers class of each mode, without and with ControlNets
-    pipelines: tuple[tuple[Mode, str, str], ...]
+    # the diffusers class of each mode, without and with ControlNets (None: diffusers has
+    # none that takes IP-Adapters)
+    pipelines: tuple[tuple[Mode, str, str | None], ...]
     native_size: int  # the real model's width = height
     default_steps: int  # a row's `steps` when it gives none
     default_guidance: float  # a row's `guidance_scale` when it gives none
     # how guidance runs: "cfg" = classifier-free guidance, one batch of [negative; positive]
-    # halves when guidance_scale > 1 (diffusers' rule)
-    guidance: Literal["cfg"]
+    # halves when guidance_scale > 1 (diffusers' rule); "distilled" = FLUX.1-dev's guidance
+    # embedding (`guidance_scale` is an input of the model, one pass), and true CFG (a second
+    # pass with the negative prompt) only when a row sets `true_cfg_scale` > 1
+    guidance: Literal["cfg", "distilled"]
     # what `ip_adapter_image_embeds` holds: "cfg_halves" = a list with one tensor per adapter,
-    # [negative; positive] stacked on the batch axis under CFG (diffusers' IPAdapterMixin)
-    embeds: Literal["cfg_halves"]
+    # [negative; positive] stacked on the batch axis under CFG (diffusers' IPAdapterMixin);
+    # "separate" = the positive embeds alone, the negative ones always passed as
+    # `negative_ip_adapter_image_embeds` (FluxIPAdapterMixin)
+    embeds: Literal["cfg_halves", "separate"]
     # how a row's own adapter strength is applied in a batched call: "ip_mask" = the adapter
-    # runs at 1.0 with the strength as a constant IP-Adapter attention mask per slot
-    row_scale: Literal["ip_mask"]
+    # runs at 1.0 with the strength as a constant IP-Adapter attention mask per slot;
+    # "processor" = each IP attention processor's scale is a per-slot tensor
+    row_scale: Literal["ip_mask", "processor"]
+    # the model that denoises: a UNet (SD1.5, SDXL) or a transformer (FLUX.1)
+    denoiser: Literal["unet", "transformer"]
     # the repository ships a safety checker: loaded without it (catalog jobs review outputs)
     safety_checker: bool
     # InstantStyle: attention modules per block that has them (a list scale needs this length)
@@ -80,9 +91,11 @@ class BaseModelPreset:
     def pipeline(self, mode: str, controlnet: bool) -> str:
         """The diffusers class name of `mode`, with ControlNets or without."""
         for name, plain, with_control in self.pipelines:
-            if name == mode:
-                return with_control if controlnet else plain
-        raise KeyError(f"{self.family} has no {mode} pipeline")
+            found = with_control if controlnet else plain
+            if name == mode and found is not None:
+                return found
+        nets = " with ControlNets" if controlnet else ""
+        raise KeyError(f"{self.family} has no {mode} pipeline{nets} that takes IP-Adapters")
 
     @property
     def pipeline_class(self) -> str:
@@ -163,6 +176,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         guidance="cfg",
         embeds="cfg_halves",
         row_scale="ip_mask",
+        denoiser="unet",
         safety_checker=True,
         attention_blocks=SD15_BLOCKS,
         memory="~3.5 GB at batch 1 (fp16), +~1 GB per extra image in a batch at 512x512",
@@ -191,10 +205,33 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         guidance="cfg",
         embeds="cfg_halves",
         row_scale="ip_mask",
+        denoiser="unet",
         safety_checker=False,
         attention_blocks=SDXL_BLOCKS,
         memory="~9 GB at batch 1 (fp16) at 1024x1024",
         licence="CreativeML OpenRAIL++-M",
+    ),
+    "flux": BaseModelPreset(
+        family="flux",
+        folder="FLUX.1-dev",
+        hub_repo="black-forest-labs/FLUX.1-dev",
+        pipelines=(
+            ("text", "FluxPipeline", "FluxControlNetPipeline"),
+            # FluxControlNetImg2ImgPipeline and ...InpaintPipeline take no IP-Adapter
+            ("img2img", "FluxImg2ImgPipeline", None),
+            ("inpaint", "FluxInpaintPipeline", None),
+        ),
+        native_size=1024,
+        default_steps=28,  # FluxPipeline's defaults, as the FLUX.1-dev card calls it
+        default_guidance=3.5,
+        guidance="distilled",
+        embeds="separate",
+        row_scale="processor",
+        denoiser="transformer",
+        safety_checker=False,
+        attention_blocks={},  # no InstantStyle block scales
+        memory="~24 GB of bf16 weights for the 12B transformer, ~10 GB more for T5-XXL",
+        licence="FLUX.1 [dev] Non-Commercial License",
     ),
 }
 
@@ -309,6 +346,16 @@ ADAPTERS: dict[str, AdapterPreset] = {
             "SDXL FaceID + ViT-H features of the aligned face (v2 shortcut, `s_scale`)",
             lora=True,
             shortcut=True,
+        ),
+        AdapterPreset(
+            "flux",
+            "flux",
+            RepoPath("XLabs-AI/flux-ip-adapter", "flux-ip-adapter", ""),
+            "ip_adapter.safetensors",
+            SCORE_MODEL,  # XLabs' encoder: openai/clip-vit-large-patch14's image_embeds
+            EmbedKind.CLIP_IMAGE_EMBEDS_BLACK,
+            Projection.LINEAR,
+            "FLUX.1-dev, XLabs: CLIP ViT-L/14 image embedding -> 4 tokens in the double blocks",
         ),
         _sdxl(
             "sdxl",

@@ -284,6 +284,14 @@ class GenerationRequest:
         direct=True,
         default=None,
     )
+    true_cfg_scale: float | None = shared(
+        "one true-CFG rule per call (FLUX: a second pass, or none)",
+        feeds="true_cfg_scale",
+        row="true_cfg_scale",
+        recorded=True,
+        direct=True,  # None (SD1.5, SDXL; FLUX without): not passed
+        default=None,
+    )
     scheduler: str = shared(
         "one sampler per call (the pipeline's scheduler)",
         feeds="pipe.scheduler",

@@ -29,7 +29,6 @@ from pipeline.generator import Generator
 from pipeline.inputs import row_inputs
 from pipeline.manifest import Row
 from pipeline.models import ModelSource
-from pipeline.pipelines import _PIPELINES
 from pipeline.presets import BASE_MODELS
 from pipeline.requests import (
     NOT_CALL_INPUTS,
@@ -123,6 +122,7 @@ INIT_ROW = BASE_ROW | {"init_image": "i.png", "inpaint_mask": "k.png"}
 CANNY = {"model": "sd15-canny", "image": "c.png", "preprocess": "canny"}
 CONTROL_ROW = BASE_ROW | {"control": [CANNY]}
 FACE_ROW = {"id": "r", "adapter": "sd15-faceid-plusv2", "reference": "f.png"}
+FLUX_ROW = {"id": "r", "adapter": "flux", "reference": "a.png"}
 # Row field -> (the row, the same row with that field changed)
 ROW_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "prompt": (BASE_ROW, {"prompt": "a red shoe"}),
@@ -146,6 +146,7 @@ ROW_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "height": (BASE_ROW, {"height": 640}),
     "clip_skip": (BASE_ROW, {"clip_skip": 2}),
     "scheduler": (BASE_ROW, {"scheduler": "ddim"}),
+    "true_cfg_scale": (FLUX_ROW, {"true_cfg_scale": 2.0}),
 }
 
 
@@ -203,7 +204,15 @@ def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[Recorded]:
     """Every diffusers pipeline call made, recorded instead of run (with its real signature, so
     the generator names arguments as that pipeline does): what reached diffusers."""
     calls: list[Recorded] = []
-    for name in set(_PIPELINES.values()):
+    unet_pipelines = {  # the UNet families' classes (each mode, with ControlNets or not)
+        name
+        for base in BASE_MODELS.values()
+        if base.denoiser == "unet"
+        for _, plain, with_control in base.pipelines
+        for name in (plain, with_control)
+        if name is not None
+    }
+    for name in unet_pipelines:
         cls = getattr(diffusers, name)
 
         def fake(self: Any, **arguments: Any) -> Any:
@@ -283,6 +292,7 @@ def changes(request: GenerationRequest) -> dict[str, dict[str, Any]]:
             "strength": 0.9,
             "clip_skip": 1,
             "scheduler": "ddim",
+            "true_cfg_scale": 2.0,  # FLUX's (the manifest gives it to FLUX rows only)
         },
         "adapter": {
             "adapter": "sd15-plus",

@@ -29,7 +29,12 @@ from storage.embcache import CacheKey, deserialize, serialize
 pytestmark = pytest.mark.numerics
 
 CPU = torch.device("cpu")
-CLIP_ADAPTERS = [n for n, p in ADAPTERS.items() if not p.uses_faces]
+# the IPAdapterMixin families' CLIP adapters (FLUX's, its own loader: tests/unit/test_flux.py)
+CLIP_ADAPTERS = [
+    n
+    for n, p in ADAPTERS.items()
+    if not p.uses_faces and BASE_MODELS[p.family].embeds == "cfg_halves"
+]
 
 
 def random_picture(seed: int) -> Image.Image:

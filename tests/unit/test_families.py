@@ -26,12 +26,17 @@ def test_each_mode_names_a_diffusers_pipeline_that_takes_ip_adapters(
 ) -> None:
     base = BASE_MODELS[family]
     assert {mode for mode, _, _ in base.pipelines} == set(MODES)
-    for mode in MODES:
-        for controlnet in (False, True):
+    for mode, plain, with_control in base.pipelines:
+        for controlnet, name in ((False, plain), (True, with_control)):
+            if name is None:  # diffusers' class of that mode takes no IP-Adapter: none named
+                with pytest.raises(KeyError, match="that takes IP-Adapters"):
+                    base.pipeline(mode, controlnet)
+                continue
             cls = getattr(diffusers, base.pipeline(mode, controlnet))
             arguments = inspect.signature(cls.__call__).parameters
-            # "cfg_halves": the embeds layout of diffusers' IPAdapterMixin
-            assert base.embeds == "cfg_halves" and issubclass(cls, diffusers.loaders.IPAdapterMixin)
+            # the embeds layout names the loader mixin whose pipelines take it
+            mixin = {"cfg_halves": "IPAdapterMixin", "separate": "FluxIPAdapterMixin"}
+            assert issubclass(cls, getattr(diffusers.loaders, mixin[base.embeds]))
             assert "ip_adapter_image_embeds" in arguments
             assert ("controlnet_conditioning_scale" in arguments) is controlnet
             assert ("strength" in arguments) is (mode != "text")

@@ -1,0 +1,196 @@
+"""FLUX.1 with XLabs' IP-Adapter (`flux`), on the tiny FLUX.1-dev layout, float64.
+
+The reference side is diffusers' FluxPipeline called as its docs show (`load_ip_adapter(...,
+image_encoder_pretrained_model_name_or_path=...)`, `set_ip_adapter_scale`, `pipe(...,
+ip_adapter_image=picture, true_cfg_scale=...)`); ipbatch's side is the embed stage's encoder,
+the request mapping and the generator with no image encoder. Batched rows with their own
+references, scales, seeds, prompts and init images each equal their solo run; the traps of
+FLUX's loader and pipeline are regression tests; rows FLUX cannot run fail alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+from helpers.requests import requests_for
+from PIL import Image
+
+from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
+from pipeline.generator import Generator
+from pipeline.manifest import Row
+from pipeline.manifest_reader import read_manifest
+from pipeline.models import ModelSource
+from pipeline.presets import ADAPTERS
+from pipeline.requests import build_request
+
+# equality with diffusers' own pipelines, number for number: torch's business, not the
+# interpreter's; Python 3.12 runs the rest (`make test-py312`)
+pytestmark = pytest.mark.numerics
+
+CPU = torch.device("cpu")
+F64 = torch.float64
+SIZE = 32  # FLUX's native size for the tiny model is 256 (128 latent pixels x 2)
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_models: Path) -> Generator:
+    return Generator(ModelSource.parse(str(tiny_models)), ("flux",), device=CPU, dtype=F64)
+
+
+def picture(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("true_cfg", [None, 3.0])
+@pytest.mark.parametrize("mode", ["text", "img2img", "inpaint"])
+def test_each_row_of_a_batch_is_its_solo_run(flux: Generator, true_cfg, mode: str) -> None:
+    """Three rows (1, 2 and 1 images) with their own references, scales (0.7, 0.3, 0.7),
+    prompts and seeds in one call; with and without true CFG; from noise, from init images,
+    inpainting. Without the per-row fix every row attends to every row's reference (FLUX
+    folds the repeated embeds into tokens) and one scale holds for all."""
+    rows = requests_for(flux, num_images=[1, 2, 1], guidance=3.5)
+    rows[1] = replace(rows[1], adapters=[replace(rows[1].adapters[0], scale=0.3)])
+    holes = np.random.default_rng(2).random((SIZE, SIZE)) > 0.5
+    mask = Image.fromarray((holes * 255).astype(np.uint8))
+    rows = [
+        replace(
+            r,
+            width=SIZE,
+            height=SIZE,
+            true_cfg_scale=true_cfg,
+            negative_prompt="blurry" if true_cfg else "",
+            init_image=None if mode == "text" else picture(20 + i, (SIZE, SIZE)),
+            strength=None if mode == "text" else 0.7,
+            mask=mask if mode == "inpaint" else None,
+        )
+        for i, r in enumerate(rows)
+    ]
+    batched = flux.generate_batch(rows)
+    solo = [flux.generate(r) for r in rows]
+    for row, b, s in zip(rows, batched, solo, strict=True):
+        assert len(b.arrays) == row.num_images
+        for mine, alone in zip(b.arrays, s.arrays, strict=True):
+            assert np.abs(mine - alone).max() < 1e-8
+    # the rows really had their own references and scales
+    swapped = replace(rows[2], adapters=rows[0].adapters)
+    assert np.abs(flux.generate(swapped).arrays[0] - solo[2].arrays[0]).max() > 1e-3
+    weaker = replace(rows[0], adapters=[replace(rows[0].adapters[0], scale=0.3)])
+    assert np.abs(flux.generate(weaker).arrays[0] - solo[0].arrays[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 4.0])
+def test_a_row_is_the_docs_pipeline(tiny_models: Path, flux: Generator, true_cfg: float) -> None:
+    """The diffusers docs' FLUX IP-Adapter call, the picture encoded by the pipeline's own
+    image encoder; ipbatch: the embed stage's encoder, the cached tensors, the request."""
+    models = ModelSource.parse(str(tiny_models))
+    preset = ADAPTERS["flux"]
+    reference = picture(5)
+    clip = ClipEmbedder(
+        models.image_encoder(preset), models.feature_extractor("flux"), device=CPU, dtype=F64
+    )
+    tensors = ClipReferenceEncoder(clip, preset.embed_kind, "flux").encode(reference, name="ref")
+    row = Row.model_validate(
+        {
+            "id": "r",
+            "adapter": "flux",
+            "reference": "ref.png",
+            "scale": 0.8,
+            "prompt": "a leather bag",
+            "negative_prompt": "blurry" if true_cfg > 1 else "",
+            "true_cfg_scale": true_cfg,
+            "num_images": 2,
+            "seed": 4444,
+            "steps": 3,
+            "width": 64,  # a row's smallest
+            "height": 64,
+        }
+    )
+    mine = flux.generate(build_request(row, [[tensors]])).arrays
+
+    pipe = FluxPipeline.from_pretrained(str(tiny_models / "FLUX.1-dev"), torch_dtype=F64)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(
+        str(tiny_models / "flux-ip-adapter"),
+        weight_name="ip_adapter.safetensors",
+        image_encoder_pretrained_model_name_or_path=str(tiny_models / "clip-vit-large-patch14"),
+        image_encoder_dtype=F64,
+    )
+    pipe.set_ip_adapter_scale(0.8)
+    theirs = pipe(
+        width=64,
+        height=64,
+        prompt="a leather bag",
+        negative_prompt="blurry" if true_cfg > 1 else None,
+        true_cfg_scale=true_cfg,
+        num_inference_steps=3,
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(s) for s in (4444, 4445)],
+        ip_adapter_image=reference,
+        output_type="np",
+    ).images
+    for a, b in zip(mine, theirs, strict=True):  # float64 inside; the np output is float32,
+        assert np.abs(a - b).max() < 1e-6  # where a 16th-digit difference can move one ulp
+
+
+def test_negative_embeds_are_always_given(flux: Generator, monkeypatch) -> None:
+    """FluxPipeline given positive embeds alone encodes an all-black picture for the negative
+    ones with its image encoder, which a worker fed precomputed embeddings has not loaded:
+    an AttributeError even without true CFG. ipbatch always passes its negative embeds."""
+    [row] = requests_for(flux, num_images=[1], guidance=3.5)
+    row = replace(row, width=SIZE, height=SIZE)
+    assert len(flux.generate(row).arrays) == 1
+    monkeypatch.setattr(Generator, "_negatives", lambda self, per_adapter: None)
+    with pytest.raises(AttributeError):
+        flux.generate(row)
+
+
+def rows_of(*objects: dict) -> list:
+    text = "".join(json.dumps(o) + "\n" for o in objects)
+    return list(read_manifest(io.BytesIO(text.encode())))
+
+
+def test_rows_flux_cannot_run_fail_alone_with_the_reason() -> None:
+    flux = {"id": "f", "adapter": "flux", "reference": "r.png"}
+    parsed = rows_of(
+        flux,
+        {
+            "id": "a",
+            "adapters": [
+                {"adapter": "flux", "reference": "r.png"},
+                {"adapter": "sdxl", "reference": "s.png"},
+            ],
+        },  # fmt: skip
+        {
+            "id": "b",
+            "adapters": [
+                {"adapter": "flux", "reference": "r.png"},
+                {"adapter": "sd15-faceid", "reference": "f.png"},
+            ],
+        },  # fmt: skip
+        flux | {"id": "c", "negative_prompt": "blurry"},
+        flux | {"id": "d", "clip_skip": 2},
+        flux | {"id": "e", "region": "m.png"},
+        flux | {"id": "g", "scale": {"up": {"block_0": [1.0]}}},
+        {"id": "h", "reference": "r.png", "true_cfg_scale": 2.0},
+        flux | {"id": "i", "control": [{"model": "sdxl-canny", "image": "c.png"}]},
+        flux | {"id": "j", "negative_prompt": "blurry", "true_cfg_scale": 2.0},
+    )
+    errors = [p.error or "" for p in parsed]
+    assert parsed[0].row is not None and parsed[0].row.steps == 28
+    assert parsed[0].row.guidance_scale == 3.5  # FLUX.1-dev's defaults
+    assert "share one base model" in errors[1] and "share one base model" in errors[2]
+    assert "needs true_cfg_scale > 1" in errors[3]
+    assert "clip_skip is for SD1.5 and SDXL" in errors[4]
+    assert "takes no IP-Adapter masks" in errors[5]
+    assert "InstantStyle blocks are for SD1.5 and SDXL" in errors[6]
+    assert "true_cfg_scale is for FLUX.1 rows" in errors[7]
+    assert "ControlNet" in errors[8]
+    assert parsed[9].row is not None
