@@ -41,7 +41,7 @@ class NullGenerator:
         return self.generate_batch([request])[0]
 
     def _result(self, request: Any) -> Any:
-        from pipeline.generator import GenerationResult, image_seeds
+        from pipeline.call_inputs import GenerationResult, image_seeds
 
         seeds = image_seeds(request.seed, request.num_images)
         return GenerationResult([self.image] * len(seeds), seeds, 8, 8)

@@ -198,12 +198,20 @@ def load_plain_pipeline(models: str, adapter: str):  # type: ignore[no-untyped-d
     )
     repo, subfolder, weight_name = source.adapter_weights(ADAPTERS[adapter])
     assert preset.image_encoder is not None
-    pipe.load_ip_adapter(
-        repo,
-        subfolder=subfolder,
-        weight_name=weight_name,
-        image_encoder_folder=preset.image_encoder.path,
-    )
+    if BASE_MODELS[preset.family].embeds == "separate":  # FLUX: its docs' loader call
+        pipe.load_ip_adapter(
+            repo,
+            weight_name=weight_name,
+            image_encoder_pretrained_model_name_or_path=source.image_encoder(preset),
+            image_encoder_dtype=dtype,
+        )
+    else:
+        pipe.load_ip_adapter(
+            repo,
+            subfolder=subfolder,
+            weight_name=weight_name,
+            image_encoder_folder=preset.image_encoder.path,
+        )
     pipe.set_ip_adapter_scale(0.5)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -3,8 +3,9 @@
 Reads like a diffusers pipeline: `check_request` validates every input before any model work
 (shapes included: CFG-shaped embeddings with guidance <= 1 give no error in diffusers, only a
 wrong image), then numbered steps, then a typed result. The request schema is
-`pipeline.requests`, loading is `pipeline.pipelines`, and what reaches into diffusers'
-internals is `pipeline.diffusers_overrides`.
+`pipeline.requests`, loading is `pipeline.pipelines`, a call's laid-out inputs and its
+result are `pipeline.call_inputs`, and what reaches into diffusers' internals is
+`pipeline.diffusers_overrides`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from core.errors import ErrorCode, ItemError
+from pipeline.call_inputs import CallInputs, GenerationResult, controls_of, image_seeds
 from pipeline.diffusers_overrides import per_slot_control, prebuilt_ip_embeds, set_processor_scales
 from pipeline.pipelines import WarmPipelines
 from pipeline.requests import (
@@ -38,60 +39,6 @@ FLUX_MAX_SEQUENCE = 512  # FluxPipeline's max_sequence_length: the T5 tokens it 
 def _plain(scale: float | dict) -> float:
     assert not isinstance(scale, dict), "InstantStyle scales are never per slot"
     return float(scale)
-
-
-@dataclass
-class CallInputs:
-    """What one diffusers call gets besides prompts and embeddings, already laid out for it:
-    strengths, IP-Adapter masks (one entry per adapter, or None), the control images as the
-    pipeline takes them (one ControlNet: an image, or one per slot; several: one per net, or
-    per slot a list with one per net), their (scale, start, end), init images and masks."""
-
-    scales: list[Any]
-    ip_masks: list[torch.Tensor | None]
-    controls: Any
-    control_scales: list[tuple[float, float, float]]
-    init_images: list[Image.Image] | None
-    masks: list[Image.Image] | None
-    slots: int | None = None  # a batched call: every per-slot list has one entry per slot
-
-    def check(self) -> None:
-        """diffusers silently tiles a short list (img2img: [A, B, A, B] for four images): a
-        batched call's lists must have exactly one entry per slot."""
-        if self.slots is None:
-            return
-        lists = {
-            "init images": self.init_images,
-            "masks": self.masks,
-            "control images": self.controls if self.controls is not None else None,
-        }
-        for name, values in lists.items():
-            if values is not None and len(values) != self.slots:
-                raise ItemError(ErrorCode.INTERNAL, f"{len(values)} {name} for {self.slots} slots")
-
-
-def _controls_of(request: GenerationRequest) -> Any:
-    """A row's control images as a pipeline takes them: one image for one ControlNet, a list
-    with one per net for several (a batched call: that, per slot)."""
-    if not request.controls:
-        return None
-    images = [c.image for c in request.controls]
-    return images if len(images) > 1 else images[0]
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    images: list[Image.Image]
-    seeds: list[int]
-    width: int
-    height: int
-    arrays: list[np.ndarray] = field(default_factory=list)  # float HxWx3 in [0, 1]
-    warning: str | None = None  # e.g. a prompt longer than the text encoder reads
-
-
-def image_seeds(seed: int, num_images: int) -> list[int]:
-    """Image k of a row uses seed + k (wrapping at 2**32, the manifest's seed range)."""
-    return [(seed + k) % 2**32 for k in range(num_images)]
 
 
 class Generator(WarmPipelines):
@@ -167,7 +114,7 @@ class Generator(WarmPipelines):
         inputs = CallInputs(
             scales=[spec.scale for spec in request.adapters],
             ip_masks=[self._region_masks(spec, width, height) for spec in request.adapters],
-            controls=_controls_of(request),
+            controls=controls_of(request),
             control_scales=[(c.scale, c.start, c.end) for c in request.controls],
             init_images=None
             if request.init_image is None
@@ -407,7 +354,7 @@ class Generator(WarmPipelines):
         inputs = CallInputs(
             scales=scales,
             ip_masks=ip_masks,
-            controls=[_controls_of(r) for r in rows] if first.controls else None,
+            controls=[controls_of(r) for r in rows] if first.controls else None,
             control_scales=[(1.0, 0.0, 1.0)] * len(first.controls),
             init_images=None
             if first.init_image is None

@@ -41,7 +41,8 @@ from workers.stages.reuse import output_uri_for, publish_output
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.generator import GenerationResult, Generator
+    from pipeline.call_inputs import GenerationResult
+    from pipeline.generator import Generator
     from pipeline.requests import GenerationRequest
 
 log = logging.getLogger(__name__)
