@@ -233,8 +233,12 @@ def test_redis_broker_also_works(
     assert (progress["status"], progress["succeeded"]) == ("succeeded", 3)
 
 
+SMALL = {"width": 64, "height": 64}  # FLUX's tiny native size is 256
+
+
 def test_mixed_presets_over_real_services(cluster: Cluster, tmp_path: Path) -> None:
-    """sd15-plus, sd15-faceid (insightface in the embed worker) and sdxl rows in one job."""
+    """sd15-plus, sd15-faceid (insightface in the embed worker), sdxl, sdxl-faceid and flux
+    (FLUX.1, with and without true CFG) rows in one job."""
     from PIL import Image, ImageDraw
 
     s3, bucket, env = cluster.s3, cluster.bucket, cluster.env
@@ -275,11 +279,22 @@ def test_mixed_presets_over_real_services(cluster: Cluster, tmp_path: Path) -> N
             "guidance_scale": 1.0,
         },
         {"id": "no-face", "adapter": "sd15-faceid", "reference": f"{ref}/wall.png", "steps": 2},
+        {"id": "xl-face", "adapter": "sdxl-faceid", "reference": f"{ref}/face.png", "steps": 2},
+        {"id": "flux-1", "adapter": "flux", "reference": f"{ref}/bag.png", "steps": 2} | SMALL,
+        {
+            "id": "flux-2",
+            "adapter": "flux",
+            "reference": f"{ref}/face.png",
+            "steps": 2,
+            "negative_prompt": "blurry",
+            "true_cfg_scale": 2.0,
+        }
+        | SMALL,
     ]
     manifest = cluster.put_manifest("jobs/mixed.jsonl", rows)
     job_id = cli("submit", manifest, "--output", f"s3://{bucket}/mixed", env=env).strip()
     progress = cluster.wait_for_job(job_id)
-    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("partial", 6, 1)
+    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("partial", 9, 1)
     with cluster.engine.connect() as conn:
         failed = conn.execute(
             sa.text("SELECT row_id, error_code FROM items WHERE job_id = :j AND status = 'failed'"),
@@ -305,9 +320,9 @@ def test_mixed_presets_over_real_services(cluster: Cluster, tmp_path: Path) -> N
             .all()
         )
     assert [tuple(r) for r in failed] == [("no-face", "no_face")]
-    assert n_outputs == 7
-    # the family is part of every cache key: SD1.5 and SDXL never share an embedding
-    assert {e.split("/")[0] for e in encoders} == {"sd15", "sdxl"}
+    assert n_outputs == 10
+    # the family is part of every cache key: no two families share an embedding
+    assert {e.split("/")[0] for e in encoders} == {"sd15", "sdxl", "flux"}
 
 
 def test_structure_rows_over_real_services(cluster: Cluster, tmp_path: Path) -> None:
@@ -374,7 +389,7 @@ def test_structure_rows_over_real_services(cluster: Cluster, tmp_path: Path) -> 
             ).all()
         )
     assert [tuple(r[:2]) for r in failed] == [("no-mask", "reference_not_found")], failed
-    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("partial", 6, 1)
+    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("partial", 9, 1)
     assert [(r[0], r[1], r[2], r[3]) for r in linked] == [
         ("pose-1", "control", f"{ref}/photo.png", "canny-100-200"),
         ("pose-2", "control", f"{ref}/photo.png", "canny-100-200"),
