@@ -389,7 +389,7 @@ def test_structure_rows_over_real_services(cluster: Cluster, tmp_path: Path) -> 
             ).all()
         )
     assert [tuple(r[:2]) for r in failed] == [("no-mask", "reference_not_found")], failed
-    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("partial", 9, 1)
+    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("partial", 6, 1)
     assert [(r[0], r[1], r[2], r[3]) for r in linked] == [
         ("pose-1", "control", f"{ref}/photo.png", "canny-100-200"),
         ("pose-2", "control", f"{ref}/photo.png", "canny-100-200"),
