@@ -12,6 +12,7 @@ CLIPVisionModelWithProjection and returns (positive, negative):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -80,6 +81,14 @@ class ClipEmbedder:
         ).hexdigest()
         self.fingerprint = f"clip-{Path(encoder_folder).name}-{combined[:16]}"
 
+    @functools.cached_property
+    def _black_image_embeds(self) -> torch.Tensor:
+        """The image_embeds of an all-black picture (the same for every reference)."""
+        black = self.processor(np.zeros((64, 64, 3), np.uint8), return_tensors="pt")
+        with torch.inference_mode():
+            embeds = self.model(black.pixel_values.to(device=self.device, dtype=self.dtype))
+        return embeds.image_embeds
+
     @torch.inference_mode()
     def embed(self, image: Image.Image | np.ndarray, kind: EmbedKind) -> ReferenceEmbedding:
         """`image` as the recipe gives it: a PIL image, or (FaceID-Plus) the BGR uint8 array of
@@ -91,9 +100,7 @@ class ClipEmbedder:
             neg = torch.zeros_like(pos)
         elif kind is EmbedKind.CLIP_IMAGE_EMBEDS_BLACK:  # FluxPipeline's own negative input
             pos = self.model(pixels).image_embeds
-            black = self.processor(np.zeros((64, 64, 3), np.uint8), return_tensors="pt")
-            neg = self.model(black.pixel_values.to(device=self.device, dtype=self.dtype))
-            neg = neg.image_embeds
+            neg = self._black_image_embeds
         elif kind is EmbedKind.CLIP_HIDDEN_STATES:
             pos = self.model(pixels, output_hidden_states=True).hidden_states[-2]
             neg = self.model(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]

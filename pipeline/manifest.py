@@ -268,7 +268,14 @@ def _check_adapter_fields(spec: AdapterSpec | Row) -> None:
         )
 
 
-_FAMILY_DEFAULT = "default: the base model family's (SD1.5 and SDXL: 30 steps, guidance 7.5)"
+_FAMILY_DEFAULT = (
+    "default: the base model family's ("
+    + "; ".join(
+        f"{b.family}: {b.default_steps} steps, guidance {b.default_guidance:g}"
+        for b in BASE_MODELS.values()
+    )
+    + ")"
+)
 
 
 class Row(BaseModel):

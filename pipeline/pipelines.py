@@ -23,10 +23,6 @@ from pipeline.presets import BASE_MODELS, CONTROLNETS, SCHEDULERS, AdapterPreset
 CALLABLE = {("cfg", "cfg_halves", "ip_mask"), ("distilled", "separate", "processor")}
 
 
-def pipeline_class(family: str, mode: str, controlnet: bool) -> str:
-    return BASE_MODELS[family].pipeline(mode, controlnet)
-
-
 @dataclass(frozen=True)
 class Acceleration:
     """How the pipeline runs on its device (IPBATCH_CHANNELS_LAST, _COMPILE, _VAE_SLICING_ABOVE).
@@ -195,7 +191,7 @@ class WarmPipelines:
 
         key = (mode, nets)
         if key not in self._pipes:
-            cls = getattr(diffusers, pipeline_class(self.family, mode, bool(nets)))
+            cls = getattr(diffusers, self.base.pipeline(mode, bool(nets)))
             extra: dict[str, Any] = {}
             if nets:
                 models = [self._controlnet(name) for name in nets]

@@ -4,14 +4,15 @@ library loads). The recipe itself is `pipeline.training`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.manifest import RowId, Uri
 
 # the published architectures a run can train (tencent's tutorial_train.py, _plus.py, _sdxl.py)
-TRAINABLE_KINDS = ("sd15", "sd15-plus", "sdxl")
+TrainKind = Literal["sd15", "sd15-plus", "sdxl"]
+TRAINABLE_KINDS: tuple[str, ...] = get_args(TrainKind)
 
 
 class TrainRow(BaseModel):
@@ -42,7 +43,7 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["sd15", "sd15-plus", "sdxl"] = Field("sd15", description="adapter architecture")
+    kind: TrainKind = Field("sd15", description="adapter architecture")
     init: str = Field(
         "fresh", description="fresh (the paper's init), an adapter preset, or a weight file"
     )

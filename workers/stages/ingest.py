@@ -131,7 +131,7 @@ def _item_values(parsed: ParsedRow[Row]) -> dict[str, Any]:
             "row_id": parsed.row_id,
             "row_index": parsed.index,
             "status": ItemStatus.PENDING,
-            "params_json": parsed.row.params_json(),  # serialized here, not on the writer
+            "params": parsed.row.params_json(),  # serialized here, not on the writer
         }
     return {
         "row_id": parsed.row_id,
