@@ -38,9 +38,10 @@ def main() -> None:
     from PIL import Image
 
     from pipeline.embedder import ClipEmbedder
+    from pipeline.families import BASE_MODELS
     from pipeline.generator import Generator
     from pipeline.models import ModelSource
-    from pipeline.presets import ADAPTERS, BASE_MODELS
+    from pipeline.presets import ADAPTERS
     from pipeline.requests import AdapterInput, GenerationRequest, combine
     from pipeline.tiny import write_tiny_models
     from workers.context import quiet_model_libraries

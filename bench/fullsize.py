@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline import tiny  # noqa: E402
-from pipeline.presets import ADAPTERS, BASE_MODELS, VIT_H  # noqa: E402
+from pipeline.families import BASE_MODELS  # noqa: E402
+from pipeline.presets import ADAPTERS, VIT_H  # noqa: E402
 
 CROSS_DIM = 768
 SDXL_CROSS_DIM = 2048

@@ -186,7 +186,8 @@ def load_plain_pipeline(models: str, adapter: str):  # type: ignore[no-untyped-d
     import diffusers
 
     from pipeline.models import ModelSource, resolve_device, resolve_dtype
-    from pipeline.presets import ADAPTERS, BASE_MODELS
+    from pipeline.families import BASE_MODELS
+    from pipeline.presets import ADAPTERS
 
     source, preset = ModelSource.parse(models), ADAPTERS[adapter]
     device = resolve_device("auto")

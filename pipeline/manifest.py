@@ -22,12 +22,11 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.families import BASE_MODELS, BaseModelPreset
 from pipeline.presets import (
     ADAPTERS,
-    BASE_MODELS,
     CONTROLNETS,
     AdapterPreset,
-    BaseModelPreset,
     EmbedKind,
     SchedulerName,
     adapter_error,

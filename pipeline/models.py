@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import Action, ConfigError, ItemError, ModelLoadError, classify, short
-from pipeline.presets import (
-    BASE_MODELS,
-    CONTROLNETS,
-    FACE_PACK_FOLDER,
-    SCORE_MODEL,
-    AdapterPreset,
-    BaseModelPreset,
-    RepoPath,
-)
+from pipeline.families import BASE_MODELS, BaseModelPreset
+from pipeline.presets import CONTROLNETS, FACE_PACK_FOLDER, SCORE_MODEL, AdapterPreset, RepoPath
 
 if TYPE_CHECKING:
     import torch

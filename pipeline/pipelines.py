@@ -16,8 +16,9 @@ import torch
 
 from core.errors import ConfigError, ErrorCode, ItemError, ModelLoadError
 from pipeline.diffusers_overrides import clip_skip_on_flat_clip, embed_shape
+from pipeline.families import BASE_MODELS
 from pipeline.models import ModelSource, loading
-from pipeline.presets import BASE_MODELS, CONTROLNETS, SCHEDULERS, AdapterPreset, builtin_adapter
+from pipeline.presets import CONTROLNETS, SCHEDULERS, AdapterPreset, builtin_adapter
 
 # (guidance, embeds, row_scale) the generator knows how to call (`BaseModelPreset`)
 CALLABLE = {("cfg", "cfg_halves", "ip_mask"), ("distilled", "separate", "processor")}

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from pipeline.families import BASE_MODELS
 from pipeline.presets import (
     ADAPTERS,
-    BASE_MODELS,
     CONTROLNETS,
     FACE_PACK,
     FACE_PACK_FOLDER,

@@ -111,8 +111,9 @@ def _writable(settings: Settings, uri: str) -> None:
 def _generation_models(settings: Settings) -> str | None:
     """At least one base model with its IP-Adapter image encoder (a worker may serve SD1.5
     only, or SDXL only); None if one is there."""
+    from pipeline.families import BASE_MODELS
     from pipeline.models import ModelSource
-    from pipeline.presets import ADAPTERS, BASE_MODELS
+    from pipeline.presets import ADAPTERS
 
     models = ModelSource.parse(settings.models_spec())
     if models.root is None:

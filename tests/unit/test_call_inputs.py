@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 from core.errors import ErrorCode, ItemError
+from pipeline.families import BASE_MODELS
 from pipeline.generator import Generator
 from pipeline.inputs import row_inputs
 from pipeline.manifest import Row
 from pipeline.models import ModelSource
-from pipeline.presets import BASE_MODELS
 from pipeline.requests import (
     NOT_CALL_INPUTS,
     AdapterInput,

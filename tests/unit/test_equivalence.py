@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
+from pipeline.families import BASE_MODELS
 from pipeline.generator import Generator
 from pipeline.models import ModelSource
-from pipeline.presets import ADAPTERS, BASE_MODELS
+from pipeline.presets import ADAPTERS
 from pipeline.requests import AdapterInput, GenerationRequest
 from storage.embcache import CacheKey, deserialize, serialize
 

@@ -1,4 +1,4 @@
-"""A model family is one entry (`presets.BASE_MODELS`): what it names must be what diffusers
+"""A model family is one entry (`families.BASE_MODELS`): what it names must be what diffusers
 and the base model's folder have, and the generator and the manifest read it."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from pipeline import presets
+from pipeline import families
+from pipeline.families import BASE_MODELS, MODES
 from pipeline.generator import Generator
 from pipeline.manifest import validate_row
 from pipeline.models import ModelSource
-from pipeline.presets import ADAPTERS, BASE_MODELS, MODES
+from pipeline.presets import ADAPTERS
 
 
 @pytest.mark.parametrize("family", list(BASE_MODELS))
@@ -53,7 +54,7 @@ def test_a_row_without_steps_or_guidance_gets_its_familys(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     changed = dataclasses.replace(BASE_MODELS["sdxl"], default_steps=12, default_guidance=5.0)
-    monkeypatch.setitem(presets.BASE_MODELS, "sdxl", changed)
+    monkeypatch.setitem(families.BASE_MODELS, "sdxl", changed)
     sdxl = validate_row({"id": "x", "reference": "r.png", "adapter": "sdxl-plus"})
     sd15 = validate_row({"id": "s", "reference": "r.png"})
     own = validate_row({"id": "o", "reference": "r.png", "adapter": "sdxl", "steps": 3})
@@ -68,8 +69,8 @@ def test_a_row_without_steps_or_guidance_gets_its_familys(
 def test_a_family_the_generator_cannot_call_is_refused_before_loading(
     monkeypatch: pytest.MonkeyPatch, tiny_models: Path
 ) -> None:
-    other = dataclasses.replace(BASE_MODELS["sd15"], embeds="one_tensor")  # type: ignore[arg-type]
-    monkeypatch.setitem(presets.BASE_MODELS, "sd15", other)
+    other = dataclasses.replace(BASE_MODELS["sd15"], embeds="separate")  # CFG halves expected
+    monkeypatch.setitem(families.BASE_MODELS, "sd15", other)
     with pytest.raises(ConfigError, match="sd15: a family this generator cannot call"):
         Generator(
             ModelSource.parse(str(tiny_models)),

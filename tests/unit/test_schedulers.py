@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from pipeline.evaluation import EvalSettings, generation_rows, row_seed
+from pipeline.families import BASE_MODELS
 from pipeline.generator import Generator
 from pipeline.manifest import Row
 from pipeline.models import ModelSource
-from pipeline.presets import ADAPTERS, BASE_MODELS
+from pipeline.presets import ADAPTERS
 from pipeline.requests import AdapterInput, GenerationRequest, batch_key, build_request
 from pipeline.train_schema import TrainRow
 

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError, ErrorCode, ItemError, ObjectNotFound
 from core.uris import join_uri
+from pipeline.families import BASE_MODELS
 from pipeline.models import resolve_device
-from pipeline.presets import ADAPTERS, BASE_MODELS, is_custom
+from pipeline.presets import ADAPTERS, is_custom
 from pipeline.train_schema import TrainSettings
 from storage.ledger import jobs, training
 from storage.lifecycle import TRAIN

@@ -1,0 +1,164 @@
+"""Model families, as data: where a family's base model is, which diffusers class runs each
+mode, how its IP-Adapters are fed, guided and scaled per row, and its defaults.
+
+Adding a family is an entry in `BASE_MODELS`, a tiny-model builder (`pipeline.tiny`) and tests;
+the generator (`pipeline.pipelines`, `pipeline.generator`) reads the entry. The adapters of each
+family are `pipeline.presets.ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Mode = Literal["text", "img2img", "inpaint"]  # from noise, from init_image, + inpaint_mask
+
+
+@dataclass(frozen=True)
+class BaseModelPreset:
+    """A model family, as data: where its base model is, which diffusers class runs each mode,
+    how its IP-Adapters are fed and guided, and its defaults. Adding a family is an entry
+    here, a tiny-model builder (`pipeline.tiny`) and tests; the generator reads the entry."""
+
+    family: str
+    folder: str  # folder name inside a models folder (the repository's layout)
+    hub_repo: str  # public repository the `hub` preset downloads
+    # the diffusers class of each mode, without and with ControlNets (None: diffusers has
+    # none that takes IP-Adapters)
+    pipelines: tuple[tuple[Mode, str, str | None], ...]
+    native_size: int  # the real model's width = height
+    default_steps: int  # a row's `steps` when it gives none
+    default_guidance: float  # a row's `guidance_scale` when it gives none
+    # how guidance runs: "cfg" = classifier-free guidance, one batch of [negative; positive]
+    # halves when guidance_scale > 1 (diffusers' rule); "distilled" = FLUX.1-dev's guidance
+    # embedding (`guidance_scale` is an input of the model, one pass), and true CFG (a second
+    # pass with the negative prompt) only when a row sets `true_cfg_scale` > 1
+    guidance: Literal["cfg", "distilled"]
+    # what `ip_adapter_image_embeds` holds: "cfg_halves" = a list with one tensor per adapter,
+    # [negative; positive] stacked on the batch axis under CFG (diffusers' IPAdapterMixin);
+    # "separate" = the positive embeds alone, the negative ones always passed as
+    # `negative_ip_adapter_image_embeds` (FluxIPAdapterMixin)
+    embeds: Literal["cfg_halves", "separate"]
+    # how a row's own adapter strength is applied in a batched call: "ip_mask" = the adapter
+    # runs at 1.0 with the strength as a constant IP-Adapter attention mask per slot;
+    # "processor" = each IP attention processor's scale is a per-slot tensor
+    row_scale: Literal["ip_mask", "processor"]
+    # the model that denoises: a UNet (SD1.5, SDXL) or a transformer (FLUX.1)
+    denoiser: Literal["unet", "transformer"]
+    # the repository ships a safety checker: loaded without it (catalog jobs review outputs)
+    safety_checker: bool
+    # InstantStyle: attention modules per block that has them (a list scale needs this length)
+    attention_blocks: dict[str, dict[str, int]]
+    memory: str  # README's rough fp16 inference memory
+    licence: str  # the base model's weights
+
+    def pipeline(self, mode: str, controlnet: bool) -> str:
+        """The diffusers class name of `mode`, with ControlNets or without."""
+        for name, plain, with_control in self.pipelines:
+            found = with_control if controlnet else plain
+            if name == mode and found is not None:
+                return found
+        nets = " with ControlNets" if controlnet else ""
+        raise KeyError(f"{self.family} has no {mode} pipeline{nets} that takes IP-Adapters")
+
+    @property
+    def pipeline_class(self) -> str:
+        """The text-to-image class (what the base model's folder loads as)."""
+        return self.pipeline("text", False)
+
+
+SD15_BLOCKS = {
+    "down": {"block_0": 2, "block_1": 2, "block_2": 2},
+    "mid": {"block_0": 1},
+    "up": {"block_1": 3, "block_2": 3, "block_3": 3},
+}
+SDXL_BLOCKS = {
+    "down": {"block_1": 2, "block_2": 2},
+    "mid": {"block_0": 1},
+    "up": {"block_0": 3, "block_1": 3},
+}
+
+BASE_MODELS: dict[str, BaseModelPreset] = {
+    "sd15": BaseModelPreset(
+        family="sd15",
+        folder="stable-diffusion-v1-5",
+        hub_repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        pipelines=(
+            ("text", "StableDiffusionPipeline", "StableDiffusionControlNetPipeline"),
+            (
+                "img2img",
+                "StableDiffusionImg2ImgPipeline",
+                "StableDiffusionControlNetImg2ImgPipeline",
+            ),
+            (
+                "inpaint",
+                "StableDiffusionInpaintPipeline",
+                "StableDiffusionControlNetInpaintPipeline",
+            ),
+        ),
+        native_size=512,
+        default_steps=30,
+        default_guidance=7.5,
+        guidance="cfg",
+        embeds="cfg_halves",
+        row_scale="ip_mask",
+        denoiser="unet",
+        safety_checker=True,
+        attention_blocks=SD15_BLOCKS,
+        memory="~3.5 GB at batch 1 (fp16), +~1 GB per extra image in a batch at 512x512",
+        licence="CreativeML OpenRAIL-M",
+    ),
+    "sdxl": BaseModelPreset(
+        family="sdxl",
+        folder="stable-diffusion-xl-base-1.0",
+        hub_repo="stabilityai/stable-diffusion-xl-base-1.0",
+        pipelines=(
+            ("text", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline"),
+            (
+                "img2img",
+                "StableDiffusionXLImg2ImgPipeline",
+                "StableDiffusionXLControlNetImg2ImgPipeline",
+            ),
+            (
+                "inpaint",
+                "StableDiffusionXLInpaintPipeline",
+                "StableDiffusionXLControlNetInpaintPipeline",
+            ),
+        ),
+        native_size=1024,
+        default_steps=30,
+        default_guidance=7.5,
+        guidance="cfg",
+        embeds="cfg_halves",
+        row_scale="ip_mask",
+        denoiser="unet",
+        safety_checker=False,
+        attention_blocks=SDXL_BLOCKS,
+        memory="~9 GB at batch 1 (fp16) at 1024x1024",
+        licence="CreativeML OpenRAIL++-M",
+    ),
+    "flux": BaseModelPreset(
+        family="flux",
+        folder="FLUX.1-dev",
+        hub_repo="black-forest-labs/FLUX.1-dev",
+        pipelines=(
+            ("text", "FluxPipeline", "FluxControlNetPipeline"),
+            # FluxControlNetImg2ImgPipeline and ...InpaintPipeline take no IP-Adapter
+            ("img2img", "FluxImg2ImgPipeline", None),
+            ("inpaint", "FluxInpaintPipeline", None),
+        ),
+        native_size=1024,
+        default_steps=28,  # FluxPipeline's defaults, as the FLUX.1-dev card calls it
+        default_guidance=3.5,
+        guidance="distilled",
+        embeds="separate",
+        row_scale="processor",
+        denoiser="transformer",
+        safety_checker=False,
+        attention_blocks={},  # no InstantStyle block scales
+        memory="~24 GB of bf16 weights for the 12B transformer, ~10 GB more for T5-XXL",
+        licence="FLUX.1 [dev] Non-Commercial License",
+    ),
+}
+
+MODES: tuple[Mode, ...] = get_args(Mode)
