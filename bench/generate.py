@@ -185,8 +185,8 @@ def structure_fields(folder: Path, i: int, ref: Path, adapter: str) -> dict[str,
 def load_plain_pipeline(models: str, adapter: str):  # type: ignore[no-untyped-def]
     import diffusers
 
-    from pipeline.models import ModelSource, resolve_device, resolve_dtype
     from pipeline.families import BASE_MODELS
+    from pipeline.models import ModelSource, resolve_device, resolve_dtype
     from pipeline.presets import ADAPTERS
 
     source, preset = ModelSource.parse(models), ADAPTERS[adapter]

@@ -6,7 +6,8 @@ tests/unit/test_batching.py and test_structure.py, before moving the pin:
 - `prebuilt_ip_embeds`: the per-row fix of diffusers#9813 (still open): for one call,
   `prepare_ip_adapter_image_embeds` returns the per-slot embeds as given instead of tiling them
   over the batch (which makes every row attend to every row's reference, silently).
-- `set_processor_scales`: FLUX's per-slot IP-Adapter strengths, set on its processors.
+- `set_processor_scales`: FLUX's and SD3.5's per-slot IP-Adapter strengths, set on their
+  processors (diffusers' setters take floats).
 - `per_slot_control`: each slot's ControlNet strength and step window in one call, by
   multiplying each ControlNet position's residuals (diffusers takes one scale per net per
   call); a MultiControlNet's positions are swapped for per-position modules during the call.
@@ -30,14 +31,13 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def prebuilt_ip_embeds(
-    pipe: Any, given: list[list[torch.Tensor]], *, slots: int, do_cfg: bool
-) -> Iterator[None]:
+def prebuilt_ip_embeds(pipe: Any, given: list[Any], *, slots: int, do_cfg: bool) -> Iterator[None]:
     """For this call, `prepare_ip_adapter_image_embeds` returns our per-slot tensors as they
     are, instead of tiling the given embeds over the batch (which would make every row attend
-    to every row's reference, silently). `given`: the lists the call passes, the positive
-    embeds (SD1.5/SDXL: CFG halves stacked) and, for FLUX, the negative ones, which FLUX's
-    pipeline prepares in a second call of its own signature (no CFG flag)."""
+    to every row's reference, silently). `given`: what the call passes, the positive embeds
+    (SD1.5/SDXL: a list, CFG halves stacked; SD3.5: one tensor, the same) and, for FLUX, the
+    negative ones, which FLUX's pipeline prepares in a second call of its own signature (no
+    CFG flag)."""
 
     def prebuilt(_image: Any, embeds: Any, _device: Any, repeat: int, *cfg: bool) -> Any:
         known = any(embeds is g for g in given)
@@ -52,22 +52,53 @@ def prebuilt_ip_embeds(
         del pipe.prepare_ip_adapter_image_embeds  # the class's method again
 
 
-def set_processor_scales(transformer: torch.nn.Module, scales: list[Any]) -> None:
-    """FLUX: each IP-Adapter attention processor's strength per adapter, a float or a
-    per-slot (slots, 1, 1) tensor. `set_ip_adapter_scale` takes floats only (a tensor raises
-    TypeError); the processor multiplies its image attention output by `scale`, which
-    broadcasts over the slots (FluxIPAdapterAttnProcessor, diffusers 0.42.1)."""
+def set_processor_scales(transformer: torch.nn.Module, scales: list[torch.Tensor]) -> None:
+    """Each IP-Adapter attention processor's strength per slot: a (batch, 1, 1) tensor per
+    adapter, the batch as the transformer sees it (SD3.5 under CFG: [negative; positive]
+    slots). The pipelines' `set_ip_adapter_scale` takes floats only.
+
+    FLUX (FluxIPAdapterAttnProcessor, diffusers 0.42.1): `scale` is a list with one entry per
+    adapter, each multiplying that adapter's attention output: a tensor broadcasts over the
+    slots (through `set_ip_adapter_scale` it raises TypeError). SD3.5
+    (SD3IPAdapterJointAttnProcessor2_0): `scale` is one number, tested with `if self.scale !=
+    0` (ambiguous for a tensor, a RuntimeError) before `output * self.scale`: it gets a
+    `_SlotScale`, which is never 0 and multiplies as the tensor does."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
-    processors = [
-        p
-        for p in transformer.attn_processors.values()  # type: ignore[operator]
-        if isinstance(p, FluxIPAdapterAttnProcessor)
-    ]
-    if not processors:
-        raise RuntimeError("no FLUX IP-Adapter processors to scale")
-    for processor in processors:
+    found = transformer.attn_processors.values()  # type: ignore[operator]
+    flux = [p for p in found if isinstance(p, FluxIPAdapterAttnProcessor)]
+    sd3 = [p for p in found if isinstance(p, SD3IPAdapterJointAttnProcessor2_0)]
+    for processor in flux:
         processor.scale = list(scales)
+    if sd3:
+        [scale] = scales  # SD3.5 loads one adapter
+        for joint in sd3:
+            joint.scale = _SlotScale(scale)  # type: ignore[assignment]
+    if not flux and not sd3:
+        raise RuntimeError("no IP-Adapter processors to scale")
+
+
+class _SlotScale:
+    """A per-slot strength where SD3's IP-Adapter processor expects one float: `!= 0` is
+    True (the image attention runs; slots at 0 are multiplied by 0) and `x * scale`
+    multiplies by the (batch, 1, 1) tensor."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __ne__(self, other: object) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __rmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return other * self.tensor
+
+    __mul__ = __rmul__
 
 
 @contextmanager
@@ -159,6 +190,8 @@ def embed_shape(layer: torch.nn.Module) -> tuple[tuple[int, ...], tuple[int, ...
     if isinstance(layer, e.IPAdapterFaceIDPlusImageProjection):
         return (width(layer.proj.net[0].proj),), (-1, width(layer.proj_in))
     if isinstance(layer, e.IPAdapterPlusImageProjection):
+        return (-1, width(layer.proj_in)), None
+    if isinstance(layer, e.IPAdapterTimeImageProjection):  # SD3.5: SigLIP patch features
         return (-1, width(layer.proj_in)), None
     raise ConfigError(f"unsupported IP-Adapter projection {type(layer).__name__}")
 

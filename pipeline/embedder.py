@@ -5,7 +5,9 @@ CLIPVisionModelWithProjection and returns (positive, negative):
 - base adapters: `image_embeds`, negative = zeros;
 - plus adapters: `hidden_states[-2]`, negative = the same for an all-zero image;
 - FLUX (XLabs): `image_embeds`, negative = those of an all-black picture (FluxPipeline
-  encodes one when it is given no negative input; any size: black stays black resized).
+  encodes one when it is given no negative input; any size: black stays black resized);
+- SD3.5 (InstantX): SigLIP's `hidden_states[-2]` (a SiglipVisionModel and its own
+  SiglipImageProcessor, as SD3IPAdapterMixin loads them), negative = zeros.
 `ClipEmbedder.embed` does the same, so saved embeddings passed back as
 `ip_adapter_image_embeds` give the same image as passing the picture (tested bitwise).
 """
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection, SiglipVisionModel
 
 from pipeline.faces import FaceEmbedder
 from pipeline.models import folder_fingerprint, loading
@@ -58,7 +60,11 @@ class ClipEmbedder:
         self.device = device
         self.dtype = dtype
         with loading(f"the image encoder at {encoder_folder}", encoder_folder):
-            model = CLIPVisionModelWithProjection.from_pretrained(encoder_folder, dtype=dtype)
+            config = json.loads((Path(encoder_folder) / "config.json").read_text())
+            # SD3.5's SigLIP: the vision tower of google's two-tower folder
+            self.siglip = str(config.get("model_type", "")).startswith("siglip")
+            encoder_class = SiglipVisionModel if self.siglip else CLIPVisionModelWithProjection
+            model = encoder_class.from_pretrained(encoder_folder, dtype=dtype)
         self.model = model.to(device).eval()  # type: ignore[arg-type]
         # The processor is built exactly as the diffusers pipeline builds its feature_extractor
         # in this environment: transformers' `CLIPImageProcessor`, which resolves to the
@@ -66,7 +72,11 @@ class ClipEmbedder:
         # differ by about one grey level), from the base model's folder (SD1.5), or as
         # `load_ip_adapter` makes one when the base model has none (SDXL).
         processor_class = processor_class_of_this_environment()
-        if processor_folder is not None:
+        if self.siglip:  # its own processor, from its folder (SD3IPAdapterMixin's)
+            import transformers
+
+            self.processor = transformers.SiglipImageProcessor.from_pretrained(encoder_folder)
+        elif processor_folder is not None:
             self.processor = processor_class.from_pretrained(processor_folder)
         else:
             size = self.model.config.image_size
@@ -79,7 +89,8 @@ class ClipEmbedder:
         combined = hashlib.sha256(
             f"{weights}|{backend}|{processor}|{str(dtype).removeprefix('torch.')}".encode()
         ).hexdigest()
-        self.fingerprint = f"clip-{Path(encoder_folder).name}-{combined[:16]}"
+        family = "siglip" if self.siglip else "clip"
+        self.fingerprint = f"{family}-{Path(encoder_folder).name}-{combined[:16]}"
 
     @functools.cached_property
     def _black_image_embeds(self) -> torch.Tensor:
@@ -104,6 +115,9 @@ class ClipEmbedder:
         elif kind is EmbedKind.CLIP_HIDDEN_STATES:
             pos = self.model(pixels, output_hidden_states=True).hidden_states[-2]
             neg = self.model(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+        elif kind is EmbedKind.SIGLIP_HIDDEN_STATES:  # StableDiffusion3Pipeline.encode_image
+            pos = self.model(pixels, output_hidden_states=True).hidden_states[-2]
+            neg = torch.zeros_like(pos)  # what its image path stacks for CFG
         else:  # pragma: no cover - exhaustive over EmbedKind
             raise ValueError(f"ClipEmbedder cannot compute {kind}")
         return ReferenceEmbedding(kind=kind, pos=pos.float().cpu(), neg=neg.float().cpu())

@@ -37,13 +37,15 @@ class BaseModelPreset:
     # what `ip_adapter_image_embeds` holds: "cfg_halves" = a list with one tensor per adapter,
     # [negative; positive] stacked on the batch axis under CFG (diffusers' IPAdapterMixin);
     # "separate" = the positive embeds alone, the negative ones always passed as
-    # `negative_ip_adapter_image_embeds` (FluxIPAdapterMixin)
-    embeds: Literal["cfg_halves", "separate"]
+    # `negative_ip_adapter_image_embeds` (FluxIPAdapterMixin); "cfg_tensor" = ONE tensor
+    # (one adapter only), [negative; positive] stacked under CFG (SD3IPAdapterMixin)
+    embeds: Literal["cfg_halves", "separate", "cfg_tensor"]
     # how a row's own adapter strength is applied in a batched call: "ip_mask" = the adapter
     # runs at 1.0 with the strength as a constant IP-Adapter attention mask per slot;
-    # "processor" = each IP attention processor's scale is a per-slot tensor
+    # "processor" = each IP attention processor's scale is per slot (FLUX: a tensor; SD3.5:
+    # an object that multiplies like one, see `diffusers_overrides.set_processor_scales`)
     row_scale: Literal["ip_mask", "processor"]
-    # the model that denoises: a UNet (SD1.5, SDXL) or a transformer (FLUX.1)
+    # the model that denoises: a UNet (SD1.5, SDXL) or a transformer (FLUX.1, SD3.5)
     denoiser: Literal["unet", "transformer"]
     # the repository ships a safety checker: loaded without it (catalog jobs review outputs)
     safety_checker: bool
@@ -158,6 +160,30 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         attention_blocks={},  # no InstantStyle block scales
         memory="~24 GB of bf16 weights for the 12B transformer, ~10 GB more for T5-XXL",
         licence="FLUX.1 [dev] Non-Commercial License",
+    ),
+    "sd35": BaseModelPreset(
+        family="sd35",
+        folder="stable-diffusion-3.5-large",
+        hub_repo="stabilityai/stable-diffusion-3.5-large",
+        pipelines=(
+            ("text", "StableDiffusion3Pipeline", "StableDiffusion3ControlNetPipeline"),
+            ("img2img", "StableDiffusion3Img2ImgPipeline", None),  # no SD3 ControlNet img2img
+            # StableDiffusion3ControlNetInpaintingPipeline is for an inpainting ControlNet
+            # (its own control mask), not a ControlNet beside an inpaint: not listed
+            ("inpaint", "StableDiffusion3InpaintPipeline", None),
+        ),
+        native_size=1024,
+        default_steps=28,  # the SD3.5 Large model card's call
+        default_guidance=3.5,
+        guidance="cfg",
+        embeds="cfg_tensor",
+        row_scale="processor",
+        denoiser="transformer",
+        safety_checker=False,
+        attention_blocks={},  # no InstantStyle block scales
+        memory="~16 GB of bf16 weights for the 8B transformer, ~10 GB more for T5-XXL, "
+        "0.8 GB for SigLIP",
+        licence="Stability AI Community License (free below USD 1M annual revenue)",
     ),
 }
 

@@ -33,8 +33,6 @@ from pipeline.requests import (
 
 log = logging.getLogger(__name__)
 
-FLUX_MAX_SEQUENCE = 512  # FluxPipeline's max_sequence_length: the T5 tokens it reads
-
 
 def _plain(scale: float | dict) -> float:
     assert not isinstance(scale, dict), "InstantStyle scales are never per slot"
@@ -55,6 +53,10 @@ class Generator(WarmPipelines):
             request.adapters, self.presets, self._projection_shapes, strict=True
         ):
             _check_shape(spec.adapter, spec.pos, spec.neg, expected)
+            if self.base.embeds == "cfg_tensor" and spec.pos.shape[0] != 1:
+                raise ItemError(
+                    ErrorCode.MODEL_ERROR, f"{preset.name} takes one reference's features"
+                )
             if clip_expected is not None:
                 if spec.clip_pos is None or spec.clip_neg is None:
                     raise ItemError(
@@ -94,7 +96,9 @@ class Generator(WarmPipelines):
         # 2. embeddings: [neg, pos] stacked on a new batch axis only when CFG runs; FaceID-Plus
         #    face-crop embeds batched like the images ([neg x k, pos x k]). FLUX: the positive
         #    ones alone, the negative ones passed on their own (always: see `_negatives`)
-        embeds = [self._cfg_stack(spec.neg, spec.pos, 1, do_cfg) for spec in request.adapters]
+        embeds = self._embeds_argument(
+            [self._cfg_stack(spec.neg, spec.pos, 1, do_cfg) for spec in request.adapters]
+        )
         negatives = self._negatives([[spec.neg] for spec in request.adapters])
         clip_embeds = [
             None
@@ -107,9 +111,9 @@ class Generator(WarmPipelines):
         seeds = image_seeds(request.seed, k)
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
-        # 4. the row's inputs as the docs pass them. Inpainting (and FLUX's img2img) encodes a
-        #    single init image with the first generator only, so images 1.. would not be
-        #    their seed's: it gets the init image and mask once per image
+        # 4. the row's inputs as the docs pass them. Inpainting (and FLUX's and SD3.5's
+        #    img2img) encodes a single init image with the first generator only, so images
+        #    1.. would not be their seed's: it gets the init image and mask once per image
         per_image = request.mode == "inpaint" or self.base.denoiser == "transformer"
         inputs = CallInputs(
             scales=[spec.scale for spec in request.adapters],
@@ -150,7 +154,7 @@ class Generator(WarmPipelines):
         *,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None,
-        embeds: list[torch.Tensor],
+        embeds: list[torch.Tensor] | torch.Tensor,
         negatives: list[torch.Tensor] | None,
         clip_embeds: list[torch.Tensor | None],
         per_prompt: int,
@@ -165,7 +169,7 @@ class Generator(WarmPipelines):
         width, height = self._size(shared)
         # strengths: load_ip_adapter resets them, so they are set on every call
         scales = inputs.scales
-        if any(isinstance(scale, torch.Tensor) for scale in scales):  # FLUX, per slot
+        if any(isinstance(scale, torch.Tensor) for scale in scales):  # FLUX, SD3.5: per slot
             set_processor_scales(self.denoiser, scales)
         else:
             self.pipe.set_ip_adapter_scale(scales if len(scales) > 1 else scales[0])
@@ -312,7 +316,9 @@ class Generator(WarmPipelines):
             return tensor.to(device=self.device, dtype=self.dtype)
 
         adapters = range(len(self.adapters))
-        embeds = [stacked([(r.adapters[a].neg, r.adapters[a].pos) for r in rows]) for a in adapters]
+        embeds = self._embeds_argument(
+            [stacked([(r.adapters[a].neg, r.adapters[a].pos) for r in rows]) for a in adapters]
+        )
         negatives = self._negatives([[r.adapters[a].neg for r in rows] for a in adapters])
         clip_embeds = [
             None
@@ -328,8 +334,8 @@ class Generator(WarmPipelines):
         scales: list[Any] = []
         ip_masks: list[torch.Tensor | None] = []
         for a in adapters:
-            if self.base.row_scale == "processor":  # FLUX: a (slots, 1, 1) scale per adapter
-                values = [_plain(r.adapters[a].scale) for r in rows]
+            if self.base.row_scale == "processor":  # FLUX, SD3.5: a (batch, 1, 1) scale
+                values = [_plain(r.adapters[a].scale) for r in rows] * (2 if do_cfg else 1)
                 scales.append(
                     torch.tensor(values, dtype=self.dtype, device=self.device)[:, None, None]
                 )
@@ -402,8 +408,10 @@ class Generator(WarmPipelines):
     def prompt_warning(self, request: GenerationRequest) -> str | None:
         """The text encoder reads a fixed number of tokens (77 for CLIP); diffusers drops the
         rest with only a log line. Say so in the item instead."""
-        if self.base.denoiser == "transformer":  # FLUX reads the prompt through T5
-            tokenizer, limit = self.pipe.tokenizer_2, FLUX_MAX_SEQUENCE
+        if self.base.denoiser == "transformer":  # FLUX and SD3.5 read the whole prompt by T5
+            tokenizer = getattr(self.pipe, "tokenizer_3", None) or self.pipe.tokenizer_2
+            call = inspect.signature(self.pipe.__call__).parameters
+            limit = int(call["max_sequence_length"].default)  # FLUX: 512; SD3.5: 256
         else:
             tokenizer = self.pipe.tokenizer
             limit = int(tokenizer.model_max_length)
@@ -424,34 +432,6 @@ class Generator(WarmPipelines):
     def _to_pil(self, arrays: list[np.ndarray]) -> list[Image.Image]:
         """diffusers' own float -> uint8 conversion (what output_type="pil" does)."""
         return list(self.pipe.image_processor.numpy_to_pil(np.stack(arrays)))
-
-    def _stacks_cfg(self, request: GenerationRequest) -> bool:
-        """Whether the call stacks [negative; positive] halves: classic CFG above guidance 1
-        (diffusers' rule); never for FLUX (distilled guidance; true CFG is a second pass)."""
-        return self.base.embeds == "cfg_halves" and request.guidance_scale > 1.0
-
-    def _negatives(self, per_adapter: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
-        """FLUX's `negative_ip_adapter_image_embeds`: [slots, n, D] per adapter. Always given:
-        without them FluxPipeline encodes an all-black image with the image encoder, which a
-        worker fed precomputed embeddings does not load (AttributeError)."""
-        if self.base.embeds != "separate":
-            return None
-        return [torch.stack(negs).to(self.device, self.dtype) for negs in per_adapter]
-
-    def _negative_prompts(
-        self, rows: Sequence[GenerationRequest], *, solo: bool = False
-    ) -> str | list[str] | None:
-        """The call's negative prompt(s). SD1.5/SDXL: the rows' when given (SDXL zeroes an
-        absent one). FLUX: only with true CFG, and then always (an empty one included: a
-        negative prompt is what turns the second pass on)."""
-        first = rows[0]
-        if self.base.guidance == "distilled":
-            given = first.true_cfg_scale is not None and first.true_cfg_scale > 1
-        else:
-            given = bool(first.negative_prompt)
-        if not given:
-            return None
-        return first.negative_prompt if solo else [r.negative_prompt for r in rows]
 
     def _cfg_stack(
         self, neg: torch.Tensor, pos: torch.Tensor, repeat: int, do_cfg: bool

@@ -209,22 +209,37 @@ class AdapterSpec(BaseModel):
         return 1.0 if self.s_scale is None else self.s_scale
 
 
-def _check_guidance(row: Row, base: BaseModelPreset, specs: list[AdapterSpec]) -> None:
+def _check_family(row: Row, base: BaseModelPreset, specs: list[AdapterSpec]) -> None:
     """What a family's pipelines take: FLUX.1 (guidance-distilled) has no negative pass
-    unless `true_cfg_scale` > 1, no CLIP skip, no IP-Adapter masks and no InstantStyle
-    blocks; `true_cfg_scale` is FLUX's alone. Each would be ignored silently by diffusers."""
+    unless `true_cfg_scale` > 1 and no CLIP skip; `true_cfg_scale` is FLUX's alone; the
+    transformer families' IP-Adapter processors take no masks and no InstantStyle blocks;
+    SD3.5 loads one adapter, fed one picture's features. Each would be ignored silently by
+    diffusers, or fail deep inside it."""
+    if base.embeds == "cfg_tensor":  # SD3IPAdapterMixin
+        if len(specs) > 1:
+            raise ValueError(
+                f"adapters: a {base.family} row takes one IP-Adapter (diffusers' SD3 loader "
+                "loads one)"
+            )
+        if specs[0].combine == "concat" and len(specs[0].references) > 1:
+            raise ValueError(
+                f"combine: {specs[0].adapter}'s projection takes one picture's features; "
+                "combine several references with 'average'"
+            )
     if base.guidance != "distilled":
         if row.true_cfg_scale is not None:
             raise ValueError(f"true_cfg_scale is for FLUX.1 rows; this row runs on {base.family}")
+    else:
+        true_cfg = row.true_cfg_scale is not None and row.true_cfg_scale > 1
+        if row.negative_prompt and not true_cfg:
+            raise ValueError(
+                "negative_prompt on a FLUX.1 row needs true_cfg_scale > 1: FLUX.1-dev's "
+                "guidance is distilled, it makes no negative pass otherwise"
+            )
+        if row.clip_skip is not None:
+            raise ValueError("clip_skip is for SD1.5, SDXL and SD3.5 rows: FluxPipeline takes none")
+    if base.row_scale != "processor":
         return
-    true_cfg = row.true_cfg_scale is not None and row.true_cfg_scale > 1
-    if row.negative_prompt and not true_cfg:
-        raise ValueError(
-            "negative_prompt on a FLUX.1 row needs true_cfg_scale > 1: FLUX.1-dev's guidance is "
-            "distilled, it makes no negative pass otherwise"
-        )
-    if row.clip_skip is not None:
-        raise ValueError("clip_skip is for SD1.5 and SDXL rows: FluxPipeline takes none")
     for spec in specs:
         if spec.region is not None:
             raise ValueError(f"region: {spec.adapter}'s pipeline takes no IP-Adapter masks")
@@ -360,7 +375,7 @@ class Row(BaseModel):
             given = "strength" if self.strength is not None else "inpaint_mask"
             raise ValueError(f"{given} needs init_image (the picture to start from)")
         base = BASE_MODELS[families[0]]
-        _check_guidance(self, base, specs)
+        _check_family(self, base, specs)
         defaults = _family_defaults(self, base)
         for spec in specs:
             preset = presets[spec.adapter]

@@ -1,6 +1,7 @@
 """The warm diffusers pipelines of one (base model, adapter set), loaded in the worker process:
 the base model and its IP-Adapters (with FaceID's LoRA), device settings and compile, the
-pipeline of each mode made from the warm one on first use, and the ControlNets.
+pipeline of each mode made from the warm one on first use, the ControlNets, and how the
+family's pipelines take a call's inputs (CFG halves, the embeds layout, negative inputs).
 
 `pipeline.generator.Generator` is this plus how a row (or a batch of rows) is called.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,8 +21,17 @@ from pipeline.families import BASE_MODELS
 from pipeline.models import ModelSource, loading
 from pipeline.presets import CONTROLNETS, SCHEDULERS, AdapterPreset, builtin_adapter
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pipeline.requests import GenerationRequest
+
 # (guidance, embeds, row_scale) the generator knows how to call (`BaseModelPreset`)
-CALLABLE = {("cfg", "cfg_halves", "ip_mask"), ("distilled", "separate", "processor")}
+CALLABLE = {
+    ("cfg", "cfg_halves", "ip_mask"),  # SD1.5, SDXL
+    ("distilled", "separate", "processor"),  # FLUX.1
+    ("cfg", "cfg_tensor", "processor"),  # SD3.5
+}
 
 
 @dataclass(frozen=True)
@@ -120,17 +130,23 @@ class WarmPipelines:
         weights = [self.models.adapter_weights(preset) for preset in self.presets]
         files = [str(PurePosixPath(repo, sub, name)) for repo, sub, name in weights]
         # no image encoder: embeddings arrive precomputed (IPAdapterMixin's and
-        # FluxIPAdapterMixin's loaders name that differently)
+        # FluxIPAdapterMixin's loaders name that differently; SD3IPAdapterMixin's loads one
+        # adapter, given as one path, not a list)
         no_encoder = (
             {"image_encoder_pretrained_model_name_or_path": None}
             if self.base.embeds == "separate"
             else {"image_encoder_folder": None}
         )
+        repos, subfolders, names = (list(part) for part in zip(*weights, strict=True))
+        if self.base.embeds == "cfg_tensor":
+            if len(weights) != 1:
+                raise ItemError(ErrorCode.MODEL_ERROR, f"{self.family} takes one IP-Adapter")
+            repos, subfolders, names = repos[0], subfolders[0], names[0]
         with loading(f"adapter weights {', '.join(files)}"):
             self.pipe.load_ip_adapter(
-                [repo for repo, _, _ in weights],
-                subfolder=[sub for _, sub, _ in weights],
-                weight_name=[name for _, _, name in weights],
+                repos,
+                subfolder=subfolders,
+                weight_name=names,
                 local_files_only=self.models.local_files_only,
                 **no_encoder,
             )
@@ -142,7 +158,10 @@ class WarmPipelines:
         for index, (preset, file) in enumerate(zip(self.presets, files, strict=True)):
             if preset.lora and f"faceid_{index}" not in active:
                 raise ModelLoadError(f"{preset.name}: the LoRA in {file} is not active")
-        self._layers = list(self.denoiser.encoder_hid_proj.image_projection_layers)
+        if self.base.embeds == "cfg_tensor":  # SD3.5: one projection, on the transformer
+            self._layers = [self.denoiser.image_proj]
+        else:
+            self._layers = list(self.denoiser.encoder_hid_proj.image_projection_layers)
         self._projection_shapes = [embed_shape(layer) for layer in self._layers]
 
     def reload_adapters(self, presets: list[AdapterPreset]) -> None:
@@ -160,22 +179,23 @@ class WarmPipelines:
 
     @property
     def denoiser(self) -> Any:
-        """The UNet (SD1.5, SDXL) or the transformer (FLUX.1) the adapters live in."""
+        """The UNet (SD1.5, SDXL) or the transformer (FLUX.1, SD3.5) the adapters live in."""
         return self.pipe.unet if self.base.denoiser == "unet" else self.pipe.transformer
 
     @property
     def native_size(self) -> tuple[int, int]:
         if self.base.denoiser == "unet":
             size = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
-        else:  # FluxPipeline's default: 128 latent pixels
+        else:  # the pipeline's default (FLUX: 128 latent pixels; SD3.5: the transformer's)
             size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return size, size
 
     @property
     def size_multiple(self) -> int:
-        """What width and height must divide by: the VAE's factor (FLUX: x2, its latents are
-        packed in 2x2 patches)."""
-        return int(self.pipe.vae_scale_factor) * (1 if self.base.denoiser == "unet" else 2)
+        """What width and height must divide by: the VAE's factor, times the transformer's
+        patch (SD3.5: its pipeline's `patch_size`; FLUX: 2, its latents are packed 2x2)."""
+        patch = 1 if self.base.denoiser == "unet" else getattr(self.pipe, "patch_size", 2)
+        return int(self.pipe.vae_scale_factor) * int(patch)
 
     @property
     def text_encoders(self) -> list[Any]:
@@ -237,6 +257,47 @@ class WarmPipelines:
                 net.to(memory_format=torch.channels_last)
             self._controlnets[name] = net
         return self._controlnets[name]
+
+    # how the family's pipeline takes a call's inputs (`BaseModelPreset`)
+
+    def _stacks_cfg(self, request: GenerationRequest) -> bool:
+        """Whether the call stacks [negative; positive] halves: classic CFG above guidance 1
+        (diffusers' rule); never for FLUX (distilled guidance; true CFG is a second pass)."""
+        return self.base.guidance == "cfg" and request.guidance_scale > 1.0
+
+    def _embeds_argument(
+        self, per_adapter: list[torch.Tensor]
+    ) -> list[torch.Tensor] | torch.Tensor:
+        """`ip_adapter_image_embeds` as the family's pipeline takes it: a list with a tensor
+        per adapter, [batch, references, ...]; or (SD3.5: one adapter, one reference) the
+        tensor itself, [batch, tokens, width]."""
+        if self.base.embeds != "cfg_tensor":
+            return per_adapter
+        [tensor] = per_adapter
+        return tensor.squeeze(1)
+
+    def _negatives(self, per_adapter: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+        """FLUX's `negative_ip_adapter_image_embeds`: [slots, n, D] per adapter. Always given:
+        without them FluxPipeline encodes an all-black image with the image encoder, which a
+        worker fed precomputed embeddings does not load (AttributeError)."""
+        if self.base.embeds != "separate":
+            return None
+        return [torch.stack(negs).to(self.device, self.dtype) for negs in per_adapter]
+
+    def _negative_prompts(
+        self, rows: Sequence[GenerationRequest], *, solo: bool = False
+    ) -> str | list[str] | None:
+        """The call's negative prompt(s). SD1.5/SDXL: the rows' when given (SDXL zeroes an
+        absent one). FLUX: only with true CFG, and then always (an empty one included: a
+        negative prompt is what turns the second pass on)."""
+        first = rows[0]
+        if self.base.guidance == "distilled":
+            given = first.true_cfg_scale is not None and first.true_cfg_scale > 1
+        else:
+            given = bool(first.negative_prompt)
+        if not given:
+            return None
+        return first.negative_prompt if solo else [r.negative_prompt for r in rows]
 
     def set_vae_slicing(self, images: int) -> None:
         """Decode one image at a time on big batches (same images, lower memory peak)."""

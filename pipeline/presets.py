@@ -10,7 +10,12 @@ tiny ones `ipbatch models tiny` writes:
         sdxl_models/                       SDXL adapters + sdxl_models/image_encoder (ViT-bigG/14)
     MODELS/IP-Adapter-FaceID/              h94/IP-Adapter-FaceID (FaceID .bin files)
     MODELS/insightface/models/buffalo_l/   insightface's buffalo_l face-analysis pack
-    MODELS/clip-vit-large-patch14/         openai/clip-vit-large-patch14 (CLIP-I / CLIP-T scores)
+    MODELS/clip-vit-large-patch14/         openai/clip-vit-large-patch14 (CLIP-I / CLIP-T scores,
+                                           FLUX's adapter's encoder)
+    MODELS/FLUX.1-dev/, flux-ip-adapter/   black-forest-labs/FLUX.1-dev, XLabs-AI/flux-ip-adapter
+    MODELS/stable-diffusion-3.5-large/     stabilityai/stable-diffusion-3.5-large
+    MODELS/SD3.5-Large-IP-Adapter/         InstantX/SD3.5-Large-IP-Adapter (ip-adapter.bin)
+    MODELS/siglip-so400m-patch14-384/      google/siglip-so400m-patch14-384 (its encoder)
     MODELS/control_v11p_sd15_canny/ ...    the ControlNets (`CONTROLNETS`), one folder each
 """
 
@@ -31,6 +36,9 @@ class EmbedKind(StrEnum):
     CLIP_IMAGE_EMBEDS_BLACK = "clip_image_embeds_black"
     # hidden_states[-2] (penultimate layer); negative half = encoder output of an all-zero image
     CLIP_HIDDEN_STATES = "clip_hidden_states"
+    # SigLIP's hidden_states[-2] (SD3.5, InstantX): the projection also takes the timestep, so
+    # the cache holds these features, never projected tokens; negative half = zeros
+    SIGLIP_HIDDEN_STATES = "siglip_hidden_states"
     # insightface normed_embedding (512) of the largest face; negative half = zeros
     FACE_ID = "face_id"
     # FACE_ID plus the CLIP hidden states of the aligned face crop (set on the projection layer)
@@ -45,6 +53,8 @@ class Projection(StrEnum):
     PATCH_MLP = "patch_mlp"  # IPAdapterFullImageProjection: an MLP over all 257 patch tokens
     FACE_ID_MLP = "face_id_mlp"  # IPAdapterFaceIDImageProjection: 512 -> 1024 -> 4 tokens
     FACE_ID_PLUS = "face_id_plus"  # IPAdapterFaceIDPlusImageProjection: ID MLP + perceiver
+    # IPAdapterTimeImageProjection (InstantX SD3.5): a resampler modulated by the timestep
+    TIME_RESAMPLER = "time_resampler"
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,9 @@ H94 = "h94/IP-Adapter"
 H94_FACEID = "h94/IP-Adapter-FaceID"
 VIT_H = RepoPath(H94, "IP-Adapter", "models/image_encoder")
 VIT_BIGG = RepoPath(H94, "IP-Adapter", "sdxl_models/image_encoder")
+# InstantX's SD3.5 adapter's encoder: google's SigLIP so400m (a two-tower folder; the vision
+# tower and its SiglipImageProcessor are loaded from it)
+SIGLIP = RepoPath("google/siglip-so400m-patch14-384", "siglip-so400m-patch14-384", "")
 # the model the IP-Adapter paper scores with: CLIP ViT-L/14, both towers
 SCORE_MODEL = RepoPath("openai/clip-vit-large-patch14", "clip-vit-large-patch14", "")
 
@@ -205,6 +218,16 @@ ADAPTERS: dict[str, AdapterPreset] = {
             EmbedKind.CLIP_IMAGE_EMBEDS_BLACK,
             Projection.LINEAR,
             "FLUX.1-dev, XLabs: CLIP ViT-L/14 image embedding -> 4 tokens in the double blocks",
+        ),
+        AdapterPreset(
+            "sd35",
+            "sd35",
+            RepoPath("InstantX/SD3.5-Large-IP-Adapter", "SD3.5-Large-IP-Adapter", ""),
+            "ip-adapter.bin",
+            SIGLIP,
+            EmbedKind.SIGLIP_HIDDEN_STATES,
+            Projection.TIME_RESAMPLER,
+            "SD3.5 Large, InstantX: SigLIP patch features -> 64 tokens, timestep-aware resampler",
         ),
         _sdxl(
             "sdxl",

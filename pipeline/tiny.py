@@ -30,6 +30,7 @@ from pipeline.presets import (
     FACE_PACK,
     FACE_PACK_FOLDER,
     SCORE_MODEL,
+    SIGLIP,
     VIT_BIGG,
     VIT_H,
     AdapterPreset,
@@ -428,10 +429,16 @@ def _write_adapter(
 def write_tiny_models(root: Path) -> Path:
     """Write every tiny model under `root`; returns `root`. Overwrites what is there."""
     from pipeline.tiny_faces import write_tiny_face_pack
-    from pipeline.tiny_flux import flux_adapter, flux_base
+    from pipeline.tiny_transformers import (
+        flux_adapter,
+        flux_base,
+        sd35_adapter,
+        sd35_base,
+        siglip_encoder,
+    )
 
     # each family's tiny base model, in its repository's layout
-    builders = {"sd15": _sd15_base, "sdxl": _sdxl_base, "flux": flux_base}
+    builders = {"sd15": _sd15_base, "sdxl": _sdxl_base, "flux": flux_base, "sd35": sd35_base}
 
     root = root.expanduser().resolve()
     for family, base in BASE_MODELS.items():
@@ -441,11 +448,15 @@ def write_tiny_models(root: Path) -> Path:
         _image_encoder(root / ref.folder / ref.path, *dims, seed=seed)
         encoders[ref] = dims
     _score_model(root / SCORE_MODEL.folder)  # also FLUX's adapter's image encoder
+    siglip_encoder(root / SIGLIP.folder / SIGLIP.path)  # SD3.5's adapter's
     for seed, preset in enumerate(ADAPTERS.values(), start=10):
         file = root / preset.weights.folder / preset.weights.path / preset.weight_name
         if preset.family == "flux":  # XLabs' own layout, not h94's
             transformer = root / BASE_MODELS["flux"].folder / "transformer"
             flux_adapter(file, transformer, SCORE_PROJECTION, seed)
+            continue
+        if preset.family == "sd35":  # InstantX's layout
+            sd35_adapter(file, root / BASE_MODELS["sd35"].folder / "transformer", seed)
             continue
         g = torch.Generator().manual_seed(seed)
         cross_dim = CROSS_DIM[preset.family]

@@ -36,7 +36,11 @@ def test_each_mode_names_a_diffusers_pipeline_that_takes_ip_adapters(
             cls = getattr(diffusers, base.pipeline(mode, controlnet))
             arguments = inspect.signature(cls.__call__).parameters
             # the embeds layout names the loader mixin whose pipelines take it
-            mixin = {"cfg_halves": "IPAdapterMixin", "separate": "FluxIPAdapterMixin"}
+            mixin = {
+                "cfg_halves": "IPAdapterMixin",
+                "separate": "FluxIPAdapterMixin",
+                "cfg_tensor": "SD3IPAdapterMixin",
+            }
             assert issubclass(cls, getattr(diffusers.loaders, mixin[base.embeds]))
             assert "ip_adapter_image_embeds" in arguments
             assert ("controlnet_conditioning_scale" in arguments) is controlnet

@@ -188,7 +188,7 @@ def test_rows_flux_cannot_run_fail_alone_with_the_reason() -> None:
     assert parsed[0].row.guidance_scale == 3.5  # FLUX.1-dev's defaults
     assert "share one base model" in errors[1] and "share one base model" in errors[2]
     assert "needs true_cfg_scale > 1" in errors[3]
-    assert "clip_skip is for SD1.5 and SDXL" in errors[4]
+    assert "clip_skip is for SD1.5, SDXL and SD3.5" in errors[4]
     assert "takes no IP-Adapter masks" in errors[5]
     assert "InstantStyle blocks are for SD1.5 and SDXL" in errors[6]
     assert "true_cfg_scale is for FLUX.1 rows" in errors[7]
