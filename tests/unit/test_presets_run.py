@@ -1,5 +1,5 @@
 """Every adapter preset through `ipbatch run` on the tiny models, in one job: product shots,
-FaceID rows, SDXL rows, two adapters on a row, averaged and concatenated references, an
+FaceID rows, SDXL, FLUX.1 and SD3.5 rows, two adapters on a row, averaged and concatenated references, an
 InstantStyle scale, and a faceless FaceID reference that fails alone with `no_face`. Options
 show their effect: rows that differ only by one option make different images."""
 
@@ -130,3 +130,5 @@ def test_every_preset_in_one_job(tmp_path: Path, tiny_models: Path) -> None:
     # SD1.5's FaceID (used by two rows), once for SDXL's and once for each FaceID-Plus; the
     # faceless wall never gets a row
     assert kinds.count("face_id") == 2 and kinds.count("face_id_plus") == 2
+    # SD3.5's reference: SigLIP's features, cached once like any other
+    assert kinds.count("siglip_hidden_states") == 1
