@@ -5,6 +5,7 @@
     .venv/bin/python bench/generate.py --models fullsize --steps 30 --batch-images 1,4,8 \
         --bare --compile                                     # GPU: full-size SD1.5, 512x512
     .venv/bin/python bench/generate.py --mixed               # structure controls (below)
+    .venv/bin/python bench/generate.py --adapter flux        # (or sd35) another family
 
 (a) the plain loop a user writes from the diffusers docs: for each row,
     `pipe(prompt=..., ip_adapter_image=picture, generator=...)` then save a PNG; the image
@@ -199,12 +200,17 @@ def load_plain_pipeline(models: str, adapter: str):  # type: ignore[no-untyped-d
     )
     repo, subfolder, weight_name = source.adapter_weights(ADAPTERS[adapter])
     assert preset.image_encoder is not None
-    if BASE_MODELS[preset.family].embeds == "separate":  # FLUX: its docs' loader call
+    embeds = BASE_MODELS[preset.family].embeds
+    if embeds == "separate":  # FLUX: its docs' loader call
         pipe.load_ip_adapter(
             repo,
             weight_name=weight_name,
             image_encoder_pretrained_model_name_or_path=source.image_encoder(preset),
             image_encoder_dtype=dtype,
+        )
+    elif embeds == "cfg_tensor":  # SD3.5: its docs' loader call, SigLIP from its folder
+        pipe.load_ip_adapter(
+            repo, weight_name=weight_name, image_encoder_folder=source.image_encoder(preset)
         )
     else:
         pipe.load_ip_adapter(
@@ -300,8 +306,10 @@ def bare_batched(pipe, manifest: Path, batch: int) -> Figure:  # type: ignore[no
     """B prompts per call with one precomputed embedding: the pipeline-free ceiling."""
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     device = pipe._execution_device
+    # FLUX's has no CFG flag (its pipeline encodes the negative black picture itself)
+    cfg = () if "do_classifier_free_guidance" not in inspect_arguments(pipe) else (True,)
     embeds = pipe.prepare_ip_adapter_image_embeds(
-        Image.open(rows[0]["reference"]), None, device, 1, True
+        Image.open(rows[0]["reference"]), None, device, 1, *cfg
     )
 
     def call(chunk: list[dict]) -> int:
@@ -321,6 +329,12 @@ def bare_batched(pipe, manifest: Path, batch: int) -> Figure:  # type: ignore[no
         images = sum(call(rows[i : i + batch]) for i in range(0, len(rows), batch))
         seconds = time.perf_counter() - started
     return Figure(f"bare batched call, B={batch}", images, seconds, busy.fraction)
+
+
+def inspect_arguments(pipe) -> set[str]:  # type: ignore[no-untyped-def]
+    import inspect
+
+    return set(inspect.signature(pipe.prepare_ip_adapter_image_embeds).parameters)
 
 
 def ipbatch_run(
