@@ -24,8 +24,8 @@ class BaseModelPreset:
     folder: str  # folder name inside a models folder (the repository's layout)
     hub_repo: str  # public repository the `hub` preset downloads
     # the diffusers class of each mode, without and with ControlNets (None: diffusers has
-    # none that takes IP-Adapters)
-    pipelines: tuple[tuple[Mode, str, str | None], ...]
+    # none that takes IP-Adapters; the text mode always has one)
+    pipelines: tuple[tuple[Mode, str | None, str | None], ...]
     native_size: int  # the real model's width = height
     default_steps: int  # a row's `steps` when it gives none
     default_guidance: float  # a row's `guidance_scale` when it gives none
@@ -45,8 +45,10 @@ class BaseModelPreset:
     # "processor" = each IP attention processor's scale is per slot (FLUX: a tensor; SD3.5:
     # an object that multiplies like one, see `diffusers_overrides.set_processor_scales`)
     row_scale: Literal["ip_mask", "processor"]
-    # the model that denoises: a UNet (SD1.5, SDXL) or a transformer (FLUX.1, SD3.5)
+    # the model that denoises: a UNet (SD1.5, SDXL, Kolors) or a transformer (FLUX.1, SD3.5)
     denoiser: Literal["unet", "transformer"]
+    # its pipelines take `clip_skip` (not FLUX's, not Kolors' ChatGLM)
+    clip_skip: bool
     # the repository ships a safety checker: loaded without it (catalog jobs review outputs)
     safety_checker: bool
     # InstantStyle: attention modules per block that has them (a list scale needs this length)
@@ -105,6 +107,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         embeds="cfg_halves",
         row_scale="ip_mask",
         denoiser="unet",
+        clip_skip=True,
         safety_checker=True,
         attention_blocks=SD15_BLOCKS,
         memory="~3.5 GB at batch 1 (fp16), +~1 GB per extra image in a batch at 512x512",
@@ -134,6 +137,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         embeds="cfg_halves",
         row_scale="ip_mask",
         denoiser="unet",
+        clip_skip=True,
         safety_checker=False,
         attention_blocks=SDXL_BLOCKS,
         memory="~9 GB at batch 1 (fp16) at 1024x1024",
@@ -156,6 +160,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         embeds="separate",
         row_scale="processor",
         denoiser="transformer",
+        clip_skip=False,
         safety_checker=False,
         attention_blocks={},  # no InstantStyle block scales
         memory="~24 GB of bf16 weights for the 12B transformer, ~10 GB more for T5-XXL",
@@ -179,11 +184,34 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         embeds="cfg_tensor",
         row_scale="processor",
         denoiser="transformer",
+        clip_skip=True,
         safety_checker=False,
         attention_blocks={},  # no InstantStyle block scales
         memory="~16 GB of bf16 weights for the 8B transformer, ~10 GB more for T5-XXL, "
         "0.8 GB for SigLIP",
         licence="Stability AI Community License (free below USD 1M annual revenue)",
+    ),
+    "kolors": BaseModelPreset(
+        family="kolors",
+        folder="Kolors-diffusers",
+        hub_repo="Kwai-Kolors/Kolors-diffusers",
+        pipelines=(  # diffusers has no Kolors inpainting and no Kolors ControlNet pipeline
+            ("text", "KolorsPipeline", None),
+            ("img2img", "KolorsImg2ImgPipeline", None),
+            ("inpaint", None, None),
+        ),
+        native_size=1024,
+        default_steps=50,  # the Kolors IP-Adapter-Plus card's call
+        default_guidance=5.0,
+        guidance="cfg",
+        embeds="cfg_halves",
+        row_scale="ip_mask",
+        denoiser="unet",
+        clip_skip=False,
+        safety_checker=False,
+        attention_blocks={},  # SDXL's UNet, but no published InstantStyle recipe for Kolors
+        memory="~5 GB of fp16 weights for the UNet, ~12 GB for ChatGLM3-6B",
+        licence="Kolors License (academic use; commercial use after registering with Kuaishou)",
     ),
 }
 

@@ -213,8 +213,18 @@ def _check_family(row: Row, base: BaseModelPreset, specs: list[AdapterSpec]) -> 
     """What a family's pipelines take: FLUX.1 (guidance-distilled) has no negative pass
     unless `true_cfg_scale` > 1 and no CLIP skip; `true_cfg_scale` is FLUX's alone; the
     transformer families' IP-Adapter processors take no masks and no InstantStyle blocks;
-    SD3.5 loads one adapter, fed one picture's features. Each would be ignored silently by
-    diffusers, or fail deep inside it."""
+    SD3.5 loads one adapter, fed one picture's features; a mode (with ControlNets or not)
+    needs a diffusers class of the family that takes IP-Adapters; `clip_skip` needs pipelines
+    that take it. Each would be ignored silently by diffusers, or fail deep inside it."""
+    try:
+        base.pipeline(row.mode, bool(row.control))
+    except KeyError as exc:
+        field = "inpaint_mask" if row.mode == "inpaint" else "init_image"
+        raise ValueError(f"{'control' if row.control else field}: {exc.args[0]}") from None
+    if row.clip_skip is not None and not base.clip_skip:
+        raise ValueError(
+            f"clip_skip is for SD1.5, SDXL and SD3.5 rows: {base.pipeline_class} takes none"
+        )
     if base.embeds == "cfg_tensor":  # SD3IPAdapterMixin
         if len(specs) > 1:
             raise ValueError(
@@ -236,17 +246,16 @@ def _check_family(row: Row, base: BaseModelPreset, specs: list[AdapterSpec]) -> 
                 "negative_prompt on a FLUX.1 row needs true_cfg_scale > 1: FLUX.1-dev's "
                 "guidance is distilled, it makes no negative pass otherwise"
             )
-        if row.clip_skip is not None:
-            raise ValueError("clip_skip is for SD1.5, SDXL and SD3.5 rows: FluxPipeline takes none")
+    for spec in specs:
+        if isinstance(spec.scale, dict) and not base.attention_blocks:
+            raise ValueError(
+                f"scale: InstantStyle blocks are for SD1.5 and SDXL, not {spec.adapter}"
+            )
     if base.row_scale != "processor":
         return
     for spec in specs:
         if spec.region is not None:
             raise ValueError(f"region: {spec.adapter}'s pipeline takes no IP-Adapter masks")
-        if isinstance(spec.scale, dict):
-            raise ValueError(
-                f"scale: InstantStyle blocks are for SD1.5 and SDXL, not {spec.adapter}"
-            )
 
 
 def _family_defaults(row: Row, base: BaseModelPreset) -> dict[str, Any]:

@@ -16,6 +16,8 @@ tiny ones `ipbatch models tiny` writes:
     MODELS/stable-diffusion-3.5-large/     stabilityai/stable-diffusion-3.5-large
     MODELS/SD3.5-Large-IP-Adapter/         InstantX/SD3.5-Large-IP-Adapter (ip-adapter.bin)
     MODELS/siglip-so400m-patch14-384/      google/siglip-so400m-patch14-384 (its encoder)
+    MODELS/Kolors-diffusers/               Kwai-Kolors/Kolors-diffusers
+    MODELS/Kolors-IP-Adapter-Plus/         Kwai-Kolors/Kolors-IP-Adapter-Plus (+ image_encoder/)
     MODELS/control_v11p_sd15_canny/ ...    the ControlNets (`CONTROLNETS`), one folder each
 """
 
@@ -73,6 +75,10 @@ VIT_BIGG = RepoPath(H94, "IP-Adapter", "sdxl_models/image_encoder")
 # InstantX's SD3.5 adapter's encoder: google's SigLIP so400m (a two-tower folder; the vision
 # tower and its SiglipImageProcessor are loaded from it)
 SIGLIP = RepoPath("google/siglip-so400m-patch14-384", "siglip-so400m-patch14-384", "")
+# Kolors-IP-Adapter-Plus's encoder: CLIP ViT-L/14 at 336 px, in the adapter's repository
+KOLORS_VIT_L = RepoPath(
+    "Kwai-Kolors/Kolors-IP-Adapter-Plus", "Kolors-IP-Adapter-Plus", "image_encoder"
+)
 # the model the IP-Adapter paper scores with: CLIP ViT-L/14, both towers
 SCORE_MODEL = RepoPath("openai/clip-vit-large-patch14", "clip-vit-large-patch14", "")
 
@@ -228,6 +234,16 @@ ADAPTERS: dict[str, AdapterPreset] = {
             EmbedKind.SIGLIP_HIDDEN_STATES,
             Projection.TIME_RESAMPLER,
             "SD3.5 Large, InstantX: SigLIP patch features -> 64 tokens, timestep-aware resampler",
+        ),
+        AdapterPreset(
+            "kolors-plus",
+            "kolors",
+            RepoPath("Kwai-Kolors/Kolors-IP-Adapter-Plus", "Kolors-IP-Adapter-Plus", ""),
+            "ip_adapter_plus_general.bin",
+            KOLORS_VIT_L,
+            EmbedKind.CLIP_HIDDEN_STATES,
+            Projection.RESAMPLER,
+            "Kolors, plus: ViT-L/14-336 patch features -> 16 tokens (Resampler)",
         ),
         _sdxl(
             "sdxl",

@@ -29,6 +29,7 @@ from pipeline.presets import (
     CONTROLNETS,
     FACE_PACK,
     FACE_PACK_FOLDER,
+    KOLORS_VIT_L,
     SCORE_MODEL,
     SIGLIP,
     VIT_BIGG,
@@ -43,7 +44,7 @@ SD15_CROSS_DIM = 32  # text hidden size = UNet cross_attention_dim (768 in SD1.5
 SDXL_TEXT_DIM = 32  # each of SDXL's two text encoders; cross_attention_dim = 2 x this (2048)
 SDXL_CROSS_DIM = 2 * SDXL_TEXT_DIM
 # CLIP vision stand-ins: (hidden size, projection size); real ViT-H (1280, 1024), bigG (1664, 1280)
-ENCODER_DIMS = {VIT_H: (48, 40), VIT_BIGG: (56, 44)}
+ENCODER_DIMS = {VIT_H: (48, 40), VIT_BIGG: (56, 44), KOLORS_VIT_L: (40, 32)}
 IMAGE_SIZE = 32  # encoder input (224 for the real ones)
 RESAMPLER_DIM = 64  # plus Resampler width (768 in ip-adapter-plus_sd15); heads = dim / 64
 RESAMPLER_QUERIES = 16
@@ -51,7 +52,8 @@ FACE_ID_DIM = 512  # insightface embedding size (the real one: the tiny face pac
 LORA_RANK = 4  # 128 in the real FaceID files
 SAMPLE_SIZE = 8  # latent size -> 64x64 images
 SCORE_PROJECTION = 24  # the tiny ViT-L/14's projection size (768 in openai's)
-CROSS_DIM = {"sd15": SD15_CROSS_DIM, "sdxl": SDXL_CROSS_DIM}
+KOLORS_CROSS_DIM = 16  # the tiny Kolors UNet's cross-attention width (2048)
+CROSS_DIM = {"sd15": SD15_CROSS_DIM, "sdxl": SDXL_CROSS_DIM, "kolors": KOLORS_CROSS_DIM}
 
 
 def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -429,6 +431,7 @@ def _write_adapter(
 def write_tiny_models(root: Path) -> Path:
     """Write every tiny model under `root`; returns `root`. Overwrites what is there."""
     from pipeline.tiny_faces import write_tiny_face_pack
+    from pipeline.tiny_kolors import kolors_base
     from pipeline.tiny_transformers import (
         flux_adapter,
         flux_base,
@@ -438,7 +441,13 @@ def write_tiny_models(root: Path) -> Path:
     )
 
     # each family's tiny base model, in its repository's layout
-    builders = {"sd15": _sd15_base, "sdxl": _sdxl_base, "flux": flux_base, "sd35": sd35_base}
+    builders = {
+        "sd15": _sd15_base,
+        "sdxl": _sdxl_base,
+        "flux": flux_base,
+        "sd35": sd35_base,
+        "kolors": kolors_base,
+    }
 
     root = root.expanduser().resolve()
     for family, base in BASE_MODELS.items():

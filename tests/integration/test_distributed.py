@@ -238,8 +238,9 @@ SMALL = {"width": 64, "height": 64}  # FLUX's tiny native size is 256
 
 def test_mixed_presets_over_real_services(cluster: Cluster, tmp_path: Path) -> None:
     """sd15-plus, sd15-faceid (insightface in the embed worker), sdxl, sdxl-faceid, flux
-    (FLUX.1, with and without true CFG) and sd35 (SD3.5, SigLIP in the embed worker; two rows
-    with their own references and scales) rows in one job."""
+    (FLUX.1, with and without true CFG), sd35 (SD3.5, SigLIP in the embed worker; two rows
+    with their own references and scales) and kolors-plus (Kolors, ChatGLM in the generate
+    worker) rows in one job."""
     from PIL import Image, ImageDraw
 
     s3, bucket, env = cluster.s3, cluster.bucket, cluster.env
@@ -300,11 +301,12 @@ def test_mixed_presets_over_real_services(cluster: Cluster, tmp_path: Path) -> N
             "steps": 2,
             "negative_prompt": "blurry",
         },
+        {"id": "kolors-1", "adapter": "kolors-plus", "reference": f"{ref}/bag.png", "steps": 2},
     ]
     manifest = cluster.put_manifest("jobs/mixed.jsonl", rows)
     job_id = cli("submit", manifest, "--output", f"s3://{bucket}/mixed", env=env).strip()
     progress = cluster.wait_for_job(job_id)
-    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("partial", 11, 1)
+    assert (progress["status"], progress["succeeded"], progress["failed"]) == ("partial", 12, 1)
     with cluster.engine.connect() as conn:
         failed = conn.execute(
             sa.text("SELECT row_id, error_code FROM items WHERE job_id = :j AND status = 'failed'"),
@@ -330,9 +332,9 @@ def test_mixed_presets_over_real_services(cluster: Cluster, tmp_path: Path) -> N
             .all()
         )
     assert [tuple(r) for r in failed] == [("no-face", "no_face")]
-    assert n_outputs == 12
+    assert n_outputs == 13
     # the family is part of every cache key: no two families share an embedding
-    assert {e.split("/")[0] for e in encoders} == {"sd15", "sdxl", "flux", "sd35"}
+    assert {e.split("/")[0] for e in encoders} == {"sd15", "sdxl", "flux", "sd35", "kolors"}
 
 
 def test_structure_rows_over_real_services(cluster: Cluster, tmp_path: Path) -> None:

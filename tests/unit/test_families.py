@@ -46,6 +46,7 @@ def test_each_mode_names_a_diffusers_pipeline_that_takes_ip_adapters(
             assert ("controlnet_conditioning_scale" in arguments) is controlnet
             assert ("strength" in arguments) is (mode != "text")
             assert ("mask_image" in arguments) is (mode == "inpaint")
+            assert ("clip_skip" in arguments) is base.clip_skip
     # the base model's folder is what the text pipeline loads: its model_index names it
     index = json.loads((tiny_models / base.folder / "model_index.json").read_text())
     assert index["_class_name"] == base.pipeline_class

@@ -1,7 +1,8 @@
 """Every adapter preset through `ipbatch run` on the tiny models, in one job: product shots,
-FaceID rows, SDXL, FLUX.1 and SD3.5 rows, two adapters on a row, averaged and concatenated references, an
-InstantStyle scale, and a faceless FaceID reference that fails alone with `no_face`. Options
-show their effect: rows that differ only by one option make different images."""
+FaceID rows, SDXL, FLUX.1, SD3.5 and Kolors rows, two adapters on a row, averaged and
+concatenated references, an InstantStyle scale, and a faceless FaceID reference that fails
+alone with `no_face`. Options show their effect: rows that differ only by one option make
+different images."""
 
 from __future__ import annotations
 
