@@ -226,6 +226,17 @@ ADAPTERS: dict[str, AdapterPreset] = {
             "FLUX.1-dev, XLabs: CLIP ViT-L/14 image embedding -> 4 tokens in the double blocks",
         ),
         AdapterPreset(
+            "flux-v2",
+            "flux",
+            RepoPath("XLabs-AI/flux-ip-adapter-v2", "flux-ip-adapter-v2", ""),
+            "ip_adapter.safetensors",
+            SCORE_MODEL,
+            EmbedKind.CLIP_IMAGE_EMBEDS_BLACK,
+            Projection.LINEAR,
+            "FLUX.1-dev, XLabs v2: the same embedding -> 16 tokens (diffusers' loader tells it "
+            "by its 65,536 projection rows)",
+        ),
+        AdapterPreset(
             "sd35",
             "sd35",
             RepoPath("InstantX/SD3.5-Large-IP-Adapter", "SD3.5-Large-IP-Adapter", ""),

@@ -462,7 +462,8 @@ def write_tiny_models(root: Path) -> Path:
         file = root / preset.weights.folder / preset.weights.path / preset.weight_name
         if preset.family == "flux":  # XLabs' own layout, not h94's
             transformer = root / BASE_MODELS["flux"].folder / "transformer"
-            flux_adapter(file, transformer, SCORE_PROJECTION, seed)
+            tokens = 16 if preset.name == "flux-v2" else 4
+            flux_adapter(file, transformer, SCORE_PROJECTION, seed, tokens=tokens)
             continue
         if preset.family == "sd35":  # InstantX's layout
             sd35_adapter(file, root / BASE_MODELS["sd35"].folder / "transformer", seed)

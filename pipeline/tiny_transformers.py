@@ -12,7 +12,11 @@ import torch
 
 from pipeline import tiny
 
-FLUX_DIM = 32  # T5's d_model = the transformer's joint attention width (4096 in FLUX.1)
+FLUX_TEXT_DIM = 32  # the CLIP text encoder's width = the pooled projection's (768)
+# T5's d_model = the transformer's joint attention width = the IP tokens' width: FLUX.1's real
+# 4096, since diffusers' loader tells XLabs' v2 adapter (16 tokens) from v1 (4) only by its
+# projection having 16 x 4096 = 65,536 rows
+FLUX_JOINT_DIM = 4096
 SD35_TEXT_DIM = 32  # each CLIP's width (768 / 1280 in SD3.5); T5's = joint width, 2 x this
 SIGLIP_DIM = 48  # SigLIP so400m's width: 1152
 SIGLIP_IMAGE, SIGLIP_PATCH = 32, 8  # 384 px, 14 px patches: 729 tokens (tiny: 16)
@@ -20,8 +24,10 @@ TIME_RESAMPLER_DIM, TIME_RESAMPLER_QUERIES = 64, 8  # 1280 (20 heads of 64), 64 
 TIMESTEP_DIM = 32  # the projection's timestep features: 320
 
 
-def t5_encoder(d_model: int) -> Any:
-    """A tiny T5 v1.1 encoder (FLUX's and SD3.5's third text encoder) and its tokenizer."""
+def t5_encoder(d_model: int, inner: int = 32, layers: int = 2) -> Any:
+    """A tiny T5 v1.1 encoder (FLUX's and SD3.5's third text encoder) and its tokenizer;
+    `inner` = heads x head width, the feed-forward twice that (kept small where d_model is
+    FLUX's real 4096: it reads 512 tokens every call)."""
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     letters = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -31,9 +37,9 @@ def t5_encoder(d_model: int) -> Any:
         T5Config(
             vocab_size=128,
             d_model=d_model,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
+            d_kv=inner // 4,
+            d_ff=2 * inner,
+            num_layers=layers,
             num_heads=4,
             relative_attention_num_buckets=8,
             feed_forward_proj="gated-gelu",
@@ -79,12 +85,12 @@ def flux_base(folder: Path) -> None:
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
-        joint_attention_dim=FLUX_DIM,
-        pooled_projection_dim=FLUX_DIM,
+        joint_attention_dim=FLUX_JOINT_DIM,
+        pooled_projection_dim=FLUX_TEXT_DIM,
         guidance_embeds=True,
         axes_dims_rope=[4, 4, 8],
     )
-    t5, t5_tokenizer = t5_encoder(FLUX_DIM)
+    t5, t5_tokenizer = t5_encoder(FLUX_JOINT_DIM, inner=8, layers=1)
     vae = vae16(shift_factor=0.1159, scaling_factor=0.3611)
     scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
         base_image_seq_len=256,
@@ -97,7 +103,7 @@ def flux_base(folder: Path) -> None:
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae,
-        text_encoder=CLIPTextModel(tiny._text_config(FLUX_DIM, projection_dim=FLUX_DIM)),
+        text_encoder=CLIPTextModel(tiny._text_config(FLUX_TEXT_DIM, projection_dim=FLUX_TEXT_DIM)),
         tokenizer=tiny._tokenizer(),
         text_encoder_2=t5,
         tokenizer_2=t5_tokenizer,
@@ -106,17 +112,19 @@ def flux_base(folder: Path) -> None:
     pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
 
 
-def flux_adapter(path: Path, transformer_folder: Path, image_dim: int, seed: int) -> None:
+def flux_adapter(
+    path: Path, transformer_folder: Path, image_dim: int, seed: int, tokens: int = 4
+) -> None:
     """XLabs-AI/flux-ip-adapter's `ip_adapter.safetensors` layout: the image projection
-    (`ip_adapter_proj_model.proj` to 4 tokens of the joint width, then its LayerNorm) and the
-    image key/value projections of every double-stream block, stored in bf16 as XLabs ships."""
+    (`ip_adapter_proj_model.proj` to `tokens` tokens of the joint width, then its LayerNorm)
+    and the image key/value projections of every double-stream block, stored in bf16 as XLabs
+    ships; v2 (flux-ip-adapter-v2) has the same keys and 16 tokens."""
     from safetensors.torch import save_file
 
     config = json.loads((transformer_folder / "config.json").read_text())
     joint = config["joint_attention_dim"]
     inner = config["num_attention_heads"] * config["attention_head_dim"]
     g = torch.Generator().manual_seed(seed)
-    tokens = 4
     state = {
         "ip_adapter_proj_model.proj.weight": tiny._randn(g, tokens * joint, image_dim, std=0.2),
         "ip_adapter_proj_model.proj.bias": tiny._randn(g, tokens * joint),
@@ -126,7 +134,8 @@ def flux_adapter(path: Path, transformer_folder: Path, image_dim: int, seed: int
     for i in range(config["num_layers"]):
         for kv in ("k", "v"):
             prefix = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj"
-            state[f"{prefix}.weight"] = tiny._randn(g, inner, joint, std=0.5)
+            # the attention logits' size of a 32-wide joint space, whatever the width
+            state[f"{prefix}.weight"] = tiny._randn(g, inner, joint, std=0.5 * (32 / joint) ** 0.5)
             state[f"{prefix}.bias"] = tiny._randn(g, inner)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(path))

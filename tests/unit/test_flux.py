@@ -86,12 +86,21 @@ def test_each_row_of_a_batch_is_its_solo_run(flux: Generator, true_cfg, mode: st
     assert np.abs(flux.generate(weaker).arrays[0] - solo[0].arrays[0]).max() > 1e-3
 
 
-@pytest.mark.parametrize("true_cfg", [1.0, 4.0])
-def test_a_row_is_the_docs_pipeline(tiny_models: Path, flux: Generator, true_cfg: float) -> None:
+@pytest.fixture(scope="module")
+def flux_v2(tiny_models: Path) -> Generator:
+    return Generator(ModelSource.parse(str(tiny_models)), ("flux-v2",), device=CPU, dtype=F64)
+
+
+@pytest.mark.parametrize(("adapter", "true_cfg"), [("flux", 1.0), ("flux", 4.0), ("flux-v2", 4.0)])
+def test_a_row_is_the_docs_pipeline(
+    tiny_models: Path, request: pytest.FixtureRequest, adapter: str, true_cfg: float
+) -> None:
     """The diffusers docs' FLUX IP-Adapter call, the picture encoded by the pipeline's own
-    image encoder; ipbatch: the embed stage's encoder, the cached tensors, the request."""
+    image encoder; ipbatch: the embed stage's encoder, the cached tensors, the request. XLabs'
+    v2 file (16 tokens) through the same loader."""
+    flux: Generator = request.getfixturevalue("flux" if adapter == "flux" else "flux_v2")
     models = ModelSource.parse(str(tiny_models))
-    preset = ADAPTERS["flux"]
+    preset = ADAPTERS[adapter]
     reference = picture(5)
     clip = ClipEmbedder(
         models.image_encoder(preset), models.feature_extractor("flux"), device=CPU, dtype=F64
@@ -100,7 +109,7 @@ def test_a_row_is_the_docs_pipeline(tiny_models: Path, flux: Generator, true_cfg
     row = Row.model_validate(
         {
             "id": "r",
-            "adapter": "flux",
+            "adapter": adapter,
             "reference": "ref.png",
             "scale": 0.8,
             "prompt": "a leather bag",
@@ -118,7 +127,7 @@ def test_a_row_is_the_docs_pipeline(tiny_models: Path, flux: Generator, true_cfg
     pipe = FluxPipeline.from_pretrained(str(tiny_models / "FLUX.1-dev"), torch_dtype=F64)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(
-        str(tiny_models / "flux-ip-adapter"),
+        str(tiny_models / preset.weights.folder),
         weight_name="ip_adapter.safetensors",
         image_encoder_pretrained_model_name_or_path=str(tiny_models / "clip-vit-large-patch14"),
         image_encoder_dtype=F64,
@@ -138,6 +147,19 @@ def test_a_row_is_the_docs_pipeline(tiny_models: Path, flux: Generator, true_cfg
     ).images
     for a, b in zip(mine, theirs, strict=True):  # float64 inside; the np output is float32,
         assert np.abs(a - b).max() < 1e-6  # where a 16th-digit difference can move one ulp
+
+
+def test_v2_rows_are_16_tokens_and_batch_like_v1(flux_v2: Generator) -> None:
+    """diffusers' loader tells v2 by its projection's 65,536 rows (16 tokens of FLUX.1's
+    4096): the tiny FLUX has that width, so the same check runs here."""
+    assert flux_v2._layers[0].num_image_text_embeds == 16
+    rows = requests_for(flux_v2, num_images=[1, 2], guidance=3.5)
+    rows[1] = replace(rows[1], adapters=[replace(rows[1].adapters[0], scale=0.3)])
+    rows = [replace(r, width=SIZE, height=SIZE) for r in rows]
+    batched = flux_v2.generate_batch(rows)
+    for row, b in zip(rows, batched, strict=True):
+        for mine, alone in zip(b.arrays, flux_v2.generate(row).arrays, strict=True):
+            assert np.abs(mine - alone).max() < 1e-8
 
 
 def test_negative_embeds_are_always_given(flux: Generator, monkeypatch) -> None:
