@@ -127,12 +127,10 @@ def per_slot_control(
                 0.0 if (i / n < c.start or (i + 1) / n > c.end) else c.scale
                 for c in (r.controls[index] for r in rows)
             ]
-            down, mid = call(*args, **kwargs)
-            factor = torch.tensor(
-                factors * (2 if do_cfg else 1), dtype=mid.dtype, device=mid.device
-            )
-            factor = factor.view(-1, 1, 1, 1)
-            return [d * factor for d in down], mid * factor
+            factors *= 2 if do_cfg else 1
+            # a UNet ControlNet: (down residuals, mid residual); FLUX's: (double-block
+            # samples, single-block samples), lists of [batch, tokens, width] or None
+            return tuple(_times(part, factors) for part in call(*args, **kwargs))
 
         return forward
 
@@ -155,6 +153,16 @@ def per_slot_control(
             nets[index] = net
 
 
+def _times(residuals: Any, factors: list[float]) -> Any:
+    """Residuals (a tensor, a list of them, or None) times one factor per batch entry."""
+    if residuals is None:
+        return None
+    if isinstance(residuals, (list, tuple)):
+        return [_times(part, factors) for part in residuals]
+    factor = torch.tensor(factors, dtype=residuals.dtype, device=residuals.device)
+    return residuals * factor.view(-1, *[1] * (residuals.ndim - 1))
+
+
 class _Position(torch.nn.Module):
     """One position of a MultiControlNet during a batched call: its ControlNet (shared with
     other positions if the row names it twice) called through this position's factors."""
@@ -164,9 +172,13 @@ class _Position(torch.nn.Module):
         self.net = net
         self._scaled = forward
 
-    @property
-    def config(self) -> Any:  # the pipeline reads nets[0].config.global_pool_conditions
-        return self.net.config
+    def __getattr__(self, name: str) -> Any:
+        """What the pipeline reads of a position's net (`config`; FLUX: `input_hint_block`,
+        `union`) is the net's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["net"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._scaled(*args, **kwargs)

@@ -49,6 +49,8 @@ class BaseModelPreset:
     denoiser: Literal["unet", "transformer"]
     # its pipelines take `clip_skip` (not FLUX's, not Kolors' ChatGLM)
     clip_skip: bool
+    # diffusers' ControlNet class and multi-ControlNet class of the family (None: none)
+    controlnet_models: tuple[str, str] | None
     # the repository ships a safety checker: loaded without it (catalog jobs review outputs)
     safety_checker: bool
     # InstantStyle: attention modules per block that has them (a list scale needs this length)
@@ -108,6 +110,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         row_scale="ip_mask",
         denoiser="unet",
         clip_skip=True,
+        controlnet_models=("ControlNetModel", "MultiControlNetModel"),
         safety_checker=True,
         attention_blocks=SD15_BLOCKS,
         memory="~3.5 GB at batch 1 (fp16), +~1 GB per extra image in a batch at 512x512",
@@ -138,6 +141,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         row_scale="ip_mask",
         denoiser="unet",
         clip_skip=True,
+        controlnet_models=("ControlNetModel", "MultiControlNetModel"),
         safety_checker=False,
         attention_blocks=SDXL_BLOCKS,
         memory="~9 GB at batch 1 (fp16) at 1024x1024",
@@ -161,6 +165,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         row_scale="processor",
         denoiser="transformer",
         clip_skip=False,
+        controlnet_models=("FluxControlNetModel", "FluxMultiControlNetModel"),
         safety_checker=False,
         attention_blocks={},  # no InstantStyle block scales
         memory="~24 GB of bf16 weights for the 12B transformer, ~10 GB more for T5-XXL",
@@ -185,6 +190,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         row_scale="processor",
         denoiser="transformer",
         clip_skip=True,
+        controlnet_models=("SD3ControlNetModel", "SD3MultiControlNetModel"),
         safety_checker=False,
         attention_blocks={},  # no InstantStyle block scales
         memory="~16 GB of bf16 weights for the 8B transformer, ~10 GB more for T5-XXL, "
@@ -208,6 +214,7 @@ BASE_MODELS: dict[str, BaseModelPreset] = {
         row_scale="ip_mask",
         denoiser="unet",
         clip_skip=False,
+        controlnet_models=None,
         safety_checker=False,
         attention_blocks={},  # SDXL's UNet, but no published InstantStyle recipe for Kolors
         memory="~5 GB of fp16 weights for the UNet, ~12 GB for ChatGLM3-6B",

@@ -220,6 +220,10 @@ class Generator(WarmPipelines):
             name = "control_image" if "control_image" in accepted else "image"
             several = len(shared.controls) > 1
             arguments[name] = inputs.controls
+            if several and inputs.slots is not None and self.base.denoiser == "transformer":
+                # FLUX's multi-ControlNet call takes a list per net (SD's pipelines transpose
+                # a list per slot themselves)
+                arguments[name] = [list(net) for net in zip(*inputs.controls, strict=True)]
             scale, start, end = zip(*inputs.control_scales, strict=True)
             arguments["controlnet_conditioning_scale"] = list(scale) if several else scale[0]
             arguments["control_guidance_start"] = list(start) if several else start[0]

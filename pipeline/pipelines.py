@@ -216,9 +216,9 @@ class WarmPipelines:
             extra: dict[str, Any] = {}
             if nets:
                 models = [self._controlnet(name) for name in nets]
-                extra["controlnet"] = (
-                    models[0] if len(models) == 1 else diffusers.MultiControlNetModel(models)
-                )
+                assert self.base.controlnet_models is not None  # the manifest refuses others
+                multi = getattr(diffusers, self.base.controlnet_models[1])
+                extra["controlnet"] = models[0] if len(models) == 1 else multi(models)
             pipe = cls.from_pipe(self.pipe, dtype=self.dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
             self._pipes[key] = pipe
@@ -236,17 +236,18 @@ class WarmPipelines:
         return self._schedulers[name]
 
     def _controlnet(self, name: str) -> Any:
-        from diffusers import ControlNetModel
+        import diffusers
 
         if name not in self._controlnets:
             preset = CONTROLNETS[name]
-            if preset.family != self.family:
+            if preset.family != self.family or self.base.controlnet_models is None:
                 raise ItemError(
                     ErrorCode.INVALID_ROW, f"{name} is for {preset.family}, not {self.family}"
                 )
             folder = self.models.controlnet(name)
+            model_class = getattr(diffusers, self.base.controlnet_models[0])
             with loading(f"the ControlNet at {folder}", folder):
-                net = ControlNetModel.from_pretrained(
+                net = model_class.from_pretrained(
                     folder,
                     variant=preset.variant,
                     dtype=self.dtype,
@@ -254,7 +255,8 @@ class WarmPipelines:
                 )
             net.to(self.device)
             if self.device.type == "cuda" and self.acceleration.channels_last:
-                net.to(memory_format=torch.channels_last)
+                if self.base.denoiser == "unet":  # a UNet's convolutions
+                    net.to(memory_format=torch.channels_last)
             self._controlnets[name] = net
         return self._controlnets[name]
 

@@ -339,6 +339,14 @@ CONTROLNETS: dict[str, ControlNetPreset] = {
             "SDXL, edges",
         ),
         _controlnet(
+            "flux-canny",
+            "flux",
+            "InstantX/FLUX.1-dev-Controlnet-Canny",
+            None,
+            "canny",
+            "FLUX.1-dev, edges (FluxControlNetModel; text-to-image rows only)",
+        ),
+        _controlnet(
             "sdxl-depth",
             "sdxl",
             "diffusers/controlnet-depth-sdxl-1.0",

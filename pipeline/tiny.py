@@ -435,6 +435,7 @@ def write_tiny_models(root: Path) -> Path:
     from pipeline.tiny_transformers import (
         flux_adapter,
         flux_base,
+        flux_controlnet,
         sd35_adapter,
         sd35_base,
         siglip_encoder,
@@ -479,8 +480,11 @@ def write_tiny_models(root: Path) -> Path:
         )
     write_tiny_face_pack(root / FACE_PACK_FOLDER, FACE_PACK)
     for seed, control in enumerate(CONTROLNETS.values(), start=40):
-        unet = root / BASE_MODELS[control.family].folder / "unet"
-        _controlnet(root / control.repo.folder, unet, control, seed)
+        base_folder = root / BASE_MODELS[control.family].folder
+        if control.family == "flux":
+            flux_controlnet(root / control.repo.folder, base_folder / "transformer", seed)
+            continue
+        _controlnet(root / control.repo.folder, base_folder / "unet", control, seed)
     (root / "TINY_MODELS.json").write_text(
         json.dumps({"note": "random weights for offline tests; not for real images"}, indent=2)
     )

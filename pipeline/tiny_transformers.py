@@ -277,3 +277,23 @@ def sd35_adapter(path: Path, transformer_folder: Path, seed: int) -> None:
             ip_adapter[f"{block}.{key}"] = (value + extra).clone()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, path)
+
+
+def flux_controlnet(folder: Path, transformer_folder: Path, seed: int) -> None:
+    """InstantX/FLUX.1-dev-Controlnet-Canny's layout (diffusers' FluxControlNetModel, made
+    from the transformer as its training script does: no input hint block, so the pipeline
+    VAE-encodes the condition). A fresh one has zeroed output layers and changes nothing:
+    they get random weights, so a control visibly steers the image."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(str(transformer_folder))
+    torch.manual_seed(seed)
+    controlnet = FluxControlNetModel.from_transformer(
+        transformer, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if not torch.count_nonzero(parameter):
+                parameter.copy_(tiny._randn(g, *parameter.shape, std=0.3))
+    controlnet.save_pretrained(str(folder), safe_serialization=True)

@@ -18,17 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
 from helpers.requests import requests_for
 from PIL import Image
 
 from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
 from pipeline.generator import Generator
+from pipeline.inputs import prepare, row_inputs
 from pipeline.manifest import Row
 from pipeline.manifest_reader import read_manifest
 from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS
-from pipeline.requests import build_request
+from pipeline.requests import ControlInput, build_request
 
 # equality with diffusers' own pipelines, number for number: torch's business, not the
 # interpreter's; Python 3.12 runs the rest (`make test-py312`)
@@ -91,13 +92,22 @@ def flux_v2(tiny_models: Path) -> Generator:
     return Generator(ModelSource.parse(str(tiny_models)), ("flux-v2",), device=CPU, dtype=F64)
 
 
-@pytest.mark.parametrize(("adapter", "true_cfg"), [("flux", 1.0), ("flux", 4.0), ("flux-v2", 4.0)])
+@pytest.mark.parametrize(
+    ("adapter", "true_cfg", "control"),
+    [("flux", 1.0, False), ("flux", 4.0, False), ("flux-v2", 4.0, False), ("flux", 4.0, True)],
+)
 def test_a_row_is_the_docs_pipeline(
-    tiny_models: Path, request: pytest.FixtureRequest, adapter: str, true_cfg: float
+    tiny_models: Path,
+    request: pytest.FixtureRequest,
+    adapter: str,
+    true_cfg: float,
+    control: bool,
 ) -> None:
     """The diffusers docs' FLUX IP-Adapter call, the picture encoded by the pipeline's own
     image encoder; ipbatch: the embed stage's encoder, the cached tensors, the request. XLabs'
-    v2 file (16 tokens) through the same loader."""
+    v2 file (16 tokens) through the same loader; a canny ControlNet (the docs'
+    FluxControlNetPipeline, its scale and step window) beside the adapter; ipbatch prepares
+    the control image as its embed stage does."""
     flux: Generator = request.getfixturevalue("flux" if adapter == "flux" else "flux_v2")
     models = ModelSource.parse(str(tiny_models))
     preset = ADAPTERS[adapter]
@@ -121,10 +131,35 @@ def test_a_row_is_the_docs_pipeline(
             "width": 64,  # a row's smallest
             "height": 64,
         }
+        | (
+            {"control": [{"model": "flux-canny", "image": "e.png", "scale": 0.7, "end": 0.6}]}
+            if control
+            else {}
+        )
     )
-    mine = flux.generate(build_request(row, [[tensors]])).arrays
+    edges = picture(6, (64, 64))
+    png = io.BytesIO()
+    edges.save(png, format="PNG")
+    prepared = {
+        i.slot: prepare(png.getvalue(), i.kind, name="e.png", max_pixels=10**6, max_bytes=10**6)
+        for i in row_inputs(row)
+    }
+    mine = flux.generate(build_request(row, [[tensors]], prepared)).arrays
 
-    pipe = FluxPipeline.from_pretrained(str(tiny_models / "FLUX.1-dev"), torch_dtype=F64)
+    base = str(tiny_models / "FLUX.1-dev")
+    extra: dict = {}
+    if control:
+        net = FluxControlNetModel.from_pretrained(
+            str(tiny_models / "FLUX.1-dev-Controlnet-Canny"), torch_dtype=F64
+        )
+        pipe = FluxControlNetPipeline.from_pretrained(base, controlnet=net, torch_dtype=F64)
+        extra = {
+            "control_image": edges,
+            "controlnet_conditioning_scale": 0.7,
+            "control_guidance_end": 0.6,
+        }
+    else:
+        pipe = FluxPipeline.from_pretrained(base, torch_dtype=F64)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(
         str(tiny_models / preset.weights.folder),
@@ -139,11 +174,13 @@ def test_a_row_is_the_docs_pipeline(
         prompt="a leather bag",
         negative_prompt="blurry" if true_cfg > 1 else None,
         true_cfg_scale=true_cfg,
+        guidance_scale=3.5,  # the card's; FluxControlNetPipeline's own default is 7.0
         num_inference_steps=3,
         num_images_per_prompt=2,
         generator=[torch.Generator().manual_seed(s) for s in (4444, 4445)],
         ip_adapter_image=reference,
         output_type="np",
+        **extra,
     ).images
     for a, b in zip(mine, theirs, strict=True):  # float64 inside; the np output is float32,
         assert np.abs(a - b).max() < 1e-6  # where a 16th-digit difference can move one ulp
@@ -160,6 +197,42 @@ def test_v2_rows_are_16_tokens_and_batch_like_v1(flux_v2: Generator) -> None:
     for row, b in zip(rows, batched, strict=True):
         for mine, alone in zip(b.arrays, flux_v2.generate(row).arrays, strict=True):
             assert np.abs(mine - alone).max() < 1e-8
+
+
+@pytest.mark.parametrize("nets", [1, 2])
+def test_controlnet_rows_of_a_batch_are_their_solo_runs(flux: Generator, nets: int) -> None:
+    """FLUX ControlNet rows (text-to-image: diffusers' FLUX ControlNet img2img and inpaint
+    pipelines take no IP-Adapter) with their own control images, ControlNet scales and step
+    windows, references and scales in one call; with the same ControlNet twice in a row too
+    (FLUX's multi-ControlNet call takes a list per net, SD's a list per slot)."""
+    rows = requests_for(flux, num_images=[1, 2, 1], guidance=3.5)
+    rows = [
+        replace(
+            r,
+            width=SIZE,
+            height=SIZE,
+            controls=tuple(
+                ControlInput(
+                    "flux-canny",
+                    picture(30 + 10 * n + i, (SIZE, SIZE)),
+                    scale=(1.0, 0.5, 0.8)[i],
+                    end=(1.0, 0.6, 1.0)[i],
+                )
+                for n in range(nets)
+            ),
+        )
+        for i, r in enumerate(rows)
+    ]
+    batched = flux.generate_batch(rows)
+    solo = [flux.generate(r) for r in rows]
+    for b, s in zip(batched, solo, strict=True):
+        for mine, alone in zip(b.arrays, s.arrays, strict=True):
+            assert np.abs(mine - alone).max() < 1e-8
+    # each row's control image and scale had their effect
+    first = rows[0].controls[0]
+    for changed in (replace(first, scale=0.2), replace(first, image=picture(9, (SIZE, SIZE)))):
+        other = replace(rows[0], controls=(changed, *rows[0].controls[1:]))
+        assert np.abs(flux.generate(other).arrays[0] - solo[0].arrays[0]).max() > 1e-3
 
 
 def test_negative_embeds_are_always_given(flux: Generator, monkeypatch) -> None:
@@ -204,6 +277,13 @@ def test_rows_flux_cannot_run_fail_alone_with_the_reason() -> None:
         {"id": "h", "reference": "r.png", "true_cfg_scale": 2.0},
         flux | {"id": "i", "control": [{"model": "sdxl-canny", "image": "c.png"}]},
         flux | {"id": "j", "negative_prompt": "blurry", "true_cfg_scale": 2.0},
+        flux
+        | {
+            "id": "k",
+            "init_image": "i.png",
+            "control": [{"model": "flux-canny", "image": "c.png"}],
+        },
+        flux | {"id": "l", "control": [{"model": "flux-canny", "image": "c.png"}]},
     )
     errors = [p.error or "" for p in parsed]
     assert parsed[0].row is not None and parsed[0].row.steps == 28
@@ -216,3 +296,5 @@ def test_rows_flux_cannot_run_fail_alone_with_the_reason() -> None:
     assert "true_cfg_scale is for FLUX.1 rows" in errors[7]
     assert "ControlNet" in errors[8]
     assert parsed[9].row is not None
+    assert "control: flux has no img2img pipeline with ControlNets" in errors[10]
+    assert parsed[11].row is not None

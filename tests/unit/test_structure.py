@@ -464,11 +464,17 @@ def test_every_controlnet_preset_is_written_in_its_repository_layout(
     assert folder.name == preset.repo.hub_repo.split("/")[-1]
     weights = "diffusion_pytorch_model" + (f".{preset.variant}" if preset.variant else "")
     assert (folder / f"{weights}.safetensors").is_file() and (folder / "config.json").is_file()
+    base = Path(models.base_model(preset.family))
+    if preset.family == "flux":  # FluxControlNetModel, made from the transformer
+        net = diffusers.FluxControlNetModel.from_pretrained(folder)
+        transformer = diffusers.FluxTransformer2DModel.from_pretrained(base / "transformer")
+        assert net.config.joint_attention_dim == transformer.config.joint_attention_dim
+        outputs = [*net.controlnet_blocks, *net.controlnet_single_blocks]
+        assert all(torch.count_nonzero(block.weight) for block in outputs)
+        return
     net = diffusers.ControlNetModel.from_pretrained(folder, variant=preset.variant)
-    base = diffusers.UNet2DConditionModel.from_pretrained(
-        Path(models.base_model(preset.family)) / "unet"
-    )
-    assert net.config.cross_attention_dim == base.config.cross_attention_dim
+    unet = diffusers.UNet2DConditionModel.from_pretrained(base / "unet")
+    assert net.config.cross_attention_dim == unet.config.cross_attention_dim
     assert all(torch.count_nonzero(block.weight) for block in net.controlnet_down_blocks)
     assert torch.count_nonzero(net.controlnet_mid_block.weight)
 
