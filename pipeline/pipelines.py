@@ -46,6 +46,9 @@ class Acceleration:
     compile: bool = False
     vae_slicing_above: int | None = None  # 0: never; None: 8 on CUDA, never on CPU
     max_images: int = 16  # the largest call; compile buckets go up to it
+    # torch.compile's backend: inductor (the speed); the unit test of the bucketing uses
+    # "eager", dynamo's same graph capture without inductor's minutes of code generation
+    compile_backend: str = "inductor"
 
 
 def compile_buckets(max_images: int) -> list[int]:
@@ -118,7 +121,7 @@ class WarmPipelines:
             self.buckets = compile_buckets(self.acceleration.max_images)
             # one graph per (bucket, CFG or not, resolution): allow a few dozen
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            self.denoiser.compile(dynamic=False)
+            self.denoiser.compile(dynamic=False, backend=self.acceleration.compile_backend)
         # 4. the other modes' pipelines (made on first use, sharing every module) and the
         #    ControlNets (loaded on first use)
         self._pipes: dict[tuple[str, tuple[str, ...]], Any] = {("text", ()): self.pipe}

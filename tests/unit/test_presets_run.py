@@ -120,8 +120,8 @@ def test_every_preset_in_one_job(tmp_path: Path, tiny_models: Path) -> None:
     assert set(outputs) == set(items) - {"no-face"}
     pixels = {row: load(uri) for row, uri in outputs.items()}
     # the tiny models' native sizes: 64 px; FLUX's 256 (its pipeline's 128 latent pixels x 2)
-    flux = pixels.pop("preset-flux")
-    assert flux.shape == (256, 256, 3)
+    for name in ("flux", "flux-v2"):
+        assert pixels.pop(f"preset-{name}").shape == (256, 256, 3)
     assert {p.shape for p in pixels.values()} == {(64, 64, 3)}
     # each option has its effect: not only a status, another image
     assert not np.array_equal(pixels["refs-average"], pixels["refs-concat"])
