@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
 
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.call_inputs import GenerationResult
 from pipeline.generator import Generator
 from pipeline.requests import AdapterInput, GenerationRequest
 
@@ -40,3 +45,30 @@ def requests_for(
             )
         )
     return rows
+
+
+def picture(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
+    """A random RGB picture (a reference, an init image, a control image)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def assert_batched_rows_are_solo_runs(
+    generator: Generator, rows: list[GenerationRequest], *, own_adapters: bool = True
+) -> list[GenerationResult]:
+    """The rows in one call each equal their solo run (float64: to 1e-8); with
+    `own_adapters`, the first and third rows really had their own references and scales (a
+    row given another's reference, or another strength, makes another image). The solo
+    results are returned."""
+    batched = generator.generate_batch(rows)
+    solo = [generator.generate(r) for r in rows]
+    for row, b, s in zip(rows, batched, solo, strict=True):
+        assert len(b.arrays) == row.num_images
+        for mine, alone in zip(b.arrays, s.arrays, strict=True):
+            assert np.abs(mine - alone).max() < 1e-8
+    if own_adapters:
+        swapped = replace(rows[2], adapters=rows[0].adapters)
+        assert np.abs(generator.generate(swapped).arrays[0] - solo[2].arrays[0]).max() > 1e-3
+        weaker = replace(rows[0], adapters=[replace(rows[0].adapters[0], scale=0.3)])
+        assert np.abs(generator.generate(weaker).arrays[0] - solo[0].arrays[0]).max() > 1e-3
+    return solo

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
-from helpers.requests import requests_for
+from helpers.requests import assert_batched_rows_are_solo_runs, picture, requests_for
 from PIL import Image
 
 from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
@@ -43,11 +43,6 @@ SIZE = 32  # FLUX's native size for the tiny model is 256 (128 latent pixels x 2
 @pytest.fixture(scope="module")
 def flux(tiny_models: Path) -> Generator:
     return Generator(ModelSource.parse(str(tiny_models)), ("flux",), device=CPU, dtype=F64)
-
-
-def picture(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
 
 
 @pytest.mark.parametrize("true_cfg", [None, 3.0])
@@ -74,17 +69,7 @@ def test_each_row_of_a_batch_is_its_solo_run(flux: Generator, true_cfg, mode: st
         )
         for i, r in enumerate(rows)
     ]
-    batched = flux.generate_batch(rows)
-    solo = [flux.generate(r) for r in rows]
-    for row, b, s in zip(rows, batched, solo, strict=True):
-        assert len(b.arrays) == row.num_images
-        for mine, alone in zip(b.arrays, s.arrays, strict=True):
-            assert np.abs(mine - alone).max() < 1e-8
-    # the rows really had their own references and scales
-    swapped = replace(rows[2], adapters=rows[0].adapters)
-    assert np.abs(flux.generate(swapped).arrays[0] - solo[2].arrays[0]).max() > 1e-3
-    weaker = replace(rows[0], adapters=[replace(rows[0].adapters[0], scale=0.3)])
-    assert np.abs(flux.generate(weaker).arrays[0] - solo[0].arrays[0]).max() > 1e-3
+    assert_batched_rows_are_solo_runs(flux, rows)
 
 
 @pytest.fixture(scope="module")
@@ -190,13 +175,10 @@ def test_v2_rows_are_16_tokens_and_batch_like_v1(flux_v2: Generator) -> None:
     """diffusers' loader tells v2 by its projection's 65,536 rows (16 tokens of FLUX.1's
     4096): the tiny FLUX has that width, so the same check runs here."""
     assert flux_v2._layers[0].num_image_text_embeds == 16
-    rows = requests_for(flux_v2, num_images=[1, 2], guidance=3.5)
+    rows = requests_for(flux_v2, num_images=[1, 2, 1], guidance=3.5)
     rows[1] = replace(rows[1], adapters=[replace(rows[1].adapters[0], scale=0.3)])
     rows = [replace(r, width=SIZE, height=SIZE) for r in rows]
-    batched = flux_v2.generate_batch(rows)
-    for row, b in zip(rows, batched, strict=True):
-        for mine, alone in zip(b.arrays, flux_v2.generate(row).arrays, strict=True):
-            assert np.abs(mine - alone).max() < 1e-8
+    assert_batched_rows_are_solo_runs(flux_v2, rows)
 
 
 @pytest.mark.parametrize("nets", [1, 2])
@@ -223,11 +205,7 @@ def test_controlnet_rows_of_a_batch_are_their_solo_runs(flux: Generator, nets: i
         )
         for i, r in enumerate(rows)
     ]
-    batched = flux.generate_batch(rows)
-    solo = [flux.generate(r) for r in rows]
-    for b, s in zip(batched, solo, strict=True):
-        for mine, alone in zip(b.arrays, s.arrays, strict=True):
-            assert np.abs(mine - alone).max() < 1e-8
+    solo = assert_batched_rows_are_solo_runs(flux, rows, own_adapters=False)
     # each row's control image and scale had their effect
     first = rows[0].controls[0]
     for changed in (replace(first, scale=0.2), replace(first, image=picture(9, (SIZE, SIZE)))):

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import KolorsPipeline
-from helpers.requests import requests_for
-from PIL import Image
+from helpers.requests import assert_batched_rows_are_solo_runs, picture, requests_for
 from transformers import CLIPVisionModelWithProjection
 
 from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
@@ -42,11 +41,6 @@ def kolors(tiny_models: Path) -> Generator:
     return Generator(ModelSource.parse(str(tiny_models)), ("kolors-plus",), device=CPU, dtype=F64)
 
 
-def picture(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
-
-
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 @pytest.mark.parametrize("mode", ["text", "img2img"])
 def test_each_row_of_a_batch_is_its_solo_run(kolors: Generator, guidance: float, mode: str) -> None:
@@ -62,16 +56,7 @@ def test_each_row_of_a_batch_is_its_solo_run(kolors: Generator, guidance: float,
         )
         for i, r in enumerate(rows)
     ]
-    batched = kolors.generate_batch(rows)
-    solo = [kolors.generate(r) for r in rows]
-    for row, b, s in zip(rows, batched, solo, strict=True):
-        assert len(b.arrays) == row.num_images
-        for mine, alone in zip(b.arrays, s.arrays, strict=True):
-            assert np.abs(mine - alone).max() < 1e-8
-    swapped = replace(rows[2], adapters=rows[0].adapters)
-    assert np.abs(kolors.generate(swapped).arrays[0] - solo[2].arrays[0]).max() > 1e-3
-    weaker = replace(rows[0], adapters=[replace(rows[0].adapters[0], scale=0.3)])
-    assert np.abs(kolors.generate(weaker).arrays[0] - solo[0].arrays[0]).max() > 1e-3
+    assert_batched_rows_are_solo_runs(kolors, rows)
 
 
 def test_a_row_is_the_docs_pipeline(tiny_models: Path, kolors: Generator) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from helpers.requests import requests_for
+from helpers.requests import assert_batched_rows_are_solo_runs, picture, requests_for
 from PIL import Image
 
 from pipeline import diffusers_overrides
@@ -41,11 +41,6 @@ SIZE = 32  # the tiny transformer's native size is 64 (32 latent pixels x 2)
 @pytest.fixture(scope="module")
 def sd35(tiny_models: Path) -> Generator:
     return Generator(ModelSource.parse(str(tiny_models)), ("sd35",), device=CPU, dtype=F64)
-
-
-def picture(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8))
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
@@ -71,17 +66,7 @@ def test_each_row_of_a_batch_is_its_solo_run(sd35: Generator, guidance: float, m
         )
         for i, r in enumerate(rows)
     ]
-    batched = sd35.generate_batch(rows)
-    solo = [sd35.generate(r) for r in rows]
-    for row, b, s in zip(rows, batched, solo, strict=True):
-        assert len(b.arrays) == row.num_images
-        for mine, alone in zip(b.arrays, s.arrays, strict=True):
-            assert np.abs(mine - alone).max() < 1e-8
-    # the rows really had their own references and scales
-    swapped = replace(rows[2], adapters=rows[0].adapters)
-    assert np.abs(sd35.generate(swapped).arrays[0] - solo[2].arrays[0]).max() > 1e-3
-    weaker = replace(rows[0], adapters=[replace(rows[0].adapters[0], scale=0.3)])
-    assert np.abs(sd35.generate(weaker).arrays[0] - solo[0].arrays[0]).max() > 1e-3
+    assert_batched_rows_are_solo_runs(sd35, rows)
 
 
 @pytest.mark.parametrize("clip_skip", [None, 1])
