@@ -412,10 +412,11 @@ class Generator(WarmPipelines):
     def prompt_warning(self, request: GenerationRequest) -> str | None:
         """The text encoder reads a fixed number of tokens (77 for CLIP); diffusers drops the
         rest with only a log line. Say so in the item instead."""
-        if self.base.denoiser == "transformer":  # FLUX and SD3.5 read the whole prompt by T5
-            tokenizer = getattr(self.pipe, "tokenizer_3", None) or self.pipe.tokenizer_2
-            call = inspect.signature(self.pipe.__call__).parameters
-            limit = int(call["max_sequence_length"].default)  # FLUX: 512; SD3.5: 256
+        call = inspect.signature(self.pipe.__call__).parameters
+        if "max_sequence_length" in call:  # the whole prompt read by T5 (FLUX, SD3.5), ChatGLM
+            names = ("tokenizer_3", "tokenizer_2", "tokenizer")  # (Kolors): the last one's
+            tokenizer = next(t for n in names if (t := getattr(self.pipe, n, None)) is not None)
+            limit = int(call["max_sequence_length"].default)  # FLUX: 512; SD3.5, Kolors: 256
         else:
             tokenizer = self.pipe.tokenizer
             limit = int(tokenizer.model_max_length)

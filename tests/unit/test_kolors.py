@@ -143,3 +143,11 @@ def test_rows_kolors_cannot_run_fail_alone_with_the_reason() -> None:
     assert "ControlNet" in errors[4]
     assert "share one base model" in errors[5]
     assert parsed[6].row is not None  # img2img with a region: Kolors' UNet takes IP masks
+
+
+def test_a_prompt_longer_than_chatglm_reads_is_said(kolors: Generator) -> None:
+    """Kolors reads the prompt through ChatGLM3, 256 tokens (`max_sequence_length`)."""
+    [row] = requests_for(kolors, num_images=[1])
+    assert kolors.prompt_warning(row) is None
+    warning = kolors.prompt_warning(replace(row, prompt="a " * 300))
+    assert warning is not None and "reads the first 256" in warning

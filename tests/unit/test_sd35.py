@@ -174,3 +174,11 @@ def test_rows_sd35_cannot_run_fail_alone_with_the_reason() -> None:
     assert "true_cfg_scale is for FLUX.1 rows" in errors[7]
     assert "ControlNet" in errors[8]
     assert parsed[9].row is not None  # averaged references, a negative prompt: fine
+
+
+def test_a_prompt_longer_than_t5_reads_is_said(sd35: Generator) -> None:
+    """SD3.5 reads the whole prompt through T5, 256 tokens (`max_sequence_length`)."""
+    [row] = requests_for(sd35, num_images=[1])
+    assert sd35.prompt_warning(row) is None
+    warning = sd35.prompt_warning(replace(row, prompt="a " * 300))
+    assert warning is not None and "reads the first 256" in warning
