@@ -10,6 +10,7 @@ result are `pipeline.call_inputs`, and what reaches into diffusers' internals is
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Sequence
@@ -412,14 +413,7 @@ class Generator(WarmPipelines):
     def prompt_warning(self, request: GenerationRequest) -> str | None:
         """The text encoder reads a fixed number of tokens (77 for CLIP); diffusers drops the
         rest with only a log line. Say so in the item instead."""
-        call = inspect.signature(self.pipe.__call__).parameters
-        if "max_sequence_length" in call:  # the whole prompt read by T5 (FLUX, SD3.5), ChatGLM
-            names = ("tokenizer_3", "tokenizer_2", "tokenizer")  # (Kolors): the last one's
-            tokenizer = next(t for n in names if (t := getattr(self.pipe, n, None)) is not None)
-            limit = int(call["max_sequence_length"].default)  # FLUX: 512; SD3.5, Kolors: 256
-        else:
-            tokenizer = self.pipe.tokenizer
-            limit = int(tokenizer.model_max_length)
+        tokenizer, limit = self._prompt_reader
         notes = []
         for name, text in (
             ("prompt", request.prompt),
@@ -433,6 +427,18 @@ class Generator(WarmPipelines):
                         "the rest was ignored"
                     )
         return "; ".join(notes) or None
+
+    @functools.cached_property
+    def _prompt_reader(self) -> tuple[Any, int]:
+        """The tokenizer that reads the whole prompt, and how many tokens it reads: T5's
+        (FLUX, SD3.5) or ChatGLM's (Kolors), the pipeline's `max_sequence_length`; else
+        CLIP's, its `model_max_length` (77)."""
+        call = inspect.signature(self.pipe.__call__).parameters
+        if "max_sequence_length" in call:
+            names = ("tokenizer_3", "tokenizer_2", "tokenizer")  # the last one's
+            tokenizer = next(t for n in names if (t := getattr(self.pipe, n, None)) is not None)
+            return tokenizer, int(call["max_sequence_length"].default)  # FLUX 512, others 256
+        return self.pipe.tokenizer, int(self.pipe.tokenizer.model_max_length)
 
     def _to_pil(self, arrays: list[np.ndarray]) -> list[Image.Image]:
         """diffusers' own float -> uint8 conversion (what output_type="pil" does)."""

@@ -257,9 +257,9 @@ class WarmPipelines:
                     local_files_only=self.models.local_files_only,
                 )
             net.to(self.device)
-            if self.device.type == "cuda" and self.acceleration.channels_last:
-                if self.base.denoiser == "unet":  # a UNet's convolutions
-                    net.to(memory_format=torch.channels_last)
+            unet = self.base.denoiser == "unet"
+            if self.device.type == "cuda" and self.acceleration.channels_last and unet:
+                net.to(memory_format=torch.channels_last)  # a UNet ControlNet's convolutions
             self._controlnets[name] = net
         return self._controlnets[name]
 

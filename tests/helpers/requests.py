@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,3 +75,30 @@ def assert_batched_rows_are_solo_runs(
         weaker = replace(rows[0], adapters=[replace(rows[0].adapters[0], scale=0.3)])
         assert np.abs(generator.generate(weaker).arrays[0] - solo[0].arrays[0]).max() > 1e-3
     return solo
+
+
+def embedded(models_folder: Path, adapter: str, reference: Image.Image) -> dict[str, torch.Tensor]:
+    """`reference` as the embed stage caches it for `adapter` (its encoder and processor,
+    float64 on the CPU): the ipbatch side of the docs-call tests."""
+    from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
+    from pipeline.models import ModelSource
+    from pipeline.presets import ADAPTERS
+
+    models, preset = ModelSource.parse(str(models_folder)), ADAPTERS[adapter]
+    encoder = ClipEmbedder(
+        models.image_encoder(preset),
+        models.feature_extractor(preset.family),
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+    )
+    return ClipReferenceEncoder(encoder, preset.embed_kind, preset.family).encode(
+        reference, name="reference"
+    )
+
+
+def read_rows(*objects: dict) -> list:
+    """Manifest rows (dicts) through the manifest reader: each parsed row, or its error."""
+    from pipeline.manifest_reader import read_manifest
+
+    text = "".join(json.dumps(o) + "\n" for o in objects)
+    return list(read_manifest(io.BytesIO(text.encode())))

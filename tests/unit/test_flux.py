@@ -11,7 +11,6 @@ FLUX's loader and pipeline are regression tests; rows FLUX cannot run fail alone
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,14 +18,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
-from helpers.requests import assert_batched_rows_are_solo_runs, picture, requests_for
+from helpers.requests import (
+    assert_batched_rows_are_solo_runs,
+    embedded,
+    picture,
+    read_rows,
+    requests_for,
+)
 from PIL import Image
 
-from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
 from pipeline.generator import Generator
 from pipeline.inputs import prepare, row_inputs
 from pipeline.manifest import Row
-from pipeline.manifest_reader import read_manifest
 from pipeline.models import ModelSource
 from pipeline.presets import ADAPTERS
 from pipeline.requests import ControlInput, build_request
@@ -94,13 +97,9 @@ def test_a_row_is_the_docs_pipeline(
     FluxControlNetPipeline, its scale and step window) beside the adapter; ipbatch prepares
     the control image as its embed stage does."""
     flux: Generator = request.getfixturevalue("flux" if adapter == "flux" else "flux_v2")
-    models = ModelSource.parse(str(tiny_models))
     preset = ADAPTERS[adapter]
     reference = picture(5)
-    clip = ClipEmbedder(
-        models.image_encoder(preset), models.feature_extractor("flux"), device=CPU, dtype=F64
-    )
-    tensors = ClipReferenceEncoder(clip, preset.embed_kind, "flux").encode(reference, name="ref")
+    tensors = embedded(tiny_models, adapter, reference)
     row = Row.model_validate(
         {
             "id": "r",
@@ -225,14 +224,9 @@ def test_negative_embeds_are_always_given(flux: Generator, monkeypatch) -> None:
         flux.generate(row)
 
 
-def rows_of(*objects: dict) -> list:
-    text = "".join(json.dumps(o) + "\n" for o in objects)
-    return list(read_manifest(io.BytesIO(text.encode())))
-
-
 def test_rows_flux_cannot_run_fail_alone_with_the_reason() -> None:
     flux = {"id": "f", "adapter": "flux", "reference": "r.png"}
-    parsed = rows_of(
+    parsed = read_rows(
         flux,
         {
             "id": "a",

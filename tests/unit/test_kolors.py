@@ -10,8 +10,6 @@ rows each equal their solo run; rows Kolors cannot run fail alone.
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,15 +17,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers import KolorsPipeline
-from helpers.requests import assert_batched_rows_are_solo_runs, picture, requests_for
+from helpers.requests import (
+    assert_batched_rows_are_solo_runs,
+    embedded,
+    picture,
+    read_rows,
+    requests_for,
+)
 from transformers import CLIPVisionModelWithProjection
 
-from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
 from pipeline.generator import Generator
 from pipeline.manifest import Row
-from pipeline.manifest_reader import read_manifest
 from pipeline.models import ModelSource
-from pipeline.presets import ADAPTERS
 from pipeline.requests import build_request
 
 pytestmark = pytest.mark.numerics  # equality with diffusers' own pipeline, number for number
@@ -62,13 +63,8 @@ def test_each_row_of_a_batch_is_its_solo_run(kolors: Generator, guidance: float,
 def test_a_row_is_the_docs_pipeline(tiny_models: Path, kolors: Generator) -> None:
     """The diffusers docs' Kolors IP-Adapter call; ipbatch: the embed stage's encoder, the
     cached tensors, the request."""
-    models = ModelSource.parse(str(tiny_models))
-    preset = ADAPTERS["kolors-plus"]
     reference = picture(5)
-    clip = ClipEmbedder(
-        models.image_encoder(preset), models.feature_extractor("kolors"), device=CPU, dtype=F64
-    )
-    tensors = ClipReferenceEncoder(clip, preset.embed_kind, "kolors").encode(reference, name="r")
+    tensors = embedded(tiny_models, "kolors-plus", reference)
     row = Row.model_validate(
         {
             "id": "r",
@@ -115,25 +111,21 @@ def test_a_row_is_the_docs_pipeline(tiny_models: Path, kolors: Generator) -> Non
 
 def test_rows_kolors_cannot_run_fail_alone_with_the_reason() -> None:
     kolors = {"id": "k", "adapter": "kolors-plus", "reference": "r.png"}
-    text = "".join(
-        json.dumps(o) + "\n"
-        for o in (
-            kolors,
-            kolors | {"id": "a", "init_image": "i.png", "inpaint_mask": "m.png"},
-            kolors | {"id": "b", "clip_skip": 1},
-            kolors | {"id": "c", "scale": {"up": {"block_0": [1.0]}}},
-            kolors | {"id": "d", "control": [{"model": "sdxl-canny", "image": "c.png"}]},
-            {
-                "id": "e",
-                "adapters": [
-                    {"adapter": "kolors-plus", "reference": "r.png"},
-                    {"adapter": "sdxl", "reference": "s.png"},
-                ],
-            },
-            kolors | {"id": "f", "init_image": "i.png", "region": "m.png"},
-        )
+    parsed = read_rows(
+        kolors,
+        kolors | {"id": "a", "init_image": "i.png", "inpaint_mask": "m.png"},
+        kolors | {"id": "b", "clip_skip": 1},
+        kolors | {"id": "c", "scale": {"up": {"block_0": [1.0]}}},
+        kolors | {"id": "d", "control": [{"model": "sdxl-canny", "image": "c.png"}]},
+        {
+            "id": "e",
+            "adapters": [
+                {"adapter": "kolors-plus", "reference": "r.png"},
+                {"adapter": "sdxl", "reference": "s.png"},
+            ],
+        },
+        kolors | {"id": "f", "init_image": "i.png", "region": "m.png"},
     )
-    parsed = list(read_manifest(io.BytesIO(text.encode())))
     errors = [p.error or "" for p in parsed]
     assert parsed[0].row is not None
     assert (parsed[0].row.steps, parsed[0].row.guidance_scale) == (50, 5.0)  # the card's

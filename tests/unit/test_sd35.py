@@ -10,8 +10,6 @@ run; the trap of SD3's processor scale is a regression test; rows SD3.5 cannot r
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,16 +17,19 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from helpers.requests import assert_batched_rows_are_solo_runs, picture, requests_for
+from helpers.requests import (
+    assert_batched_rows_are_solo_runs,
+    embedded,
+    picture,
+    read_rows,
+    requests_for,
+)
 from PIL import Image
 
 from pipeline import diffusers_overrides
-from pipeline.embedder import ClipEmbedder, ClipReferenceEncoder
 from pipeline.generator import Generator
 from pipeline.manifest import Row
-from pipeline.manifest_reader import read_manifest
 from pipeline.models import ModelSource
-from pipeline.presets import ADAPTERS
 from pipeline.requests import build_request
 
 pytestmark = pytest.mark.numerics  # equality with diffusers' own pipeline, number for number
@@ -75,13 +76,8 @@ def test_a_row_is_the_docs_pipeline(
 ) -> None:
     """The diffusers docs' SD3 IP-Adapter call, the picture encoded by the pipeline's own
     SigLIP; ipbatch: the embed stage's encoder, the cached tensors, the request."""
-    models = ModelSource.parse(str(tiny_models))
-    preset = ADAPTERS["sd35"]
     reference = picture(5)
-    siglip = ClipEmbedder(
-        models.image_encoder(preset), models.feature_extractor("sd35"), device=CPU, dtype=F64
-    )
-    tensors = ClipReferenceEncoder(siglip, preset.embed_kind, "sd35").encode(reference, name="r")
+    tensors = embedded(tiny_models, "sd35", reference)
     row = Row.model_validate(
         {
             "id": "r",
@@ -143,15 +139,10 @@ def test_per_row_scales_go_through_an_object_sd3_can_test(
         sd35.generate_batch(rows)
 
 
-def rows_of(*objects: dict) -> list:
-    text = "".join(json.dumps(o) + "\n" for o in objects)
-    return list(read_manifest(io.BytesIO(text.encode())))
-
-
 def test_rows_sd35_cannot_run_fail_alone_with_the_reason() -> None:
     sd35 = {"id": "s", "adapter": "sd35", "reference": "r.png"}
     two = [{"adapter": "sd35", "reference": "r.png"}, {"adapter": "sd35", "reference": "q.png"}]
-    parsed = rows_of(
+    parsed = read_rows(
         sd35,
         {"id": "a", "adapters": two},
         {"id": "b", "adapters": [two[0], {"adapter": "flux", "reference": "f.png"}]},
