@@ -92,6 +92,11 @@ def test_rows_that_cannot_share_a_call_are_refused(tiny_models: Path) -> None:
     assert batch_key(a) == batch_key(b) != batch_key(other_steps)
     with pytest.raises(ItemError, match="cannot share a call"):
         generator.generate_batch([a, other_steps])
+    # a prompt past CLIP's 77 tokens is said in the item (diffusers only logs it)
+    assert generator.prompt_warning(a) is None
+    warning = generator.prompt_warning(replace(a, negative_prompt="a " * 90))
+    assert warning is not None and warning.startswith("negative_prompt is 92 tokens")
+    assert "reads the first 77" in warning
 
 
 def test_out_of_memory_splits_the_batch(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
