@@ -42,7 +42,8 @@ def main() -> None:
     from pipeline.generator import Generator
     from pipeline.models import ModelSource
     from pipeline.presets import ADAPTERS
-    from pipeline.requests import AdapterInput, GenerationRequest, combine
+    from pipeline.references import combine
+    from pipeline.requests import AdapterInput, GenerationRequest
     from pipeline.tiny import write_tiny_models
     from workers.context import quiet_model_libraries
 

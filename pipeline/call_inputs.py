@@ -17,9 +17,10 @@ from pipeline.requests import GenerationRequest
 @dataclass
 class CallInputs:
     """What one diffusers call gets besides prompts and embeddings, already laid out for it:
-    strengths, IP-Adapter masks (one entry per adapter, or None), the control images as the
-    pipeline takes them (one ControlNet: an image, or one per slot; several: one per net, or
-    per slot a list with one per net), their (scale, start, end), init images and masks."""
+    strengths, IP-Adapter masks (one entry per adapter, or None), their step windows, the
+    control images as the pipeline takes them (one ControlNet: an image, or one per slot;
+    several: one per net, or per slot a list with one per net), their (scale, start, end),
+    init images and masks."""
 
     scales: list[Any]
     ip_masks: list[torch.Tensor | None]
@@ -27,6 +28,8 @@ class CallInputs:
     control_scales: list[tuple[float, float, float]]
     init_images: list[Image.Image] | None
     masks: list[Image.Image] | None
+    # each adapter's step window per slot (`pipeline.adapter_windows`); None: every step
+    windows: list[list[tuple[float, float]]] | None = None
     slots: int | None = None  # a batched call: every per-slot list has one entry per slot
 
     def check(self) -> None:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from core.errors import ErrorCode, ItemError
+from pipeline.adapter_windows import FULL, AdapterWindows
 from pipeline.call_inputs import CallInputs, GenerationResult, controls_of, image_seeds
 from pipeline.diffusers_overrides import per_slot_control, prebuilt_ip_embeds, set_processor_scales
 from pipeline.pipelines import WarmPipelines
@@ -125,6 +126,10 @@ class Generator(WarmPipelines):
             if request.init_image is None
             else [self._init_image(request.init_image, width, height)] * (k if per_image else 1),
             masks=None if request.mask is None else [request.mask] * k,
+            # the stock call unless an adapter acts on part of the steps only
+            windows=[[spec.window] for spec in request.adapters]
+            if any(spec.window != FULL for spec in request.adapters)
+            else None,
         )
 
         # 5. denoise and decode: diffusers' stock path, k images of one prompt
@@ -186,6 +191,10 @@ class Generator(WarmPipelines):
                 layer.shortcut_scale = spec.shortcut_scale
                 stateful.append(layer)
         arguments = self._call_arguments(pipe, shared, inputs, width=width, height=height)
+        if inputs.windows is not None:  # the adapters' strengths, step by step
+            windows = AdapterWindows(inputs.windows, list(scales), inputs.ip_masks)
+            windows.begin(pipe)
+            arguments["callback_on_step_end"] = windows
         if negatives is not None:
             arguments["negative_ip_adapter_image_embeds"] = negatives
         try:
@@ -371,6 +380,7 @@ class Generator(WarmPipelines):
             if first.init_image is None
             else [self._init_image(r.init_image, width, height) for r in rows],  # type: ignore[arg-type]
             masks=None if first.mask is None else [r.mask for r in rows],  # type: ignore[misc]
+            windows=[[r.adapters[a].window for r in rows] for a in adapters],
             slots=len(slots),
         )
 

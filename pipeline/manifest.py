@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -16,76 +14,32 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationInfo,
-    field_validator,
     model_validator,
 )
 
 from pipeline.families import BASE_MODELS, BaseModelPreset
-from pipeline.presets import (
-    ADAPTERS,
-    CONTROLNETS,
-    AdapterPreset,
-    EmbedKind,
-    SchedulerName,
-    adapter_error,
-    builtin_adapter,
-    controlnet_error,
+from pipeline.manifest_adapters import (
+    SINGLE_FORM,
+    AdapterFields,
+    AdapterLookup,
+    AdapterSpec,
+    Fraction,
+    Uri,
+    check_adapter_fields,
+    check_with_preset,
+    preset_of,
 )
+from pipeline.presets import CONTROLNETS, SchedulerName, builtin_adapter, controlnet_error
+
+__all__ = ["AdapterLookup", "AdapterSpec", "Row", "Uri", "validate_row"]
 
 ROW_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_SEED = 2**32 - 1
 
 RowId = Annotated[str, StringConstraints(pattern=ROW_ID_PATTERN)]
-# An InstantStyle scale: {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": 1.0}}
-BlockScale = float | list[float]
-InstantStyle = dict[Literal["down", "mid", "up"], float | dict[str, BlockScale]]
-Combine = Literal["average", "concat"]
-# FaceID-Plus v2's structure weight: the model card's `s_scale` (1.0 there), diffusers'
-# `shortcut_scale`; ComfyUI lets it go up to 5
-SScale = Annotated[float, Field(ge=0, le=5)]
-
-
-CUSTOM_ADAPTER_PATTERN = r"^custom:[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
-
-def _check_adapter_name(name: str) -> str:
-    if name not in ADAPTERS and not re.fullmatch(CUSTOM_ADAPTER_PATTERN, name):
-        raise ValueError(adapter_error(name))
-    return name
-
-
-AdapterLookup = Callable[[str], AdapterPreset]
-
-
-def _preset(name: str, lookup: AdapterLookup) -> AdapterPreset:
-    """The preset a name means; a trained (custom:) name through `lookup`, the worker's
-    catalog (KeyError: there is no adapter of that name)."""
-    try:
-        return lookup(name)
-    except KeyError as exc:
-        raise ValueError(f"adapter: {exc.args[0] if exc.args else name}") from None
-
-
-def _check_instant_style(scale: float | InstantStyle) -> float | InstantStyle:
-    if isinstance(scale, dict):
-        for part, value in scale.items():
-            if not isinstance(value, dict) and not 0 <= value <= 2:
-                raise ValueError(f"scale.{part}: a scale must be within 0..2, got {value:g}")
-            blocks = value if isinstance(value, dict) else {}
-            for block, block_scale in blocks.items():
-                if not re.fullmatch(r"block_\d+", block):
-                    raise ValueError(
-                        f"scale.{part}: block names look like 'block_2', not {block!r}"
-                    )
-                values = block_scale if isinstance(block_scale, list) else [block_scale]
-                if not values or any(not 0 <= v <= 2 for v in values):
-                    raise ValueError(f"scale.{part}.{block}: each scale must be within 0..2")
-    return scale
-
-
-AdapterName = Annotated[str, AfterValidator(_check_adapter_name)]
 
 
 def _check_controlnet_name(name: str) -> str:
@@ -95,42 +49,6 @@ def _check_controlnet_name(name: str) -> str:
 
 
 ControlNetName = Annotated[str, AfterValidator(_check_controlnet_name)]
-Uri = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
-Scale = Annotated[
-    Annotated[float, Field(ge=0, le=2)] | InstantStyle, AfterValidator(_check_instant_style)
-]
-
-
-def _check_blocks(scale: InstantStyle, base: BaseModelPreset, adapter: str) -> None:
-    """An InstantStyle dict must name blocks that have attention in this base model, with one
-    value per attention module (diffusers silently ignores unknown blocks)."""
-    for part, value in scale.items():
-        if part == "mid":
-            if isinstance(value, dict):
-                raise ValueError("scale.mid takes one number")
-            continue
-        if not isinstance(value, dict):
-            continue
-        known = base.attention_blocks[part]
-        for block, block_scale in value.items():
-            if block not in known:
-                raise ValueError(
-                    f"scale.{part}.{block}: {adapter} ({base.family}) has attention in "
-                    f"{part} blocks {', '.join(known)} only"
-                )
-            if isinstance(block_scale, list) and len(block_scale) != known[block]:
-                raise ValueError(
-                    f"scale.{part}.{block}: needs {known[block]} values (one per attention "
-                    f"module), got {len(block_scale)}"
-                )
-
-
-def _as_reference_list(value: str | list[str]) -> list[str]:
-    refs = [value] if isinstance(value, str) else list(value)
-    if not refs or any(not r.strip() for r in refs):
-        raise ValueError("reference must be a non-empty URI or a non-empty list of URIs")
-    return refs
 
 
 class ControlSpec(BaseModel):
@@ -165,50 +83,6 @@ class ControlSpec(BaseModel):
         return (100 if self.low is None else self.low, 200 if self.high is None else self.high)
 
 
-def _as_uri_list(value: str | list[str] | None) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
-class AdapterSpec(BaseModel):
-    """One IP-Adapter applied to a row: which weights, which reference image(s), how strong."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    adapter: AdapterName = "sd15"
-    reference: str | list[str]
-    scale: Scale = 0.5
-    combine: Combine = "average"
-    s_scale: SScale | None = None
-    # where this adapter's reference applies: a mask image (white = here), one for all its
-    # references or one per reference
-    region: Uri | list[Uri] | None = None
-
-    @property
-    def references(self) -> list[str]:
-        return _as_reference_list(self.reference)
-
-    @field_validator("reference")
-    @classmethod
-    def _reference_ok(cls, value: str | list[str]) -> str | list[str]:
-        _as_reference_list(value)
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AdapterSpec:
-        _check_adapter_fields(self)
-        return self
-
-    @property
-    def regions(self) -> list[str]:
-        return _as_uri_list(self.region)
-
-    @property
-    def shortcut_scale(self) -> float:
-        """The FaceID-Plus v2 structure weight (the model card's `s_scale`; diffusers'
-        `shortcut_scale`): the card's 1.0 unless the row says otherwise."""
-        return 1.0 if self.s_scale is None else self.s_scale
-
-
 def _check_family(row: Row, base: BaseModelPreset, specs: list[AdapterSpec]) -> None:
     """What a family's pipelines take: FLUX.1 (guidance-distilled) has no negative pass
     unless `true_cfg_scale` > 1 and no CLIP skip; `true_cfg_scale` is FLUX's alone; the
@@ -230,11 +104,6 @@ def _check_family(row: Row, base: BaseModelPreset, specs: list[AdapterSpec]) -> 
             raise ValueError(
                 f"adapters: a {base.family} row takes one IP-Adapter (diffusers' SD3 loader "
                 "loads one)"
-            )
-        if specs[0].combine == "concat" and len(specs[0].references) > 1:
-            raise ValueError(
-                f"combine: {specs[0].adapter}'s projection takes one picture's features; "
-                "combine several references with 'average'"
             )
     if base.guidance != "distilled":
         if row.true_cfg_scale is not None:
@@ -258,6 +127,19 @@ def _check_family(row: Row, base: BaseModelPreset, specs: list[AdapterSpec]) -> 
             raise ValueError(f"region: {spec.adapter}'s pipeline takes no IP-Adapter masks")
 
 
+def _negative_pass(row: Row, base: BaseModelPreset) -> str | None:
+    """None when the row's call makes a negative pass (CFG); else what would make one."""
+    if base.guidance == "distilled":
+        true_cfg = row.true_cfg_scale is not None and row.true_cfg_scale > 1
+        return None if true_cfg else "true_cfg_scale > 1"
+    return None if row.guidance_scale > 1 else "guidance_scale > 1"
+
+
+def _where(row: Row, index: int) -> str:
+    """The place of an adapter's field in an error: the row's own, or `adapters[i]`."""
+    return "" if row.adapters is None else f"adapters[{index}]: "
+
+
 def _family_defaults(row: Row, base: BaseModelPreset) -> dict[str, Any]:
     """The family's defaults for what the row leaves unset."""
     defaults: dict[str, Any] = {}
@@ -266,29 +148,6 @@ def _family_defaults(row: Row, base: BaseModelPreset) -> dict[str, Any]:
     if row.guidance_scale is None:
         defaults["guidance_scale"] = base.default_guidance
     return defaults
-
-
-def _check_adapter_fields(spec: AdapterSpec | Row) -> None:
-    """What an adapter's fields must agree on, written as an `adapters` entry or in the
-    row's single form: s_scale only for an adapter with the shortcut, one region per
-    reference (or one for all), several regions only with concat."""
-    assert spec.reference is not None
-    preset = ADAPTERS.get(spec.adapter)  # a trained adapter is a base or plus one
-    if spec.s_scale is not None and (preset is None or not preset.shortcut):
-        with_shortcut = [name for name, p in ADAPTERS.items() if p.shortcut]
-        raise ValueError(f"s_scale applies to {', '.join(with_shortcut)} only, not {spec.adapter}")
-    regions = _as_uri_list(spec.region)
-    references = _as_reference_list(spec.reference)
-    if isinstance(spec.region, list) and len(regions) not in (1, len(references)):
-        raise ValueError(
-            f"region: give one mask for all {len(references)} references or one per "
-            f"reference, not {len(regions)}"
-        )
-    if len(regions) > 1 and spec.combine == "average":
-        raise ValueError(
-            "region: combine 'average' makes the references one embedding, so it takes one "
-            "mask; use combine 'concat' for one mask per reference"
-        )
 
 
 _FAMILY_DEFAULT = (
@@ -301,10 +160,10 @@ _FAMILY_DEFAULT = (
 )
 
 
-class Row(BaseModel):
-    """One manifest line, validated. Field meanings are in README's manifest table."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Row(AdapterFields):
+    """One manifest line, validated. Field meanings are in README's manifest table. The
+    adapter fields (`AdapterFields`) are the row's single form: one adapter, written on the
+    row itself; `adapters` lists several instead."""
 
     id: RowId
     prompt: str = ""
@@ -313,11 +172,6 @@ class Row(BaseModel):
     # it to the caption while generating from the image prompt alone, as the paper does
     caption: str | None = None
     reference: str | list[str] | None = None
-    adapter: AdapterName = "sd15"
-    scale: Scale = 0.5
-    combine: Combine = "average"
-    s_scale: SScale | None = None
-    region: Uri | list[Uri] | None = None
     adapters: list[AdapterSpec] | None = Field(None, min_length=1, max_length=4)
     control: list[ControlSpec] | None = Field(None, min_length=1, max_length=3)
     init_image: Uri | None = None
@@ -342,13 +196,13 @@ class Row(BaseModel):
     # with IPBATCH_SCORE_THRESHOLD, an image below it is made again; False keeps every image
     # as first made (`ipbatch eval` rows: an evaluation must not pick its best images)
     regenerate: bool = True
+    _family: str = PrivateAttr("")  # set while validated: the base model family
 
     @model_validator(mode="before")
     @classmethod
     def _one_form(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("adapters") is not None:
-            single = ("reference", "adapter", "scale", "combine", "s_scale", "region")
-            both = [k for k in single if k in data]
+            both = [k for k in SINGLE_FORM if k in data]
             if both:
                 raise ValueError(
                     f"give either 'adapters' or {', '.join(repr(k) for k in both)}, not both"
@@ -360,10 +214,10 @@ class Row(BaseModel):
         if self.adapters is None:
             if self.reference is None:
                 raise ValueError("'reference' is required (or give 'adapters')")
-            _check_adapter_fields(self)
+            check_adapter_fields(self)
         specs = self.adapter_specs()
         lookup = (info.context or {}).get("adapters", builtin_adapter)
-        presets = {spec.adapter: _preset(spec.adapter, lookup) for spec in specs}
+        presets = {spec.adapter: preset_of(spec.adapter, lookup) for spec in specs}
         families = sorted({presets[spec.adapter].family for spec in specs})
         if len(families) > 1:
             raise ValueError(f"all adapters of a row must share one base model, got {families}")
@@ -385,21 +239,34 @@ class Row(BaseModel):
             raise ValueError(f"{given} needs init_image (the picture to start from)")
         base = BASE_MODELS[families[0]]
         _check_family(self, base, specs)
-        defaults = _family_defaults(self, base)
-        for spec in specs:
-            preset = presets[spec.adapter]
-            if isinstance(spec.scale, dict):
-                _check_blocks(spec.scale, BASE_MODELS[preset.family], spec.adapter)
-            if preset.embed_kind is EmbedKind.FACE_ID_PLUS and (
-                spec.combine == "concat" and len(spec.references) > 1
-            ):
-                raise ValueError(
-                    f"{spec.adapter} takes one face: combine several references with "
-                    "'average', not 'concat'"
-                )
-        for name, value in defaults.items():  # frozen: set once, while being validated
+        for name, value in _family_defaults(self, base).items():  # frozen: set once, here
             object.__setattr__(self, name, value)
+        self._family = base.family
+        for index, spec in enumerate(specs):
+            try:
+                check_with_preset(
+                    spec,
+                    spec.references,
+                    presets[spec.adapter],
+                    base,
+                    steps=self.steps_run,
+                    negative_pass=_negative_pass(self, base),
+                )
+            except ValueError as exc:
+                raise ValueError(f"{_where(self, index)}{exc}") from None
         return self
+
+    @property
+    def family(self) -> str:
+        """The base model family the row's adapters run on."""
+        return self._family
+
+    @property
+    def steps_run(self) -> int:
+        """The denoising steps the row's pipeline runs: `steps`, times the strength (as
+        diffusers' img2img and inpaint pipelines truncate the schedule) from an init image."""
+        strength = self.effective_strength
+        return self.steps if strength is None else min(int(self.steps * strength), self.steps)
 
     def adapter_specs(self) -> list[AdapterSpec]:
         """The row's adapters in one form, whichever way the manifest wrote them."""
@@ -407,17 +274,8 @@ class Row(BaseModel):
             return list(self.adapters)
         assert self.reference is not None
         # the single form's fields were validated as the row's, with the same types and
-        # `_check_adapter_fields`: not validated a second time
-        return [
-            AdapterSpec.model_construct(
-                adapter=self.adapter,
-                reference=self.reference,
-                scale=self.scale,
-                combine=self.combine,
-                s_scale=self.s_scale,
-                region=self.region,
-            )
-        ]
+        # `check_adapter_fields`: not validated a second time
+        return [AdapterSpec.model_construct(**{k: getattr(self, k) for k in SINGLE_FORM})]
 
     @property
     def scored_text(self) -> str:
@@ -451,7 +309,7 @@ class Row(BaseModel):
     def params_json(self) -> str:
         """`to_params()` as JSON text, written by pydantic's serializer (an ingest writes a
         million of them: a third of the time of `json.dumps(model_dump())`)."""
-        single_form = {"adapter", "scale", "combine", "s_scale", "region"}
+        single_form = set(SINGLE_FORM) - {"reference"}
         text = self.model_dump_json(
             exclude_none=True, exclude=single_form if self.adapters is not None else None
         )

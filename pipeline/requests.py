@@ -28,7 +28,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 from core.errors import ErrorCode, ItemError
+from pipeline.families import BASE_MODELS
+from pipeline.instantstyle import expand
 from pipeline.manifest import Row
+from pipeline.manifest_adapters import SINGLE_FORM
+from pipeline.references import combine
 
 if TYPE_CHECKING:  # torch and diffusers load with the generate stage, not with an ingest worker
     import torch
@@ -129,6 +133,12 @@ def _scale_shared(a: AdapterInput) -> object:
     return "per slot" if per_slot_scale(a) else a.scale
 
 
+def _window_shared(a: AdapterInput) -> object:
+    """A window acts per slot where the strength does (a per-slot factor, step by step);
+    otherwise it is one call-wide strength change, equal in every row of the call."""
+    return None if per_slot_scale(a) else a.window
+
+
 def _regions_shared(a: AdapterInput) -> object:
     """One reference at a plain strength: every slot gets a mask anyway (its strength, times
     its region if it has one), so rows with and without regions share a call. Otherwise a mask
@@ -178,6 +188,10 @@ class AdapterInput:
         recorded=False,
         default=None,
     )
+    # (start, end): the fraction of the steps the adapter acts on (`AdapterFields.window`)
+    window: tuple[float, float] = per_slot(
+        _window_shared, feeds="callback_on_step_end", recorded=False, default=(0.0, 1.0)
+    )
 
 
 def _record_adapters(row: Row) -> dict[str, Any]:
@@ -200,7 +214,7 @@ def _record_strength(row: Row) -> dict[str, Any]:
     return {} if row.init_image is None else {"strength": row.effective_strength}
 
 
-ADAPTER_ROW_FIELDS = ("adapters", "reference", "adapter", "scale", "combine", "s_scale", "region")
+ADAPTER_ROW_FIELDS = ("adapters", *SINGLE_FORM)
 
 
 @dataclass(frozen=True)
@@ -358,31 +372,29 @@ def adapter_set(params: dict[str, Any] | None) -> tuple[str, ...]:
     return (str(params.get("adapter", "sd15")),)
 
 
-def combine(tensors: Sequence[Tensors], how: str) -> Tensors:
-    """Several references of one adapter: average them, or concatenate as extra tokens."""
-    import torch
-
-    joined = {name: torch.cat([t[name] for t in tensors]) for name in tensors[0]}
-    if how == "average" and len(tensors) > 1:
-        return {name: value.mean(dim=0, keepdim=True) for name, value in joined.items()}
-    return joined
-
-
 def build_request(
     row: Row,
     embeddings: Sequence[Sequence[Tensors]],
     prepared: Mapping[tuple[str, int, int], Tensors] | None = None,
+    negatives: Sequence[Tensors | None] | None = None,
 ) -> GenerationRequest:
     """The request for `row`; `embeddings[a][r]` holds the cached tensors (pos, neg, and for
-    FaceID-Plus clip_pos, clip_neg) of adapter a's reference r; `prepared[(role, owner,
-    position)]` the cached pixels of each structure input (`pipeline.inputs.row_inputs`).
-    Fields declared with one `row` field are copied; the others are built here."""
+    FaceID-Plus clip_pos, clip_neg) of adapter a's reference r, fitted as the adapter says
+    ([n, ...]: n tiles, or 1); `prepared[(role, owner, position)]` the cached pixels of each
+    structure input (`pipeline.inputs.row_inputs`); `negatives[a]` the cached embedding of
+    adapter a's negative reference (None: none). Fields declared with one `row` field are
+    copied; the others are built here."""
     from pipeline.inputs import CONTROL, INIT, MASK, REGION, row_inputs, to_image
 
     specs = row.adapter_specs()
-    if len(embeddings) != len(specs) or any(
-        len(tensors) != len(spec.references)
-        for spec, tensors in zip(specs, embeddings, strict=True)
+    negatives = list(negatives) if negatives is not None else [None] * len(specs)
+    if (
+        len(embeddings) != len(specs)
+        or any(
+            len(tensors) != len(spec.references)
+            for spec, tensors in zip(specs, embeddings, strict=True)
+        )
+        or [n is not None for n in negatives] != [s.negative_reference is not None for s in specs]
     ):
         raise ItemError(ErrorCode.INTERNAL, "embeddings missing for this item; retry it")
     prepared = prepared or {}
@@ -391,18 +403,25 @@ def build_request(
         raise ItemError(ErrorCode.INTERNAL, "prepared inputs missing for this item; retry it")
     images = {slot: to_image(tensors) for slot, tensors in prepared.items()}
     inputs = []
-    for a, (spec, tensors) in enumerate(zip(specs, embeddings, strict=True)):
-        parts = combine(tensors, spec.combine)
+    one_picture = BASE_MODELS[row.family].embeds == "cfg_tensor"  # SD3.5: tiles averaged
+    for a, (spec, tensors, negative) in enumerate(zip(specs, embeddings, negatives, strict=True)):
+        if one_picture:
+            tensors = [{k: v.mean(dim=0, keepdim=True) for k, v in t.items()} for t in tensors]
+        parts = combine(tensors, spec.combine, spec.weights)
+        if negative is not None:  # its own picture's embedding (its tiles' mean) for each token set
+            mean = negative["pos"].mean(dim=0, keepdim=True)
+            parts["neg"] = mean.expand_as(parts["pos"]).clone()
         inputs.append(
             AdapterInput(
                 adapter=spec.adapter,
-                scale=spec.scale,
+                scale=expand(spec.scale, row.family),
                 pos=parts["pos"],
                 neg=parts["neg"],
                 clip_pos=parts.get("clip_pos"),
                 clip_neg=parts.get("clip_neg"),
                 shortcut_scale=spec.shortcut_scale,
                 regions=[images[(REGION, a, r)] for r in range(len(spec.regions))] or None,
+                window=spec.window,
             )
         )
     copied = {}  # the fields declared with one row field, as the row has them

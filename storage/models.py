@@ -216,6 +216,7 @@ class ItemEmbedding(Base):
         ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
     )
     adapter_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # -1: the adapter's negative reference (`negative_reference`)
     reference_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     embedding_id: Mapped[int] = mapped_column(ForeignKey("embeddings.id"), index=True)
     reference_uri: Mapped[str] = mapped_column(Text)

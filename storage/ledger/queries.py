@@ -234,7 +234,7 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
         rows[o["item_id"]].outputs.append(dict(o))
     for item_id, uri in session.execute(
         select(ItemEmbedding.item_id, ItemEmbedding.reference_uri)
-        .where(ItemEmbedding.item_id.in_(ids))
+        .where(ItemEmbedding.item_id.in_(ids), ItemEmbedding.reference_index >= 0)  # not negatives
         .order_by(ItemEmbedding.item_id, ItemEmbedding.adapter_index, ItemEmbedding.reference_index)
     ):
         if uri not in rows[item_id].references:

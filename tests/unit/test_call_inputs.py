@@ -93,16 +93,31 @@ def test_every_row_field_is_a_call_input_or_declared_not_one() -> None:
     assert set(Grown.model_fields) - set(sources) - set(NOT_CALL_INPUTS) == {"reference_weight"}
 
 
+def fake_embedding(uri: str, adapter: str, fit: str) -> dict[str, torch.Tensor]:
+    """A reference's cached tensors: a function of its URI, adapter and fit (as the cache is),
+    FaceID-Plus's face-crop embeds included."""
+    key = f"{uri}|{fit}".encode()
+    g = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:8], 16))
+    pos = torch.randn(1, 4, generator=g) + (1.0 if adapter.endswith("plus") else 0.0)
+    return {"pos": pos, "neg": torch.zeros_like(pos), "clip_pos": pos, "clip_neg": pos}
+
+
 def fake_embeddings(row: Row) -> list[list[dict[str, torch.Tensor]]]:
-    """What the embed stage would hand over: one set of tensors per reference, a function of
-    its URI and adapter (as the cache is), FaceID-Plus's face-crop embeds included."""
+    """What the embed stage would hand over: one set of tensors per reference."""
+    return [
+        [fake_embedding(uri, s.adapter, s.effective_fit) for uri in s.references]
+        for s in row.adapter_specs()
+    ]
 
-    def of(uri: str, adapter: str) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(int(hashlib.sha256(uri.encode()).hexdigest()[:8], 16))
-        pos = torch.randn(1, 4, generator=g) + (1.0 if adapter.endswith("plus") else 0.0)
-        return {"pos": pos, "neg": torch.zeros_like(pos), "clip_pos": pos, "clip_neg": pos}
 
-    return [[of(uri, s.adapter) for uri in s.references] for s in row.adapter_specs()]
+def fake_negatives(row: Row) -> list[dict[str, torch.Tensor] | None]:
+    """Each adapter's negative reference, cached as a reference is."""
+    return [
+        None
+        if s.negative_reference is None
+        else fake_embedding(s.negative_reference, s.adapter, s.effective_fit)
+        for s in row.adapter_specs()
+    ]
 
 
 def fake_prepared(row: Row) -> dict[tuple[str, int, int], dict[str, torch.Tensor]]:
@@ -130,6 +145,11 @@ ROW_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "reference": (BASE_ROW, {"reference": ["a.png", "c.png"]}),
     "adapter": (BASE_ROW, {"adapter": "sd15-plus"}),
     "scale": (BASE_ROW, {"scale": 0.9}),
+    "fit": (BASE_ROW, {"fit": "pad"}),
+    "weights": (BASE_ROW, {"weights": [1.0, 0.5]}),
+    "negative_reference": (BASE_ROW, {"negative_reference": "noise"}),
+    "start": (BASE_ROW, {"start": 0.5}),
+    "end": (BASE_ROW, {"end": 0.5}),
     "combine": (BASE_ROW, {"combine": "average", "region": None}),
     "s_scale": (FACE_ROW, {"s_scale": 2.0}),
     "region": (BASE_ROW, {"region": "n.png"}),
@@ -162,7 +182,8 @@ def test_each_row_field_reaches_the_request_fields_declared_for_it(name: str) ->
     requests = []
     for data in (base, {k: v for k, v in changed.items() if v is not None}):
         row = Row.model_validate(data)
-        requests.append(build_request(row, fake_embeddings(row), fake_prepared(row)))
+        embeddings, negatives = fake_embeddings(row), fake_negatives(row)
+        requests.append(build_request(row, embeddings, fake_prepared(row), negatives))
     differ = {
         f.name
         for f in fields(GenerationRequest)
@@ -303,6 +324,7 @@ def changes(request: GenerationRequest) -> dict[str, dict[str, Any]]:
             "clip_neg": None if spec.clip_neg is None else spec.clip_neg + 1,
             "shortcut_scale": 2.0,
             "regions": None,
+            "window": (0.3, 1.0),
         },
         "control": {
             "model": "sd15-depth",
@@ -351,6 +373,7 @@ def call_wide(call: Recorded) -> Any:
         "mask_image",
         "control_image",
         "cross_attention_kwargs",
+        "callback_on_step_end",  # the adapters' step windows, one per slot
     }
 
     def slot_shape(value: Any) -> Any:

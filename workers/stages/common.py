@@ -85,6 +85,7 @@ def cache_image(
     make: Callable[[bytes, str], dict[str, torch.Tensor]],
     keep: dict[str, bytes] | None = None,
     found: dict[CacheKey, Cached] | None = None,
+    given: bytes | None = None,
 ) -> CachedImage:
     """One picture a row names, through the content-addressed cache (the embed stage's and
     training's one way): resolved against the manifest, allowed or refused, read once (`seen`
@@ -92,12 +93,17 @@ def cache_image(
     things of one picture), and what `make(data, uri)` makes of it found under
     `key_of(sha256)` or made and stored now (under the key's lock: workers that miss the same
     key at once make it once). `found`, where given, memoises the cache entries (a message's
-    rows that share a picture look its entry up once)."""
-    uri = resolve_reference(written, manifest_uri=manifest_uri)
-    check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
-    data = None if keep is None else keep.get(uri)
+    rows that share a picture look its entry up once). `given`: the bytes of a picture ipbatch
+    makes itself (the "noise" negative), named `written`: nothing to resolve, allow or read."""
+    data: bytes | None = given
+    if given is not None:
+        uri = written
+    else:
+        uri = resolve_reference(written, manifest_uri=manifest_uri)
+        check_allowed(uri, allowed=ctx.settings.allowed_sources, local_mode=ctx.local_mode)
+        data = None if keep is None else keep.get(uri)
     if uri not in seen:
-        data = read_reference(ctx, uri)
+        data = given if given is not None else read_reference(ctx, uri)
         seen[uri] = hashlib.sha256(data).hexdigest()
         if keep is not None:
             keep[uri] = data

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipeline import inputs
+from pipeline import inputs, references
 from pipeline.manifest import Row, validate_row
 from storage.embcache import CacheKey
 from storage.ledger import embeddings, items, jobs
@@ -30,9 +30,11 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from pipeline.embedder import ReferenceEncoder
+    from pipeline.references import Fit
     from storage.embcache import Cached
 
 log = logging.getLogger(__name__)
+NEGATIVE = -1  # the reference index of an adapter's negative reference in item_embeddings
 
 
 @dataclass
@@ -112,19 +114,27 @@ def _load(
 def _embed_references(
     ctx: StageContext, entry: _Entry, memo: _Memo, summary: EmbedSummary
 ) -> list[dict[str, Any]]:
-    """Every (adapter, reference) of the row: allowed? read, hashed, embedded or cached."""
+    """Every (adapter, reference) of the row, and each adapter's negative reference (at
+    reference index -1): allowed? read, hashed, embedded (fitted as the adapter says) or
+    cached. The built-in "noise" picture is made here, not read."""
     links: list[dict[str, Any]] = []
     for adapter_index, spec in enumerate(entry.row.adapter_specs()):
         encoder = ctx.encoder(spec.adapter)
-        for reference_index, reference in enumerate(spec.references):
+        fit = spec.effective_fit
+        pictures = list(enumerate(spec.references))
+        if spec.negative_reference is not None:
+            pictures.append((NEGATIVE, spec.negative_reference))
+        for reference_index, reference in pictures:
+            noise = reference == references.NOISE and reference_index == NEGATIVE
             embedding_id, uri = _ensure_cached(
                 ctx,
                 entry,
                 reference,
                 memo,
                 summary,
-                key_of=functools.partial(reference_key, encoder),
-                make=functools.partial(embed_image, ctx, encoder),
+                key_of=functools.partial(reference_key, encoder, fit=fit),
+                make=functools.partial(embed_image, ctx, encoder, fit=fit),
+                given=references.noise_picture() if noise else None,
             )
             links.append(
                 {
@@ -174,6 +184,7 @@ def _ensure_cached(
     *,
     key_of: Callable[[str], CacheKey],
     make: Callable[[bytes, str], dict[str, torch.Tensor]],
+    given: bytes | None = None,
 ) -> tuple[int, str]:
     """The cache entry of one image the row names, as (embedding id, resolved URI)."""
     found = cache_image(
@@ -185,6 +196,7 @@ def _ensure_cached(
         found=memo.entries,
         key_of=key_of,
         make=make,
+        given=given,
     )
     if found.cached.hit:
         summary.cached += 1
@@ -197,16 +209,24 @@ def _input_key(kind: str, content_sha256: str) -> CacheKey:
     return CacheKey(content_sha256, inputs.ENCODER, kind)
 
 
-def reference_key(encoder: ReferenceEncoder, content_sha256: str) -> CacheKey:
-    """Where a reference's embedding by `encoder` is cached: training reads the same entries,
-    so an adapter is trained on exactly the tensors generation will feed it."""
-    return CacheKey(content_sha256, encoder.fingerprint, encoder.kind.value)
+def reference_key(encoder: ReferenceEncoder, content_sha256: str, fit: Fit = "crop") -> CacheKey:
+    """Where a reference's embedding by `encoder` is cached, fitted as `fit` says (its kind
+    carries a fit other than crop: `clip_image_embeds+pad`). Training reads the same (crop)
+    entries, so an adapter is trained on exactly the tensors generation will feed it."""
+    kind = encoder.kind.value if fit == "crop" else f"{encoder.kind.value}+{fit}"
+    return CacheKey(content_sha256, encoder.fingerprint, kind)
 
 
 def embed_image(
-    ctx: StageContext, encoder: ReferenceEncoder, data: bytes, uri: str
+    ctx: StageContext, encoder: ReferenceEncoder, data: bytes, uri: str, fit: Fit = "crop"
 ) -> dict[str, torch.Tensor]:
-    return encoder.encode(decode(ctx, data, name=uri), name=uri)
+    """The picture's embedding: each of its fitted pictures (one, or its tiles) encoded, their
+    tensors one after another ([n, ...])."""
+    import torch
+
+    image = decode(ctx, data, name=uri)
+    parts = [encoder.encode(p, name=uri) for p in references.fit_picture(image, fit)]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 def _prepare(ctx: StageContext, kind: str, data: bytes, uri: str) -> dict[str, torch.Tensor]:

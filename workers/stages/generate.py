@@ -36,6 +36,7 @@ from workers.claims import ClaimedWork, claimed
 from workers.context import StageContext
 from workers.stages import reuse, scoring
 from workers.stages.common import finalize_jobs
+from workers.stages.embed import NEGATIVE
 from workers.stages.reuse import output_uri_for, publish_output
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class _Entry:
     row: Row
     output_uri: str
     embeddings: list[list[str]]  # cache URIs, [adapter][reference]
+    negatives: list[str | None]  # cache URIs of each adapter's negative reference
     references: list[tuple[str, str]]
     inputs: dict[tuple[str, int, int], str]  # cache URIs of the prepared structure inputs
     reuse: bool  # its job copies images made before (not --no-reuse)
@@ -142,10 +144,18 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
             row = validate_row(item.params, ctx.adapters)
             links = linked[item.id]
             uris: list[list[str]] = [[] for _ in row.adapter_specs()]
+            negatives: list[str | None] = [None for _ in row.adapter_specs()]
             for link, embedding in links:
-                uris[link.adapter_index].append(embedding.uri)
+                if link.reference_index == NEGATIVE:
+                    negatives[link.adapter_index] = embedding.uri
+                else:
+                    uris[link.adapter_index].append(embedding.uri)
             references = list(
-                dict.fromkeys((emb.content_sha256, link.reference_uri) for link, emb in links)
+                dict.fromkeys(
+                    (emb.content_sha256, link.reference_uri)
+                    for link, emb in links
+                    if link.reference_index != NEGATIVE
+                )
             )
             prepared = {
                 (link.role, link.owner_index, link.position): embedding.uri
@@ -158,6 +168,7 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
                     row,
                     job.output_uri,
                     uris,
+                    negatives,
                     references,
                     prepared,
                     reuse=job.reuse,
@@ -176,13 +187,15 @@ def _load(ctx: StageContext, claimed_ids: list[int]) -> list[_Entry]:
 def _keys(entry: _Entry) -> list[str]:
     """The cache keys of an entry's embeddings and prepared inputs, in a fixed order."""
     embedded = [uri for refs in entry.embeddings for uri in refs]
-    return embedded + [entry.inputs[slot] for slot in sorted(entry.inputs)]
+    negatives = [uri for uri in entry.negatives if uri is not None]
+    return embedded + negatives + [entry.inputs[slot] for slot in sorted(entry.inputs)]
 
 
 def _prepare(
     ctx: StageContext, work: ClaimedWork, entries: list[_Entry], summary: GenerateSummary
 ) -> list[Prepared]:
     wanted = {uri for e in entries for refs in e.embeddings for uri in refs}
+    wanted |= {uri for e in entries for uri in e.negatives if uri is not None}
     loaded = _prefetch(ctx, wanted | {uri for e in entries for uri in e.inputs.values()})
 
     def load(uri: str) -> dict[str, torch.Tensor]:
@@ -193,13 +206,14 @@ def _prepare(
         with work.item(entry.item_id):
             try:
                 tensors = [[load(uri) for uri in refs] for refs in entry.embeddings]
+                negatives = [None if uri is None else load(uri) for uri in entry.negatives]
                 pixels = {slot: load(uri) for slot, uri in entry.inputs.items()}
             except ObjectNotFound:
                 summary.embed_again += work.send_back(
                     [entry.item_id], EMBED.waiting, "a cached embedding is gone: embed it again"
                 )
                 continue
-            request = build_request(entry.row, tensors, pixels)
+            request = build_request(entry.row, tensors, pixels, negatives)
             prepared.append(
                 Prepared(
                     entry.item_id,
