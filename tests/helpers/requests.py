@@ -50,6 +50,19 @@ def requests_for(
     return rows
 
 
+def with_catalog_fields(rows: list[GenerationRequest]) -> list[GenerationRequest]:
+    """Three rows, the first two given catalog fields that act per slot: the first's adapter
+    acts on the first half of the steps, the second's from 40% on with a negative
+    reference's embedding (random) in place of the zero negative."""
+    first, second = rows[0].adapters[0], rows[1].adapters[0]
+    negative = torch.randn(second.neg.shape, generator=torch.Generator().manual_seed(9))
+    return [
+        replace(rows[0], adapters=[replace(first, window=(0.0, 0.5))]),
+        replace(rows[1], adapters=[replace(second, window=(0.4, 1.0), neg=negative)]),
+        *rows[2:],
+    ]
+
+
 def picture(seed: int, size: tuple[int, int] = (90, 70)) -> Image.Image:
     """A random RGB picture (a reference, an init image, a control image)."""
     rng = np.random.default_rng(seed)

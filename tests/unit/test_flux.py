@@ -24,6 +24,7 @@ from helpers.requests import (
     picture,
     read_rows,
     requests_for,
+    with_catalog_fields,
 )
 from PIL import Image
 
@@ -53,8 +54,9 @@ def flux(tiny_models: Path) -> Generator:
 def test_each_row_of_a_batch_is_its_solo_run(flux: Generator, true_cfg, mode: str) -> None:
     """Three rows (1, 2 and 1 images) with their own references, scales (0.7, 0.3, 0.7),
     prompts and seeds in one call; with and without true CFG; from noise, from init images,
-    inpainting. Without the per-row fix every row attends to every row's reference (FLUX
-    folds the repeated embeds into tokens) and one scale holds for all."""
+    inpainting; the first two rows with step windows and the second with a negative
+    reference (`with_catalog_fields`). Without the per-row fix every row attends to every
+    row's reference (FLUX folds the repeated embeds into tokens) and one scale holds for all."""
     rows = requests_for(flux, num_images=[1, 2, 1], guidance=3.5)
     rows[1] = replace(rows[1], adapters=[replace(rows[1].adapters[0], scale=0.3)])
     holes = np.random.default_rng(2).random((SIZE, SIZE)) > 0.5
@@ -72,7 +74,7 @@ def test_each_row_of_a_batch_is_its_solo_run(flux: Generator, true_cfg, mode: st
         )
         for i, r in enumerate(rows)
     ]
-    assert_batched_rows_are_solo_runs(flux, rows)
+    assert_batched_rows_are_solo_runs(flux, with_catalog_fields(rows))
 
 
 @pytest.fixture(scope="module")

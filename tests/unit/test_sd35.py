@@ -23,6 +23,7 @@ from helpers.requests import (
     picture,
     read_rows,
     requests_for,
+    with_catalog_fields,
 )
 from PIL import Image
 
@@ -67,7 +68,7 @@ def test_each_row_of_a_batch_is_its_solo_run(sd35: Generator, guidance: float, m
         )
         for i, r in enumerate(rows)
     ]
-    assert_batched_rows_are_solo_runs(sd35, rows)
+    assert_batched_rows_are_solo_runs(sd35, with_catalog_fields(rows))
 
 
 @pytest.mark.parametrize("clip_skip", [None, 1])
