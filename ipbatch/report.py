@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ipbatch import status
+from pipeline.faces import INSIGHTFACE_LICENCE
 from storage.ledger import queries
 from storage.objectstore import ObjectStores
 
@@ -244,6 +245,19 @@ def _training_page(engine: Engine, thumbnail: Thumbnails, job: dict[str, Any]) -
     )
 
 
+def _used_faceid(engine: Engine, job_id: str) -> bool:
+    """Whether a row of the job uses a FaceID adapter (its stored params, a page at a time,
+    until the first one that does)."""
+    from pipeline.faces import uses_faceid
+    from pipeline.requests import adapter_set
+
+    with Session(engine) as session:
+        return any(
+            uses_faceid(adapter_set(params))
+            for params in queries.item_params(session, job_id=job_id)
+        )
+
+
 def render(engine: Engine, thumbnail: Thumbnails, *, job_id: str, limit: int = 500) -> str:
     jobs = status.collect(engine, job_id=job_id)
     if not jobs:
@@ -284,6 +298,8 @@ def render(engine: Engine, thumbnail: Thumbnails, *, job_id: str, limit: int = 5
     )
     if total > len(rows):
         head += f"<p class='muted'>showing the first {len(rows)} of {total} rows</p>"
+    if _used_faceid(engine, job_id):
+        head += f"<p class='licence'>{e(INSIGHTFACE_LICENCE)}.</p>"
     body = []
     for r in rows:
         refs = []

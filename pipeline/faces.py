@@ -19,6 +19,7 @@ run on every face for nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from core.errors import ConfigError, ErrorCode, ItemError
 
 ALIGNED_SIZE = 224
 _MODULES = ["detection", "recognition"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,22 @@ def pack_fingerprint(folder: Path, name: str, det_size: tuple[int, int]) -> str:
     return f"face-{name}-{digest.hexdigest()[:16]}"
 
 
+# said by `ipbatch models`, a FaceID worker's log and the report of a job that used FaceID
+INSIGHTFACE_LICENCE = (
+    "FaceID uses insightface's pretrained face-analysis packs (buffalo_l), which insightface "
+    "licenses for non-commercial research only (deepinsight/insightface#2486): selling what "
+    "FaceID makes needs a licence from insightface, or another face model"
+)
+
+
+def uses_faceid(adapters: tuple[str, ...]) -> bool:
+    """Whether a row's adapters (by name) include a FaceID preset (one that needs a pack)."""
+    from pipeline.presets import ADAPTERS, EmbedKind
+
+    faces = (EmbedKind.FACE_ID, EmbedKind.FACE_ID_PLUS)
+    return any(name in ADAPTERS and ADAPTERS[name].embed_kind in faces for name in adapters)
+
+
 class FaceEmbedder:
     """Detect, align and embed the largest face of a reference image (insightface pack)."""
 
@@ -105,6 +124,7 @@ class FaceEmbedder:
         self.providers = list(providers) if providers is not None else default_providers()
         self.fingerprint = pack_fingerprint(self.folder, name, self.det_size)
         self._app = self._load()
+        log.info("%s (pack %s)", INSIGHTFACE_LICENCE, self.folder)
 
     def _load(self) -> Any:
         try:

@@ -39,8 +39,12 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
     from workers.context import quiet_model_libraries
 
     quiet_model_libraries()
+    from pipeline.faces import INSIGHTFACE_LICENCE
+
     root = write_tiny_models(Path(args.dir))
     print(f"tiny random-weight models written to {root}")
+    # the tiny face pack is a toy of ipbatch's; the real ones users put there are insightface's
+    print(f"note: the face pack here is a toy; real ones are insightface's. {INSIGHTFACE_LICENCE}.")
     return 0
 
 

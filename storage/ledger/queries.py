@@ -7,14 +7,15 @@ per-status counts come from `job_item_counts`, so a job of a million items costs
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
+from core.errors import ErrorCode
 from storage.ledger import training
 from storage.lifecycle import STAGES
 from storage.models import (
@@ -252,6 +253,18 @@ def report(session: Session, *, job_id: str, limit: int) -> ReportData | None:
         list(rows.values()),
         cost=counted,
     )
+
+
+def item_params(session: Session, *, job_id: str) -> Iterator[dict[str, Any]]:
+    """Each valid item's stored row (`items.params`; an invalid row's is what it wrote), read
+    a page at a time."""
+    valid = or_(Item.error_code.is_(None), Item.error_code != ErrorCode.INVALID_ROW.value)
+    found = session.execute(
+        select(Item.params).where(Item.job_id == job_id, valid).execution_options(yield_per=1000)
+    )
+    for (params,) in found:
+        if params:
+            yield params
 
 
 def training_summary(

@@ -189,3 +189,20 @@ def test_manifest_check_finds_what_a_job_would_and_registers_nothing(
             assert "jobs" not in tables or db.execute("SELECT COUNT(*) FROM jobs").fetchone() == (
                 0,
             )
+
+
+def test_models_tiny_says_insightfaces_licence(monkeypatch, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """It writes a face pack (a toy), where real packs go: it says whose licence those are."""
+    import argparse
+
+    import pipeline.tiny
+    from ipbatch.cli.admin import cmd_models_tiny
+
+    written = []
+    monkeypatch.setattr(
+        pipeline.tiny, "write_tiny_models", lambda root: written.append(root) or root
+    )
+    assert cmd_models_tiny(argparse.Namespace(dir=str(tmp_path))) == 0
+    out = capsys.readouterr().out
+    assert written == [tmp_path]
+    assert "non-commercial research only (deepinsight/insightface#2486)" in out

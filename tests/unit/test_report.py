@@ -67,6 +67,7 @@ def test_report_renders_rows_images_scores_and_errors(
     assert "a red &lt;b&gt;shoe&lt;/b&gt; &amp; co" in page  # manifest text is escaped
     assert "reference_not_found" in page and "invalid_row" in page and "CLIP-I" in page
     assert re.search(r"#1 seed \d+ CLIP-I -?\d\.\d{3} CLIP-T \d\.\d{3}", page)
+    assert "insightface" not in page  # no FaceID row: no licence note
     # a real browser loads it: every image decodes, and it looks like something
     dom = headless(chromium, "--dump-dom", report.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -98,3 +99,24 @@ def test_thumbnails_apply_the_limits_every_picture_reader_applies(tmp_path: Path
     assert Thumbnails(stores, max_pixels=60_000, max_bytes=100)(str(picture)) is None
     assert generous(str(tmp_path / "text.png")) is None
     assert generous(str(tmp_path / "missing.png")) is None
+
+
+def test_a_job_that_used_faceid_says_insightfaces_licence(
+    tmp_path: Path, tiny_models: Path, reference_images: dict[str, Path]
+) -> None:
+    """The note is in the report of a job with a (valid) FaceID row, and of no other."""
+    from helpers.jobs import ingest_job, local_context, write_manifest
+
+    from ipbatch.report import _used_faceid
+
+    face = {"id": "face", "adapter": "sd15-faceid", "reference": "refs/red.png"}
+    plain = {"id": "plain", "reference": "refs/red.png"}
+    invalid = face | {"id": "invalid", "steps": 0}  # never ran: its params are as written
+    ctx = local_context(tmp_path / "home", tiny_models)
+    found = {}
+    for name, rows in (("face", [plain, face]), ("plain", [plain]), ("invalid", [invalid])):
+        manifest = write_manifest(tmp_path / f"{name}.jsonl", rows)
+        job_id, _ = ingest_job(ctx, manifest=manifest, output=tmp_path / "out")
+        found[name] = _used_faceid(ctx.engine, job_id)
+    ctx.close()
+    assert found == {"face": True, "plain": False, "invalid": False}
