@@ -131,6 +131,13 @@ class AdapterSpec(AdapterFields):
     def references(self) -> list[str]:
         return as_reference_list(self.reference)
 
+    @property
+    def pictures(self) -> list[str]:
+        """Every picture this adapter reads: its references and a negative reference (the
+        built-in "noise" is made, not read)."""
+        negative = self.negative_reference
+        return self.references + ([negative] if negative is not None and negative != NOISE else [])
+
     @field_validator("reference")
     @classmethod
     def _reference_ok(cls, value: str | list[str]) -> str | list[str]:

@@ -163,16 +163,19 @@ def test_manifest_check_finds_what_a_job_would_and_registers_nothing(
         {"id": "bad", "reference": red, "steps": 0},
         {"id": "gone", "reference": "refs/nope.png"},
         {"id": "pose", "reference": red, "control": [{"model": "sd15-canny", "image": "c.png"}]},
+        {"id": "negatives", "reference": red, "negative_reference": "n.png"},  # read
+        {"id": "noise", "reference": red, "negative_reference": "noise"},  # made, not read
     ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     found = ipbatch("manifest", "check", "m.jsonl", "--output", "out", env=env, cwd=tmp_path)
     assert found.returncode == 1, found.stderr
-    assert "4 rows: 3 valid, 1 invalid" in found.stdout
+    assert "6 rows: 5 valid, 1 invalid" in found.stdout
     assert "line 2: steps: Input should be greater than or equal to 1" in found.stdout
-    assert "3 distinct pictures: 2 unusable" in found.stdout
+    assert "4 distinct pictures: 3 unusable" in found.stdout
     assert f"{tmp_path / 'refs' / 'nope.png'}" not in found.stdout  # named as written...
     assert "refs/nope.png: does not exist (line 3)" in found.stdout  # ...with its line
     assert "c.png: does not exist (line 4)" in found.stdout
+    assert "n.png: does not exist (line 5)" in found.stdout
     assert "output out: writable" in found.stdout and "not ok" in found.stdout
     (tmp_path / "good.jsonl").write_text(json.dumps(rows[0]) + "\n")
     clean = ipbatch("submit", "good.jsonl", "--output", "out", "--dry-run", env=env, cwd=tmp_path)

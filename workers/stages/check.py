@@ -45,7 +45,7 @@ def check(ctx: StageContext, *, manifest_uri: str, output_uri: str | None) -> Ch
                     continue
                 checked.valid += 1
                 row = parsed.row
-                uris = [u for spec in row.adapter_specs() for u in spec.references]
+                uris = [u for spec in row.adapter_specs() for u in spec.pictures]
                 uris += [i.uri for i in row_inputs(row)]
                 for uri in uris:
                     sources.setdefault(uri, []).append(parsed.line_number)
