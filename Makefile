@@ -63,10 +63,15 @@ test: install services lint typecheck
 	@# the background while the 3.11 suite runs (their log: .py312-envs.log). The unit tests are
 	@# mostly single-threaded (subprocesses, Python): two at a time, one per core, each with one
 	@# torch thread (two threads each oversubscribe the cores: 6m45s instead of 5m04s); the
-	@# integration tests run real workers and services, one test at a time
+	@# integration tests run real workers and services, two tests at a time (each its own
+	@# database, vhost, S3 server and Redis database), then the `disruptive` ones, which restart
+	@# or rename what every test shares, alone
 	$(MAKE) --no-print-directory py312-envs > .py312-envs.log 2>&1 & envs=$$!; \
 	OMP_NUM_THREADS=1 $(BIN)/pytest tests/unit -n 2 --dist worksteal --durations=15; unit=$$?; \
-	$(BIN)/pytest tests/integration --durations=15; integration=$$?; \
+	OMP_NUM_THREADS=1 $(BIN)/pytest tests/integration -m "not disruptive" -n 2 --dist worksteal \
+		--durations=15; together=$$?; \
+	$(BIN)/pytest tests/integration -m disruptive --durations=5; alone=$$?; \
+	integration=$$((together || alone)); \
 	if ! wait $$envs; then cat .py312-envs.log; echo "making the 3.12 venvs failed"; exit 1; fi; \
 	exit $$((unit || integration))
 	$(MAKE) test-py312 gpu-rehearsal

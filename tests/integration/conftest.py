@@ -5,7 +5,6 @@ scripts/services.sh, never skipped."""
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -106,7 +105,10 @@ def redis_broker() -> Iterator[str]:
     import redis
 
     ensure_services()
-    db = random.randint(1, 15)
+    # one database per pytest-xdist worker (gw0 -> 1, gw1 -> 2...), 15 without xdist: two
+    # sessions at once never flush each other's
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    db = int(worker.removeprefix("gw")) + 1 if worker.startswith("gw") else 15
     yield f"redis://127.0.0.1:6379/{db}"
     redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
 

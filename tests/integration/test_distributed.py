@@ -492,6 +492,7 @@ def test_kill_9_the_generate_worker_three_times(
     print(f"items redelivered {redelivered}")
 
 
+@pytest.mark.disruptive  # restarts the PostgreSQL server and RabbitMQ: alone
 @pytest.mark.parametrize("cluster_settings", ["outage_settings"], indirect=True)
 def test_postgres_restart_and_s3_outage_mid_job(
     cluster: Cluster, flaky_s3: FlakyS3, reference_images: dict[str, Path]

@@ -174,6 +174,7 @@ def test_reader_role_reads_and_cannot_write(fresh_pg_url: str) -> None:
         admin.dispose()
 
 
+@pytest.mark.disruptive  # renames the server-wide role other tests' migrations grant to: alone
 def test_db_upgrade_says_what_to_do_without_createrole(fresh_pg_url: str) -> None:
     """A migrating user that owns its database but may not create roles, on a cluster
     without `ipbatch_reader` yet: `db upgrade` ends in one line saying what to run as a
