@@ -27,14 +27,14 @@ def upgrade() -> None:
         """
         DO $$
         BEGIN
-            -- roles are global to the server: two databases migrated at once (two deployments,
-            -- or the test suite's workers) take turns here, so neither sees the role missing
-            -- and then fails to create it (a unique violation)
-            PERFORM pg_advisory_xact_lock(hashtext('ipbatch_reader role'));
             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ipbatch_reader') THEN
                 BEGIN
                     CREATE ROLE ipbatch_reader NOLOGIN;
-                EXCEPTION WHEN insufficient_privilege THEN
+                EXCEPTION WHEN unique_violation OR duplicate_object THEN
+                    -- roles are server-wide: another database's migration, running at the
+                    -- same time (two deployments, the test suite's workers), made it first
+                    NULL;
+                WHEN insufficient_privilege THEN
                     RAISE EXCEPTION USING
                         ERRCODE = 'insufficient_privilege',
                         MESSAGE = format(
@@ -63,7 +63,6 @@ def downgrade() -> None:
         """
         DO $$
         BEGIN
-            PERFORM pg_advisory_xact_lock(hashtext('ipbatch_reader role'));
             EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM ipbatch_reader', current_database());
             DROP ROLE ipbatch_reader;
         EXCEPTION WHEN dependent_objects_still_exist THEN

@@ -15,6 +15,10 @@ from core.errors import Action, classify
 from storage.migrate import alembic_config, downgrade, upgrade
 from storage.models import Base
 
+# downgrades drop, and one test renames, the server-wide `ipbatch_reader` role that every other
+# test's migrations grant to: these run alone
+pytestmark = pytest.mark.disruptive
+
 
 def test_single_head() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
@@ -174,7 +178,6 @@ def test_reader_role_reads_and_cannot_write(fresh_pg_url: str) -> None:
         admin.dispose()
 
 
-@pytest.mark.disruptive  # renames the server-wide role other tests' migrations grant to: alone
 def test_db_upgrade_says_what_to_do_without_createrole(fresh_pg_url: str) -> None:
     """A migrating user that owns its database but may not create roles, on a cluster
     without `ipbatch_reader` yet: `db upgrade` ends in one line saying what to run as a
@@ -219,4 +222,70 @@ def test_db_upgrade_says_what_to_do_without_createrole(fresh_pg_url: str) -> Non
             conn.execute(sa.text(f"REASSIGN OWNED BY {login} TO postgres"))
             conn.execute(sa.text(f"DROP OWNED BY {login}"))
             conn.execute(sa.text(f"DROP ROLE {login}"))
+        admin.dispose()
+
+
+def test_two_databases_migrated_at_once_both_get_the_reader_role() -> None:
+    """Roles are server-wide: while one database's migration has created `ipbatch_reader` but
+    not committed, another's sees no role and creates it too, and waits on the first. When the
+    first commits, the second goes on with the role the first made (before revision 0004
+    caught it: a UniqueViolation on pg_authid, found by running these tests two at a time).
+    The first migration's uncommitted CREATE ROLE is held here by hand, so the order is
+    forced, not raced."""
+    import threading
+    import uuid
+
+    from helpers.services import PG_ADMIN_URL, temporary_database
+
+    parked = f"ipbatch_reader_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(f"{PG_ADMIN_URL}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        had_reader = conn.execute(
+            sa.text("SELECT 1 FROM pg_roles WHERE rolname = 'ipbatch_reader'")
+        ).scalar()
+        if had_reader:  # set aside (grants kept) so that the role is missing for this test
+            conn.execute(sa.text(f"ALTER ROLE ipbatch_reader RENAME TO {parked}"))
+    failures: list[BaseException] = []
+    try:
+        with temporary_database() as first, temporary_database() as second:
+            first_engine = sa.create_engine(first)
+            holder = first_engine.connect()
+            holder.execute(sa.text("CREATE ROLE ipbatch_reader NOLOGIN"))  # not committed
+
+            def migrate() -> None:
+                try:
+                    upgrade(second)
+                except BaseException as exc:  # handed to the test's thread
+                    failures.append(exc)
+
+            migrating = threading.Thread(target=migrate)
+            migrating.start()
+            waiting = sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = :db "
+                "AND wait_event_type = 'Lock'"
+            )
+            with admin.connect() as conn:  # the second migration blocks on the first's role
+                while not conn.execute(waiting, {"db": sa.make_url(second).database}).scalar():
+                    assert migrating.is_alive(), failures
+                    threading.Event().wait(0.05)
+            holder.commit()
+            holder.close()
+            first_engine.dispose()
+            migrating.join(timeout=120)
+            assert not migrating.is_alive() and not failures, failures
+            second_engine = sa.create_engine(second)
+            with second_engine.connect() as conn:
+                grantees = conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM information_schema.role_table_grants "
+                        "WHERE grantee = 'ipbatch_reader' AND table_name = 'jobs'"
+                    )
+                ).scalar()
+            second_engine.dispose()
+            assert grantees == 1
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text("DROP ROLE IF EXISTS ipbatch_reader"))
+            if had_reader:
+                conn.execute(sa.text(f"ALTER ROLE {parked} RENAME TO ipbatch_reader"))
         admin.dispose()
