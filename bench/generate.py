@@ -6,6 +6,7 @@
         --bare --compile                                     # GPU: full-size SD1.5, 512x512
     .venv/bin/python bench/generate.py --mixed               # structure controls (below)
     .venv/bin/python bench/generate.py --adapter flux        # (or sd35) another family
+    .venv/bin/python bench/generate.py --catalog --no-plain  # catalog reference fields (below)
 
 (a) the plain loop a user writes from the diffusers docs: for each row,
     `pipe(prompt=..., ip_adapter_image=picture, generator=...)` then save a PNG; the image
@@ -22,6 +23,10 @@ cut-out's alpha), with four IP-Adapter scales (0.3 / 0.5 / 0.7 / 0.9) across the
 loop then calls the matching diffusers pipeline per row (ControlNet or inpaint, derived from
 the warm pipeline with `from_pipe`), computing the canny map and the mask for every row as the
 docs do; ipbatch prepares each input once and batches rows across the scales.
+`--catalog`: 3:1 product pictures, and each row with one of the catalog reference fields in
+turn (`fit: pad`; `fit: tiles`; a `"noise"` negative reference with the adapter on steps
+25%..75%; two references with `weights` and `norm_average`), run by ipbatch beside the same
+rows without those fields ("ipbatch, plain fields"): what the fields cost.
 All run with models loaded (warm-up calls first). Prints images/s, ratios and, on CUDA, the
 GPU's busy fraction (nvidia-smi, sampled every 200 ms) during each run. No assertions.
 `--models fullsize` writes full-size random-weight SD1.5 (bench/fullsize.py) first.
@@ -126,7 +131,13 @@ class GpuBusy:
 
 
 def make_manifest(
-    folder: Path, name: str, rows: int, args: argparse.Namespace, *, seed: int
+    folder: Path,
+    name: str,
+    rows: int,
+    args: argparse.Namespace,
+    *,
+    seed: int,
+    catalog: bool = False,
 ) -> Path:
     """`rows` rows; a fraction `args.repeat` of them reuse a reference of an earlier row.
     References are random pictures from `seed`: another seed gives references never seen."""
@@ -136,7 +147,8 @@ def make_manifest(
     for i in range(distinct):
         path = folder / f"refs-{name}" / f"ref-{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8)).save(path)
+        shape = (48, 144, 3) if args.catalog else (96, 96, 3)  # --catalog: 3:1 products
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(path)
         refs.append(path)
     manifest = folder / f"{name}.jsonl"
     with manifest.open("w") as fh:
@@ -154,8 +166,22 @@ def make_manifest(
                 row |= {"width": args.size, "height": args.size}
             if args.mixed:
                 row |= structure_fields(folder / f"refs-{name}", i, ref, args.adapter)
+            if catalog:
+                row |= catalog_fields(i, refs[(i + 1) % distinct])
             fh.write(json.dumps(row) + "\n")
     return manifest
+
+
+def catalog_fields(i: int, other: Path) -> dict[str, object]:
+    """--catalog: one of the catalog reference fields, in turn."""
+    kind = i % 4
+    if kind == 0:
+        return {"fit": "pad"}
+    if kind == 1:
+        return {"fit": "tiles"}
+    if kind == 2:
+        return {"negative_reference": "noise", "start": 0.25, "end": 0.75}
+    return {"reference": [str(other), str(other)], "weights": [1.0, 0.5], "combine": "norm_average"}
 
 
 IP_SCALES = (0.3, 0.5, 0.7, 0.9)
@@ -338,14 +364,20 @@ def inspect_arguments(pipe) -> set[str]:  # type: ignore[no-untyped-def]
 
 
 def ipbatch_run(
-    models: str, root: Path, manifest: Path, warm: Path, batch: int, compile_: bool
+    models: str,
+    root: Path,
+    manifest: Path,
+    warm: Path,
+    batch: int,
+    compile_: bool,
+    tag: str = "",
 ) -> Figure:
     from core.config import Settings
     from storage.migrate import upgrade
     from workers.context import StageContext
     from workers.runner import run_job
 
-    home = root / f"home-{batch}-{int(compile_)}"
+    home = root / f"home-{batch}-{int(compile_)}{tag}"
     # scoring off: the plain loop does not score either (scores cost one CLIP pass per image)
     settings = Settings(home=home, models=models, batch_images=batch, compile=compile_, score=False)
     upgrade(settings.ledger_url())
@@ -361,7 +393,7 @@ def ipbatch_run(
         seconds = time.perf_counter() - started
     ctx.close()
     assert summary.status == "succeeded", summary
-    label = f"ipbatch{' compiled' if compile_ else ''}, B={batch}"
+    label = f"ipbatch{' compiled' if compile_ else ''}{f', {tag}' if tag else ''}, B={batch}"
     return Figure(label, summary.images, seconds, busy.fraction)
 
 
@@ -381,6 +413,9 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
     parser.add_argument(
         "--mixed", action="store_true", help="ControlNet and inpainting rows, four scales"
+    )
+    parser.add_argument(
+        "--catalog", action="store_true", help="3:1 pictures, catalog reference fields per row"
     )
     parser.add_argument(
         "--json", type=Path, help="also append each figure here as a JSON line once measured"
@@ -409,7 +444,7 @@ def main() -> None:
             models = str(write_fullsize_sd15(root / "models"))
         figures.header(
             rows=args.rows, steps=args.steps, size=args.size, adapter=args.adapter,
-            models=args.models, mixed=args.mixed, device=str(device),
+            models=args.models, mixed=args.mixed, catalog=args.catalog, device=str(device),
         )  # fmt: skip
         manifest = make_manifest(root, "bench", args.rows, args, seed=0)
         if not args.no_plain or args.bare:
@@ -422,9 +457,19 @@ def main() -> None:
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if args.catalog:  # the same pictures and rows as `manifest`, each with a field
+            with_fields = make_manifest(root, "fields", args.rows, args, seed=0, catalog=True)
         for b in sizes:
-            warm = make_manifest(root, f"warm-{b}", b, args, seed=1000 + b)
-            figures.append(ipbatch_run(models, root, manifest, warm, b, False))
+            warm = make_manifest(root, f"warm-{b}", b, args, seed=1000 + b, catalog=args.catalog)
+            plain_fields = ipbatch_run(models, root, manifest, warm, b, False)
+            if args.catalog:
+                plain_fields.label = f"ipbatch, plain fields, B={b}"
+                figures.append(plain_fields)
+                figures.append(
+                    ipbatch_run(models, root, with_fields, warm, b, False, tag="catalog")
+                )
+            else:
+                figures.append(plain_fields)
             if args.compile:
                 figures.append(ipbatch_run(models, root, manifest, warm, b, True))
 
@@ -447,6 +492,10 @@ def main() -> None:
         ours = next((f for f in figures if f.label == f"ipbatch, B={b}"), None)
         if bare and ours:
             print(f"B={b}: ipbatch at {ours.rate / bare.rate:.0%} of the bare batched call")
+        same = next((f for f in figures if f.label == f"ipbatch, plain fields, B={b}"), None)
+        fields = next((f for f in figures if f.label == f"ipbatch, catalog, B={b}"), None)
+        if same and fields:
+            print(f"B={b}: catalog fields at {fields.rate / same.rate:.0%} of plain fields")
 
 
 if __name__ == "__main__":

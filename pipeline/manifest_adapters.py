@@ -176,6 +176,11 @@ def check_adapter_fields(spec: AdapterFields) -> None:
             f"region: combine {spec.combine!r} makes the references one embedding, so it takes "
             "one mask; use combine 'concat' for one mask per reference"
         )
+    if len(regions) > 1 and spec.fit == "tiles":
+        raise ValueError(
+            "region: fit 'tiles' makes each reference several token sets; give one mask for "
+            "all of them"
+        )
     if spec.weights is not None:
         if len(spec.weights) != len(references):
             raise ValueError(
@@ -241,7 +246,3 @@ def check_with_preset(
             f"start/end: the window ({spec.window[0]:g}..{spec.window[1]:g}) holds none of "
             f"the {steps} steps this row runs"
         )
-
-
-def is_noise(uri: str | None) -> bool:
-    return uri == NOISE

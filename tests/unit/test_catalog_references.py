@@ -228,6 +228,8 @@ def test_bad_values_fail_their_row_alone_naming_the_field() -> None:
         },
         "tiles": two | {"fit": "tiles", "combine": "average"},
         "holds none": one | {"steps": 3, "start": 0.4, "end": 0.6},
+        "region: fit 'tiles'": two
+        | {"fit": "tiles", "combine": "concat", "region": ["l.png", "r.png"]},
     }
     parsed = read_rows(
         {"id": "good"} | one, *({"id": f"bad-{i}"} | row for i, row in enumerate(bad.values()))
