@@ -58,23 +58,30 @@ typecheck: install
 check: install lint typecheck
 	OMP_NUM_THREADS=1 $(BIN)/pytest tests/unit -m "not slow" -n 2 --dist worksteal -q --durations=10
 
-test: install services lint typecheck
-	@# the 3.12 venvs are minutes of downloading and unpacking and little CPU: they are made in
-	@# the background while the 3.11 suite runs (their log: .py312-envs.log). The unit tests are
-	@# mostly single-threaded (subprocesses, Python): two at a time, one per core, each with one
-	@# torch thread (two threads each oversubscribe the cores: 6m45s instead of 5m04s); the
-	@# integration tests run real workers and services, two tests at a time (each its own
-	@# database, vhost, S3 server and Redis database), then the `disruptive` ones, which restart
-	@# or rename what every test shares, alone
-	$(MAKE) --no-print-directory py312-envs > .py312-envs.log 2>&1 & envs=$$!; \
+test:
+	@# the 3.12 venvs are minutes of downloading and unpacking: the 3.12 one is made in the
+	@# background from the start, beside the 3.11 venv, lint and types (single-threaded work),
+	@# the rehearsal's once the 3.11 venv it needs is there, beside the unit tests (their logs:
+	@# .py312-envs.log, .rehearsal-env.log). The unit tests are mostly single-threaded
+	@# (subprocesses, Python): two at a time, one per core, each with one torch thread (two
+	@# threads each oversubscribe the cores: 6m45s instead of 5m04s); the integration tests run
+	@# real workers and services, two tests at a time (each its own database, vhost, S3 server
+	@# and Redis database), then the `disruptive` ones, which restart or rename what every test
+	@# shares, alone, while the 3.12 leg runs beside them (SQLite only; they mostly wait)
+	$(MAKE) --no-print-directory $(PY312_STAMP) > .py312-envs.log 2>&1 & py312=$$!; \
+	$(MAKE) --no-print-directory install services lint typecheck || { wait $$py312; exit 1; }; \
+	$(MAKE) --no-print-directory $(REHEARSAL_STAMP) > .rehearsal-env.log 2>&1 & rehearsal=$$!; \
 	OMP_NUM_THREADS=1 $(BIN)/pytest tests/unit -n 2 --dist worksteal --durations=15; unit=$$?; \
 	OMP_NUM_THREADS=1 $(BIN)/pytest tests/integration -m "not disruptive" -n 2 --dist worksteal \
 		--durations=15; together=$$?; \
+	if ! wait $$py312; then cat .py312-envs.log; echo "making the 3.12 venv failed"; exit 1; fi; \
+	OMP_NUM_THREADS=1 $(PY312)/bin/pytest $(PY312_TESTS) -n 2 --dist worksteal -p no:cacheprovider \
+		--durations=10 > .py312-tests.log 2>&1 & leg=$$!; \
 	$(BIN)/pytest tests/integration -m disruptive --durations=5; alone=$$?; \
-	integration=$$((together || alone)); \
-	if ! wait $$envs; then cat .py312-envs.log; echo "making the 3.12 venvs failed"; exit 1; fi; \
-	exit $$((unit || integration))
-	$(MAKE) test-py312 gpu-rehearsal
+	wait $$leg; leg312=$$?; cat .py312-tests.log; \
+	if ! wait $$rehearsal; then cat .rehearsal-env.log; echo "making the rehearsal venv failed"; exit 1; fi; \
+	exit $$((unit || together || alone || leg312))
+	$(MAKE) gpu-rehearsal
 
 py312-envs: $(PY312_STAMP) $(REHEARSAL_STAMP)
 
@@ -114,5 +121,6 @@ bench: install
 	$(BIN)/python bench/generate.py
 
 clean:
-	rm -rf $(VENV) $(PY312) $(REHEARSAL) .gpu-rehearsal .whl .py312-envs.log $(HOME_DIR) .pytest_cache \
+	rm -rf $(VENV) $(PY312) $(REHEARSAL) .gpu-rehearsal .whl .py312-envs.log .rehearsal-env.log \
+		.py312-tests.log $(HOME_DIR) .pytest_cache \
 		.mypy_cache .ruff_cache
