@@ -14,14 +14,12 @@ REHEARSAL_STAMP := $(REHEARSAL)/.installed-stamp
 
 .PHONY: install services demo test check lint typecheck unit bench clean test-py312 gpu-rehearsal py312-envs
 
-# --no-compile: pip would compile every installed module to bytecode (~19,000 files a venv,
-# a minute or more of CPU each); Python compiles what is imported, once, when it is imported
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: a bare `torch` requirement can pull a multi-GB CUDA build
-	$(BIN)/pip install --quiet --no-compile torch==2.13.0
-	$(BIN)/pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,8 +30,8 @@ $(PY312_STAMP): pyproject.toml
 	rm -rf $(PY312)
 	$$(scripts/find-python.sh 3.12) -m venv $(PY312)
 	$(PY312)/bin/pip install --quiet --upgrade pip
-	$(PY312)/bin/pip install --quiet --no-compile torch==2.13.0
-	$(PY312)/bin/pip install --quiet --no-compile -e '.[dev]'
+	$(PY312)/bin/pip install --quiet torch==2.13.0
+	$(PY312)/bin/pip install --quiet -e '.[dev]'
 	touch $(PY312_STAMP)
 
 services:
@@ -110,7 +108,7 @@ $(REHEARSAL_STAMP): pyproject.toml bench/gpu_wheels.py bench/gpu-image-packages.
 	$$(scripts/find-python.sh 3.12) -m venv $(REHEARSAL)
 	$(REHEARSAL)/bin/pip install --quiet --upgrade pip
 	PY=$(BIN)/python bench/gpu-wheels.sh --image-requirements $(REHEARSAL)/image-packages.txt
-	$(REHEARSAL)/bin/pip install --quiet --no-compile torch==2.13.0 -r $(REHEARSAL)/image-packages.txt
+	$(REHEARSAL)/bin/pip install --quiet torch==2.13.0 -r $(REHEARSAL)/image-packages.txt
 	touch $@
 
 gpu-rehearsal: $(REHEARSAL_STAMP)
