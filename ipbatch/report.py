@@ -23,7 +23,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from ipbatch import status
-from pipeline.faces import INSIGHTFACE_LICENCE
+from pipeline.faces import INSIGHTFACE_LICENCE, uses_faceid
+from pipeline.requests import adapter_set
 from storage.ledger import queries
 from storage.objectstore import ObjectStores
 
@@ -248,9 +249,6 @@ def _training_page(engine: Engine, thumbnail: Thumbnails, job: dict[str, Any]) -
 def _used_faceid(engine: Engine, job_id: str) -> bool:
     """Whether a row of the job uses a FaceID adapter (its stored params, a page at a time,
     until the first one that does)."""
-    from pipeline.faces import uses_faceid
-    from pipeline.requests import adapter_set
-
     with Session(engine) as session:
         return any(
             uses_faceid(adapter_set(params))

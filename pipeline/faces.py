@@ -97,10 +97,9 @@ INSIGHTFACE_LICENCE = (
 
 def uses_faceid(adapters: tuple[str, ...]) -> bool:
     """Whether a row's adapters (by name) include a FaceID preset (one that needs a pack)."""
-    from pipeline.presets import ADAPTERS, EmbedKind
+    from pipeline.presets import ADAPTERS
 
-    faces = (EmbedKind.FACE_ID, EmbedKind.FACE_ID_PLUS)
-    return any(name in ADAPTERS and ADAPTERS[name].embed_kind in faces for name in adapters)
+    return any(name in ADAPTERS and ADAPTERS[name].uses_faces for name in adapters)
 
 
 class FaceEmbedder:

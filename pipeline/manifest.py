@@ -246,7 +246,6 @@ class Row(AdapterFields):
             try:
                 check_with_preset(
                     spec,
-                    spec.references,
                     presets[spec.adapter],
                     base,
                     steps=self.steps_run,

@@ -47,7 +47,6 @@ Scale = Annotated[
     BeforeValidator(read_preset),
     AfterValidator(check_values),
 ]
-FACE_KINDS = (EmbedKind.FACE_ID, EmbedKind.FACE_ID_PLUS)
 
 
 def _check_adapter_name(name: str) -> str:
@@ -204,8 +203,7 @@ def active_steps(window: tuple[float, float], steps: int) -> int:
 
 
 def check_with_preset(
-    spec: AdapterFields,
-    references: list[str],
+    spec: AdapterSpec,
     preset: AdapterPreset,
     base: BaseModelPreset,
     *,
@@ -216,7 +214,8 @@ def check_with_preset(
     pipeline runs (img2img: steps x strength); `negative_pass`: None when the row's call makes
     a negative pass, else what the row would need for one."""
     check_for_family(spec.scale, base.family, base.attention_blocks, spec.adapter)
-    face = preset.embed_kind in FACE_KINDS
+    references = spec.references
+    face = preset.uses_faces
     if face and spec.effective_fit != "crop":
         raise ValueError(
             f"fit: {spec.adapter} embeds the face it finds, aligned and cropped by insightface; "
